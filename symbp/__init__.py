@@ -1,0 +1,23 @@
+"""symbp: backpropagation derived by SymPy, run as generated Numba kernels.
+
+>>> import symbp as sb
+>>> net = sb.Network(inputs=64, layers=[sb.Dense(32, activation="tanh"), sb.Dense(10)])
+>>> d = sb.derive(net)                       # the SymPy derivation
+>>> model = sb.compile(net, dtype="float32")  # generated/<name>-<hash>.py, JIT-compiled
+"""
+
+from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's libraries load
+from ._version import __version__
+from .activations import Activation
+from .derive import Derivation, derive
+from .gradcheck import gradcheck
+from .layers import Dense
+from .losses import Loss
+from .model import History, Model, compile
+from .network import Network
+from .optim import SGD
+
+__all__ = [
+    "Activation", "Dense", "Derivation", "History", "Loss", "Model", "Network", "SGD",
+    "__version__", "compile", "derive", "gradcheck",
+]

@@ -1,0 +1,130 @@
+"""Activation functions: a formula in one symbol ``z``, and its derivative derived by SymPy.
+
+Built-ins and user formulas go through the same path: :class:`Activation` holds ``f(z)``,
+SymPy differentiates it, and the derivative is then written in terms of the layer's output
+``a = f(z)`` where that removes ``z`` entirely (σ′ = a(1 − a), tanh′ = 1 − a²), which is both
+the textbook form and the cheaper one to evaluate in the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sympy as sp
+
+from .formula import parse_formula
+from .ops import FORMULA_FUNCTIONS, canonicalize, elu, leaky_relu, relu, sigmoid, simplest, softplus
+
+z = sp.Symbol("z", real=True)
+a = sp.Symbol("a", real=True)
+
+# name -> (builder of f(z) from the parameters, default parameters)
+_BUILTINS: dict[str, tuple] = {
+    "identity": (lambda: z, {}),
+    "sigmoid": (lambda: sigmoid(z), {}),
+    "tanh": (lambda: sp.tanh(z), {}),
+    "relu": (lambda: relu(z), {}),
+    "leaky_relu": (lambda slope: leaky_relu(z, slope), {"slope": 0.01}),
+    "elu": (lambda alpha: elu(z, alpha), {"alpha": 1.0}),
+    "softplus": (lambda: softplus(z), {}),
+}
+_ALIASES = {None: "identity", "linear": "identity", "none": "identity"}
+
+
+class Activation:
+    """An elementwise activation ``a = f(z)`` with its SymPy-derived derivative.
+
+    Parameters
+    ----------
+    spec : str, sympy.Expr or None
+        A built-in name (``"tanh"``, ``"relu"``, ``"leaky_relu"``, ...), a formula string in
+        ``z`` (``"z*tanh(softplus(z))"``), or a SymPy expression in a single symbol.
+    **params
+        Parameters of a built-in: ``slope`` for leaky_relu, ``alpha`` for elu.
+
+    Examples
+    --------
+    >>> Activation("sigmoid").derivative_in_a
+    a*(1 - a)
+    """
+
+    def __init__(self, spec: str | sp.Expr | None = None, **params: float) -> None:
+        if isinstance(spec, Activation):
+            spec, params = spec.spec, {**spec.params, **params}
+        self.spec = spec
+        name = _ALIASES.get(spec.lower() if isinstance(spec, str) else spec, spec)
+        if isinstance(name, str) and name in _BUILTINS:
+            build, defaults = _BUILTINS[name]
+            unknown = set(params) - set(defaults)
+            if unknown:
+                raise ValueError(
+                    f"activation {name!r} takes no parameter {sorted(unknown)[0]!r}"
+                    + (f" (it takes {', '.join(defaults)})" if defaults else "")
+                )
+            self.params = {k: float(params.get(k, v)) for k, v in defaults.items()}
+            for k, v in self.params.items():
+                if not sp.Float(v).is_finite:
+                    raise ValueError(f"activation {name!r}: parameter {k} must be finite, got {v}")
+            self.name = name
+            self.custom = False
+            self.expr = build(**{k: sp.nsimplify(v, rational=True) for k, v in self.params.items()})
+        else:
+            if params:
+                raise ValueError(f"custom activation {spec!r} takes no parameters, got {sorted(params)}")
+            self.name = spec if isinstance(spec, str) else str(spec)
+            self.params = {}
+            self.custom = True
+            self.expr = canonicalize(_custom_expr(spec))
+        self.derivative = simplest(sp.diff(self.expr, z))
+        # Where f′ can be written with a = f(z) alone, the backward pass needs only the
+        # stored output; otherwise it reads z.
+        in_a = simplest(self.derivative.subs(self.expr, a)) if self.expr != z else sp.Integer(1)
+        self.derivative_in_a = in_a if z not in in_a.free_symbols else None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.expr == z
+
+    def backward_formula(self) -> sp.Expr:
+        """f′ as the backward kernel evaluates it: in ``a`` when possible, else in ``z``."""
+        return self.derivative_in_a if self.derivative_in_a is not None else self.derivative
+
+    def describe(self) -> str:
+        if self.params:
+            return f"{self.name}({', '.join(f'{k}={v:g}' for k, v in self.params.items())})"
+        return self.name
+
+    def to_config(self) -> str | dict:
+        if self.custom:
+            return str(self.expr) if not isinstance(self.spec, str) else self.spec
+        return {"name": self.name, **self.params} if self.params else self.name
+
+    def __repr__(self) -> str:
+        return f"Activation({self.describe()!r}: f(z) = {self.expr}, f'(z) = {self.derivative})"
+
+
+def _custom_expr(spec: object) -> sp.Expr:
+    if isinstance(spec, str):
+        if spec.strip().isidentifier() and spec.strip() != "z":
+            known = ", ".join(sorted(_BUILTINS))
+            raise ValueError(f"unknown activation {spec!r}; known: {known}, or a formula in z")
+        return parse_formula(spec, {"z": z}, FORMULA_FUNCTIONS, what="custom activation")
+    if isinstance(spec, sp.Expr):
+        free = sorted(spec.free_symbols, key=str)
+        if len(free) != 1:
+            names = ", ".join(map(str, free)) or "none"
+            raise ValueError(f"custom activation {spec}: needs exactly one free symbol, got {names}")
+        return spec.subs(free[0], z)
+    raise TypeError(f"activation must be a name, a formula string or a SymPy expression, got {type(spec).__name__}")
+
+
+def get(spec: str | sp.Expr | Activation | Mapping | None, **params: float) -> Activation:
+    """An :class:`Activation` from a name, formula, expression, ``{"name": ..., **params}``."""
+    if isinstance(spec, Activation) and not params:
+        return spec
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        if "name" not in spec:
+            raise ValueError(f"activation table needs a 'name', got {sorted(spec)}")
+        return Activation(spec.pop("name"), **spec, **params)
+    return Activation(spec, **params)

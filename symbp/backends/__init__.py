@@ -1,0 +1,1 @@
+"""Code printers per target: cpu (Numba njit)."""

@@ -1,0 +1,285 @@
+"""CPU backend: prints the lowered steps as Numba (``@njit``) Python source.
+
+Two tables live here, one entry per op: ``SCALAR_OPS`` says how each scalar function is
+evaluated (a ``math`` call, or a small helper emitted once into the module), and ``emit``
+(a ``functools.singledispatch``) prints each IR step.  An op or step with no entry fails at
+generation time, naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import textwrap
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from .. import ops
+from ..lower import ColSum, Gemm, Loop, RowLoop
+
+# Helpers are written with ``ONE``/``ZERO``/``HALF`` so the same text is float32 in a float32
+# module and float64 in a float64 one (a bare 1.0 would promote float32 maths to float64).
+_HELPERS = {
+    "sigmoid": '''
+@njit(cache=True, inline="always")
+def sigmoid(x):
+    """σ(x) = 1/(1 + e^-x), evaluated so that e^x never overflows."""
+    if x >= ZERO:
+        return ONE / (ONE + math.exp(-x))
+    e = math.exp(x)
+    return e / (ONE + e)
+''',
+    "softplus": '''
+@njit(cache=True, inline="always")
+def softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x."""
+    return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
+''',
+    "relu": '''
+@njit(cache=True, inline="always")
+def relu(x):
+    return x if x > ZERO else ZERO
+''',
+    "leaky_relu": '''
+@njit(cache=True, inline="always")
+def leaky_relu(x, slope):
+    return x if x > ZERO else slope * x
+''',
+    "elu": '''
+@njit(cache=True, inline="always")
+def elu(x, alpha):
+    return x if x > ZERO else alpha * math.expm1(x)
+''',
+}
+
+#: SymPy function -> name in generated code (a ``math`` function or a helper above).
+SCALAR_OPS = {
+    sp.exp: "math.exp",
+    sp.log: "math.log",
+    sp.tanh: "math.tanh",
+    sp.sinh: "math.sinh",
+    sp.cosh: "math.cosh",
+    sp.sin: "math.sin",
+    sp.cos: "math.cos",
+    sp.tan: "math.tan",
+    sp.atan: "math.atan",
+    sp.asinh: "math.asinh",
+    sp.erf: "math.erf",
+    sp.Abs: "abs",
+    ops.sigmoid: "sigmoid",
+    ops.softplus: "softplus",
+    ops.relu: "relu",
+    ops.leaky_relu: "leaky_relu",
+    ops.elu: "elu",
+}
+
+
+class NumbaPrinter(PythonCodePrinter):
+    """SymPy → Numba scalar code, with literals in the module's float type.
+
+    ``names`` maps SymPy symbols and indexed bases to the code's variable names.
+    """
+
+    printmethod = "_numbacode"
+
+    def __init__(self, dtype: str, names: dict, settings=None) -> None:
+        super().__init__(settings or {})
+        self.dtype = dtype
+        self.names = names
+        self.helpers_used: set[str] = set()
+        self.extents: dict = {}
+
+    def lit(self, value) -> str:
+        text = repr(float(value))
+        return f"np.float32({text})" if self.dtype == "float32" else text
+
+    def _print_Integer(self, expr):
+        return self.lit(int(expr))
+
+    _print_Float = _print_Integer
+
+    def _print_Rational(self, expr):
+        return self.lit(float(expr))
+
+    def _print_NegativeOne(self, expr):
+        return self.lit(-1)
+
+    def _print_Half(self, expr):
+        return "HALF"
+
+    def _print_One(self, expr):
+        return "ONE"
+
+    def _print_Zero(self, expr):
+        return "ZERO"
+
+    def _print_Exp1(self, expr):
+        return self.lit(float(sp.E))
+
+    def _print_Pi(self, expr):
+        return self.lit(float(sp.pi))
+
+    def _print_Symbol(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        return super()._print_Symbol(expr)
+
+    def array(self, base: sp.IndexedBase) -> str:
+        """The code name of an indexed base (keyed by label: SymPy may rebuild a base
+        without its shape while differentiating)."""
+        return self.names.get(str(base.label), str(base.label))
+
+    def _print_Indexed(self, expr):
+        return "%s[%s]" % (self.array(expr.base), ", ".join(str(i) for i in expr.indices))
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.args
+        if e.is_Integer and 0 < abs(int(e)) <= 4:
+            b = self.parenthesize(base, 100)  # atoms stay bare, anything else in parentheses
+            prod = "*".join([b] * abs(int(e)))
+            return prod if e > 0 else f"ONE / ({prod})"
+        if e == sp.Rational(1, 2):
+            return f"math.sqrt({self._print(base)})"
+        return "%s ** %s" % (self.parenthesize(base, 100), self.parenthesize(e, 100))
+
+    def _print_Heaviside(self, expr):
+        # Heaviside(z, 0): the step is 0 at z = 0, as PyTorch's relu gradient is.
+        at0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
+        return f"(ONE if {self._print(expr.args[0])} > ZERO else {self._print(at0)})"
+
+    def _print_Piecewise(self, expr):
+        out = self._print(expr.args[-1].expr)
+        for e, c in reversed(expr.args[:-1]):
+            out = f"({self._print(e)} if {self._print(c)} else {out})"
+        return out
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
+    def _print_Max(self, expr):
+        return functools.reduce(lambda a, b: f"max({a}, {b})", map(self._print, expr.args))
+
+    def _print_Min(self, expr):
+        return functools.reduce(lambda a, b: f"min({a}, {b})", map(self._print, expr.args))
+
+    def _print_Function(self, expr):
+        name = SCALAR_OPS.get(expr.func)
+        if name is None:
+            raise NotImplementedError(f"no CPU kernel for the function {expr.func.__name__} (in {expr})")
+        if name in _HELPERS:
+            self.helpers_used.add(name)
+        return "%s(%s)" % (name, ", ".join(self._print(a) for a in expr.args))
+
+    _print_Abs = _print_Function
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"(ONE if {x} > ZERO else (-ONE if {x} < ZERO else ZERO))"
+
+    def _print_Sum(self, expr):
+        raise NotImplementedError(f"a Sum reached the scalar printer unlowered: {expr}")
+
+
+def helper_source(names: set[str]) -> str:
+    return "".join(_HELPERS[n] for n in sorted(names))
+
+
+def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], list[str]]:
+    """Print ``exprs`` sharing common subexpressions as named temporaries."""
+    temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"))
+    lines = []
+    for sym, value in temps:
+        printer.names[sym] = str(sym)
+        lines.append(f"{sym} = {printer.doprint(value)}")
+    return lines, [printer.doprint(e) for e in reduced]
+
+
+@functools.singledispatch
+def emit(step, printer: NumbaPrinter) -> list[str]:
+    raise NotImplementedError(f"the CPU backend has no emitter for {type(step).__name__}")
+
+
+@emit.register
+def _(step: Gemm, printer: NumbaPrinter) -> list[str]:
+    def operand(base, t):
+        name = printer.array(base)
+        return f"{name}.T" if t else name
+
+    return [
+        f"# {step.formula}",
+        f"np.dot({operand(step.a, step.ta)}, {operand(step.b, step.tb)}, {printer.array(step.out)})",
+    ]
+
+
+def _extent(printer: NumbaPrinter, extent: sp.Expr) -> str:
+    """A loop bound: a width constant (D1), the batch size (nb) or a number."""
+    return printer.extents.get(extent, str(extent))
+
+
+@emit.register
+def _(step: Loop, printer: NumbaPrinter) -> list[str]:
+    # A later statement that reads an earlier target sees that target's expression, so CSE
+    # shares it (z = t + b; a = tanh(z) computes t + b once) and memory is read only as it
+    # was when the nest began: running sums see old values, as an update's penalty must.
+    value_of = {}
+    exprs = []
+    for target, expr in step.stmts:
+        expr = expr.xreplace(value_of)
+        exprs.append(expr)
+        value_of[target] = expr
+    sums = [e for _, e in step.sums]
+    lines, printed = _cse_lines(printer, sums + exprs)
+    body = list(lines)
+    for (acc, _), text in zip(step.sums, printed):
+        body.append(f"{acc} += {text}")
+    for (target, _), text in zip(step.stmts, printed[len(step.sums):]):
+        body.append(f"{printer._print(target)} = {text}")
+    out, indent = [], ""
+    for idx, extent in step.ranges:
+        out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
+        indent += "    "
+    return out + [indent + line for line in body]
+
+
+@emit.register
+def _(step: ColSum, printer: NumbaPrinter) -> list[str]:
+    out, src = printer.array(step.out), printer.array(step.src)
+    # Row by row, so the source is read in memory order.
+    return [
+        f"{out}[:] = ZERO",
+        f"for n in range({_extent(printer, step.rows)}):",
+        f"    for p in range({_extent(printer, step.cols)}):",
+        f"        {out}[p] += {src}[n, p]",
+    ]
+
+
+@emit.register
+def _(step: RowLoop, printer: NumbaPrinter) -> list[str]:
+    lines = [f"for {step.row} in range({_extent(printer, step.rows)}):"]
+    body = []
+    for acc, kind, expr, k, extent in step.reductions:
+        printer.names[acc] = str(acc)
+        term = printer.doprint(expr)
+        ext = _extent(printer, extent)
+        if kind == "logsumexp":
+            # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
+            body += [
+                "m = -np.inf",
+                f"for {k} in range({ext}):",
+                f"    m = max(m, {term})",
+                f"{acc} = ZERO",
+                f"for {k} in range({ext}):",
+                f"    {acc} += math.exp({term} - m)",
+                f"{acc} = m + math.log({acc})",
+            ]
+        else:
+            body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
+    for acc, expr in step.row_sums:
+        body.append(f"{acc} += {printer.doprint(expr)}")
+    if step.argmax_match is not None:
+        y, t = (printer.array(b) for b in step.argmax_match)
+        body.append(f"if np.argmax({y}[{step.row}]) == np.argmax({t}[{step.row}]):")
+        body.append("    correct += 1")
+    inner = emit(Loop([(step.col, step.cols)], step.stmts), printer)
+    body += inner
+    return lines + textwrap.indent("\n".join(body), "    ").split("\n")

@@ -1,0 +1,16 @@
+"""The index symbols every derivation shares, so formulas from different layers chain.
+
+``n`` runs over the samples of a batch (``N`` of them); ``i, j`` over a layer's output and
+input units in the forward formulas; ``p, q`` are the free indices of a derivative
+(∂C/∂W[p, q]); ``k`` runs over the output units inside a loss.
+"""
+
+import sympy as sp
+
+n, i, j, k, p, q = sp.symbols("n i j k p q", integer=True, nonnegative=True)
+N = sp.Symbol("N", integer=True, positive=True)
+
+
+def width(layer: int) -> sp.Symbol:
+    """The symbolic width d_l of layer l (d_0 is the input width)."""
+    return sp.Symbol(f"d_{layer}", integer=True, positive=True)

@@ -1,0 +1,128 @@
+"""Lowering: derived index expressions become kernel steps (contractions and fused loops).
+
+The steps are a tiny IR the backends print (:mod:`symbp.backends.cpu`):
+
+* :class:`Gemm` — ``out[r, c] = Σ_s A[r, s] B[s, c]``, found by pattern-matching a SymPy
+  ``Sum`` of a product of two indexed factors; which operand is transposed follows from
+  where the summed index sits.
+* :class:`Loop` — one loop nest over a target's indices evaluating several assignments at
+  once (bias, activation and its derivative fused), optional running sums.
+* :class:`ColSum` — ``out[p] = Σ_n src[n, p]`` (bias gradients), read row by row.
+* :class:`RowLoop` — per-sample reductions (log-sum-exp, sums over output units) followed
+  by a loop over the units: the loss and its gradient in one pass.
+
+Nothing here knows about particular layers or losses: it reads the expressions that
+:mod:`symbp.derive` produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+
+@dataclass
+class Gemm:
+    out: sp.IndexedBase
+    a: sp.IndexedBase
+    ta: bool
+    b: sp.IndexedBase
+    tb: bool
+    formula: sp.Expr = None  # the Sum it implements, for the comment above the call
+
+
+@dataclass
+class Loop:
+    ranges: list  # [(index symbol, extent expr)]
+    stmts: list  # [(target Indexed, expr)], in order; later ones may read earlier targets
+    sums: list = field(default_factory=list)  # [(scalar Symbol, expr)] accumulated over the nest
+
+
+@dataclass
+class ColSum:
+    out: sp.IndexedBase
+    src: sp.IndexedBase
+    rows: sp.Expr
+    cols: sp.Expr
+
+
+@dataclass
+class RowLoop:
+    row: sp.Symbol
+    rows: sp.Expr
+    reductions: list  # [(scalar Symbol, "logsumexp" | "sum", body expr, index, extent)]
+    row_sums: list  # [(scalar Symbol, expr)] accumulated over rows (e.g. the loss)
+    col: sp.Symbol
+    cols: sp.Expr
+    stmts: list  # [(target Indexed, expr)] per unit
+    argmax_match: tuple | None = None  # (logits base, targets base): count rows whose argmaxes agree
+
+
+def _indexed_factors(expr: sp.Expr) -> list[sp.Indexed] | None:
+    factors = sp.Mul.make_args(expr)
+    if len(factors) == 2 and all(isinstance(f, sp.Indexed) for f in factors):
+        return list(factors)
+    return None
+
+
+def contraction(sum_expr: sp.Sum, out: sp.IndexedBase, r: sp.Symbol, c: sp.Symbol) -> Gemm:
+    """A :class:`Gemm` for ``out[r, c] = Sum(A[..]·B[..], (s, 0, S-1))``."""
+    if len(sum_expr.limits) != 1:
+        raise NotImplementedError(f"cannot lower a multi-index sum as one contraction: {sum_expr}")
+    s = sum_expr.limits[0][0]
+    factors = _indexed_factors(sum_expr.function)
+    if factors is None:
+        raise NotImplementedError(f"cannot lower {sum_expr}: not a product of two indexed factors")
+    left = next((f for f in factors if r in f.indices), None)
+    right = next((f for f in factors if c in f.indices and f is not left), None)
+    if left is None or right is None or len(left.indices) != 2 or len(right.indices) != 2:
+        raise NotImplementedError(f"cannot lower {sum_expr} to out[{r}, {c}]")
+    if set(left.indices) != {r, s} or set(right.indices) != {s, c}:
+        raise NotImplementedError(f"cannot lower {sum_expr}: indices do not form a matrix product")
+    return Gemm(out, left.base, left.indices == (s, r), right.base, right.indices == (c, s), sum_expr)
+
+
+def split_sums(expr: sp.Expr, out: sp.IndexedBase, idx: tuple, temp_for) -> tuple[list, sp.Expr]:
+    """Hoist every contraction or column sum out of ``expr`` (assigned to ``out[idx]``).
+
+    ``temp_for(sum)`` names the buffer a hoisted sum is written to.  Returns the steps and the
+    expression with each sum replaced by its buffer, ready for a fused :class:`Loop`.
+    """
+    steps = []
+    for s in sorted(expr.atoms(sp.Sum), key=str):
+        buf = temp_for(s)
+        if len(idx) == 2:
+            steps.append(contraction(s, buf, *idx))
+            expr = expr.subs(s, buf[idx])
+        elif len(idx) == 1 and isinstance(s.function, sp.Indexed) and len(s.limits) == 1:
+            (row, lo, hi), src = s.limits[0], s.function
+            if src.indices != (row, idx[0]) or lo != 0:
+                raise NotImplementedError(f"cannot lower {s} as a column sum")
+            steps.append(ColSum(buf, src.base, hi + 1, src.base.shape[1]))
+            expr = expr.subs(s, buf[idx])
+        else:
+            raise NotImplementedError(f"cannot lower {s} inside {expr}")
+    return steps, expr
+
+
+def row_reductions(exprs: list[sp.Expr], row: sp.Symbol) -> tuple[list, list[sp.Expr]]:
+    """Turn the sums over a sample's units into per-row reductions.
+
+    A ``Sum(exp(u))`` becomes a stable log-sum-exp ``m``: ``log(S) → m`` and ``S → exp(m)``,
+    so ``exp(y_p)/S`` is evaluated as ``exp(y_p − m)`` and never overflows.  Other sums
+    become plain running sums.
+    """
+    reductions, subs = [], {}
+    for pos, s in enumerate(sorted(set().union(*(e.atoms(sp.Sum) for e in exprs)), key=str)):
+        (dummy, lo, hi), body = s.limits[0], s.function
+        if isinstance(body, sp.exp):
+            m = sp.Symbol(f"lse{pos}", real=True)
+            reductions.append((m, "logsumexp", body.args[0], dummy, hi + 1))
+            subs[s] = sp.exp(m)
+        else:
+            acc = sp.Symbol(f"sum{pos}", real=True)
+            reductions.append((acc, "sum", body, dummy, hi + 1))
+            subs[s] = acc
+    out = [sp.powsimp(sp.expand_log(e.xreplace(subs), force=True)) for e in exprs]
+    return reductions, out

@@ -1,0 +1,151 @@
+"""The network specification: inputs, layers, loss and l2, checked when declared."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .layers import LAYER_TYPES, Dense
+from .losses import Loss
+
+
+class Network:
+    """A feed-forward network declared symbolically.
+
+    Parameters
+    ----------
+    inputs : int
+        Width of one input sample.
+    layers : sequence of layers
+        For example ``[sb.Dense(32, activation="tanh"), sb.Dense(10)]``.
+    loss : str or sympy.Expr
+        Applied to the last layer's output (the logits); see :class:`symbp.losses.Loss`.
+    l2 : float
+        Weight decay in the loss: ``l2/2 · Σ‖W‖²`` over weights, not biases.
+    name : str, optional
+        Used in the generated module's file name.
+
+    Examples
+    --------
+    >>> net = Network(inputs=4, layers=[Dense(3, activation="tanh"), Dense(2)], loss="mse")
+    >>> net.widths
+    [4, 3, 2]
+    """
+
+    def __init__(
+        self,
+        inputs: int,
+        layers: Sequence[Dense],
+        loss: str | object = "softmax_cross_entropy",
+        l2: float = 0.0,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(inputs, bool) or not isinstance(inputs, (int, np.integer)):
+            raise TypeError(f"inputs must be an int (the width of one sample), got {type(inputs).__name__} {inputs!r}")
+        if inputs < 1:
+            raise ValueError(f"inputs must be positive, got {inputs}")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) == 0:
+            raise ValueError("layers must be a non-empty list of layers, e.g. [sb.Dense(10)]")
+        for pos, layer in enumerate(layers, 1):
+            if not isinstance(layer, tuple(LAYER_TYPES.values())):
+                raise TypeError(f"layer {pos} is a {type(layer).__name__}, not a symbp layer (known: {', '.join(LAYER_TYPES)})")
+        if isinstance(l2, bool) or not isinstance(l2, (int, float, np.floating, np.integer)) or not math.isfinite(l2) or l2 < 0:
+            raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+        self.inputs = int(inputs)
+        self.layers = list(layers)
+        self.loss = Loss(loss)
+        self.l2 = float(l2)
+        self.name = _safe_name(name or "mlp-" + "-".join(map(str, self.widths)))
+        if self.loss.task == "multiclass" and self.widths[-1] < 2:
+            raise ValueError("softmax_cross_entropy needs at least 2 output units, the last layer has 1")
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.inputs] + [layer.units for layer in self.layers]
+
+    @property
+    def outputs(self) -> int:
+        return self.widths[-1]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for pos, (layer, fan_in) in enumerate(zip(self.layers, self.widths), 1):
+            for key, shape in layer.param_shapes(fan_in).items():
+                shapes[f"{key}{pos}"] = shape
+        return shapes
+
+    def init_params(self, seed: int | None, dtype: np.dtype) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        params = {}
+        for pos, (layer, fan_in) in enumerate(zip(self.layers, self.widths), 1):
+            for key, value in layer.init(rng, fan_in, dtype).items():
+                params[f"{key}{pos}"] = np.ascontiguousarray(value)
+        return params
+
+    def to_config(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": self.inputs,
+            "loss": self.loss.to_config(),
+            "l2": self.l2,
+            "layers": [layer.to_config() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> Network:
+        """Build from a dict shaped like the TOML spec (see README)."""
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"a network spec must be a table, got {type(cfg).__name__}")
+        known = {"name", "inputs", "loss", "l2", "layers"}
+        unknown = sorted(set(cfg) - known - {"train", "data"})
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in network spec (known: {', '.join(sorted(known))})")
+        if "inputs" not in cfg:
+            raise ValueError("network spec needs 'inputs' (the width of one sample)")
+        layers_cfg = cfg.get("layers")
+        if not isinstance(layers_cfg, list) or not layers_cfg:
+            raise ValueError("network spec needs at least one [[layers]] table")
+        layers = []
+        for pos, lc in enumerate(layers_cfg, 1):
+            if not isinstance(lc, Mapping):
+                raise ValueError(f"layer {pos} must be a table, got {lc!r}")
+            lc = dict(lc)
+            kind = str(lc.pop("type", "dense")).lower()
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"layer {pos}: unknown layer type {kind!r} (known: {', '.join(LAYER_TYPES)})")
+            if "units" not in lc:
+                raise ValueError(f"layer {pos}: needs 'units'")
+            params = lc.pop("activation_params", {}) or {}
+            allowed = {"units", "activation"}
+            extra = sorted(set(lc) - allowed)
+            if extra:
+                raise ValueError(f"layer {pos}: unknown key {extra[0]!r} (known: type, units, activation, activation_params)")
+            try:
+                layers.append(LAYER_TYPES[kind](lc["units"], lc.get("activation"), **params))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"layer {pos}: {err}") from None
+        return cls(
+            inputs=cfg["inputs"],
+            layers=layers,
+            loss=cfg.get("loss", "softmax_cross_entropy"),
+            l2=cfg.get("l2", 0.0),
+            name=cfg.get("name"),
+        )
+
+    def fingerprint(self) -> str:
+        """A stable digest of everything that changes the generated code."""
+        blob = json.dumps(self.to_config(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Network(inputs={self.inputs}, layers={self.layers}, loss={self.loss.name!r}, l2={self.l2})"
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", str(name)).strip("-")[:60]
+    return cleaned or "model"

@@ -1,0 +1,127 @@
+"""Scalar operations that SymPy lacks, each with its forward rule and local gradient together.
+
+SymPy already knows ``tanh`` (and differentiates it to ``1 - tanh(z)**2``).  The ops
+below are the ones a network needs that SymPy would otherwise expand into less readable or
+less stable formulas.  Each class gives the forward rule (``_eval_rewrite_as_exp`` or
+``_eval_rewrite_as_Piecewise``, used to check it numerically) and ``fdiff``, the local
+derivative, in the form a textbook writes it; SymPy's own ``diff`` then chains them.
+How each op runs on a device is the backends' business (``symbp/backends``).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+
+class sigmoid(sp.Function):  # noqa: N801 - SymPy function classes print by class name
+    """σ(z) = 1 / (1 + e^(-z)); σ′ = σ(1 − σ)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+    def _eval_rewrite_as_exp(self, z, **kwargs):
+        return 1 / (1 + sp.exp(-z))
+
+    def _latex(self, printer):
+        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+
+    def _pretty(self, printer):
+        return printer._print_Function(self, func_name="σ")
+
+    def _sympystr(self, printer):
+        return "σ(%s)" % printer._print(self.args[0])
+
+
+class softplus(sp.Function):  # noqa: N801
+    """softplus(z) = log(1 + e^z); softplus′ = σ."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+    def _eval_rewrite_as_exp(self, z, **kwargs):
+        return sp.log(1 + sp.exp(z))
+
+
+class relu(sp.Function):  # noqa: N801
+    """relu(z) = max(0, z); relu′ = H(z), the step with H(0) = 0 as PyTorch takes it."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sp.Heaviside(self.args[0], 0)
+
+    def _eval_rewrite_as_Piecewise(self, z, **kwargs):
+        return sp.Piecewise((z, z > 0), (0, True))
+
+
+class leaky_relu(sp.Function):  # noqa: N801
+    """leaky_relu(z, s) = z for z > 0, s·z otherwise; derivative 1 or s."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        z, s = self.args
+        if argindex != 1:
+            return sp.Piecewise((0, z > 0), (z, True))
+        return sp.Piecewise((1, z > 0), (s, True))
+
+    def _eval_rewrite_as_Piecewise(self, z, s, **kwargs):
+        return sp.Piecewise((z, z > 0), (s * z, True))
+
+
+class elu(sp.Function):  # noqa: N801
+    """elu(z, α) = z for z > 0, α(e^z − 1) otherwise; derivative 1 or α·e^z."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        z, alpha = self.args
+        if argindex != 1:
+            return sp.Piecewise((0, z > 0), (sp.exp(z) - 1, True))
+        return sp.Piecewise((1, z > 0), (alpha * sp.exp(z), True))
+
+    def _eval_rewrite_as_Piecewise(self, z, alpha, **kwargs):
+        return sp.Piecewise((z, z > 0), (alpha * (sp.exp(z) - 1), True))
+
+
+#: Functions a user formula may call by name, besides SymPy's elementary ones.
+FORMULA_FUNCTIONS = {
+    "sigmoid": sigmoid,
+    "softplus": softplus,
+    "relu": relu,
+    "leaky_relu": leaky_relu,
+    "elu": elu,
+}
+
+_x = sp.Wild("x")
+
+
+def canonicalize(expr: sp.Expr) -> sp.Expr:
+    """Recognise the textbook ops inside a user formula.
+
+    ``log(1 + exp(x))`` becomes ``softplus(x)`` and ``1/(1 + exp(-x))`` or
+    ``exp(x)/(1 + exp(x))`` becomes ``σ(x)``: the derivative then reads the way a textbook
+    writes it, and the kernel evaluates the stable form instead of overflowing ``exp``.
+    """
+    expr = expr.replace(sp.log(1 + sp.exp(_x)), softplus(_x))
+    expr = expr.replace(1 / (1 + sp.exp(-_x)), sigmoid(_x))
+    expr = expr.replace(sp.exp(_x) / (1 + sp.exp(_x)), sigmoid(_x))
+    return expr
+
+
+def simplest(expr: sp.Expr) -> sp.Expr:
+    """The shortest of a few equivalent forms: SymPy's ``simplify`` alone sometimes expands
+    a textbook product (σ(1 − σ)) into something longer."""
+    candidates = [expr]
+    for transform in (sp.factor_terms, sp.simplify):
+        try:
+            candidates.append(canonicalize(transform(expr)))
+        except Exception:  # noqa: BLE001 - a failed simplification just leaves a candidate out
+            continue
+    # Ties go to the earliest candidate: SymPy's own derivative is usually the textbook form.
+    return min(candidates, key=lambda e: sp.count_ops(e))
