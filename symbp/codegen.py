@@ -22,7 +22,7 @@ from ._version import __version__
 from .backends.cpu import NumbaPrinter, emit, helper_source
 from .derive import Derivation, l2
 from .indices import N, i, n, p, q
-from .lower import ColSum, Loop, RowLoop, row_reductions, split_sums
+from .lower import Loop, RowLoop, row_reductions, split_sums
 
 lr = sp.Symbol("lr", positive=True)
 

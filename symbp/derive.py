@@ -154,7 +154,7 @@ class Derivation:
                 ld.delta_formula = dl_dy / N * ld.fprime(idx)
             else:
                 ld.delta_formula = ld.fprime(idx) * upstream
-            W, b = ld.params["W"], ld.params["b"]
+            W = ld.params["W"]
             d = ld.delta
             fan_out = self.dims[ld.index]
             ld.grads["W"] = resolve(sp.Sum(d[n, i] * ld.local["dz/dW"], (i, 0, fan_out - 1), (n, 0, N - 1))) + (

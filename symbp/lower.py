@@ -115,7 +115,7 @@ def row_reductions(exprs: list[sp.Expr], row: sp.Symbol) -> tuple[list, list[sp.
     """
     reductions, subs = [], {}
     for pos, s in enumerate(sorted(set().union(*(e.atoms(sp.Sum) for e in exprs)), key=str)):
-        (dummy, lo, hi), body = s.limits[0], s.function
+        (dummy, _, hi), body = s.limits[0], s.function
         if isinstance(body, sp.exp):
             m = sp.Symbol(f"lse{pos}", real=True)
             reductions.append((m, "logsumexp", body.args[0], dummy, hi + 1))
