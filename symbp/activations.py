@@ -8,6 +8,7 @@ the textbook form and the cheaper one to evaluate in the backward pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import sympy as sp
@@ -75,11 +76,20 @@ class Activation:
             self.params = {}
             self.custom = True
             self.expr = canonicalize(_custom_expr(spec))
-        self.derivative = simplest(sp.diff(self.expr, z))
-        # Where f′ can be written with a = f(z) alone, the backward pass needs only the
-        # stored output; otherwise it reads z.
+
+    @functools.cached_property
+    def derivative(self) -> sp.Expr:
+        """f′(z), derived by SymPy and simplified (computed when first needed: a model
+        loaded from the cache never needs it)."""
+        return simplest(sp.diff(self.expr, z))
+
+    @functools.cached_property
+    def derivative_in_a(self) -> sp.Expr | None:
+        """f′ written with a = f(z) alone (σ′ = a(1 − a)), or None when z remains.
+
+        Where it exists the backward pass needs only the stored output."""
         in_a = simplest(self.derivative.subs(self.expr, a)) if self.expr != z else sp.Integer(1)
-        self.derivative_in_a = in_a if z not in in_a.free_symbols else None
+        return in_a if z not in in_a.free_symbols else None
 
     @property
     def is_identity(self) -> bool:

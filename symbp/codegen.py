@@ -22,7 +22,7 @@ from ._version import __version__
 from .backends.cpu import NumbaPrinter, emit, helper_source
 from .derive import Derivation, l2
 from .indices import N, i, n, p, q
-from .lower import Loop, RowLoop, row_reductions, split_sums
+from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions, split_sums
 
 lr = sp.Symbol("lr", positive=True)
 
@@ -124,10 +124,16 @@ class _Builder:
                 steps.append(Loop(w_ranges, [(gW[p, q], w_expr)]))
             return steps, []
         penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * W[p, q] ** 2))] if self.l2_value else []
-        updates = [
-            Loop(w_ranges, [(W[p, q], fused_rule.update(W[p, q], w_expr))], penalty),
-            Loop(b_ranges, [(b[p], fused_rule.update(b[p], b_expr))]),
-        ]
+        w_target = self.value(W[p, q])  # with the widths substituted, as in w_expr
+        w_update = fused_rule.update(w_target, w_expr)
+        fused = fuse_update(steps[0], w_update, w_target, gW[p, q]) if isinstance(steps[0], Gemm) else None
+        if fused is not None:
+            # The update rides on the GEMM (β·W + α·δᵀa): no gradient buffer, no extra pass.
+            steps = steps[1:]
+            w_steps = ([Loop(w_ranges, [], penalty)] if penalty else []) + [fused]
+        else:
+            w_steps = [Loop(w_ranges, [(w_target, w_update)], penalty)]
+        updates = w_steps + [Loop(b_ranges, [(b[p], fused_rule.update(b[p], b_expr))])]
         return steps, updates
 
     def delta_steps(self, ld) -> list:
@@ -174,7 +180,7 @@ class _Builder:
         grads = [w[0] for w in self.workspace if w[0].startswith(("dW", "db"))]
         last = self.names[f"a{len(self.d.layers)}"]
         ft = "np.float32" if self.dtype == "float32" else "np.float64"
-        batch = ["nb = X.shape[0]"]
+        batch = ["nb = X.shape[0]", f"scal = np.empty(2, {ft})  # alpha and beta, passed to BLAS by address"]
         fns = [
             self.function("forward", ["X"] + P + acts, batch,
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
@@ -200,6 +206,7 @@ class _Builder:
         one = f"{ft}(1.0)"
         src = "\n".join([
             header, "import math", "", "import numpy as np", "from numba import njit", "",
+            f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm", "",
             f"ONE = {one}", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             *consts, "",
             "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",

@@ -9,6 +9,8 @@ derivative SymPy finds to be ``exp(y_p)/Σ_j exp(y_j) − t_p``, the softmax min
 
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 
 from .formula import parse_formula
@@ -52,9 +54,11 @@ class Loss:
             self.name = spec if isinstance(spec, str) else str(spec)
             self.custom = True
             self.elementwise, self.task = canonicalize(_custom_expr(spec)), "regression"
-        self.elementwise_grad = (
-            simplest(sp.diff(self.elementwise, y_s)) if self.elementwise is not None else None
-        )
+
+    @functools.cached_property
+    def elementwise_grad(self) -> sp.Expr | None:
+        """∂e/∂y of an elementwise loss, derived by SymPy; None for softmax cross-entropy."""
+        return simplest(sp.diff(self.elementwise, y_s)) if self.elementwise is not None else None
 
     @property
     def is_softmax(self) -> bool:

@@ -24,12 +24,16 @@ import sympy as sp
 
 @dataclass
 class Gemm:
+    """out ← alpha·op(a)·op(b) + beta·out."""
+
     out: sp.IndexedBase
     a: sp.IndexedBase
     ta: bool
     b: sp.IndexedBase
     tb: bool
     formula: sp.Expr = None  # the Sum it implements, for the comment above the call
+    alpha: sp.Expr = sp.Integer(1)
+    beta: sp.Expr = sp.Integer(0)
 
 
 @dataclass
@@ -126,3 +130,18 @@ def row_reductions(exprs: list[sp.Expr], row: sp.Symbol) -> tuple[list, list[sp.
             subs[s] = acc
     out = [sp.powsimp(sp.expand_log(e.xreplace(subs), force=True)) for e in exprs]
     return reductions, out
+
+
+def fuse_update(gemm: Gemm, update: sp.Expr, target: sp.Indexed, temp: sp.Indexed) -> Gemm | None:
+    """Fold an elementwise update of ``target`` that is linear in the GEMM result into the
+    GEMM itself: ``θ − η(G + λθ)`` is ``(1 − ηλ)·θ + (−η)·G``, i.e. β = 1 − ηλ, α = −η.
+
+    Returns the fused GEMM writing ``target``, or None when ``update`` is not of that form.
+    """
+    expanded = sp.expand(update)
+    alpha = expanded.coeff(temp)
+    rest = sp.expand(expanded - alpha * temp)
+    beta = rest.coeff(target)
+    if sp.expand(rest - beta * target) != 0 or (alpha.atoms(sp.Indexed) | beta.atoms(sp.Indexed)):
+        return None
+    return Gemm(target.base, gemm.a, gemm.ta, gemm.b, gemm.tb, gemm.formula, alpha, beta)

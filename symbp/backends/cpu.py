@@ -201,13 +201,12 @@ def emit(step, printer: NumbaPrinter) -> list[str]:
 
 @emit.register
 def _(step: Gemm, printer: NumbaPrinter) -> list[str]:
-    def operand(base, t):
-        name = printer.array(base)
-        return f"{name}.T" if t else name
-
+    a, b, out = printer.array(step.a), printer.array(step.b), printer.array(step.out)
+    alpha, beta = printer.doprint(step.alpha), printer.doprint(step.beta)
+    lhs = f"{out}[p, q] = {'' if step.beta == 0 else f'{beta}*{out}[p, q] + '}"
     return [
-        f"# {step.formula}",
-        f"np.dot({operand(step.a, step.ta)}, {operand(step.b, step.tb)}, {printer.array(step.out)})",
+        f"# {lhs}{'' if step.alpha == 1 else f'{alpha}*'}{step.formula}",
+        f"gemm({a}, {step.ta}, {b}, {step.tb}, {out}, {alpha}, {beta}, scal)",
     ]
 
 

@@ -1,0 +1,58 @@
+"""``gemm``: C ← α·op(A)·op(B) + β·C for C-contiguous arrays, callable from ``@njit`` code.
+
+``np.dot`` inside Numba always uses α = 1, β = 0.  The generated SGD step needs the general
+form: W ← (1 − η·λ)·W − η·δᵀa is one GEMM with α = −η and β = 1 − η·λ, which saves a pass
+over every weight matrix and its gradient buffer.  This calls the same BLAS entry point
+Numba's ``np.dot`` uses (``numba_xxgemm``, SciPy's BLAS), by symbol name, so functions
+that call it stay cacheable (no addresses are baked into the compiled code).
+"""
+
+from __future__ import annotations
+
+from numba import njit, types
+from numba.core.extending import intrinsic
+from numba.np.linalg import _BLAS, ensure_blas
+
+ensure_blas()
+_sgemm = _BLAS().numba_xxgemm(types.float32)
+_dgemm = _BLAS().numba_xxgemm(types.float64)
+_N, _T = ord("n"), ord("t")
+
+
+@intrinsic
+def _data_pointer(typingctx, arr):
+    """The data pointer of an array, typed as a pointer to its elements."""
+    sig = types.CPointer(arr.dtype)(arr)
+
+    def codegen(context, builder, signature, args):
+        return context.make_array(signature.args[0])(context, builder, args[0]).data
+
+    return sig, codegen
+
+
+def _make_gemm(xxgemm, kind):
+    @njit(cache=True)
+    def gemm(A, ta, B, tb, C, alpha, beta, scalars):
+        """C = alpha·op(A)@op(B) + beta·C, op(X) = X.T when its flag is true.
+
+        ``scalars`` is a length-2 array of C's dtype that passes alpha and beta by address
+        (the Fortran BLAS convention).  BLAS is column-major, where a C-ordered matrix is
+        its own transpose, so the call computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
+        """
+        m, n = C.shape
+        k = A.shape[0] if ta else A.shape[1]
+        if m == 0 or n == 0:
+            return
+        scalars[0] = alpha
+        scalars[1] = beta
+        status = xxgemm(kind, _T if tb else _N, _T if ta else _N, n, m, k,
+                        _data_pointer(scalars), _data_pointer(B), B.shape[1], _data_pointer(A), A.shape[1],
+                        _data_pointer(scalars[1:]), _data_pointer(C), n)
+        if status != 0:
+            raise RuntimeError("BLAS gemm failed")
+
+    return gemm
+
+
+sgemm = _make_gemm(_sgemm, ord("s"))
+dgemm = _make_gemm(_dgemm, ord("d"))
