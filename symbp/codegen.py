@@ -107,6 +107,7 @@ class _Builder:
             n, N, reductions, [(sp.Symbol("total"), value)], p, d.dims[-1],
             [(out.delta[n, p], delta)],
             argmax_match=(out.a, d.loss.t) if task == "multiclass" else None,
+            threshold_match=(out.a, d.loss.t) if task == "binary" else None,
         )
 
     def grad_steps(self, ld, fused_rule=None) -> tuple[list, list]:
@@ -179,16 +180,18 @@ class _Builder:
         deltas = [w[0] for w in self.workspace if w[0].startswith("dZ")]
         grads = [w[0] for w in self.workspace if w[0].startswith(("dW", "db"))]
         last = self.names[f"a{len(self.d.layers)}"]
+        # δ_L may read z_L as well as a_L (relu′, a custom f′): pass both when they differ.
+        out_bufs = sorted({f"Z{len(self.d.layers)}", last})
         ft = "np.float32" if self.dtype == "float32" else "np.float64"
         batch = ["nb = X.shape[0]", f"scal = np.empty(2, {ft})  # alpha and beta, passed to BLAS by address"]
         fns = [
             self.function("forward", ["X"] + P + acts, batch,
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
                           "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."),
-            self.function("loss_rows", [last, "T", deltas[-1]],
+            self.function("loss_rows", out_bufs + ["T", deltas[-1]],
                           [f"nb = {last}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
                           [self.loss_step()], ["return total, correct"],
-                          "Σ_n ℓ_n over the batch and δ_L = ∂C/∂z_L; counts argmax hits for classifiers."),
+                          "Σ_n ℓ_n over the batch and δ_L = ∂C/∂z_L; counts correct predictions for classifiers."),
             self.function("backward", ["X"] + P + acts + deltas + grads, batch, self.backward_steps(), [],
                           "∂C/∂θ for every parameter, given δ_L from loss_rows."),
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
@@ -198,7 +201,8 @@ class _Builder:
                           "Backward pass with θ ← θ − lr·∂C/∂θ fused in; returns the l2 penalty before the step."),
         ]
         fns.append(_GLUE.format(P=", ".join(P), WS=", ".join(WS), ACTS=", ".join(acts), DELTAS=", ".join(deltas),
-                                GRADS=", ".join(grads), LAST=last, DL=deltas[-1],
+                                GRADS=", ".join(grads), LAST=last, DL=deltas[-1], OUT=", ".join(out_bufs),
+                                OUT_SLICED=", ".join(f"{b}[:nb]" for b in out_bufs),
                                 ACTS_SLICED=", ".join(f"{w}[:nb]" for w in acts),
                                 SLICED=", ".join(f"{w}[:nb]" for w in acts + deltas)))
         header = self.header()
@@ -238,7 +242,7 @@ _GLUE = '''
 def loss_and_grads(X, T, {P}, {WS}):
     """Mean loss over the batch plus the l2 penalty, and all gradients."""
     forward(X, {P}, {ACTS})
-    total, correct = loss_rows({LAST}, T, {DL})
+    total, correct = loss_rows({OUT}, T, {DL})
     backward(X, {P}, {ACTS}, {DELTAS}, {GRADS})
     return total / X.shape[0] + penalty({P}), correct
 
@@ -251,7 +255,7 @@ def evaluate(X, T, {P}, {WS}, chunk):
         stop = min(start + chunk, X.shape[0])
         nb = stop - start
         forward(X[start:stop], {P}, {ACTS_SLICED})
-        t, c = loss_rows({LAST}[:nb], T[start:stop], {DL}[:nb])
+        t, c = loss_rows({OUT_SLICED}, T[start:stop], {DL}[:nb])
         total += t
         correct += c
     return total, correct
@@ -274,7 +278,7 @@ def train_epoch_sgd(X, T, order, batch_size, lr, {P}, {WS}, Xb, Tb):
             Xb[r] = X[order[start + r]]
             Tb[r] = T[order[start + r]]
         forward(Xb[:nb], {P}, {ACTS_SLICED})
-        t, c = loss_rows({LAST}[:nb], Tb[:nb], {DL}[:nb])
+        t, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
         pen = backward_sgd(Xb[:nb], {P}, {SLICED}, {GRADS}, lr)
         total += t + pen * nb
         correct += c

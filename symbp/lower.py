@@ -61,6 +61,7 @@ class RowLoop:
     cols: sp.Expr
     stmts: list  # [(target Indexed, expr)] per unit
     argmax_match: tuple | None = None  # (logits base, targets base): count rows whose argmaxes agree
+    threshold_match: tuple | None = None  # (logits, targets): count units where y > 0 ⇔ t > 1/2
 
 
 def _indexed_factors(expr: sp.Expr) -> list[sp.Indexed] | None:

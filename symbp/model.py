@@ -162,14 +162,15 @@ class Model:
         ws = self._workspace(min(_EVAL_CHUNK, X.shape[0]))
         total, correct = self.kernels.evaluate(X, T, *params, *ws, min(_EVAL_CHUNK, X.shape[0]))
         loss = total / X.shape[0] + self.kernels.penalty(*params)
-        return float(loss), self._accuracy(X, T, correct)
+        return float(loss), self._accuracy(X.shape[0], correct)
 
-    def _accuracy(self, X, T, correct) -> float:
+    def _accuracy(self, rows: int, correct: int) -> float:
+        """The kernels count correct rows (multiclass) or correct output units (binary)."""
         task = self.network.loss.task
         if task == "multiclass":
-            return correct / X.shape[0]
+            return correct / rows
         if task == "binary":
-            return float(np.mean((self.decision_function(X) > 0) == (T > 0.5)))
+            return correct / (rows * self.network.outputs)
         return float("nan")
 
     def score(self, X, y) -> float:
@@ -225,8 +226,8 @@ class Model:
             ws = self._workspace(rows)
             total, correct = self.kernels.train_epoch_sgd(X, T, order, batch_size, lr, *self._param_list(), *ws, Xb, Tb)
             metrics = {"loss": total / n}
-            if self.network.loss.task == "multiclass":
-                metrics["accuracy"] = correct / n
+            if self.network.loss.task != "regression":
+                metrics["accuracy"] = self._accuracy(n, correct)
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss became {metrics['loss']} in epoch {epoch + 1}; try a smaller learning rate")
             if val is not None:

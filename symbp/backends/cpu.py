@@ -137,7 +137,9 @@ class NumbaPrinter(PythonCodePrinter):
         if e.is_Integer and 0 < abs(int(e)) <= 4:
             b = self.parenthesize(base, 100)  # atoms stay bare, anything else in parentheses
             prod = "*".join([b] * abs(int(e)))
-            return prod if e > 0 else f"ONE / ({prod})"
+            if abs(int(e)) > 1:
+                prod = f"({prod})"  # x/y**2 must not print as x/y*y
+            return prod if e > 0 else f"ONE / {prod}"
         if e == sp.Rational(1, 2):
             return f"math.sqrt({self._print(base)})"
         return "%s ** %s" % (self.parenthesize(base, 100), self.parenthesize(e, 100))
@@ -279,6 +281,12 @@ def _(step: RowLoop, printer: NumbaPrinter) -> list[str]:
         y, t = (printer.array(b) for b in step.argmax_match)
         body.append(f"if np.argmax({y}[{step.row}]) == np.argmax({t}[{step.row}]):")
         body.append("    correct += 1")
+    if step.threshold_match is not None:
+        # Binary outputs: a unit is right when logit > 0 agrees with target > 1/2.
+        y, t = (printer.array(b) for b in step.threshold_match)
+        body.append(f"for {step.col} in range({_extent(printer, step.cols)}):")
+        body.append(f"    if ({y}[{step.row}, {step.col}] > ZERO) == ({t}[{step.row}, {step.col}] > HALF):")
+        body.append("        correct += 1")
     inner = emit(Loop([(step.col, step.cols)], step.stmts), printer)
     body += inner
     return lines + textwrap.indent("\n".join(body), "    ").split("\n")

@@ -1,0 +1,56 @@
+"""Session fixtures: every network is generated and JIT-compiled once per test session.
+
+``compiled(spec_or_network, dtype)`` returns a fresh :class:`symbp.Model` (its own copy of
+the parameters and work buffers) whose kernels are shared with every other model of the
+same (network spec, dtype): Numba compiles each generated function once per module, so a
+second model of the same network costs nothing.  Generated modules go into a session
+temporary directory, never into the project's ``generated/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # lets a bare `pytest` (not only `python -m pytest`) find symbp
+    sys.path.insert(0, str(ROOT))
+
+from _support import NetSpec  # noqa: E402
+
+import symbp as sb  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def session_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("symbp-generated")
+
+
+@pytest.fixture(scope="session")
+def compiled(session_cache_dir):
+    """Factory ``compiled(spec, dtype="float64", seed=0) -> Model``, memoized by
+    (network fingerprint, dtype).  ``spec`` is a :class:`_support.NetSpec` or an
+    ``sb.Network``."""
+    memo: dict[tuple[str, str], sb.Model] = {}
+
+    def factory(spec, dtype: str = "float64", seed: int | None = 0) -> sb.Model:
+        net = spec.build() if isinstance(spec, NetSpec) else spec
+        key = (net.fingerprint(), dtype)
+        if key not in memo:
+            memo[key] = sb.compile(net, dtype=dtype, seed=0, cache_dir=session_cache_dir)
+        model = copy.copy(memo[key])
+        model.network = net
+        model.params = net.init_params(seed, np.dtype(dtype))
+        model._buffers = {}  # work buffers are per model: never share them between copies
+        return model
+
+    return factory

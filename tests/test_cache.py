@@ -1,0 +1,208 @@
+"""The generated-module cache: file naming, reuse within and across processes, and
+detection of damaged files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import symbp as sb
+
+NAME = "cachetest"
+
+
+def cache_net(**overrides) -> sb.Network:
+    spec = {"inputs": 3, "layers": [sb.Dense(4, activation="tanh"), sb.Dense(2)], "loss": "mse", "name": NAME}
+    spec.update(overrides)
+    return sb.Network(**spec)
+
+
+def module_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.py"))
+
+
+# -- in-process -------------------------------------------------------------------------------
+def test_file_name_and_location(tmp_path):
+    model = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path)
+    path = model.source_path
+    assert path.parent == tmp_path
+    assert path.is_file()
+    assert re.fullmatch(rf"{NAME}-float64-[0-9a-f]{{8,}}\.py", path.name), path.name
+    assert module_files(tmp_path) == [path]
+    # without a name the file is named after the widths
+    unnamed = sb.compile(cache_net(name=None), dtype="float32", cache_dir=tmp_path).source_path
+    assert re.fullmatch(r"mlp-3-4-2-float32-[0-9a-f]{8,}\.py", unnamed.name), unnamed.name
+
+
+def test_unsafe_name_stays_inside_cache_dir(tmp_path):
+    cache = tmp_path / "cache"
+    path = sb.compile(cache_net(name="../../evil name/x"), dtype="float64", cache_dir=cache).source_path
+    assert path.parent == cache
+    assert "/" not in path.name and " " not in path.name and not path.name.startswith(".")
+
+
+def test_numpy_dtype_objects_accepted(tmp_path):
+    model = sb.compile(cache_net(), dtype=np.float32, cache_dir=tmp_path)
+    assert model.dtype == np.float32
+    assert "-float32-" in model.source_path.name
+    assert model.source_path == sb.compile(cache_net(), dtype="float32", cache_dir=tmp_path).source_path
+
+
+def test_env_var_sets_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMBP_CACHE_DIR", str(tmp_path / "from-env"))
+    path = sb.compile(cache_net(), dtype="float64").source_path
+    assert path.parent == tmp_path / "from-env"
+    assert path.is_file()
+    # an explicit cache_dir wins over the variable
+    explicit = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path / "explicit").source_path
+    assert explicit.parent == tmp_path / "explicit"
+
+
+def test_compile_again_reuses_file(tmp_path, monkeypatch):
+    first = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path).source_path
+    before = first.stat().st_mtime_ns, first.read_bytes()
+
+    import symbp.codegen
+
+    def no_codegen(*args, **kwargs):
+        raise AssertionError("the module was generated again although an intact one exists")
+
+    monkeypatch.setattr(symbp.codegen, "generate_source", no_codegen)
+    again = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path).source_path  # a new, equal Network
+    assert again == first
+    assert (again.stat().st_mtime_ns, again.read_bytes()) == before
+    assert module_files(tmp_path) == [first]
+
+
+def test_different_spec_or_dtype_gives_different_file(tmp_path):
+    variants = {
+        "base": (cache_net(), "float64"),
+        "float32": (cache_net(), "float32"),
+        "l2": (cache_net(l2=0.1), "float64"),
+        "activation": (cache_net(layers=[sb.Dense(4, activation="relu"), sb.Dense(2)]), "float64"),
+        "activation-param": (cache_net(layers=[sb.Dense(4, activation="elu", alpha=0.5), sb.Dense(2)]), "float64"),
+        "activation-param2": (cache_net(layers=[sb.Dense(4, activation="elu", alpha=0.6), sb.Dense(2)]), "float64"),
+        "width": (cache_net(layers=[sb.Dense(5, activation="tanh"), sb.Dense(2)]), "float64"),
+        "loss": (cache_net(loss="log(cosh(y - t))"), "float64"),
+        "inputs": (cache_net(inputs=4), "float64"),
+    }
+    paths = {key: sb.compile(net, dtype=dtype, cache_dir=tmp_path).source_path for key, (net, dtype) in variants.items()}
+    assert len(set(paths.values())) == len(variants), paths
+    assert module_files(tmp_path) == sorted(paths.values())
+    assert "float32" in paths["float32"].name and "float64" in paths["base"].name
+    texts = {key: p.read_text() for key, p in paths.items()}
+    assert len(set(texts.values())) == len(texts)  # different code, not just different names
+
+
+DAMAGE = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "empty": lambda text: "",
+    "garbage-appended": lambda text: text + "garbage = 1 / 0\n",
+    "edited": lambda text: 'raise RuntimeError("a damaged generated module was executed")\n' + text,
+    "checksum-removed": lambda text: "\n".join(line for line in text.splitlines() if "checksum" not in line) + "\n",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_module_is_regenerated(tmp_path, damage):
+    path = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path).source_path
+    original = path.read_text()
+    damaged = DAMAGE[damage](original)
+    assert damaged != original
+    path.write_text(damaged)
+    again = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path)
+    assert again.source_path == path
+    assert path.read_text() == original
+    assert module_files(tmp_path) == [path]  # no stray temporary files either
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# -- across processes -------------------------------------------------------------------------
+SCRIPT = """
+import json, sys
+import numpy as np
+import symbp as sb
+net = sb.Network(inputs=3, layers=[sb.Dense(4, activation="tanh"), sb.Dense(2)], loss="mse", name=%r)
+model = sb.compile(net, dtype="float64")
+model.params = {"W1": np.linspace(-1, 1, 12).reshape(4, 3), "b1": np.array([0.1, -0.2, 0.3, -0.4]),
+                "W2": np.linspace(0.5, -0.5, 8).reshape(2, 4), "b2": np.array([0.05, -0.05])}
+X = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+T = np.array([[0.0, 1.0], [1.0, -1.0]])
+loss, grads = model.loss_and_grads(X, T)
+stats = model.kernels.loss_and_grads.stats
+print(json.dumps({"path": str(model.source_path), "loss": loss,
+                  "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
+""" % NAME
+
+
+def expected_loss() -> float:
+    W1, b1 = np.linspace(-1, 1, 12).reshape(4, 3), np.array([0.1, -0.2, 0.3, -0.4])
+    W2, b2 = np.linspace(0.5, -0.5, 8).reshape(2, 4), np.array([0.05, -0.05])
+    X = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+    T = np.array([[0.0, 1.0], [1.0, -1.0]])
+    y = np.tanh(X @ W1.T + b1) @ W2.T + b2
+    return float(((y - T) ** 2).mean())
+
+
+def run_process(cache_dir: Path, root: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}  # no NUMBA_CACHE_DIR etc.
+    env["SYMBP_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def first_process(tmp_path_factory, project_root):
+    cache_dir = tmp_path_factory.mktemp("cross-process")
+    result = run_process(cache_dir, project_root)
+    return cache_dir, result, snapshot(cache_dir)
+
+
+def test_first_process_writes_module_and_numba_cache(first_process):
+    cache_dir, result, _ = first_process
+    path = Path(result["path"])
+    assert path.parent == cache_dir and path.is_file()
+    assert result["loss"] == pytest.approx(expected_loss(), rel=1e-12)
+    assert result["misses"] >= 1 and result["hits"] == 0  # compiled here, nothing to reuse yet
+    pycache = cache_dir / "__pycache__"
+    assert list(pycache.glob(f"{path.stem}.*.nbi")), sorted(os.listdir(pycache))
+    assert list(pycache.glob(f"{path.stem}.*.nbc")), sorted(os.listdir(pycache))
+
+
+def test_second_process_reuses_module_and_machine_code(first_process, project_root):
+    cache_dir, first, before = first_process
+    second = run_process(cache_dir, project_root)
+    assert second["path"] == first["path"]
+    assert second["loss"] == first["loss"]
+    assert second["misses"] == 0 and second["hits"] >= 1  # Numba loaded the machine code
+    assert snapshot(cache_dir) == before  # nothing rewritten: module, index and code files
+
+
+def test_damaged_module_regenerated_in_new_process(first_process, project_root, tmp_path):
+    src_dir, first, _ = first_process
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(src_dir, cache_dir)
+    path = cache_dir / Path(first["path"]).name
+    original = path.read_text()
+    # a damaged module that would raise if it were ever executed, and one cut in half
+    for damage in ("edited", "truncated"):
+        path.write_text(DAMAGE[damage](original))
+        result = run_process(cache_dir, project_root)
+        assert Path(result["path"]) == path
+        assert result["loss"] == pytest.approx(expected_loss(), rel=1e-12)
+        assert path.read_text() == original, damage
