@@ -9,15 +9,19 @@
 from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's libraries load
 from ._version import __version__
 from .activations import Activation
+from .callbacks import EarlyStopping, ModelCheckpoint
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
 from .layers import Dense
 from .losses import Loss
-from .model import History, Model, compile
+from .model import History, Model, compile, load
 from .network import Network
-from .optim import SGD
+from .optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
+from .schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 
 __all__ = [
-    "Activation", "Dense", "Derivation", "History", "Loss", "Model", "Network", "SGD",
-    "__version__", "compile", "derive", "gradcheck",
+    "Activation", "Adagrad", "Adam", "AdamW", "CosineDecay", "Dense", "Derivation", "EarlyStopping",
+    "ExponentialDecay", "FormulaOptimizer", "History", "Loss", "Model", "ModelCheckpoint", "Network",
+    "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",
+    "gradcheck", "load",
 ]

@@ -96,9 +96,15 @@ def _drop_numba_cache(path: Path) -> None:
             f.unlink(missing_ok=True)
 
 
+def module_name(path: Path) -> str:
+    """The stable import name of a generated file: a training module imports its model
+    module by this name."""
+    return "symbp_gen_" + "".join(c if c.isalnum() else "_" for c in path.stem)
+
+
 def import_module(path: Path) -> ModuleType:
-    """Import a generated file by path under a stable name (``symbp_generated.<stem>``)."""
-    name = "symbp_generated." + path.stem.replace("-", "_").replace(".", "_")
+    """Import a generated file by path under its stable name (:func:`module_name`)."""
+    name = module_name(path)
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

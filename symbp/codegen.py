@@ -5,8 +5,10 @@ The module holds, as ``@njit(cache=True)`` functions:
 ``forward``          z_l = a_{l-1} W_lᵀ + b_l and a_l = f(z_l), layer by layer
 ``loss_rows``        the per-sample loss and δ_L (the loss gradient at the logits) in one pass
 ``backward``         every ∂C/∂θ and the δ recurrence
-``backward_sgd``     the same with the SGD update fused into the gradient loops
-``loss_and_grads``, ``evaluate``, ``train_epoch_sgd``   the glue a model calls
+``loss_and_grads``, ``evaluate``, ``logits``   the glue a model calls
+
+and, per optimizer, a training module (:meth:`_Builder.build_train`) with the backward pass
+and that optimizer's update rule fused in, and the epoch loop.
 
 Every formula the functions evaluate is printed from the derivation's SymPy expressions;
 the module's header lists them.
@@ -24,17 +26,7 @@ from .derive import Derivation, l2
 from .indices import N, i, n, p, q
 from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions, split_sums
 
-lr = sp.Symbol("lr", positive=True)
-
-
-class SGDRule:
-    """θ ← θ − η g: the update every fused SGD loop evaluates (η is ``lr``)."""
-
-    name = "sgd"
-
-    @staticmethod
-    def update(theta: sp.Expr, g: sp.Expr) -> sp.Expr:
-        return theta - lr * g
+T_STEP = sp.Symbol("t", positive=True, integer=True)  # the update's step number, from 1
 
 
 @dataclass
@@ -52,7 +44,7 @@ class _Builder:
         self.dtype = dtype
         net = d.network
         self.l2_value = sp.nsimplify(net.l2, rational=True) if net.l2 else sp.Integer(0)
-        names: dict = {"x": "X", "t": "T", N: "nbf", lr: "lr"}
+        names: dict = {"x": "X", "t": "T", N: "nbf"}
         extents: dict = {N: "nb"}
         self.params, self.workspace = [], []
         for ld in d.layers:
@@ -110,42 +102,51 @@ class _Builder:
             threshold_match=(out.a, d.loss.t) if task == "binary" else None,
         )
 
-    def grad_steps(self, ld, fused_rule=None) -> tuple[list, list]:
-        """Steps for ∂C/∂W_l, ∂C/∂b_l; with ``fused_rule`` the update loops come separately,
-        to run after δ_{l-1} has used the old W_l."""
+    def update_steps(self, ld, key: str, gemm_steps: list, g_expr: sp.Expr, opt) -> tuple[list, list]:
+        """The optimizer's statements for parameter ``key`` of layer ``ld``.
+
+        Returns (steps that may run now, steps that must wait until δ_{l-1} has read the
+        old W_l).  An update linear in a GEMM result (plain SGD) rides on that GEMM.
+        """
+        theta = self.value(ld.params[key][(p, q) if key == "W" else (p,)])
+        idx = theta.indices
+        name = f"{key}{ld.index}"
+        state = {s_: sp.IndexedBase(f"{s_}_{name}")[idx] for s_ in opt.state_names}
+        for s_ in opt.state_names:
+            self.names[f"{s_}_{name}"] = f"{s_}_{name}"
+        stmts = opt.rules(theta, g_expr, state, self.hyper_symbols, T_STEP)
+        ranges = [(p, self.d.dims[ld.index])] + ([(q, self.d.dims[ld.index - 1])] if key == "W" else [])
+        penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * theta**2))] if key == "W" and self.l2_value else []
+        temp = self.grad_base(ld, key)[idx]
+        if len(stmts) == 1 and gemm_steps and isinstance(gemm_steps[0], Gemm):
+            fused = fuse_update(gemm_steps[0], stmts[0][1], theta, temp)
+            if fused is not None:
+                # θ ← β·θ + α·op(A)op(B): one GEMM, no gradient buffer, no extra pass.
+                return gemm_steps[1:], ([Loop(ranges, [], penalty)] if penalty else []) + [fused]
+        return gemm_steps, [Loop(ranges, stmts, penalty)]
+
+    def grad_steps(self, ld, opt=None) -> tuple[list, list]:
+        """Steps for ∂C/∂W_l and ∂C/∂b_l; with an optimizer, also its update steps (second
+        list: they run after δ_{l-1} has used the old W_l)."""
         gW, gb = self.grad_base(ld, "W"), self.grad_base(ld, "b")
-        W, b = ld.params["W"], ld.params["b"]
-        steps, w_expr = split_sums(self.value(ld.grads["W"]), gW, (p, q), lambda s: gW)
-        more, b_expr = split_sums(self.value(ld.grads["b"]), gb, (p,), lambda s: gb)
-        steps += more
-        w_ranges = [(p, self.d.dims[ld.index]), (q, self.d.dims[ld.index - 1])]
-        b_ranges = [(p, self.d.dims[ld.index])]
-        if fused_rule is None:
-            if w_expr != gW[p, q]:
-                steps.append(Loop(w_ranges, [(gW[p, q], w_expr)]))
-            return steps, []
-        penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * W[p, q] ** 2))] if self.l2_value else []
-        w_target = self.value(W[p, q])  # with the widths substituted, as in w_expr
-        w_update = fused_rule.update(w_target, w_expr)
-        fused = fuse_update(steps[0], w_update, w_target, gW[p, q]) if isinstance(steps[0], Gemm) else None
-        if fused is not None:
-            # The update rides on the GEMM (β·W + α·δᵀa): no gradient buffer, no extra pass.
-            steps = steps[1:]
-            w_steps = ([Loop(w_ranges, [], penalty)] if penalty else []) + [fused]
-        else:
-            w_steps = [Loop(w_ranges, [(w_target, w_update)], penalty)]
-        updates = w_steps + [Loop(b_ranges, [(b[p], fused_rule.update(b[p], b_expr))])]
-        return steps, updates
+        w_gemm, w_expr = split_sums(self.value(ld.grads["W"]), gW, (p, q), lambda s: gW)
+        b_sum, b_expr = split_sums(self.value(ld.grads["b"]), gb, (p,), lambda s: gb)
+        if opt is None:
+            w_loop = [Loop([(p, self.d.dims[ld.index]), (q, self.d.dims[ld.index - 1])], [(gW[p, q], w_expr)])]
+            return w_gemm + (w_loop if w_expr != gW[p, q] else []) + b_sum, []
+        w_now, w_later = self.update_steps(ld, "W", w_gemm, w_expr, opt)
+        b_now, b_later = self.update_steps(ld, "b", [], b_expr, opt)
+        return w_now + b_sum + b_now, w_later + b_later
 
     def delta_steps(self, ld) -> list:
         steps, expr = split_sums(ld.delta_formula, ld.delta, (n, p), lambda s: ld.delta)
         return steps + [Loop([(n, N), (p, self.d.dims[ld.index])], [(ld.delta[n, p], self.value(expr))])]
 
-    def backward_steps(self, fused_rule=None) -> list:
+    def backward_steps(self, opt=None) -> list:
         steps = []
         for pos in range(len(self.d.layers) - 1, -1, -1):
             ld = self.d.layers[pos]
-            grads, updates = self.grad_steps(ld, fused_rule)
+            grads, updates = self.grad_steps(ld, opt)
             steps += grads
             if pos > 0:
                 steps += self.delta_steps(self.d.layers[pos - 1])
@@ -173,45 +174,51 @@ class _Builder:
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
 
-    def build(self) -> ModuleLayout:
-        self.helpers: set[str] = set()
-        P, WS = self.params, [w[0] for w in self.workspace]
-        acts = [w[0] for w in self.workspace if w[0].startswith(("Z", "A"))]
-        deltas = [w[0] for w in self.workspace if w[0].startswith("dZ")]
-        grads = [w[0] for w in self.workspace if w[0].startswith(("dW", "db"))]
+    def _buffers(self) -> dict[str, list[str]]:
+        ws = [w[0] for w in self.workspace]
         last = self.names[f"a{len(self.d.layers)}"]
-        # δ_L may read z_L as well as a_L (relu′, a custom f′): pass both when they differ.
-        out_bufs = sorted({f"Z{len(self.d.layers)}", last})
-        ft = "np.float32" if self.dtype == "float32" else "np.float64"
-        batch = ["nb = X.shape[0]", f"scal = np.empty(2, {ft})  # alpha and beta, passed to BLAS by address"]
+        return {
+            "P": self.params, "WS": ws,
+            "acts": [w for w in ws if w.startswith(("Z", "A"))],
+            "deltas": [w for w in ws if w.startswith("dZ")],
+            "grads": [w for w in ws if w.startswith(("dW", "db"))],
+            "last": [last],
+            # δ_L may read z_L as well as a_L (relu′, a custom f′): pass both when they differ.
+            "out": sorted({f"Z{len(self.d.layers)}", last}),
+        }
+
+    @property
+    def float_type(self) -> str:
+        return "np.float32" if self.dtype == "float32" else "np.float64"
+
+    def _prelude(self) -> list[str]:
+        return ["nb = X.shape[0]", f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+
+    def build(self) -> ModuleLayout:
+        """The model module: forward, loss, gradients, evaluation."""
+        self.helpers: set[str] = set()
+        B = self._buffers()
+        P, acts, deltas, grads, out = B["P"], B["acts"], B["deltas"], B["grads"], B["out"]
+        ft = self.float_type
         fns = [
-            self.function("forward", ["X"] + P + acts, batch,
+            self.function("forward", ["X"] + P + acts, self._prelude(),
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
                           "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."),
-            self.function("loss_rows", out_bufs + ["T", deltas[-1]],
-                          [f"nb = {last}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
+            self.function("loss_rows", out + ["T", deltas[-1]],
+                          [f"nb = {B['last'][0]}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
                           [self.loss_step()], ["return total, correct"],
                           "Σ_n ℓ_n over the batch and δ_L = ∂C/∂z_L; counts correct predictions for classifiers."),
-            self.function("backward", ["X"] + P + acts + deltas + grads, batch, self.backward_steps(), [],
+            self.function("backward", ["X"] + P + acts + deltas + grads, self._prelude(), self.backward_steps(), [],
                           "∂C/∂θ for every parameter, given δ_L from loss_rows."),
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
                           "(λ/2) Σ_l ‖W_l‖²."),
-            self.function("backward_sgd", ["X"] + P + acts + deltas + grads + ["lr"],
-                          batch + ["penalty = 0.0"], self.backward_steps(SGDRule), ["return penalty"],
-                          "Backward pass with θ ← θ − lr·∂C/∂θ fused in; returns the l2 penalty before the step."),
         ]
-        fns.append(_GLUE.format(P=", ".join(P), WS=", ".join(WS), ACTS=", ".join(acts), DELTAS=", ".join(deltas),
-                                GRADS=", ".join(grads), LAST=last, DL=deltas[-1], OUT=", ".join(out_bufs),
-                                OUT_SLICED=", ".join(f"{b}[:nb]" for b in out_bufs),
-                                ACTS_SLICED=", ".join(f"{w}[:nb]" for w in acts),
-                                SLICED=", ".join(f"{w}[:nb]" for w in acts + deltas)))
-        header = self.header()
+        fns.append(_GLUE.format(**self._glue_names(B)))
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
-        one = f"{ft}(1.0)"
         src = "\n".join([
-            header, "import math", "", "import numpy as np", "from numba import njit", "",
+            self.header(), "import math", "", "import numpy as np", "from numba import njit", "",
             f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm", "",
-            f"ONE = {one}", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
+            f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             *consts, "",
             "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",
             f"PARAMS = {tuple(P)!r}",
@@ -219,6 +226,47 @@ class _Builder:
             f"DTYPE = {self.dtype!r}", "", helper_source(self.helpers), *fns,
         ])
         return ModuleLayout(P, self.workspace, src)
+
+    @staticmethod
+    def _glue_names(B: dict) -> dict:
+        def join(names, sliced=False):
+            return ", ".join(f"{w}[:nb]" if sliced else w for w in names)
+
+        return {
+            "P": join(B["P"]), "WS": join(B["WS"]), "ACTS": join(B["acts"]), "DELTAS": join(B["deltas"]),
+            "GRADS": join(B["grads"]), "LAST": B["last"][0], "DL": B["deltas"][-1], "OUT": join(B["out"]),
+            "OUT_SLICED": join(B["out"], True), "ACTS_SLICED": join(B["acts"], True),
+            "SLICED": join(B["acts"] + B["deltas"], True),
+        }
+
+    def build_train(self, opt, model_module: str) -> str:
+        """The training module for one optimizer: the backward pass with its update rule
+        fused in, and the epoch loop.  It imports the forward pass and loss from the model
+        module (``model_module``, already imported under that name)."""
+        self.helpers = set()
+        B = self._buffers()
+        self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
+        states = [f"{s_}_{name}" for name in B["P"] for s_ in opt.state_names]
+        ft = self.float_type
+        read_hyper = [f"h_{k} = {ft}(hyper[{i}])" for i, k in enumerate(opt.hyper)]
+        update = self.function(
+            "backward_update", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"] + states + ["hyper", "t"],
+            self._prelude() + read_hyper + ["penalty = 0.0"], self.backward_steps(opt), ["return penalty"],
+            f"Backward pass with the {opt.name} update fused in (step t); returns the l2 penalty before the step.")
+        rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
+        names = self._glue_names(B)
+        names["STATES"] = ", ".join(states) + ("," if states else "")
+        consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
+        src = "\n".join([
+            f'"""symbp-generated training step for {self.d.network.name} ({self.dtype}) with {opt!r}.',
+            "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
+            "import math", "", "import numpy as np", "from numba import njit", "",
+            f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm",
+            f"from {model_module} import ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
+            f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
+            helper_source(self.helpers), update, _TRAIN.format(**names),
+        ])
+        return src
 
     def header(self) -> str:
         d = self.d
@@ -265,12 +313,20 @@ def evaluate(X, T, {P}, {WS}, chunk):
 def logits(X, {P}, {ACTS}):
     forward(X, {P}, {ACTS})
     return {LAST}
+'''
 
 
+_TRAIN = '''
 @njit(cache=True)
-def train_epoch_sgd(X, T, order, batch_size, lr, {P}, {WS}, Xb, Tb):
-    """One epoch of mini-batch SGD in batches of ``order``; returns Σ loss and argmax hits."""
+def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES} Xb, Tb):
+    """One epoch of mini-batch training over ``order``.
+
+    Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
+    not finite or -1).  A non-finite batch stops the epoch before its update, so the
+    parameters are the last good ones.
+    """
     total, correct = 0.0, 0
+    t = step0
     for start in range(0, X.shape[0], batch_size):
         stop = min(start + batch_size, X.shape[0])
         nb = stop - start
@@ -278,14 +334,22 @@ def train_epoch_sgd(X, T, order, batch_size, lr, {P}, {WS}, Xb, Tb):
             Xb[r] = X[order[start + r]]
             Tb[r] = T[order[start + r]]
         forward(Xb[:nb], {P}, {ACTS_SLICED})
-        t, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
-        pen = backward_sgd(Xb[:nb], {P}, {SLICED}, {GRADS}, lr)
-        total += t + pen * nb
+        loss, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
+        if not np.isfinite(loss):
+            return total, correct, t - step0, start // batch_size
+        t += 1
+        pen = backward_update(Xb[:nb], {P}, {SLICED}, {GRADS}, {STATES} hyper, t)
+        total += loss + pen * nb
         correct += c
-    return total, correct
+    return total, correct, t - step0, -1
 '''
 
 
+def generate_train_source(derivation: Derivation, dtype: str, optimizer, model_module: str) -> str:
+    """The training module text for ``optimizer`` (see :meth:`_Builder.build_train`)."""
+    return _Builder(derivation, dtype).build_train(optimizer, model_module)
+
+
 def generate_source(derivation: Derivation, dtype: str) -> str:
-    """The module text for a derivation (see the module docstring)."""
+    """The model module text for a derivation (see the module docstring)."""
     return _Builder(derivation, dtype).build().source

@@ -10,7 +10,8 @@ import numpy as np
 from . import cache
 from .data import as_inputs, as_targets, check_batch_size
 from .network import Network
-from .optim import SGD
+from .optim import SGD, Optimizer
+from .schedules import Schedule
 
 _EVAL_CHUNK = 1024  # rows per evaluation pass: bounds the work buffers for large data sets
 
@@ -22,6 +23,21 @@ class History:
     def __init__(self) -> None:
         self.epoch: list[int] = []
         self.history: dict[str, list[float]] = {}
+
+    def truncate(self, epoch: int) -> None:
+        """Forget epochs from ``epoch`` on (a resumed run records them again)."""
+        keep = [i for i, e in enumerate(self.epoch) if e < epoch]
+        self.epoch = [self.epoch[i] for i in keep]
+        self.history = {k: [v[i] for i in keep] for k, v in self.history.items()}
+
+    def plot(self, path=None, title: str | None = None):
+        """Loss and accuracy per epoch, train and validation (matplotlib).
+
+        Saves a PNG to ``path`` when given; returns the figure.
+        """
+        from .plots import plot_history
+
+        return plot_history(self, path, title)
 
     def record(self, epoch: int, **metrics: float) -> None:
         self.epoch.append(epoch)
@@ -58,6 +74,11 @@ class Model:
         self.params = params
         self._buffers: dict[int, list[np.ndarray]] = {}
         self._derivation = None
+        self.optimizer: Optimizer | None = None
+        self.schedule: Schedule | None = None
+        self.base_lr: float | None = None
+        self.epoch = 0  # epochs completed
+        self.history = History()  # every epoch so far, across fit calls and checkpoints
 
     # -- plumbing ----------------------------------------------------------------------
     def _param_list(self) -> list[np.ndarray]:
@@ -184,64 +205,150 @@ class Model:
         ss_tot = ((T - T.mean(axis=0)) ** 2).sum()
         return float(1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
 
+    def _train_kernels(self, opt: Optimizer):
+        """The training module for ``opt``'s kind (generated on first use, then cached)."""
+        key = cache.module_key(self.network.fingerprint() + "|" + opt.key(), self.dtype.name, "cpu")
+        slug = "".join(c if c.isalnum() else "-" for c in opt.name)
+        path = self.source_path.parent / f"{self.network.name}-{self.dtype.name}-{slug}-{key}.py"
+
+        def generate() -> str:
+            from .codegen import generate_train_source
+
+            return generate_train_source(self.derivation, self.dtype.name, opt, cache.module_name(self.source_path))
+
+        return cache.load_or_generate(path, generate)
+
+    def _state_list(self, opt: Optimizer) -> list[np.ndarray]:
+        """The optimizer's state arrays in kernel order, created on first use."""
+        out = []
+        for pname, value in zip(self.kernels.PARAMS, self._param_list()):
+            states = opt.state.setdefault(pname, {})
+            for sname in opt.state_names:
+                arr = states.get(sname)
+                if arr is None:
+                    arr = np.full(value.shape, opt.state_init(sname), self.dtype)
+                elif arr.shape != value.shape or arr.dtype != self.dtype or not arr.flags.c_contiguous:
+                    arr = np.ascontiguousarray(np.broadcast_to(arr, value.shape), dtype=self.dtype)
+                states[sname] = arr
+                out.append(arr)
+        return out
+
     def fit(
         self,
         X,
         y,
-        optimizer: SGD | None = None,
+        optimizer: Optimizer | None = None,
         batch_size: int = 32,
         epochs: int = 1,
         validation_data: tuple | None = None,
         shuffle: bool = True,
         seed: int | None = 0,
         progress: bool = True,
+        initial_epoch: int = 0,
+        schedule: Schedule | None = None,
+        callbacks: list | tuple = (),
     ) -> History:
-        """Train with mini-batch gradient descent; returns the per-epoch :class:`History`.
+        """Train with mini-batches; returns the :class:`History` of the epochs run.
 
-        The shuffle order of an epoch depends only on ``seed`` and the epoch number, so a run
-        is reproducible.  Each epoch runs as one compiled call.
+        Parameters
+        ----------
+        optimizer : Optimizer, optional
+            ``sb.SGD``, ``sb.Adam``, …; by default the one this model last trained (or
+            loaded) with, else ``SGD(lr=0.01)``.  Its update rule is fused into the
+            generated backward pass; its state stays in ``optimizer.state``.
+        epochs, initial_epoch : int
+            Runs epochs ``initial_epoch … epochs − 1`` (Keras's meaning).  The shuffle order
+            of an epoch depends only on ``seed`` and the epoch number, so saving after epoch
+            3 and resuming with ``initial_epoch=3`` gives the weights of an unbroken run.
+        schedule : Schedule, optional
+            Sets the learning rate of each epoch from the optimizer's base rate.
+        callbacks : list of Callback
+            e.g. ``EarlyStopping``; called after each epoch, may stop training.
+
+        Raises
+        ------
+        FloatingPointError
+            When a batch's loss is NaN or infinite; the parameters are those before that batch.
         """
-        optimizer = optimizer if optimizer is not None else SGD()
-        if not isinstance(optimizer, SGD):
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
+        opt = optimizer or self.optimizer or SGD()
+        if opt is not self.optimizer or self.base_lr is None:
+            self.base_lr = opt.lr
+        self.optimizer = opt
+        if schedule is not None:
+            if not isinstance(schedule, Schedule):
+                raise TypeError(f"schedule must be a symbp schedule such as sb.StepDecay(10), got {type(schedule).__name__}")
+            self.schedule = schedule
         batch_size = check_batch_size(batch_size)
-        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-            raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
+        for name, value in (("epochs", epochs), ("initial_epoch", initial_epoch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
         X, T = self._data(X, y)
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             val = self._data(*validation_data, what="_val")
+        kernels = self._train_kernels(opt)
         history = History()
+        self.history.truncate(initial_epoch)
         n = X.shape[0]
         rows = min(batch_size, n)
         Xb = np.empty((rows, X.shape[1]), self.dtype)
         Tb = np.empty((rows, T.shape[1]), self.dtype)
-        lr = self.dtype.type(optimizer.lr)
-        bar = _progress(epochs, progress)
-        for epoch in range(epochs):
-            order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle and seed is not None
-                     else np.random.default_rng().permutation(n) if shuffle else np.arange(n))
-            ws = self._workspace(rows)
-            total, correct = self.kernels.train_epoch_sgd(X, T, order, batch_size, lr, *self._param_list(), *ws, Xb, Tb)
-            metrics = {"loss": total / n}
-            if self.network.loss.task != "regression":
-                metrics["accuracy"] = self._accuracy(n, correct)
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} in epoch {epoch + 1}; try a smaller learning rate")
-            if val is not None:
-                val_loss, val_acc = self.evaluate(*val)
-                metrics["val_loss"] = val_loss
+        bar = _progress(max(0, epochs - initial_epoch), progress)
+        stop = False
+        try:
+            for epoch in range(initial_epoch, epochs):
+                if self.schedule is not None:
+                    opt.hyper["lr"] = self.schedule.lr(epoch, self.base_lr)
+                hyper = np.array(list(opt.hyper.values()), self.dtype)
+                order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle and seed is not None
+                         else np.random.default_rng().permutation(n) if shuffle else np.arange(n))
+                ws = self._workspace(rows)
+                total, correct, done, bad = kernels.train_epoch(
+                    X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *self._state_list(opt), Xb, Tb)
+                opt.step += int(done)
+                if bad >= 0:
+                    raise FloatingPointError(
+                        f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {bad}; training stopped "
+                        f"and the parameters are those before that batch. Try a smaller learning rate (lr={opt.lr:g}).")
+                metrics = {"loss": total / n}
                 if self.network.loss.task != "regression":
-                    metrics["val_accuracy"] = val_acc
-            history.record(epoch, **metrics)
+                    metrics["accuracy"] = self._accuracy(n, correct)
+                if val is not None:
+                    val_loss, val_acc = self.evaluate(*val)
+                    metrics["val_loss"] = val_loss
+                    if self.network.loss.task != "regression":
+                        metrics["val_accuracy"] = val_acc
+                metrics["lr"] = opt.lr
+                history.record(epoch, **metrics)
+                self.history.record(epoch, **metrics)
+                self.epoch = epoch + 1
+                if self.schedule is not None:
+                    self.schedule.observe(epoch, metrics)
+                for cb in callbacks:
+                    stop = cb.on_epoch_end(self, epoch, metrics) or stop
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+                    bar.update(1)
+                if stop:
+                    break
+        finally:
             if bar is not None:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
+        for cb in callbacks:
+            cb.on_train_end(self)
         return history
+
+    def save(self, path) -> Path:
+        """Write a checkpoint (see :mod:`symbp.checkpoint`); returns its path."""
+        from . import checkpoint
+
+        return checkpoint.save(self, path)
 
     def __repr__(self) -> str:
         return f"Model({self.network!r}, dtype={self.dtype.name}, source={self.source_path.name})"
@@ -292,3 +399,40 @@ def compile(  # noqa: A001 - the public name the API promises
 
     module = cache.load_or_generate(path, generate)
     return Model(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)))
+
+
+def load(path, cache_dir: str | os.PathLike | None = None) -> Model:
+    """Rebuild a model saved with :meth:`Model.save`: spec, parameters, optimizer and its
+    state, schedule, epoch counter and history.  A damaged file is refused (ValueError)."""
+    from . import checkpoint
+    from .optim import optimizer_from_config
+    from .schedules import schedule_from_config
+
+    meta, arrays = checkpoint.read(path)
+    try:
+        net = Network.from_config(meta["network"])
+        model = compile(net, dtype=meta["dtype"], seed=None, cache_dir=cache_dir)
+        for name, shape in net.param_shapes().items():
+            arr = arrays[f"param/{name}"]
+            if arr.shape != shape:
+                raise ValueError(f"parameter {name} has shape {arr.shape}, the spec needs {shape}")
+            model.params[name] = np.ascontiguousarray(arr, dtype=model.dtype)
+        if meta["optimizer"] is not None:
+            opt_cfg = dict(meta["optimizer"])
+            step = int(opt_cfg.pop("step"))
+            opt = optimizer_from_config(opt_cfg)
+            opt.step = step
+            for key, arr in arrays.items():
+                if key.startswith("state/"):
+                    _, pname, sname = key.split("/", 2)
+                    opt.state.setdefault(pname, {})[sname] = np.ascontiguousarray(arr, dtype=model.dtype)
+            model.optimizer = opt
+        if meta["schedule"] is not None:
+            model.schedule = schedule_from_config(meta["schedule"])
+        model.base_lr = meta["base_lr"]
+        model.epoch = int(meta["epoch"])
+        model.history.epoch = list(meta["history"]["epoch"])
+        model.history.history = {k: list(v) for k, v in meta["history"]["metrics"].items()}
+    except KeyError as err:
+        raise ValueError(f"checkpoint {path} lacks {err}") from None
+    return model

@@ -31,9 +31,6 @@ class sigmoid(sp.Function):  # noqa: N801 - SymPy function classes print by clas
     def _pretty(self, printer):
         return printer._print_Function(self, func_name="σ")
 
-    def _sympystr(self, printer):
-        return "σ(%s)" % printer._print(self.args[0])
-
 
 class softplus(sp.Function):  # noqa: N801
     """softplus(z) = log(1 + e^z); softplus′ = σ."""

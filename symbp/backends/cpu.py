@@ -88,6 +88,7 @@ class NumbaPrinter(PythonCodePrinter):
         self.names = names
         self.helpers_used: set[str] = set()
         self.extents: dict = {}
+        self.counter = 0  # numbers the hoisted loop invariants
 
     def lit(self, value) -> str:
         text = repr(float(value))
@@ -205,9 +206,9 @@ def emit(step, printer: NumbaPrinter) -> list[str]:
 def _(step: Gemm, printer: NumbaPrinter) -> list[str]:
     a, b, out = printer.array(step.a), printer.array(step.b), printer.array(step.out)
     alpha, beta = printer.doprint(step.alpha), printer.doprint(step.beta)
-    lhs = f"{out}[p, q] = {'' if step.beta == 0 else f'{beta}*{out}[p, q] + '}"
+    lhs = f"{out}[p, q] = {'' if step.beta == 0 else f'({beta})*{out}[p, q] + '}"
     return [
-        f"# {lhs}{'' if step.alpha == 1 else f'{alpha}*'}{step.formula}",
+        f"# {lhs}{'' if step.alpha == 1 else f'({alpha})*'}{step.formula}",
         f"gemm({a}, {step.ta}, {b}, {step.tb}, {out}, {alpha}, {beta}, scal)",
     ]
 
@@ -217,25 +218,52 @@ def _extent(printer: NumbaPrinter, extent: sp.Expr) -> str:
     return printer.extents.get(extent, str(extent))
 
 
+def _hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter) -> tuple[list[str], list[sp.Expr]]:
+    """Move the loop-invariant parts (lr/(1 − β₁ᵗ), …) out of a loop nest.
+
+    Each maximal subexpression that reads no array and no loop index is computed once,
+    before the loops, in the module's float type.
+    """
+    found: dict = {}
+
+    def visit(e):
+        if e.is_Atom or isinstance(e, (sp.Indexed, sp.Idx)):
+            return e
+        hoistable = isinstance(e, sp.Expr) and not isinstance(e, sp.logic.boolalg.Boolean)
+        if hoistable and not (e.free_symbols & indices) and not e.atoms(sp.Indexed):
+            if e not in found:
+                found[e] = sp.Symbol(f"c{printer.counter}")
+                printer.counter += 1
+            return found[e]
+        return e.func(*[visit(arg) for arg in e.args])
+
+    out = [visit(e) for e in exprs]
+    ft = "np.float32" if printer.dtype == "float32" else "np.float64"
+    return [f"{sym} = {ft}({printer.doprint(e)})" for e, sym in found.items()], out
+
+
 @emit.register
 def _(step: Loop, printer: NumbaPrinter) -> list[str]:
     # A later statement that reads an earlier target sees that target's expression, so CSE
     # shares it (z = t + b; a = tanh(z) computes t + b once) and memory is read only as it
     # was when the nest began: running sums see old values, as an update's penalty must.
+    # Targets that are plain symbols are named intermediates: inlined, never stored.
     value_of = {}
-    exprs = []
+    stored = []
     for target, expr in step.stmts:
         expr = expr.xreplace(value_of)
-        exprs.append(expr)
         value_of[target] = expr
-    sums = [e for _, e in step.sums]
-    lines, printed = _cse_lines(printer, sums + exprs)
+        if isinstance(target, sp.Indexed):
+            stored.append((target, expr))
+    indices = {idx for idx, _ in step.ranges}
+    hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
+    lines, printed = _cse_lines(printer, exprs)
     body = list(lines)
     for (acc, _), text in zip(step.sums, printed):
         body.append(f"{acc} += {text}")
-    for (target, _), text in zip(step.stmts, printed[len(step.sums):]):
+    for (target, _), text in zip(stored, printed[len(step.sums):]):
         body.append(f"{printer._print(target)} = {text}")
-    out, indent = [], ""
+    out, indent = list(hoisted), ""
     for idx, extent in step.ranges:
         out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
         indent += "    "

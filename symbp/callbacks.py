@@ -1,0 +1,79 @@
+"""Callbacks run by :meth:`symbp.Model.fit` after each epoch."""
+
+from __future__ import annotations
+
+import math
+
+
+class Callback:
+    def on_epoch_end(self, model, epoch: int, metrics: dict) -> bool:
+        """Return True to stop training."""
+        return False
+
+    def on_train_end(self, model) -> None:
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    With ``restore_best_weights`` the parameters of the best epoch are put back at the end
+    (Keras's semantics).
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "auto",
+                 restore_best_weights: bool = False) -> None:
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
+            raise ValueError(f"EarlyStopping: patience must be a whole number >= 0, got {patience!r}")
+        if not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
+            raise ValueError(f"EarlyStopping: min_delta must be a number >= 0, got {min_delta!r}")
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
+        self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, float(min_delta), mode
+        self.restore_best_weights = bool(restore_best_weights)
+        self.best = None
+        self.best_epoch = None
+        self.best_params = None
+        self.wait = 0
+        self.stopped_epoch = None
+
+    def on_epoch_end(self, model, epoch: int, metrics: dict) -> bool:
+        if self.monitor not in metrics:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this fit does not record "
+                             f"(it records {', '.join(metrics)}); pass validation_data for val_* metrics")
+        value = metrics[self.monitor]
+        improved = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)
+        if improved:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_params = {k: v.copy() for k, v in model.params.items()}
+            return False
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def on_train_end(self, model) -> None:
+        if self.restore_best_weights and self.best_params is not None:
+            for k, v in self.best_params.items():
+                model.params[k][...] = v
+
+
+class ModelCheckpoint(Callback):
+    """Save the model after every epoch (or only when ``monitor`` improves)."""
+
+    def __init__(self, path, monitor: str | None = None, mode: str = "min") -> None:
+        self.path, self.monitor, self.mode, self.best = path, monitor, mode, None
+
+    def on_epoch_end(self, model, epoch: int, metrics: dict) -> bool:
+        if self.monitor is not None:
+            value = metrics[self.monitor]
+            if self.best is not None and not (value < self.best if self.mode == "min" else value > self.best):
+                return False
+            self.best = value
+        model.save(self.path)
+        return False

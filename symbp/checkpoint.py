@@ -1,0 +1,101 @@
+"""Checkpoints: one ``.npz`` file that runs no code when read.
+
+It holds the parameters and the optimizer's state as arrays, and one more array ``meta``:
+UTF-8 JSON with the network spec, dtype, epoch counter, optimizer (kind, hyper-parameters,
+step), schedule, history, and a SHA-256 over the JSON and every array.  Reading uses
+``allow_pickle=False``; a truncated, edited or otherwise damaged file is refused with a
+message saying so.  Writing goes to a temporary file in the same folder, then
+``os.replace``: a crash mid-save leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ._version import __version__
+
+FORMAT = "symbp-checkpoint-1"
+
+
+def _digest(meta: dict, arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for key in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{arr.dtype.str}|{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save(model, path) -> Path:
+    """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    opt = model.optimizer
+    if opt is not None:
+        for pname, states in opt.state.items():
+            for sname, arr in states.items():
+                arrays[f"state/{pname}/{sname}"] = arr
+    meta = {
+        "format": FORMAT,
+        "symbp": __version__,
+        "network": model.network.to_config(),
+        "dtype": model.dtype.name,
+        "epoch": model.epoch,
+        "optimizer": None if opt is None else {**opt.to_config(), "step": opt.step},
+        "schedule": None if model.schedule is None else model.schedule.to_config(),
+        "base_lr": model.base_lr,
+        "history": {"epoch": model.history.epoch, "metrics": model.history.history},
+    }
+    meta["sha256"] = _digest(meta, arrays)
+    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, meta=blob, **arrays)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ValueError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The verified metadata and arrays of a checkpoint; ValueError if it is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise ValueError(f"checkpoint {path} is damaged or not a symbp checkpoint (cannot read it: {err})") from None
+    if "meta" not in arrays:
+        raise ValueError(f"checkpoint {path} is not a symbp checkpoint (no metadata)")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {path} has damaged metadata: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not in the {FORMAT} format")
+    expected = meta.pop("sha256", None)
+    if expected != _digest(meta, arrays):
+        raise ValueError(f"checkpoint {path} failed its integrity check: its content was changed or damaged")
+    return meta, arrays

@@ -1,0 +1,708 @@
+"""One notation, three printers: Unicode text, LaTeX and presentation MathML.
+
+Everything :mod:`symbp.explain`, :mod:`symbp.walkthrough` and :mod:`symbp.report` show is a
+SymPy expression taken from a :class:`~symbp.derive.Derivation`; the printers here only
+choose how it reads.  Each subclasses one of SymPy's printers and adds the same handful of
+``_print_<Class>`` methods, so a symbol reads alike in all three:
+
+=====================  ===================  ==========================  =========================
+SymPy object           text                 LaTeX                       MathML
+=====================  ===================  ==========================  =========================
+``W1[i, j]``           ``W1[i,j]``          ``W^{(1)}_{ij}``            W with ⁽¹⁾ and ᵢⱼ
+``delta2[n, p]``       ``δ2[n,p]``          ``\\delta^{(2)}_{np}``       δ with ⁽²⁾ and ₙₚ
+``Sum(f, (j, 0, d-1))``  ``Σ_j f``          ``\\sum_{j=0}^{d_0-1} f``    ∑ with both limits
+``KroneckerDelta(i,p)``  ``δ_ip``           ``\\delta_{ip}``             δ with ᵢₚ
+``Heaviside(z, 0)``    ``H(z)``             ``H(z)``                    H(z)
+``Partial(C, W[p,q])``   ``∂C/∂W[p,q]``     ``\\frac{\\partial C}{…}``    a fraction of ∂s
+=====================  ===================  ==========================  =========================
+
+The few nodes defined here (:class:`Partial`, :class:`Prime`, :class:`Pre`, :class:`Vec`,
+:class:`MatVec`, :class:`Outer`) are labels and vector-form notation: they are printed,
+never differentiated or evaluated.  :func:`arrange` orders the terms of sums and the
+factors of products the way a textbook writes them (``Σ_j W[i,j]·x[n,j] + b[i]``,
+``a·(1 − a)``, ``y − t``) without changing the expression's value.
+"""
+
+from __future__ import annotations
+
+import re
+from xml.dom.minidom import Element
+
+import sympy as sp
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.mathml import MathMLPresentationPrinter
+from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.str import StrPrinter
+
+__all__ = [
+    "MathMLPrinter", "LatexPrinter_", "MatVec", "Outer", "Partial", "Pre", "Prime", "TextPrinter", "Vec",
+    "arrange", "latex", "mathml", "text",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Notation nodes
+# --------------------------------------------------------------------------------------------
+class _Node(sp.Expr):
+    """An unevaluated, commutative notation node (printed, never simplified)."""
+
+    is_commutative = True
+
+    def __new__(cls, *args, **kwargs):  # evaluate= and friends are accepted and ignored
+        return sp.Expr.__new__(cls, *map(sp.sympify, args))
+
+    def _eval_is_extended_real(self):
+        return True
+
+
+class Partial(_Node):
+    """∂f/∂x as a label: ``Partial(C, W1[p, q])`` prints ∂C/∂W1[p,q]."""
+
+
+class Prime(_Node):
+    """f′(arg): ``Prime(Symbol("sigma"), z)`` prints σ′(z); the name is a Symbol."""
+
+
+class Pre(_Node):
+    """The pre-activation of a named unit: ``Pre(h_1)`` prints z_h₁."""
+
+
+class Vec(_Node):
+    """A layer's quantity as a whole vector or matrix (vector form): ``Vec(Symbol("delta1"))``
+    prints δ1; with a sample index, ``Vec(Symbol("x"), n)`` prints x[n] (one sample's vector)."""
+
+    @property
+    def label(self) -> str:
+        return self.args[0].name
+
+    @property
+    def sample(self):
+        return self.args[1] if len(self.args) > 1 else None
+
+
+class MatVec(_Node):
+    """``MatVec(M, v, 1)`` prints Mᵀ·v (``0``: M·v)."""
+
+
+class Outer(_Node):
+    """``Outer(u, v)`` prints u·vᵀ."""
+
+
+_TENSOR_NODES = (Vec, MatVec, Outer)
+
+
+def is_tensor(expr) -> bool:
+    """True for a vector/matrix-valued expression of the vector form."""
+    return isinstance(expr, sp.Basic) and expr.has(*_TENSOR_NODES)
+
+
+# --------------------------------------------------------------------------------------------
+# Textbook order of terms and factors
+# --------------------------------------------------------------------------------------------
+_SCALAR_NAMES = re.compile(r"^(N|lambda|d_\d+|eta|lr)$")
+
+
+def _weight(term) -> int:
+    """How many tensor quantities a term involves: more goes first (Σ W·x before b)."""
+    count = 0
+    for node in sp.preorder_traversal(term):
+        if isinstance(node, (sp.Indexed, Vec, Pre, Partial)):
+            count += 1
+        elif isinstance(node, sp.Symbol) and not _SCALAR_NAMES.match(node.name):
+            count += 1
+    return count
+
+
+def _negative(term) -> bool:
+    return term.is_Number and term < 0 or (term.is_Mul and term.args[0].is_Number and term.args[0] < 0)
+
+
+def _factor_rank(f) -> float:
+    if f.is_Number:
+        return 0
+    if f.is_Pow and f.exp.is_Number and f.exp < 0:
+        return 9  # denominators: printed below the line wherever they stand
+    base = f.base if f.is_Pow else f
+    if isinstance(base, sp.Symbol):
+        return 1 if _SCALAR_NAMES.match(base.name) else 2
+    if isinstance(base, (sp.Indexed, Vec, Pre)):
+        return 2
+    if isinstance(base, (Partial, Prime)):
+        return 3
+    if isinstance(base, sp.Function):
+        return 3
+    if isinstance(base, sp.Add):
+        return 4
+    return 5  # sums, matrix products: last, so that nothing follows them ambiguously
+
+
+def arrange(expr):
+    """``expr`` with sums and products rebuilt, unevaluated, in textbook order.
+
+    Terms: positive before negative, then the one with more tensor quantities first
+    (``Σ_j W[i,j]·x[n,j] + b[i]``, ``1 − a²``, ``y − t``).  Factors: numbers, scalar
+    symbols, quantities, functions, parenthesised sums, then Σs.  Ties keep SymPy's order.
+    Print the result with ``order="none"`` (the printers here do).
+    """
+    if not isinstance(expr, sp.Basic) or expr.is_Atom or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
+        return expr
+    args = [arrange(a) for a in expr.args]
+    if isinstance(expr, sp.Add):
+        base = sp.Add(*args).as_ordered_terms() if len(args) == len(expr.args) else args
+        base = [arrange(t) for t in base]
+        ordered = sorted(base, key=lambda t: (_negative(t), -_weight(t)))
+        return sp.Add._from_args(ordered)
+    if isinstance(expr, sp.Mul):
+        ordered = sorted(args, key=_factor_rank)
+        return sp.Mul._from_args(ordered)
+    try:
+        return expr.func(*args, evaluate=False)
+    except TypeError:
+        return expr.func(*args)
+
+
+def _negate(term):
+    """−term, keeping the arranged order of a product."""
+    if term.is_Mul and term.args[0].is_Number:
+        c, rest = -term.args[0], list(term.args[1:])
+        if c == 1:
+            return rest[0] if len(rest) == 1 else sp.Mul._from_args(rest)
+        return sp.Mul._from_args([c] + rest)
+    return -term
+
+
+def _mul_parts(expr) -> tuple[bool, list, list]:
+    """(negative, numerator factors, denominator factors) of a product, order kept."""
+    factors = list(expr.args)
+    negative = False
+    if factors and factors[0].is_Number and factors[0] < 0:
+        negative = True
+        factors[0] = -factors[0]
+    numer, denom = [], []
+    for f in factors:
+        if f is sp.S.One:
+            continue
+        if f.is_Rational and not f.is_Integer:
+            if f.p != 1:
+                numer.append(sp.Integer(f.p))
+            denom.append(sp.Integer(f.q))
+        elif f.is_Pow and f.exp.is_Number and f.exp < 0:
+            denom.append(f.base if f.exp == -1 else sp.Pow(f.base, -f.exp, evaluate=False))
+        else:
+            numer.append(f)
+    return negative, numer, denom
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+_LAYERED = re.compile(r"^(delta|W|b|z|a)(\d+)$")
+_SUBSCRIPTED = re.compile(r"^([A-Za-z]+)_(\d+)$")
+_SUB = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+_SUP = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+_UNICODE = {"delta": "δ", "lambda": "λ", "ell": "ℓ", "sigma": "σ", "eta": "η"}
+_LATEX = {"delta": r"\delta", "lambda": r"\lambda", "ell": r"\ell", "sigma": r"\sigma", "eta": r"\eta",
+          "softmax": r"\operatorname{softmax}", "tanh": r"\tanh"}
+_ACTIVATION_NAMES = {"sigmoid": "sigma"}  # activation name -> the letter its derivative reads with
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """``"delta2"`` → ``("delta", 2)``; ``"x"`` → ``("x", None)``."""
+    m = _LAYERED.match(label)
+    return (m.group(1), int(m.group(2))) if m else (label, None)
+
+
+def _label_of(base) -> str:
+    return str(base.label) if isinstance(base, sp.IndexedBase) else str(base)
+
+
+# --------------------------------------------------------------------------------------------
+# Unicode text
+# --------------------------------------------------------------------------------------------
+class TextPrinter(StrPrinter):
+    """Compact Unicode: ``Σ_j W1[i,j]·x[n,j] + b1[i]``, ``δ2[n,p]``, ``d₁``, ``a1[n,p]²``."""
+
+    printmethod = "_symbp_text"  # not _sympystr: Indexed's own would bypass the methods below
+    _default_settings = {**StrPrinter._default_settings, "order": "none"}
+
+    def doprint(self, expr):
+        return super().doprint(arrange(sp.sympify(expr)))
+
+    def _print_Symbol(self, expr):
+        name = expr.name
+        if name in _UNICODE:
+            return _UNICODE[name]
+        m = _SUBSCRIPTED.match(name)
+        if m:
+            return _UNICODE.get(m.group(1), m.group(1)) + m.group(2).translate(_SUB)
+        return name
+
+    def _print_IndexedBase(self, expr):
+        name, layer = split_label(_label_of(expr))
+        return _UNICODE.get(name, name) + ("" if layer is None else str(layer))
+
+    def _print_Indexed(self, expr):
+        base = self._print(expr.base)
+        if _label_of(expr.base) == "ell" and len(expr.indices) == 1:
+            return "%s_%s" % (base, self._print(expr.indices[0]))
+        return "%s[%s]" % (base, ",".join(self._print(i) for i in expr.indices))
+
+    def _print_Sum(self, expr):
+        idx = ",".join(self._print(lim[0]) for lim in reversed(expr.limits))
+        return "Σ_%s %s" % (idx, self.parenthesize(expr.function, PRECEDENCE["Mul"], strict=True))
+
+    def _print_Add(self, expr, order=None):
+        terms = list(expr.args)
+        out = [self.parenthesize(terms[0], PRECEDENCE["Add"], strict=True)]
+        for term in terms[1:]:
+            if _negative(term):
+                out.append("- " + self.parenthesize(_negate(term), PRECEDENCE["Add"]))
+            else:
+                out.append("+ " + self.parenthesize(term, PRECEDENCE["Add"], strict=True))
+        return " ".join(out)
+
+    def _product(self, factors) -> str:
+        scalars = [f for f in factors if not is_tensor(f)]
+        tensors = [f for f in factors if is_tensor(f)]
+        parts = [self.parenthesize(f, PRECEDENCE["Mul"], strict=True) for f in scalars]
+        if len(tensors) > 1:
+            parts.append(" ⊙ ".join(self.parenthesize(f, PRECEDENCE["Mul"]) for f in tensors))
+        else:
+            parts += [self.parenthesize(f, PRECEDENCE["Mul"], strict=True) for f in tensors]
+        return "·".join(parts)
+
+    def _print_Mul(self, expr):
+        negative, numer, denom = _mul_parts(expr)
+        text = self._product(numer) if numer else "1"
+        if denom:
+            below = self._product(denom)
+            if len(denom) > 1 or denom[0].is_Add or (denom[0].is_Mul):
+                below = "(" + below + ")"
+            text = text + "/" + below
+        return ("-" if negative else "") + text
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.args
+        if e.is_Integer and int(e) < 0:
+            return self._print_Mul(sp.Mul._from_args([sp.Pow(base, -e, evaluate=False) ** -1])) if e != -1 else (
+                "1/" + self.parenthesize(base, PRECEDENCE["Pow"], strict=False))
+        b = self.parenthesize(base, PRECEDENCE["Pow"], strict=False)
+        if isinstance(base, (sp.Function, sp.Indexed)) or base.is_Atom:
+            b = self._print(base)
+        if e.is_Integer and 1 < int(e) < 10:
+            return b + str(int(e)).translate(_SUP)
+        if e == sp.S.Half:
+            return "√(%s)" % self._print(base)
+        return "%s^%s" % (b, self.parenthesize(e, PRECEDENCE["Pow"], strict=False))
+
+    def _print_sigmoid(self, expr):
+        return "σ(%s)" % self._print(expr.args[0])
+
+    def _print_Heaviside(self, expr):
+        return "H(%s)" % self._print(expr.args[0])
+
+    def _print_KroneckerDelta(self, expr):
+        return "δ_%s%s" % tuple(self._print(a) for a in expr.args)
+
+    def _print_Piecewise(self, expr):
+        parts = [f"{self._print(e)} if {self._print(c)}" for e, c in expr.args[:-1]]
+        return "{" + "; ".join(parts + [f"{self._print(expr.args[-1].expr)} otherwise"]) + "}"
+
+    def _print_Partial(self, expr):
+        f, x = expr.args
+        wrap = (lambda e: "(%s)" % self._print(e)) if False else self._print
+        return "∂%s/∂%s" % (self.parenthesize(f, PRECEDENCE["Pow"]) if f.is_Add else wrap(f), self._print(x))
+
+    def _print_Prime(self, expr):
+        name, arg = expr.args
+        return "%s′(%s)" % (self._print(name), self._print(arg))
+
+    def _print_Pre(self, expr):
+        return "z_" + self._print(expr.args[0])
+
+    def _print_Vec(self, expr):
+        name = self._print_IndexedBase(sp.IndexedBase(expr.label))
+        return name if expr.sample is None else "%s[%s]" % (name, self._print(expr.sample))
+
+    def _print_MatVec(self, expr):
+        m, v, t = expr.args
+        return "%s%s·%s" % (self._print(m), "ᵀ" if t else "", self.parenthesize(v, PRECEDENCE["Mul"], strict=True))
+
+    def _print_Outer(self, expr):
+        u, v = expr.args
+        return "%s·%sᵀ" % (self._print(u), self._print(v))
+
+
+# --------------------------------------------------------------------------------------------
+# LaTeX
+# --------------------------------------------------------------------------------------------
+def _latex_name(name: str) -> str:
+    if name in _LATEX:
+        return _LATEX[name]
+    if len(name) == 1:
+        return name
+    return r"\operatorname{%s}" % name.replace("_", r"\_")
+
+
+class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with symbp's notation
+    r"""LaTeX in textbook notation: ``W^{(1)}_{ij}``, ``\delta^{(2)}_{np}``, ``\sigma'(z)``."""
+
+    _default_settings = {**LatexPrinter._default_settings, "order": "none"}
+
+    def doprint(self, expr):
+        return super().doprint(arrange(sp.sympify(expr)))
+
+    def _indices(self, indices) -> str:
+        printed = [self._print(i) for i in indices]
+        single = all(isinstance(i, sp.Symbol) and len(i.name) == 1 for i in indices)
+        return ("" if single else ",").join(printed)
+
+    def _print_IndexedBase(self, expr, sample=None):
+        name, layer = split_label(_label_of(expr))
+        out = _latex_name(name)
+        return out if layer is None else "%s^{(%d)}" % (out, layer)
+
+    def _print_Indexed(self, expr):
+        base = self._print_IndexedBase(expr.base)
+        return "%s_{%s}" % (base, self._indices(expr.indices))
+
+    def _print_Symbol(self, expr, style="plain"):
+        if expr.name in _LATEX:
+            return _LATEX[expr.name]
+        return super()._print_Symbol(expr, style=style)
+
+    def _print_Add(self, expr, order=None):
+        terms = list(expr.args)
+        out = [self._print(terms[0])]
+        for term in terms[1:]:
+            if _negative(term):
+                out.append("- " + self.parenthesize(_negate(term), PRECEDENCE["Add"]))
+            else:
+                out.append("+ " + self.parenthesize(term, PRECEDENCE["Add"], strict=True))
+        return " ".join(out)
+
+    def _product(self, factors) -> str:
+        scalars = [f for f in factors if not is_tensor(f)]
+        tensors = [f for f in factors if is_tensor(f)]
+        parts = []
+        for pos, f in enumerate(scalars):
+            text = self.parenthesize(f, PRECEDENCE["Mul"], strict=True)
+            if pos and f.is_Number:
+                parts.append(r"\cdot")
+            parts.append(text)
+        if len(tensors) > 1:
+            parts.append(r" \odot ".join(self.parenthesize(f, PRECEDENCE["Mul"]) for f in tensors))
+        else:
+            parts += [self.parenthesize(f, PRECEDENCE["Mul"], strict=True) for f in tensors]
+        return " ".join(parts)
+
+    def _print_Mul(self, expr):
+        negative, numer, denom = _mul_parts(expr)
+        text = self._product(numer) if numer else "1"
+        if denom:
+            text = r"\frac{%s}{%s}" % (text, self._product(denom))
+        return ("- " if negative else "") + text
+
+    def _print_Pow(self, expr):
+        base, e = expr.args
+        if e.is_Number and e < 0:
+            return self._print_Mul(sp.Mul._from_args([expr]))
+        if isinstance(base, sp.Function) and e.is_Integer:
+            return r"%s^{%s}" % (self.parenthesize(base, PRECEDENCE["Pow"], strict=True), self._print(e))
+        return super()._print_Pow(expr)
+
+    def _print_Sum(self, expr):
+        tex = ""
+        for var, lo, hi in reversed(expr.limits):
+            tex += r"\sum_{%s=%s}^{%s} " % (self._print(var), self._print(lo), self._print(hi))
+        return tex + self.parenthesize(expr.function, PRECEDENCE["Mul"], strict=True)
+
+    def _print_sigmoid(self, expr, exp=None):
+        tex = r"\sigma\left(%s\right)" % self._print(expr.args[0])
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
+
+    def _print_Heaviside(self, expr, exp=None):
+        tex = r"H\left(%s\right)" % self._print(expr.args[0])
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
+
+    def _print_Function(self, expr, exp=None):
+        name = type(expr).__name__
+        if hasattr(self, "_print_" + name) or name in ("exp", "log", "tanh", "cosh", "sinh", "sin", "cos", "tan"):
+            return super()._print_Function(expr, exp)
+        args = ", ".join(self._print(a) for a in expr.args)
+        tex = r"%s\left(%s\right)" % (_latex_name(name), args)
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
+
+    def _print_KroneckerDelta(self, expr, exp=None):
+        return r"\delta_{%s}" % self._indices(expr.args)
+
+    def _print_Piecewise(self, expr):
+        rows = [r"%s & \text{if } %s" % (self._print(e), self._print(c)) for e, c in expr.args[:-1]]
+        rows.append(r"%s & \text{otherwise}" % self._print(expr.args[-1].expr))
+        return r"\begin{cases} %s \end{cases}" % r" \\ ".join(rows)
+
+    def _print_Partial(self, expr):
+        f, x = expr.args
+        return r"\frac{\partial %s}{\partial %s}" % (self.parenthesize(f, PRECEDENCE["Mul"], strict=True), self._print(x))
+
+    def _print_Prime(self, expr):
+        name, arg = expr.args
+        return r"%s'\left(%s\right)" % (_latex_name(name.name), self._print(arg))
+
+    def _print_Pre(self, expr):
+        return "z_{%s}" % self._print(expr.args[0])
+
+    def _print_Vec(self, expr, transpose=False):
+        name, layer = split_label(expr.label)
+        sup = ([f"({layer})"] if layer is not None else []) + ([r"\top"] if transpose else [])
+        out = _latex_name(name)
+        if expr.sample is not None:
+            out += "_{%s}" % self._print(expr.sample)
+        return out + ("^{%s}" % " ".join(sup) if sup else "")
+
+    def _print_MatVec(self, expr):
+        m, v, t = expr.args
+        left = self._print_Vec(m, transpose=bool(t)) if isinstance(m, Vec) else self._print(m)
+        return "%s %s" % (left, self.parenthesize(v, PRECEDENCE["Mul"], strict=True))
+
+    def _print_Outer(self, expr):
+        u, v = expr.args
+        right = self._print_Vec(v, transpose=True) if isinstance(v, Vec) else r"\left(%s\right)^{\top}" % self._print(v)
+        return "%s %s" % (self._print(u), right)
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation MathML
+# --------------------------------------------------------------------------------------------
+class MathMLPrinter(MathMLPresentationPrinter):
+    """Presentation MathML (browsers render it natively) in the same notation as
+    :class:`LatexPrinter_`: ``<msubsup>`` for W⁽¹⁾ᵢⱼ, ``<munderover>`` for Σ with limits."""
+
+    _default_settings = {**MathMLPresentationPrinter._default_settings, "order": "none"}
+
+    def doprint(self, expr):
+        return super().doprint(arrange(sp.sympify(expr)))
+
+    # -- helpers -----------------------------------------------------------------------
+    def _el(self, tag: str, *children, text: str | None = None, **attrs) -> Element:
+        el = self.dom.createElement(tag)
+        for key, value in attrs.items():
+            el.setAttribute(key, value)
+        if text is not None:
+            el.appendChild(self.dom.createTextNode(text))
+        for child in children:
+            el.appendChild(child)
+        return el
+
+    def _row(self, *children) -> Element:
+        return self._el("mrow", *children)
+
+    def _mo(self, text: str, **attrs) -> Element:
+        return self._el("mo", text=text, **attrs)
+
+    def _mi(self, text: str, **attrs) -> Element:
+        return self._el("mi", text=text, **attrs)
+
+    def _parens(self, inner: Element) -> Element:
+        return self._row(self._mo("("), inner, self._mo(")"))
+
+    def _name(self, name: str) -> Element:
+        if name in _UNICODE:
+            return self._mi(_UNICODE[name])
+        if len(name) == 1:
+            return self._mi(name)
+        return self._mi(name, mathvariant="normal")
+
+    def _layered(self, label: str, sub: Element | None = None, extra_sup: str | None = None) -> Element:
+        name, layer = split_label(label)
+        base = self._name(name)
+        sup = None
+        if layer is not None or extra_sup:
+            sup_children = []
+            if layer is not None:
+                sup_children.append(self._row(self._mo("("), self._el("mn", text=str(layer)), self._mo(")")))
+            if extra_sup:
+                sup_children.append(self._mo(extra_sup))
+            sup = self._row(*sup_children)
+        if sub is not None and sup is not None:
+            return self._el("msubsup", base, sub, sup)
+        if sub is not None:
+            return self._el("msub", base, sub)
+        if sup is not None:
+            return self._el("msup", base, sup)
+        return base
+
+    def _indices(self, indices) -> Element:
+        single = all(isinstance(i, sp.Symbol) and len(i.name) == 1 for i in indices)
+        children = []
+        for pos, i in enumerate(indices):
+            if pos and not single:
+                children.append(self._mo(",", separator="true"))
+            children.append(self._print(i))
+        return children[0] if len(children) == 1 else self._row(*children)
+
+    def _paren(self, expr, level: int, strict: bool = True) -> Element:
+        prec = precedence(expr)
+        if prec < level or (not strict and prec <= level):
+            return self._parens(self._print(expr))
+        return self._print(expr)
+
+    # -- symbols and indexed quantities ------------------------------------------------
+    def _print_Symbol(self, sym, style="plain"):
+        m = _SUBSCRIPTED.match(sym.name)
+        if m:
+            return self._el("msub", self._name(m.group(1)), self._el("mn", text=m.group(2)))
+        if sym.name in _UNICODE:
+            return self._mi(_UNICODE[sym.name])
+        return super()._print_Symbol(sym, style=style)
+
+    def _print_IndexedBase(self, expr):
+        return self._layered(_label_of(expr))
+
+    def _print_Indexed(self, expr):
+        return self._layered(_label_of(expr.base), sub=self._indices(expr.indices))
+
+    # -- arithmetic --------------------------------------------------------------------
+    def _print_Add(self, expr, order=None):
+        terms = list(expr.args)
+        row = self._row(self._print(terms[0]))
+        for term in terms[1:]:
+            if _negative(term):
+                row.appendChild(self._mo("−"))
+                row.appendChild(self._paren(_negate(term), PRECEDENCE["Add"], strict=False))
+            else:
+                row.appendChild(self._mo("+"))
+                row.appendChild(self._paren(term, PRECEDENCE["Add"]))
+        return row
+
+    def _product(self, factors) -> Element:
+        scalars = [f for f in factors if not is_tensor(f)]
+        tensors = [f for f in factors if is_tensor(f)]
+        row = self._row()
+        for pos, f in enumerate(scalars):
+            if pos:
+                row.appendChild(self._mo("·" if f.is_Number else "\u2062"))
+            row.appendChild(self._paren(f, PRECEDENCE["Mul"]))
+        for pos, f in enumerate(tensors):
+            if pos or scalars:
+                row.appendChild(self._mo("⊙" if pos else "\u2062"))
+            row.appendChild(self._paren(f, PRECEDENCE["Mul"], strict=len(tensors) == 1))
+        return row
+
+    def _print_Mul(self, expr):
+        negative, numer, denom = _mul_parts(expr)
+        body = self._product(numer) if numer else self._el("mn", text="1")
+        if denom:
+            body = self._el("mfrac", body, self._product(denom))
+        return self._row(self._mo("−"), body) if negative else body
+
+    def _print_Pow(self, e):
+        base, exp = e.args
+        if exp.is_Number and exp < 0:
+            return self._print_Mul(sp.Mul._from_args([e]))
+        if exp == sp.S.Half:
+            return self._el("msqrt", self._print(base))
+        return self._el("msup", self._paren(base, PRECEDENCE["Pow"], strict=False), self._print(exp))
+
+    def _print_Rational(self, e):
+        if e.q == 1:
+            return self._el("mn", text=str(e.p))
+        frac = self._el("mfrac", self._el("mn", text=str(abs(e.p))), self._el("mn", text=str(e.q)))
+        return self._row(self._mo("−"), frac) if e.p < 0 else frac
+
+    def _print_Sum(self, e):
+        row = self._row()
+        for var, lo, hi in reversed(e.limits):
+            under = self._row(self._print(var), self._mo("="), self._print(lo))
+            row.appendChild(self._el("munderover", self._mo("∑"), under, self._print(hi)))
+        row.appendChild(self._paren(e.function, PRECEDENCE["Mul"]))
+        return row
+
+    # -- functions ---------------------------------------------------------------------
+    def _call(self, name: Element, *args) -> Element:
+        inner = self._row()
+        for pos, a in enumerate(args):
+            if pos:
+                inner.appendChild(self._mo(",", separator="true"))
+            inner.appendChild(self._print(a))
+        return self._row(name, self._mo("\u2061"), self._parens(inner))
+
+    def _print_Function(self, e):
+        return self._call(self._name(type(e).__name__), *e.args)
+
+    def _print_exp(self, e):
+        return self._el("msup", self._mi("e"), self._print(e.args[0]))
+
+    def _print_sigmoid(self, e):
+        return self._call(self._mi("σ"), e.args[0])
+
+    def _print_Heaviside(self, e):
+        return self._call(self._mi("H"), e.args[0])
+
+    def _print_KroneckerDelta(self, e):
+        return self._el("msub", self._mi("δ"), self._indices(e.args))
+
+    def _print_Piecewise(self, e):
+        table = self._el("mtable", columnalign="left")
+        for value, cond in e.args:
+            when = self._mi("otherwise", mathvariant="normal") if cond == sp.true else self._row(
+                self._mi("if", mathvariant="normal"), self._mo("\u2003"), self._print(cond))
+            table.appendChild(self._el("mtr", self._el("mtd", self._print(value)), self._el("mtd", when)))
+        return self._row(self._mo("{", stretchy="true"), table)
+
+    # -- notation nodes ----------------------------------------------------------------
+    def _print_Partial(self, e):
+        f, x = e.args
+        return self._el("mfrac", self._row(self._mo("∂"), self._paren(f, PRECEDENCE["Mul"])),
+                        self._row(self._mo("∂"), self._print(x)))
+
+    def _print_Prime(self, e):
+        name, arg = e.args
+        return self._call(self._row(self._name(name.name), self._mo("′")), arg)
+
+    def _print_Pre(self, e):
+        return self._el("msub", self._mi("z"), self._print(e.args[0]))
+
+    def _print_Vec(self, e, transpose=False):
+        sub = self._print(e.sample) if e.sample is not None else None
+        return self._layered(e.label, sub=sub, extra_sup="⊤" if transpose else None)
+
+    def _print_MatVec(self, e):
+        m, v, t = e.args
+        left = self._print_Vec(m, transpose=bool(t)) if isinstance(m, Vec) else self._print(m)
+        return self._row(left, self._mo("\u2062"), self._paren(v, PRECEDENCE["Mul"]))
+
+    def _print_Outer(self, e):
+        u, v = e.args
+        right = self._print_Vec(v, transpose=True) if isinstance(v, Vec) else self._el(
+            "msup", self._parens(self._print(v)), self._mo("⊤"))
+        return self._row(self._print(u), self._mo("\u2062"), right)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+def text(expr) -> str:
+    """``expr`` in compact Unicode text."""
+    return TextPrinter().doprint(expr)
+
+
+def latex(expr) -> str:
+    """``expr`` as LaTeX (math mode, ASCII only)."""
+    return LatexPrinter_().doprint(expr)
+
+
+def mathml(expr, display: str | None = None) -> str:
+    """``expr`` as presentation MathML; with ``display`` ("block" or "inline"), wrapped in
+    a ``<math>`` element ready for an HTML page."""
+    inner = MathMLPrinter().doprint(expr)
+    if display is None:
+        return inner
+    return f'<math xmlns="http://www.w3.org/1998/Math/MathML" display="{display}">{inner}</math>'
+
+
+def activation_letter(activation) -> sp.Symbol:
+    """The name f′ reads with: σ for sigmoid, tanh, relu, …; f for a custom formula."""
+    if getattr(activation, "custom", True):
+        return sp.Symbol("f")
+    return sp.Symbol(_ACTIVATION_NAMES.get(activation.name, activation.name))
