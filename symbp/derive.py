@@ -166,12 +166,25 @@ class Derivation:
             upstream = up.subs(q, p)
 
     # -- reading ---------------------------------------------------------------------
-    def explain(self) -> str:
-        """Plain-text explanation: per layer the forward formula, local derivatives, δ
-        recurrence and parameter gradients, with shapes."""
-        from .explain import explain_text
+    def explain(self, scalar: bool = False) -> str:
+        """Plain-text explanation: the forward pass, the loss, then from the output layer back
+        each layer's local derivatives, δ and parameter gradients, with shapes; ``scalar=True``
+        adds every neuron's formulas with named weights (small networks)."""
+        from .explain import build
 
-        return explain_text(self)
+        return build(self, scalar).text()
+
+    def latex(self, scalar: bool = False, standalone: bool = False) -> str:
+        """The explanation as LaTeX (``align*`` blocks; ``standalone=True``: a full document)."""
+        from .explain import build
+
+        return build(self, scalar).latex(standalone)
+
+    def markdown(self, scalar: bool = False) -> str:
+        """The explanation as Markdown with ``$$`` LaTeX math blocks."""
+        from .explain import build
+
+        return build(self, scalar).markdown()
 
     def __repr__(self) -> str:
         return f"Derivation({self.network!r})"

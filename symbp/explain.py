@@ -1,105 +1,679 @@
-"""Plain-text (Unicode) explanation of a derivation: the formulas SymPy derived, per layer.
+"""Explanations of a derivation in text, LaTeX and Markdown, read off its SymPy objects.
 
-Everything printed is a SymPy object of the :class:`~symbp.derive.Derivation`, the same ones
-the kernels were generated from; :class:`TextPrinter` only chooses a compact notation
-(Σ for sums, δ for deltas, subscripts for widths).
+:func:`build` turns a :class:`~symbp.derive.Derivation` into an :class:`Explanation`: the
+forward pass, the loss and its gradient with respect to the logits, and the backward pass
+from the output layer back, each layer with its local derivatives, its δ (the output-layer
+or the hidden-layer case, named as such) and its parameter gradients, every quantity with
+its shape.  Every formula is an expression of the derivation — the objects the kernels were
+generated from — or the derivation's own pieces put side by side (δ = f′(z)·Σ W·δ′, whose
+right-hand side *is* the derived δ).  The vector form (``z1 = W1·x + b1``,
+``∂C/∂W1 = Σ_n δ1[n]·x[n]ᵀ``) is translated from the index formulas by
+:func:`vector_form`, never typed in.
+
+For networks of at most :data:`MAX_SCALAR_UNITS` units per layer the scalar view names every
+unit and weight (x₁, h₁, o₁, w₁ … b₁ …) and writes each neuron's formulas the way lecture
+slides do: ``∂C/∂z_h₁ = σ′(z_h₁)·(w₅·∂C/∂z_o₁ + w₇·∂C/∂z_o₂)``.
+
+The renderers :meth:`Explanation.text`, :meth:`Explanation.latex` and
+:meth:`Explanation.markdown` print the same document; :mod:`symbp.report` renders it as
+HTML with MathML.
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass, field
 
-from sympy.printing.str import StrPrinter
+import sympy as sp
 
-_SUB = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
-_GREEK = {"delta": "δ", "lambda": "λ"}
+from .indices import N, i, j, n, p, q
+from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
+MAX_SCALAR_UNITS = 10  #: the scalar view names every unit of layers up to this width
 
-class TextPrinter(StrPrinter):
-    """Compact Unicode notation: ``Σ_j W1[i,j]·x[n,j]``, ``δ2[n,p]``, ``d₁``."""
+C = sp.Symbol("C")
+ELL = sp.IndexedBase("ell")
 
-    printmethod = "_symbp_text"  # not _sympystr: Indexed's own would bypass the methods below
-
-    def _print_Symbol(self, expr):
-        name = expr.name
-        if name.startswith("d_") and name[2:].isdigit():
-            return "d" + name[2:].translate(_SUB)
-        return _GREEK.get(name, name)
-
-    def _print_IndexedBase(self, expr):
-        label = str(expr.label)
-        for word, greek in _GREEK.items():
-            if label.startswith(word):
-                return greek + label[len(word):]
-        return label
-
-    def _print_Indexed(self, expr):
-        return "%s[%s]" % (self._print(expr.base), ",".join(self._print(i) for i in expr.indices))
-
-    def _print_Sum(self, expr):
-        idx = ",".join(self._print(lim[0]) for lim in reversed(expr.limits))
-        return "Σ_%s %s" % (idx, self.parenthesize(expr.function, 50))
-
-    def _print_Mul(self, expr):
-        return re.sub(r"(?<!\*)\*(?!\*)", "·", super()._print_Mul(expr))
-
-    def _print_sigmoid(self, expr):
-        return "σ(%s)" % self._print(expr.args[0])
-
-    def _print_Heaviside(self, expr):
-        return "H(%s)" % self._print(expr.args[0])
-
-    def _print_KroneckerDelta(self, expr):
-        return "δ_%s%s" % tuple(self._print(a) for a in expr.args)
-
-    def _print_Piecewise(self, expr):
-        parts = [f"{self._print(e)} if {self._print(c)}" for e, c in expr.args[:-1]]
-        return "{" + "; ".join(parts + [f"{self._print(expr.args[-1].expr)} otherwise"]) + "}"
+__all__ = ["Block", "Equation", "Explanation", "MAX_SCALAR_UNITS", "Section", "TextPrinter", "build",
+           "explain_text", "fmt", "scalar_names", "vector_form"]
 
 
 def fmt(expr) -> str:
-    return TextPrinter().doprint(expr)
+    """``expr`` in the compact Unicode notation of :class:`~symbp.printing.TextPrinter`."""
+    return text(expr)
 
 
-def explain_text(d) -> str:
+# --------------------------------------------------------------------------------------------
+# The document
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Equation:
+    """``parts[0] = parts[1] = …``, all SymPy expressions.
+
+    ``shape`` is the shape of the left-hand side as text (``"(N, 64)"``), ``note`` a short
+    plain-ASCII remark, ``quantity`` what it computes, e.g. ``("z", 1)``, ``("grad", "W", 2)``
+    or ``("loss",)``: :mod:`symbp.report` finds the kernel lines by it.
+    """
+
+    parts: list
+    shape: str | None = None
+    note: str = ""
+    quantity: tuple = ()
+
+
+@dataclass
+class Block:
+    """A titled group of equations (plain-ASCII title)."""
+
+    title: str
+    equations: list[Equation] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+    intro: str = ""
+    anchor: str = ""
+
+
+@dataclass
+class Explanation:
+    """A derivation laid out for reading; render with :meth:`text`, :meth:`latex`,
+    :meth:`markdown` (or :func:`symbp.report.report` for HTML)."""
+
+    title: str
+    summary: str
+    shapes: list[tuple]  # rows: (layer, type, activation, W shape, b shape, parameters, z/a/δ shape)
+    total_params: int
+    sections: list[Section]
+    legend: list[str]
+
+    def text(self) -> str:
+        return _render_text(self)
+
+    def latex(self, standalone: bool = False) -> str:
+        return _render_latex(self, standalone)
+
+    def markdown(self) -> str:
+        return _render_markdown(self)
+
+    def equations(self):
+        """Every equation, in order, with its section and block."""
+        for section in self.sections:
+            for block in section.blocks:
+                for eq in block.equations:
+                    yield section, block, eq
+
+
+# --------------------------------------------------------------------------------------------
+# Vector form
+# --------------------------------------------------------------------------------------------
+class _NoVectorForm(Exception):
+    pass
+
+
+def vector_form(expr: sp.Expr, free: tuple = ()) -> sp.Expr | None:
+    """The vector form of one sample's index formula, or None where it has none.
+
+    ``free`` are the formula's free unit indices in order, e.g. ``(p, q)`` for ∂C/∂W[p, q].
+    A quantity indexed ``[n, u]`` becomes that sample's column vector; ``Σ_s M[r,s]·v[n,s]``
+    becomes ``M·v`` (or ``Mᵀ·v`` when M is indexed ``[s, r]``); ``Σ_n u[n,p]·v[n,q]`` becomes
+    ``Σ_n u[n]·v[n]ᵀ``; everything else is elementwise (⊙ between vectors).
+
+    Examples
+    --------
+    >>> import symbp as sb
+    >>> d = sb.derive(sb.Network(inputs=3, layers=[sb.Dense(2)], loss="mse"))
+    >>> fmt(vector_form(d.layers[0].forward, (i,)))
+    'W1·x + b1'
+    """
+    try:
+        return _vf(expr, tuple(free), None)
+    except _NoVectorForm:
+        return None
+
+
+def _vec(e: sp.Indexed, sample) -> Vec:
+    label = sp.Symbol(str(e.base.label))
+    return Vec(label, sample) if sample is not None else Vec(label)
+
+
+def _vf(e, free: tuple, sample):
+    if isinstance(e, sp.Indexed):
+        idx = e.indices
+        if idx and idx[0] == n:
+            if len(idx) != 2 or (free and idx[1] not in free):
+                raise _NoVectorForm
+            return _vec(e, sample)
+        if len(idx) == 2 and tuple(idx) == tuple(free):
+            return _vec(e, None)  # a whole matrix, W[p, q]
+        if len(idx) == 1 and (not free or idx[0] in free):
+            return _vec(e, None)  # a layer's vector, b[i]
+        raise _NoVectorForm
+    if isinstance(e, sp.Sum):
+        if len(e.limits) != 1:
+            raise _NoVectorForm
+        s = e.limits[0][0]
+        body = e.function
+        if s == n:
+            return sp.Sum(_batch_body(body, free), e.limits[0])
+        return _contraction(body, s, free, sample)
+    if not e.args or e.is_Atom:
+        if isinstance(e, sp.Symbol) and e in (i, p, q):
+            raise _NoVectorForm
+        return e
+    if isinstance(e, (sp.KroneckerDelta, sp.Piecewise)) and e.has(i, p, q):
+        raise _NoVectorForm
+    args = [_vf(a, free, sample) for a in e.args]
+    try:
+        return e.func(*args, evaluate=False)
+    except TypeError:
+        return e.func(*args)
+
+
+def _batch_body(body, free):
+    """Σ_n of one sample's terms: u[n,p]·v[n,q] → u[n]·v[n]ᵀ, u[n,p] → u[n]."""
+    coeff, tensors = [], []
+    for f in sp.Mul.make_args(body):
+        (tensors if f.has(sp.Indexed) else coeff).append(f)
+    if len(tensors) == 1 and len(free) == 1:
+        return sp.Mul(*coeff) * _vf(tensors[0], free, n)
+    if len(tensors) == 2 and len(free) == 2 and all(isinstance(t, sp.Indexed) for t in tensors):
+        left = next((t for t in tensors if free[0] in t.indices), None)
+        right = next((t for t in tensors if free[1] in t.indices and t is not left), None)
+        if left is None or right is None or left.indices[0] != n or right.indices[0] != n:
+            raise _NoVectorForm
+        return sp.Mul(*coeff) * Outer(_vec(left, n), _vec(right, n))
+    raise _NoVectorForm
+
+
+def _contraction(body, s, free, sample):
+    """Σ_s M[r,s]·v[n,s] → M·v, Σ_s M[s,r]·v[n,s] → Mᵀ·v (r the free unit index)."""
+    coeff, tensors = [], []
+    for f in sp.Mul.make_args(body):
+        (tensors if f.has(sp.Indexed) else coeff).append(f)
+    if len(tensors) != 2 or not all(isinstance(t, sp.Indexed) for t in tensors) or len(free) != 1:
+        raise _NoVectorForm
+    matrix = next((t for t in tensors if n not in t.indices), None)
+    vector = next((t for t in tensors if t is not matrix), None)
+    if matrix is None or vector is None or len(matrix.indices) != 2 or tuple(vector.indices) != (n, s):
+        raise _NoVectorForm
+    r = free[0]
+    if tuple(matrix.indices) == (r, s):
+        transposed = 0
+    elif tuple(matrix.indices) == (s, r):
+        transposed = 1
+    else:
+        raise _NoVectorForm
+    return sp.Mul(*coeff) * MatVec(_vec(matrix, None), _vec(vector, sample), sp.Integer(transposed))
+
+
+# --------------------------------------------------------------------------------------------
+# Building the explanation
+# --------------------------------------------------------------------------------------------
+def _shape(*dims) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _input_name(l: int) -> str:
+    return "x" if l == 1 else f"a{l - 1}"
+
+
+def _fprime_parts(ld) -> list:
+    """f′(z) = (derived f′) [= (f′ in a) with a = f(z)]."""
+    act = ld.layer.activation
+    z = sp.Symbol("z", real=True)
+    parts = [Prime(activation_letter(act), z), act.derivative]
+    if act.derivative_in_a is not None and not act.is_identity and act.derivative_in_a != act.derivative:
+        parts.append(act.derivative_in_a)
+    return parts
+
+
+def _upstream(ld):
+    """The hidden-layer δ divided by its f′: the Σ_i W·δ part, or None."""
+    fp = ld.fprime((n, p))
+    up = ld.delta_formula / fp
+    bases = {str(b.label) for b in (x.base for x in up.atoms(sp.Indexed))}
+    return up if bases and bases <= {f"W{ld.index + 1}", f"delta{ld.index + 1}"} else None
+
+
+def _vector_eq(lhs, index_expr, free, shape, quantity, note="") -> Equation | None:
+    vf = vector_form(index_expr, free)
+    return None if vf is None else Equation([lhs, vf], shape, note, quantity)
+
+
+def build(d, scalar: bool = False) -> Explanation:
+    """Lay out the derivation ``d`` for reading (see the module docstring).
+
+    Parameters
+    ----------
+    d : Derivation
+    scalar : bool
+        Add the scalar view (every unit and weight named); the network must have at most
+        :data:`MAX_SCALAR_UNITS` units in its input and in every layer.
+    """
+    from .derive import Derivation
+
+    if not isinstance(d, Derivation):
+        raise TypeError(f"expected a symbp Derivation (from sb.derive(net)), got {type(d).__name__}")
+    net = d.network
+    widths = net.widths
+    L = len(d.layers)
+    if scalar:
+        _check_scalar_size(net)
+    shapes = []
+    total = 0
+    for ld in d.layers:
+        l = ld.index
+        count = widths[l] * widths[l - 1] + widths[l]
+        total += count
+        shapes.append((str(l), f"{ld.layer.kind}({ld.layer.units})", ld.layer.activation.describe(),
+                       _shape(widths[l], widths[l - 1]), _shape(widths[l]), str(count), _shape("N", widths[l])))
+    summary = (f"{' -> '.join(map(str, widths))}, loss {net.loss.name}, l2 lambda = {net.l2:g}, "
+               f"{total} parameters")
+    sections = [_forward_section(d), _loss_section(d), _backward_section(d), _l2_section(d)]
+    if scalar:
+        sections.append(_scalar_section(d))
+    legend = [
+        "n indexes the N samples of a batch; i, j, p, q index units; widths d_l are symbols until the kernels fix them.",
+        "delta_ip (two letter indices) is the Kronecker delta: 1 if i = p, else 0.",
+        f"deltaL[n,p] = dC/dzL[n,p] is layer L's error; the output layer is layer {L}.",
+        "In the vector form x, z, a, delta are one sample's column vectors; (.)^T transposes; "
+        "(.)(x)(.) is the elementwise product.",
+        "H(z) is the unit step with H(0) = 0 (relu' at 0, as PyTorch takes it).",
+    ]
+    return Explanation(f"Backpropagation in {net.name}", summary, shapes, total, sections, legend)
+
+
+def _forward_section(d) -> Section:
+    net = d.network
+    sec = Section("Forward pass", anchor="forward",
+                  intro="Each layer computes z = W x + b from its input, then a = f(z) elementwise.")
+    for ld in d.layers:
+        l, w = ld.index, net.widths[ld.index]
+        block = Block(f"Layer {l}: {ld.layer.kind}({ld.layer.units}), activation {ld.layer.activation.describe()}")
+        block.equations.append(Equation([ld.z[n, i], ld.forward], _shape("N", w), quantity=("z", l)))
+        block.equations.append(Equation([ld.a[n, i], ld.output], _shape("N", w), quantity=("a", l)))
+        for lhs, expr, q_ in ((ld.z, ld.forward, ("z", l)), (ld.a, ld.output, ("a", l))):
+            eq = _vector_eq(Vec(sp.Symbol(str(lhs.label))), expr, (i,), _shape(w), q_, "one sample, column vectors")
+            if eq is not None:
+                block.equations.append(eq)
+        sec.blocks.append(block)
+    return sec
+
+
+def _loss_section(d) -> Section:
+    net, loss = d.network, d.loss
+    L, K = len(d.layers), net.widths[-1]
+    sec = Section(f"Loss {net.loss.name}", anchor="loss",
+                  intro=f"y = a{L} are the logits (the last layer's output) and t the targets; "
+                        "C averages the per-sample loss over the batch.")
+    block = Block("Per-sample loss and its gradient with respect to the logits")
+    block.equations.append(Equation([ELL[n], loss.per_sample], "(N,)", quantity=("loss",)))
+    grad_parts = [Partial(ELL[n], loss.y[n, p]), loss.grad]
+    try:
+        from .ops import simplest
+
+        shorter = simplest(loss.grad)
+        if sp.count_ops(shorter) < sp.count_ops(loss.grad) and shorter != loss.grad:
+            grad_parts.append(shorter)
+    except Exception:  # noqa: BLE001 - a failed simplification just leaves the form out
+        pass
+    block.equations.append(Equation(grad_parts, _shape("N", K), "the loss gradient with respect to the logits",
+                                    quantity=("dloss",)))
+    for base, definition in loss.definitions.items():
+        block.equations.append(Equation([base[n, p], definition], _shape("N", K), "where"))
+    eq = _vector_eq(Partial(sp.Symbol("ell"), Vec(sp.Symbol("y"))), loss.grad, (p,), _shape(K), ("dloss",),
+                    "one sample")
+    if eq is not None:
+        block.equations.append(eq)
+    sec.blocks.append(block)
+    return sec
+
+
+def _backward_section(d) -> Section:
     net = d.network
     L = len(d.layers)
-    out = [
-        f"Network {net.name}: {' → '.join(map(str, net.widths))}, loss {net.loss.name}, l2 λ = {net.l2:g}",
-        "Cost  C = (1/N) Σ_n ℓ_n + (λ/2) Σ_l ‖W_l‖²   over a batch of N samples (index n).",
-        "",
-    ]
+    sec = Section("Backward pass, from the output layer back", anchor="backward",
+                  intro=f"delta_l = dC/dz_l. The output-layer case starts the recurrence at layer {L}; "
+                        "the hidden-layer case carries it down through W^T.")
+    for ld in reversed(d.layers):
+        l, w, w_in = ld.index, net.widths[ld.index], net.widths[ld.index - 1]
+        xin = ld.x
+        case = "output-layer case" if ld.is_output else "hidden-layer case"
+        local = Block(f"Layer {l} ({case}): local derivatives")
+        local.equations += [
+            Equation([Partial(ld.z[n, i], ld.params["W"][p, q]), ld.local["dz/dW"]], f"per sample ({w}) x ({w}, {w_in})",
+                     "the layer's input: the forward-pass part"),
+            Equation([Partial(ld.z[n, i], ld.params["b"][p]), ld.local["dz/db"]], f"per sample ({w}) x ({w},)"),
+            Equation([Partial(ld.z[n, i], xin[n, q]), ld.local["dz/dx"]], f"per sample ({w}) x ({w_in},)",
+                     "what carries delta down to the layer below"),
+            Equation(_fprime_parts(ld), _shape("N", w), "da/dz, elementwise" + (
+                "; written with a = f(z)" if len(_fprime_parts(ld)) > 2 else ""), quantity=("fprime", l)),
+        ]
+        sec.blocks.append(local)
+        back = Block(f"Layer {l} ({case}): delta{l} = dC/dz{l}")
+        fp = Prime(activation_letter(ld.layer.activation), ld.z[n, p])
+        if ld.is_output:
+            chain = Partial(ELL[n], d.loss.y[n, p]) * fp / N
+            back.equations.append(Equation([ld.delta[n, p], chain, ld.delta_formula], _shape("N", w),
+                                           "(1/N) dl/dy times f'(z): the output-layer case", ("delta", l)))
+        else:
+            up = _upstream(ld)
+            parts = [ld.delta[n, p]] + ([fp * up] if up is not None else []) + [ld.delta_formula]
+            back.equations.append(Equation(parts, _shape("N", w), "f'(z) times the layer above's delta sent back "
+                                           "through its weights: the hidden-layer case", ("delta", l)))
+        eq = _vector_eq(Vec(sp.Symbol(f"delta{l}")), ld.delta_formula, (p,), _shape(w), ("delta", l), "one sample")
+        if eq is not None:
+            back.equations.append(eq)
+        sec.blocks.append(back)
+        grads = Block(f"Layer {l}: parameter gradients")
+        W, b, delta = ld.params["W"], ld.params["b"], ld.delta
+        fan_out = d.dims[l]
+        chain_W = sp.Sum(delta[n, i] * ld.local["dz/dW"], (i, 0, fan_out - 1), (n, 0, N - 1))
+        l2 = ld.grads["W"] - _resolved_data_part(ld)
+        grads.equations.append(Equation([Partial(C, W[p, q]), chain_W + l2, ld.grads["W"]], _shape(w, w_in),
+                                        "summed over the batch; the delta_ip picks i = p", ("grad", "W", l)))
+        chain_b = sp.Sum(delta[n, i] * ld.local["dz/db"], (i, 0, fan_out - 1), (n, 0, N - 1))
+        grads.equations.append(Equation([Partial(C, b[p]), chain_b, ld.grads["b"]], _shape(w), quantity=("grad", "b", l)))
+        for key, free, shape in (("W", (p, q), _shape(w, w_in)), ("b", (p,), _shape(w))):
+            eq = _vector_eq(Partial(C, Vec(sp.Symbol(f"{key}{l}"))), ld.grads[key], free, shape, ("grad", key, l),
+                            "x[n], delta[n]: sample n's vectors")
+            if eq is not None:
+                grads.equations.append(eq)
+        sec.blocks.append(grads)
+    return sec
+
+
+def _resolved_data_part(ld):
+    """The data term of ∂C/∂W (the Σ_n), without the l2 term."""
+    sums = [t for t in sp.Add.make_args(ld.grads["W"]) if t.has(sp.Sum)]
+    return sp.Add(*sums)
+
+
+def _l2_section(d) -> Section:
+    net = d.network
+    W = sp.IndexedBase("W")
+    lam = sp.Symbol("lambda", nonnegative=True)
+    d_out, d_in = sp.symbols("d_out d_in", integer=True, positive=True)
+    half_norm = lam / 2 * sp.Sum(W[i, j] ** 2, (i, 0, d_out - 1), (j, 0, d_in - 1))
+    sec = Section("The l2 term", anchor="l2",
+                  intro=f"(lambda/2) sum_l ||W_l||^2 is added to the cost (lambda = {net.l2:g}); biases are not decayed.")
+    block = Block("Its contribution to every weight gradient")
+    block.equations.append(Equation([Partial(half_norm, W[p, q]), d.loss.l2_term], "like W",
+                                    quantity=("l2",)))
+    sec.blocks.append(block)
+    return sec
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar view
+# --------------------------------------------------------------------------------------------
+_HIDDEN_LETTERS = "hgurvs"
+
+
+def _check_scalar_size(net) -> None:
+    for pos, width in enumerate(net.widths):
+        if width > MAX_SCALAR_UNITS:
+            what = "the input" if pos == 0 else f"layer {pos}"
+            raise ValueError(f"the scalar view names every unit, so it needs at most {MAX_SCALAR_UNITS} units per "
+                             f"layer; {what} has {width} (use scalar=False for the index and vector forms)")
+
+
+@dataclass
+class ScalarNames:
+    """Names of the scalar view: ``units[l][u]`` (l = 0 for the inputs), ``weights[(l, i, j)]``,
+    ``biases[(l, i)]``, ``targets[k]``; ``mapping`` replaces one sample's indexed quantities."""
+
+    units: list[list[sp.Symbol]]
+    weights: dict
+    biases: dict
+    targets: list[sp.Symbol]
+    mapping: dict
+
+
+def scalar_names(d) -> ScalarNames:
+    """Lecture names for one sample: inputs x₁…, hidden units h₁… (then g, u, …), outputs
+    o₁…, weights w₁… numbered row by row through the layers (W1[0,0] = w₁, W1[0,1] = w₂,
+    …), biases b₁…, targets t₁…."""
+    net = d.network
+    L = len(d.layers)
+    letters = {0: "x", L: "o"}
+    hidden = list(range(1, L))
+    for pos, l in enumerate(hidden):
+        letters[l] = _HIDDEN_LETTERS[pos] if pos < len(_HIDDEN_LETTERS) else f"h{l}_"
+    units = [[sp.Symbol(f"{letters[l]}_{u + 1}") for u in range(w)] for l, w in enumerate(net.widths)]
+    targets = [sp.Symbol(f"t_{k + 1}") for k in range(net.widths[-1])]
+    mapping: dict = {}
+    for j in range(net.widths[0]):
+        mapping[d.x[n, j]] = units[0][j]
+    weights, biases = {}, {}
+    wk = bk = 0
     for ld in d.layers:
-        l, layer = ld.index, ld.layer
-        prev = "x" if l == 1 else f"a{l - 1}"
-        act = layer.activation
-        out.append(f"Layer {l}: {layer.kind}({layer.units}), activation {act.describe()}")
-        out.append(f"  shapes: {prev} (N, {net.widths[l - 1]}), W{l} ({layer.units}, {net.widths[l - 1]}), "
-                   f"b{l} ({layer.units},), z{l}, a{l}, δ{l} (N, {layer.units})")
-        out.append("  forward pass:")
-        out.append(f"    z{l}[n,i] = {fmt(ld.forward)}")
-        out.append(f"    a{l}[n,i] = {fmt(ld.output)}")
-        out.append("  local derivatives:")
-        out.append(f"    ∂z{l}[n,i]/∂W{l}[p,q] = {fmt(ld.local['dz/dW'])}    (the layer's input: the forward-pass part)")
-        out.append(f"    ∂z{l}[n,i]/∂b{l}[p] = {fmt(ld.local['dz/db'])}")
-        out.append(f"    ∂z{l}[n,i]/∂{prev}[n,q] = {fmt(ld.local['dz/dx'])}")
-        deriv = f"    f′(z) = {fmt(act.derivative)}"
-        if act.derivative_in_a is not None and not act.is_identity:
-            deriv += f" = {fmt(act.derivative_in_a)} with a = f(z)"
-        out.append(deriv)
-        case = "output layer" if ld.is_output else "hidden layer"
-        out.append(f"  backward pass ({case}): δ{l} = ∂C/∂z{l}")
-        out.append(f"    δ{l}[n,p] = {fmt(ld.delta_formula)}")
-        out.append("  parameter gradients:")
-        for key, g in ld.grads.items():
-            out.append(f"    ∂C/∂{key}{l}[{'p,q' if key == 'W' else 'p'}] = {fmt(g)}")
-        out.append("")
-    loss = d.loss
-    out.append(f"Loss {net.loss.name} (y = a{L}, the logits; t = targets):")
-    out.append(f"    ℓ_n = {fmt(loss.per_sample)}")
-    out.append(f"    ∂ℓ_n/∂y[n,p] = {fmt(loss.grad)}")
-    for base, definition in loss.definitions.items():
-        out.append(f"      where {fmt(base)}[n,p] = {fmt(definition)}")
-    out.append(f"    l2 term: ∂/∂W[p,q] (λ/2) Σ W² = {fmt(loss.l2_term)}")
+        l = ld.index
+        for u in range(net.widths[l]):
+            mapping[ld.a[n, u]] = units[l][u]
+            mapping[ld.z[n, u]] = Pre(units[l][u])
+            mapping[ld.delta[n, u]] = Partial(C, Pre(units[l][u]))
+            for j in range(net.widths[l - 1]):
+                wk += 1
+                weights[(l, u, j)] = sp.Symbol(f"w_{wk}")
+                mapping[ld.params["W"][u, j]] = weights[(l, u, j)]
+            bk += 1
+            biases[(l, u)] = sp.Symbol(f"b_{bk}")
+            mapping[ld.params["b"][u]] = biases[(l, u)]
+    for k in range(net.widths[-1]):
+        mapping[d.loss.t[n, k]] = targets[k]
+        mapping[d.loss.y[n, k]] = units[L][k]
+        for base in d.loss.definitions:
+            mapping[base[n, k]] = sp.Symbol(f"{base.label}_{k + 1}")
+    return ScalarNames(units, weights, biases, targets, mapping)
+
+
+def _instantiate(d, expr, names: ScalarNames, **index):
+    """``expr`` at concrete unit indices with the widths fixed, unit sums expanded and every
+    quantity renamed (sums over the batch stay sums)."""
+    widths = {d.dims[l]: w for l, w in enumerate(d.network.widths)}
+    e = expr.subs(widths).subs(index)
+    e = e.replace(lambda s: isinstance(s, sp.Sum) and s.limits[0][0] != n, lambda s: s.doit())
+    e = _subs_indexed(e, names.mapping)
+    return e
+
+
+def _subs_indexed(e, mapping):
+    def rename(x):
+        key = x.func(sp.IndexedBase(str(x.base.label)), *x.indices)
+        for k, v in mapping.items():
+            if str(k.base.label) == str(x.base.label) and tuple(k.indices) == tuple(x.indices):
+                return v
+        raise ValueError(f"scalar view: no name for {key}")
+
+    return e.replace(lambda x: isinstance(x, sp.Indexed), rename)
+
+
+def _scalar_section(d) -> Section:
+    net = d.network
+    L = len(d.layers)
+    names = scalar_names(d)
+    sec = Section("Scalar view: every unit and weight named", anchor="scalar",
+                  intro="One sample; the sums over n add up the samples of a batch (with one sample, N = 1 "
+                        "and they disappear).")
+    legend = Block("Names")
+    for j, x in enumerate(names.units[0]):
+        legend.equations.append(Equation([x, d.x[n, j]], note="input"))
+    for ld in d.layers:
+        l = ld.index
+        for u in range(net.widths[l]):
+            for j in range(net.widths[l - 1]):
+                legend.equations.append(Equation([names.weights[(l, u, j)], ld.params["W"][u, j]],
+                                                 note=f"{_ascii(names.units[l - 1][j])} -> {_ascii(names.units[l][u])}"))
+        for u in range(net.widths[l]):
+            legend.equations.append(Equation([names.biases[(l, u)], ld.params["b"][u]], note=f"bias of {_ascii(names.units[l][u])}"))
+    sec.blocks.append(legend)
+    fwd = Block("Forward pass")
+    for ld in d.layers:
+        l = ld.index
+        for u, unit in enumerate(names.units[l]):
+            fwd.equations.append(Equation([Pre(unit), _instantiate(d, ld.forward, names, i=u)], quantity=("z", l)))
+            fwd.equations.append(Equation([unit, _instantiate(d, ld.output, names, i=u)], quantity=("a", l)))
+    sec.blocks.append(fwd)
+    loss = Block("Loss")
+    ell = sp.Symbol("ell")
+    loss.equations.append(Equation([ell, _instantiate(d, d.loss.per_sample, names)], quantity=("loss",)))
+    for k, unit in enumerate(names.units[L]):
+        loss.equations.append(Equation([Partial(ell, unit), _instantiate(d, d.loss.grad, names, p=k)], quantity=("dloss",)))
+    for base, definition in d.loss.definitions.items():
+        for k in range(net.widths[-1]):
+            loss.equations.append(Equation([sp.Symbol(f"{base.label}_{k + 1}"), _instantiate(d, definition, names, p=k)],
+                                           note="where"))
+    sec.blocks.append(loss)
+    for ld in reversed(d.layers):
+        l = ld.index
+        case = "output-layer case" if ld.is_output else "hidden-layer case"
+        block = Block(f"Backward pass, layer {l} ({case})")
+        up = None if ld.is_output else _upstream(ld)
+        for u, unit in enumerate(names.units[l]):
+            fp = Prime(activation_letter(ld.layer.activation), Pre(unit))
+            if ld.is_output:
+                middle = Partial(ell, unit) * fp / N
+            else:
+                middle = fp * _instantiate(d, up, names, p=u) if up is not None else None
+            parts = [Partial(C, Pre(unit))] + ([middle] if middle is not None else [])
+            parts.append(_instantiate(d, ld.delta_formula, names, p=u))
+            block.equations.append(Equation(parts, quantity=("delta", l)))
+        sec.blocks.append(block)
+    grads = Block("Parameter gradients")
+    for ld in d.layers:
+        l = ld.index
+        for u in range(net.widths[l]):
+            for j in range(net.widths[l - 1]):
+                w = names.weights[(l, u, j)]
+                grads.equations.append(Equation([Partial(C, w), _instantiate(d, ld.grads["W"], names, p=u, q=j)],
+                                                quantity=("grad", "W", l)))
+        for u in range(net.widths[l]):
+            grads.equations.append(Equation([Partial(C, names.biases[(l, u)]), _instantiate(d, ld.grads["b"], names, p=u)],
+                                            quantity=("grad", "b", l)))
+    sec.blocks.append(grads)
+    return sec
+
+
+def _ascii(sym) -> str:
+    return str(sym).replace("_", "")
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+_TEXT_NOTE_MAP = {"delta_ip": "δ_ip", "delta_l": "δl", "dC/dz_l": "∂C/∂zl", "W^T": "Wᵀ", "lambda": "λ",
+                  "dl/dy": "∂ℓ/∂y", "f'(z)": "f′(z)", "delta": "δ", "(.)(x)(.)": "⊙", "(.)^T": "ᵀ", "->": "→",
+                  "sum_l ||W_l||^2": "Σ_l ‖W_l‖²", "dC/dz": "∂C/∂z", "da/dz": "∂a/∂z", "H(0)": "H(0)",
+                  "relu'": "relu′", "deltaL[n,p] = dC/dzL[n,p]": "δl[n,p] = ∂C/∂zl[n,p]"}
+
+
+def _unicode_note(s: str) -> str:
+    """A plain-ASCII note in the text rendering's Unicode notation."""
+    for ascii_, uni in sorted(_TEXT_NOTE_MAP.items(), key=lambda kv: -len(kv[0])):
+        s = s.replace(ascii_, uni)
+    return s
+
+
+def _render_text(doc: Explanation) -> str:
+    out = [f"{doc.title}: {_unicode_note(doc.summary)}",
+           "Cost  C = (1/N) Σ_n ℓ_n + (λ/2) Σ_l ‖W_l‖²   over a batch of N samples (index n).", ""]
+    out.append("Shapes and parameters")
+    header = ("layer", "type", "activation", "W", "b", "parameters", "z, a, δ")
+    rows = [header] + [tuple(r) for r in doc.shapes] + [("total", "", "", "", "", str(doc.total_params), "")]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    for r in rows:
+        out.append("  " + "  ".join(cell.ljust(widths[c]) for c, cell in enumerate(r)).rstrip())
+    for section in doc.sections:
+        out += ["", section.title]
+        if section.intro:
+            out.append("  " + _unicode_note(section.intro))
+        for block in section.blocks:
+            out.append("  " + _unicode_note(block.title))
+            lines = [" = ".join(fmt(part) for part in eq.parts) for eq in block.equations]
+            col = min(max((len(s) for s in lines), default=0), 64)
+            for s, eq in zip(lines, block.equations):
+                tail = "  ".join(x for x in (eq.shape or "", _unicode_note(eq.note)) if x)
+                out.append(("    " + (s.ljust(col) + "    " + tail if tail else s)).rstrip())
+    out += ["", "Notation"] + ["  " + _unicode_note(line) for line in doc.legend]
     return "\n".join(out)
 
+
+def explain_text(d, scalar: bool = False) -> str:
+    """The plain-text (Unicode) explanation of a derivation; see :func:`build`."""
+    return build(d, scalar).text()
+
+
+# --------------------------------------------------------------------------------------------
+# LaTeX and Markdown
+# --------------------------------------------------------------------------------------------
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_text(s: str) -> str:
+    return "".join(_TEX_SPECIAL.get(c, c) for c in s)
+
+
+def _tex_shape(shape: str | None) -> str:
+    if not shape:
+        return ""
+    return r"\text{%s}" % _tex_text(shape)
+
+
+def latex_equation(eq: Equation) -> str:
+    """One equation as an ``align`` row: ``lhs &= rhs = … && shape, note``."""
+    parts = [latex(part) for part in eq.parts]
+    row = parts[0] + " &= " + " = ".join(parts[1:])
+    tail = ", ".join(x for x in (eq.shape, eq.note) if x)
+    if tail:
+        row += r" && \text{%s}" % _tex_text(tail)
+    return row
+
+
+def _render_latex(doc: Explanation, standalone: bool) -> str:
+    body = [f"% {doc.title}: {doc.summary}", "% Generated by symbp from the SymPy derivation.",
+            r"\noindent\textbf{%s.} %s." % (_tex_text(doc.title), _tex_text(doc.summary).replace("->", r"$\to$")),
+            r"\[ C = \frac{1}{N} \sum_{n} \ell_{n} + \frac{\lambda}{2} \sum_{l} \lVert W^{(l)} \rVert^{2} \]", ""]
+    body += [r"\begin{tabular}{lllllrl}", r"layer & type & activation & $W$ & $b$ & parameters & $z, a, \delta$ \\ \hline"]
+    for r in doc.shapes:
+        body.append(" & ".join(_tex_text(c) for c in r) + r" \\")
+    body += [r"\hline total & & & & & %d & \\" % doc.total_params, r"\end{tabular}", ""]
+    for section in doc.sections:
+        body.append(r"\subsection*{%s}" % _tex_text(section.title))
+        if section.intro:
+            body.append(_tex_text(section.intro))
+        for block in section.blocks:
+            body.append(r"\paragraph{%s}" % _tex_text(block.title))
+            rows = [latex_equation(eq) for eq in block.equations]
+            body += [r"\begin{align*}", " \\\\\n".join(rows), r"\end{align*}"]
+        body.append("")
+    body.append(r"\paragraph{Notation} " + " ".join(_tex_text(line) for line in doc.legend))
+    tex = "\n".join(body) + "\n"
+    if not standalone:
+        return tex
+    return "\n".join([
+        r"\documentclass[10pt]{article}", r"\usepackage[margin=1.5cm,landscape]{geometry}",
+        r"\usepackage{amsmath,amssymb}", r"\allowdisplaybreaks", r"\begin{document}", tex, r"\end{document}", ""])
+
+
+def _render_markdown(doc: Explanation) -> str:
+    out = [f"# {doc.title}", "", f"{doc.summary.replace('->', '→')}.", "",
+           r"$$C = \frac{1}{N} \sum_{n} \ell_{n} + \frac{\lambda}{2} \sum_{l} \lVert W^{(l)} \rVert^{2}$$", "",
+           "## Shapes and parameters", "",
+           "| layer | type | activation | W | b | parameters | z, a, δ |", "|---|---|---|---|---|---:|---|"]
+    for r in doc.shapes:
+        out.append("| " + " | ".join(r) + " |")
+    out += [f"| **total** | | | | | **{doc.total_params}** | |", ""]
+    for section in doc.sections:
+        out += [f"## {section.title}", ""]
+        if section.intro:
+            out += [_unicode_note(section.intro), ""]
+        for block in section.blocks:
+            out += [f"### {_unicode_note(block.title)}", "", "$$", r"\begin{aligned}"]
+            out.append(" \\\\\n".join(latex_equation(eq) for eq in block.equations))
+            out += [r"\end{aligned}", "$$", ""]
+    out += ["## Notation", ""] + [f"- {_unicode_note(line)}" for line in doc.legend]
+    return "\n".join(out) + "\n"

@@ -268,7 +268,8 @@ class Model:
         Raises
         ------
         FloatingPointError
-            When a batch's loss is NaN or infinite; the parameters are those before that batch.
+            When a batch's loss is NaN or infinite, naming the epoch and batch; the parameters
+            and optimizer state are put back as they were at the start of that epoch.
         """
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
@@ -309,13 +310,23 @@ class Model:
                 order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle and seed is not None
                          else np.random.default_rng().permutation(n) if shuffle else np.arange(n))
                 ws = self._workspace(rows)
+                # Every batch loss so far was finite: if this epoch blows up, come back here.
+                snapshot = ({k: v.copy() for k, v in self.params.items()},
+                            {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
                 total, correct, done, bad = kernels.train_epoch(
                     X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *self._state_list(opt), Xb, Tb)
                 opt.step += int(done)
                 if bad >= 0:
+                    params, state, opt.step = snapshot
+                    for k, v in params.items():
+                        self.params[k][...] = v
+                    for p, st in state.items():
+                        for k, v in st.items():
+                            opt.state[p][k][...] = v
                     raise FloatingPointError(
-                        f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {bad}; training stopped "
-                        f"and the parameters are those before that batch. Try a smaller learning rate (lr={opt.lr:g}).")
+                        f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {bad}; training stopped. "
+                        f"The parameters and optimizer state are restored to the start of that epoch, the last point "
+                        f"where every loss was finite. Try a smaller learning rate (lr={opt.lr:g}).")
                 metrics = {"loss": total / n}
                 if self.network.loss.task != "regression":
                     metrics["accuracy"] = self._accuracy(n, correct)

@@ -114,7 +114,9 @@ def _weight(term) -> int:
 
 
 def _negative(term) -> bool:
-    return term.is_Number and term < 0 or (term.is_Mul and term.args[0].is_Number and term.args[0] < 0)
+    if term.is_Number:
+        return bool(term < 0)
+    return bool(term.is_Mul and term.args[0].is_Number and term.args[0] < 0)
 
 
 def _factor_rank(f) -> float:
@@ -127,6 +129,8 @@ def _factor_rank(f) -> float:
         return 1 if _SCALAR_NAMES.match(base.name) else 2
     if isinstance(base, (sp.Indexed, Vec, Pre)):
         return 2
+    if isinstance(base, sp.KroneckerDelta):
+        return 1.5  # δ_ip·x[n,q]: the selector first
     if isinstance(base, (Partial, Prime)):
         return 3
     if isinstance(base, sp.Function):
@@ -146,12 +150,10 @@ def arrange(expr):
     """
     if not isinstance(expr, sp.Basic) or expr.is_Atom or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
         return expr
-    args = [arrange(a) for a in expr.args]
     if isinstance(expr, sp.Add):
-        base = sp.Add(*args).as_ordered_terms() if len(args) == len(expr.args) else args
-        base = [arrange(t) for t in base]
-        ordered = sorted(base, key=lambda t: (_negative(t), -_weight(t)))
-        return sp.Add._from_args(ordered)
+        terms = [arrange(t) for t in expr.as_ordered_terms()]
+        return sp.Add._from_args(sorted(terms, key=lambda t: (_negative(t), -_weight(t))))
+    args = [arrange(a) for a in expr.args]
     if isinstance(expr, sp.Mul):
         ordered = sorted(args, key=_factor_rank)
         return sp.Mul._from_args(ordered)
@@ -216,6 +218,13 @@ def _label_of(base) -> str:
     return str(base.label) if isinstance(base, sp.IndexedBase) else str(base)
 
 
+def _has_superscript(expr) -> bool:
+    """A layer quantity (a⁽¹⁾ₙₚ) already carries a superscript: a power needs parentheses."""
+    if isinstance(expr, sp.Indexed):
+        return split_label(_label_of(expr.base))[1] is not None
+    return isinstance(expr, Vec) and split_label(expr.label)[1] is not None
+
+
 # --------------------------------------------------------------------------------------------
 # Unicode text
 # --------------------------------------------------------------------------------------------
@@ -266,10 +275,15 @@ class TextPrinter(StrPrinter):
         tensors = [f for f in factors if is_tensor(f)]
         parts = [self.parenthesize(f, PRECEDENCE["Mul"], strict=True) for f in scalars]
         if len(tensors) > 1:
-            parts.append(" ⊙ ".join(self.parenthesize(f, PRECEDENCE["Mul"]) for f in tensors))
+            parts.append(" ⊙ ".join(self._hadamard_factor(f) for f in tensors))
         else:
             parts += [self.parenthesize(f, PRECEDENCE["Mul"], strict=True) for f in tensors]
         return "·".join(parts)
+
+    def _hadamard_factor(self, f) -> str:
+        if isinstance(f, (MatVec, Outer)):
+            return "(%s)" % self._print(f)
+        return self.parenthesize(f, PRECEDENCE["Mul"])
 
     def _print_Mul(self, expr):
         negative, numer, denom = _mul_parts(expr)
@@ -283,9 +297,8 @@ class TextPrinter(StrPrinter):
 
     def _print_Pow(self, expr, rational=False):
         base, e = expr.args
-        if e.is_Integer and int(e) < 0:
-            return self._print_Mul(sp.Mul._from_args([sp.Pow(base, -e, evaluate=False) ** -1])) if e != -1 else (
-                "1/" + self.parenthesize(base, PRECEDENCE["Pow"], strict=False))
+        if e.is_Number and e < 0:
+            return self._print_Mul(sp.Mul._from_args([expr]))
         b = self.parenthesize(base, PRECEDENCE["Pow"], strict=False)
         if isinstance(base, (sp.Function, sp.Indexed)) or base.is_Atom:
             b = self._print(base)
@@ -310,8 +323,7 @@ class TextPrinter(StrPrinter):
 
     def _print_Partial(self, expr):
         f, x = expr.args
-        wrap = (lambda e: "(%s)" % self._print(e)) if False else self._print
-        return "∂%s/∂%s" % (self.parenthesize(f, PRECEDENCE["Pow"]) if f.is_Add else wrap(f), self._print(x))
+        return "∂%s/∂%s" % (self.parenthesize(f, PRECEDENCE["Mul"], strict=True), self._print(x))
 
     def _print_Prime(self, expr):
         name, arg = expr.args
@@ -391,7 +403,9 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
                 parts.append(r"\cdot")
             parts.append(text)
         if len(tensors) > 1:
-            parts.append(r" \odot ".join(self.parenthesize(f, PRECEDENCE["Mul"]) for f in tensors))
+            parts.append(r" \odot ".join(
+                r"\left(%s\right)" % self._print(f) if isinstance(f, (MatVec, Outer)) else self.parenthesize(f, PRECEDENCE["Mul"])
+                for f in tensors))
         else:
             parts += [self.parenthesize(f, PRECEDENCE["Mul"], strict=True) for f in tensors]
         return " ".join(parts)
@@ -400,7 +414,10 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
         negative, numer, denom = _mul_parts(expr)
         text = self._product(numer) if numer else "1"
         if denom:
-            text = r"\frac{%s}{%s}" % (text, self._product(denom))
+            if len(numer) == 1:
+                text = self._print(numer[0])
+            below = self._print(denom[0]) if len(denom) == 1 else self._product(denom)
+            text = r"\frac{%s}{%s}" % (text, below)
         return ("- " if negative else "") + text
 
     def _print_Pow(self, expr):
@@ -409,6 +426,8 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
             return self._print_Mul(sp.Mul._from_args([expr]))
         if isinstance(base, sp.Function) and e.is_Integer:
             return r"%s^{%s}" % (self.parenthesize(base, PRECEDENCE["Pow"], strict=True), self._print(e))
+        if _has_superscript(base):
+            return r"\left(%s\right)^{%s}" % (self._print(base), self._print(e))
         return super()._print_Pow(expr)
 
     def _print_Sum(self, expr):
@@ -586,14 +605,20 @@ class MathMLPrinter(MathMLPresentationPrinter):
         for pos, f in enumerate(tensors):
             if pos or scalars:
                 row.appendChild(self._mo("⊙" if pos else "\u2062"))
-            row.appendChild(self._paren(f, PRECEDENCE["Mul"], strict=len(tensors) == 1))
+            if len(tensors) > 1 and isinstance(f, (MatVec, Outer)):
+                row.appendChild(self._parens(self._print(f)))
+            else:
+                row.appendChild(self._paren(f, PRECEDENCE["Mul"], strict=len(tensors) == 1))
         return row
 
     def _print_Mul(self, expr):
         negative, numer, denom = _mul_parts(expr)
         body = self._product(numer) if numer else self._el("mn", text="1")
         if denom:
-            body = self._el("mfrac", body, self._product(denom))
+            if len(numer) == 1:
+                body = self._print(numer[0])
+            below = self._print(denom[0]) if len(denom) == 1 else self._product(denom)
+            body = self._el("mfrac", body, below)
         return self._row(self._mo("−"), body) if negative else body
 
     def _print_Pow(self, e):
@@ -602,7 +627,8 @@ class MathMLPrinter(MathMLPresentationPrinter):
             return self._print_Mul(sp.Mul._from_args([e]))
         if exp == sp.S.Half:
             return self._el("msqrt", self._print(base))
-        return self._el("msup", self._paren(base, PRECEDENCE["Pow"], strict=False), self._print(exp))
+        inner = self._parens(self._print(base)) if _has_superscript(base) else self._paren(base, PRECEDENCE["Pow"], strict=False)
+        return self._el("msup", inner, self._print(exp))
 
     def _print_Rational(self, e):
         if e.q == 1:

@@ -51,6 +51,8 @@ def compiled(session_cache_dir):
         model.network = net
         model.params = net.init_params(seed, np.dtype(dtype))
         model._buffers = {}  # work buffers are per model: never share them between copies
+        model.optimizer, model.schedule, model.base_lr, model.epoch = None, None, None, 0
+        model.history = sb.History()
         return model
 
     return factory

@@ -1,0 +1,877 @@
+"""Training-step benchmark: symbp against NumPy, PyTorch and JAX on CPU.
+
+What is measured
+----------------
+The wall time of one float32 training step -- forward, softmax cross-entropy
+(mean over the batch), backward, plain SGD update (lr=0.01, no weight decay,
+no momentum) -- on three fully connected nets:
+
+    small   64-32-10          batch  32   tanh hidden
+    medium  784-256-256-10    batch 128   relu hidden
+    large   784-1024-1024-10  batch 256   relu hidden
+
+Implementations (each only if it imports):
+
+    numpy   hand-written backprop: ``x @ W.T + b``, stable softmax, SGD in place
+    torch   eager nn.Linear stack, F.cross_entropy, torch.optim.SGD, 2 threads
+    jax     the whole step under jax.jit (params -> new params, donated)
+    symbp   sb.compile(...).fit(X, y, batch_size=B, epochs=1, shuffle=False)
+
+For the peers a timed repetition is a Python loop of ``steps`` step calls over
+pre-sliced batches of N = batch * steps samples (JAX: block_until_ready on
+the final params). For symbp it is one ``fit`` call over the same kind of N
+samples: fit runs the whole epoch in one compiled call, so fit time / steps is
+its real per-step cost. ``steps`` is picked per implementation so that one
+repetition lasts about ``--target-s`` seconds (default 0.5); later rounds
+start from the previous size and only grow it. Every implementation warms up
+(JIT compilation, first-touch of the data) before it is timed.
+
+How it runs
+-----------
+Each measurement happens in a fresh subprocess (this script re-invoked with
+``--worker IMPL NET``) so that one library's thread pools and allocator state
+never touch another's. Rounds are interleaved -- round 1 runs every impl once,
+then round 2, ... -- so slow drift of the machine hits all impls alike. All
+workers get the same environment (shown in the report) plus only what one
+library strictly needs (JAX: JAX_PLATFORMS=cpu).
+
+How to read the table
+---------------------
+    best ms/step    the minimum over all rounds and reps: the least noisy
+                    estimate of what the code costs on this machine
+    median ms/step  the median over all rounds and reps: what you typically get
+    ratio           best ms/step divided by the best peer's (fastest of
+                    numpy/torch/jax). The best peer shows 1.00; for symbp,
+                    < 1 means symbp is faster than every peer.
+    contention      share of the machine's CPU that other processes used (or
+    best/max        the hypervisor stole) during a worker's timed reps: for
+                    the worker that produced the best value, and the worst
+                    over the row. On 2 cores, another process taking one core
+                    can slow a 2-thread BLAS step tenfold; above ~10% treat
+                    the number with suspicion.
+
+Finally, symbp's start-up cost is measured: "cold" is a fresh process with an
+empty ``SYMBP_CACHE_DIR`` (symbolic derivation, code generation and Numba
+compilation all happen), "cached" is another fresh process reusing that
+directory. Both time from just before ``import symbp`` to the end of the first
+``fit`` on one batch of the medium net.
+
+Usage
+-----
+    python benchmarks/bench_mlp.py                      # everything, 3 rounds
+    python benchmarks/bench_mlp.py --quick              # 1 round, short reps
+    python benchmarks/bench_mlp.py --nets small,medium --impls numpy,symbp
+    python benchmarks/bench_mlp.py --check              # verify every impl's SGD step
+    python benchmarks/bench_mlp.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import _harness as h
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+
+LR = 0.01
+SEED = 0
+TORCH_THREADS = 2
+# Share of the machine used by other processes above which numbers are suspect.
+CONTENTION_WARN = 0.10
+
+
+@dataclass(frozen=True)
+class Net:
+    name: str
+    inputs: int
+    hidden: tuple[int, ...]
+    outputs: int
+    batch: int
+    activation: str
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.inputs, *self.hidden, self.outputs]
+
+    def describe(self) -> str:
+        shape = "-".join(map(str, self.sizes))
+        return f"{shape}, batch {self.batch}, {self.activation} hidden"
+
+
+NETS = {
+    "small": Net("small", 64, (32,), 10, 32, "tanh"),
+    "medium": Net("medium", 784, (256, 256), 10, 128, "relu"),
+    "large": Net("large", 784, (1024, 1024), 10, 256, "relu"),
+}
+PEERS = ("numpy", "torch", "jax")
+IMPLS = (*PEERS, "symbp")
+
+# Environment given to every worker. These must be in the environment before
+# the libraries load, hence set here and not inside the worker.
+BASE_ENV = {
+    # Force OpenBLAS' AVX-512 kernels. OpenBLAS builds that do not recognise
+    # Zen4 fall back to AVX2 (Haswell/Zen) kernels, which more than halved
+    # GEMM throughput in one measurement on this kind of CPU. (NumPy 2.4's
+    # OpenBLAS 0.3.31 already autodetects SkylakeX on Zen4; then this is a
+    # no-op.) It applies to every OpenBLAS copy loaded: NumPy's, and SciPy's,
+    # which Numba's np.dot calls into.
+    "OPENBLAS_CORETYPE": "SkylakeX",
+    # Spinning OpenMP threads would steal one of only two cores from the
+    # next step's Python code between parallel regions. The price is a
+    # wake-up per parallel region: PyTorch's small-net step measured ~1.0 ms
+    # with passive vs ~0.3 ms with active here; try
+    # ``--env OMP_WAIT_POLICY=active`` to see that side.
+    "OMP_WAIT_POLICY": "passive",
+}
+# Only what a library needs to run at all goes here, so the comparison stays
+# about code, not configuration. (XLA's default threading is fine.)
+IMPL_ENV = {
+    "jax": {"JAX_PLATFORMS": "cpu"},
+}
+
+
+# ==========================================================================
+# Data and initial weights (shared by all implementations)
+# ==========================================================================
+
+def make_data(net: Net, n_batches: int, seed: int = SEED):
+    """Synthetic inputs and labels. Generated sequentially from fixed seeds,
+    so the data of a shorter run is a prefix of a longer one: every impl sees
+    the same samples, whatever number of steps it was given."""
+    import numpy as np
+
+    n = net.batch * n_batches
+    X = np.random.default_rng(seed).standard_normal((n, net.inputs), dtype=np.float32)
+    y = np.random.default_rng(seed + 1).integers(0, net.outputs, size=n, dtype=np.int64)
+    return X, y
+
+
+def init_params(net: Net, seed: int = SEED + 2):
+    """Glorot-uniform weights (out, in) -- the nn.Linear layout -- and small
+    non-zero biases (so a wrong bias gradient cannot hide behind zeros)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    params = []
+    for fan_in, fan_out in zip(net.sizes[:-1], net.sizes[1:]):
+        lim = math.sqrt(6.0 / (fan_in + fan_out))
+        W = rng.uniform(-lim, lim, size=(fan_out, fan_in)).astype(np.float32)
+        b = rng.uniform(-0.1, 0.1, size=fan_out).astype(np.float32)
+        params.append((W, b))
+    return params
+
+
+def batches_of(net: Net, X, y):
+    """Pre-sliced views, so slicing is not part of the timed loop."""
+    B = net.batch
+    return [(X[i:i + B], y[i:i + B]) for i in range(0, len(X), B)]
+
+
+# ==========================================================================
+# Implementations. Each one offers:
+#   prepare(X, y) -> run      run() performs one pass (= steps updates) and
+#                             returns only when the result is materialised
+#   params()      -> [(W, b)] current weights as NumPy (for --check)
+#   versions()    -> dict
+# ==========================================================================
+
+class NumpyImpl:
+    """Hand-written backprop. Works in the dtype of the given params, so the
+    same code in float64 is the reference for --check."""
+
+    def __init__(self, net: Net, params):
+        import numpy as np
+
+        self.np = np
+        self.net = net
+        self.W = [W.copy() for W, _ in params]
+        self.b = [b.copy() for _, b in params]
+        self.rows = np.arange(net.batch)
+
+    def step(self, x, y):
+        np, W, b = self.np, self.W, self.b
+        n_layers = len(W)
+        tanh = self.net.activation == "tanh"
+
+        # Forward, keeping every layer's input for the backward pass.
+        acts = [x]
+        for i in range(n_layers):
+            z = acts[-1] @ W[i].T
+            z += b[i]
+            if i < n_layers - 1:
+                if tanh:
+                    np.tanh(z, out=z)
+                else:
+                    np.maximum(z, 0, out=z)
+                acts.append(z)
+
+        # d(mean CE)/d(logits) = (softmax - onehot) / B; max-shift for stability.
+        p = z
+        p -= p.max(axis=1, keepdims=True)
+        np.exp(p, out=p)
+        p /= p.sum(axis=1, keepdims=True)
+        p[self.rows[: len(y)], y] -= 1
+        p *= 1.0 / len(y)
+        delta = p
+
+        # Backward, updating each layer once its weights are no longer needed.
+        for i in reversed(range(n_layers)):
+            a = acts[i]
+            gW = delta.T @ a
+            gb = delta.sum(axis=0)
+            if i > 0:
+                delta = delta @ W[i]          # uses W[i] before its update
+                if tanh:
+                    delta *= 1 - a * a          # tanh' from the tanh output
+                else:
+                    delta *= a > 0              # relu' from the relu output
+            gW *= LR
+            W[i] -= gW
+            gb *= LR
+            b[i] -= gb
+
+    def prepare(self, X, y):
+        batches = batches_of(self.net, X, y)
+        step = self.step
+
+        def run():
+            for xb, yb in batches:
+                step(xb, yb)
+        return run
+
+    def params(self):
+        return list(zip(self.W, self.b))
+
+    def versions(self):
+        return {"numpy": self.np.__version__}
+
+
+class TorchImpl:
+    def __init__(self, net: Net, params):
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(TORCH_THREADS)
+        self.torch, self.net = torch, net
+        layers = []
+        for i, (W, b) in enumerate(params):
+            lin = torch.nn.Linear(W.shape[1], W.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(W))
+                lin.bias.copy_(torch.from_numpy(b))
+            layers.append(lin)
+            if i < len(params) - 1:
+                layers.append(torch.nn.Tanh() if net.activation == "tanh" else torch.nn.ReLU())
+        self.model = torch.nn.Sequential(*layers)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        model, opt = self.model, self.opt
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        self.step = step
+
+    def prepare(self, X, y):
+        torch = self.torch
+        batches = list(zip(torch.from_numpy(X).split(self.net.batch),
+                           torch.from_numpy(y).split(self.net.batch)))
+        step = self.step
+
+        def run():
+            for xb, yb in batches:
+                step(xb, yb)   # eager CPU ops are synchronous: nothing to wait for
+        return run
+
+    def params(self):
+        lins = [m for m in self.model if isinstance(m, self.torch.nn.Linear)]
+        return [(l.weight.detach().numpy().copy(), l.bias.detach().numpy().copy()) for l in lins]
+
+    def versions(self):
+        return {"torch": self.torch.__version__,
+                "torch_threads": str(self.torch.get_num_threads())}
+
+
+class JaxImpl:
+    def __init__(self, net: Net, params):
+        import functools
+        import warnings
+
+        import jax
+        import jax.numpy as jnp
+
+        # If a backend cannot reuse a donated buffer it says so on every
+        # compile; that is harmless for timing.
+        warnings.filterwarnings("ignore", message=".*donated buffers.*")
+        self.jax, self.net = jax, net
+        act = jnp.tanh if net.activation == "tanh" else jax.nn.relu
+
+        def loss(ps, x, y):
+            a = x
+            for W, b in ps[:-1]:
+                a = act(a @ W.T + b)
+            W, b = ps[-1]
+            logp = jax.nn.log_softmax(a @ W.T + b)
+            return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def step(ps, x, y):
+            grads = jax.grad(loss)(ps, x, y)
+            return jax.tree_util.tree_map(lambda p, g: p - LR * g, ps, grads)
+
+        self.step = step
+        self.ps = [(jnp.asarray(W), jnp.asarray(b)) for W, b in params]
+
+    def prepare(self, X, y):
+        import numpy as np
+
+        jax = self.jax
+        # int32 labels: JAX runs with 64-bit types disabled by default.
+        batches = [(jax.device_put(xb), jax.device_put(yb.astype(np.int32)))
+                   for xb, yb in batches_of(self.net, X, y)]
+        step = self.step
+
+        def run():
+            ps = self.ps
+            for xb, yb in batches:
+                ps = step(ps, xb, yb)
+            self.ps = jax.block_until_ready(ps)
+        return run
+
+    def params(self):
+        import numpy as np
+
+        return [(np.asarray(W), np.asarray(b)) for W, b in self.ps]
+
+    def versions(self):
+        import jaxlib
+
+        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+class SymbpImpl:
+    """symbp through its public API: Network, compile, fit, and the documented
+    ``Model.params`` dict (``W1, b1, W2, ...``, W as (out, in)), through which
+    it starts from the same weights as the peers."""
+
+    def __init__(self, net: Net, params):
+        # Benchmark the checkout this script lives in.
+        sys.path.insert(0, str(REPO_ROOT))
+        import symbp as sb
+
+        self.sb, self.net = sb, net
+        layers = [sb.Dense(n, activation=net.activation) for n in net.hidden]
+        layers.append(sb.Dense(net.outputs))
+        spec = sb.Network(inputs=net.inputs, layers=layers, loss="softmax_cross_entropy")
+        self.model = sb.compile(spec, target="cpu", dtype="float32", seed=0)
+        for i, (W, b) in enumerate(params, start=1):
+            self.model.params[f"W{i}"] = W.copy()
+            self.model.params[f"b{i}"] = b.copy()
+
+    def prepare(self, X, y):
+        model, sb, B = self.model, self.sb, self.net.batch
+
+        def run():
+            model.fit(X, y, optimizer=sb.SGD(lr=LR), batch_size=B, epochs=1,
+                      shuffle=False, progress=False)
+        return run
+
+    def params(self):
+        p = self.model.params
+        return [(p[f"W{i}"], p[f"b{i}"]) for i in range(1, len(self.net.sizes))]
+
+    def versions(self):
+        out = {"symbp": getattr(self.sb, "__version__", "?"),
+               "symbp_path": str(Path(self.sb.__file__).parent)}
+        for mod in ("numba", "sympy"):
+            try:
+                out[mod] = __import__(mod).__version__
+            except ImportError:
+                pass
+        return out
+
+
+BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "jax": JaxImpl, "symbp": SymbpImpl}
+
+
+# ==========================================================================
+# Worker processes
+# ==========================================================================
+
+def all_finite(impl) -> bool | None:
+    import numpy as np
+
+    try:
+        return bool(all(np.isfinite(W).all() and np.isfinite(b).all() for W, b in impl.params()))
+    except NotImplementedError:
+        return None
+
+
+def worker_timing(args) -> dict:
+    """Build once, warm up, size the run, then time ``reps`` repetitions."""
+    net = NETS[args.net]
+    t0 = time.perf_counter()
+    impl = BUILDERS[args.impl](net, init_params(net))
+    build_s = time.perf_counter() - t0
+
+    # First call on tiny data: JIT compilation (JAX), first-call dispatch.
+    t0 = time.perf_counter()
+    impl.prepare(*make_data(net, 2))()
+    first_call_s = time.perf_counter() - t0
+
+    # Size the run: grow ``steps`` until one pass lasts about target_s. Each
+    # attempt makes fresh data and runs two passes: the first is the warm-up
+    # (first touch of the data), the faster of the two is the estimate (a
+    # single hiccup must not freeze the size). The last attempt thus doubles
+    # as the warm-up of exactly the workload that is then timed.
+    bytes_per_step = net.batch * net.inputs * 4
+    max_steps = max(1, int(args.max_mb * 2**20 // bytes_per_step))
+    steps = min(args.steps or args.steps_hint or 16, max_steps)
+    for _ in range(8):
+        X, y = make_data(net, steps)
+        run = impl.prepare(X, y)
+        warm_s = min(h.time_once(run), h.time_once(run))
+        if args.steps or warm_s >= 0.7 * args.target_s or steps >= max_steps:
+            break
+        # Aim 10% high so fixed per-call overhead cannot keep us short.
+        grow = min(1.1 * args.target_s / max(warm_s, 1e-6), 1000.0)
+        steps = min(max_steps, max(steps + 1, math.ceil(steps * grow)))
+
+    with h.Contention() as busy:
+        times = h.time_reps(run, args.reps)
+    return {
+        "impl": args.impl, "net": net.name, "steps": steps, "reps": args.reps,
+        "times_s": times, "ms_per_step": [t / steps * 1e3 for t in times],
+        "build_s": build_s, "first_call_s": first_call_s, "warmup_s": warm_s,
+        "finite": all_finite(impl), "contention": busy.fraction,
+        "versions": impl.versions(), "blas": h.blas_info(),
+    }
+
+
+def worker_check(args) -> dict:
+    """One SGD step from the weights and batch in ``--check-in``; the updated
+    weights go to ``--check-out``."""
+    import numpy as np
+
+    net = NETS[args.net]
+    data = np.load(args.check_in)
+    n = len(net.sizes) - 1
+    params = [(data[f"W{i}"], data[f"b{i}"]) for i in range(n)]
+    impl = BUILDERS[args.impl](net, params)
+    impl.prepare(data["x"], data["y"])()
+    out = {}
+    for i, (W, b) in enumerate(impl.params()):
+        out[f"W{i}"], out[f"b{i}"] = W, b
+    np.savez(args.check_out, **out)
+    return {"impl": args.impl, "net": net.name, "versions": impl.versions()}
+
+
+def worker_startup(args) -> dict:
+    """symbp import + compile + first fit on one medium batch, timed from
+    just before ``import symbp``. The cache dir comes from the environment."""
+    net = NETS["medium"]
+    X, y = make_data(net, 1)          # NumPy import and data are not counted
+    sys.path.insert(0, str(REPO_ROOT))
+    t0 = time.perf_counter()
+    import symbp as sb
+    t1 = time.perf_counter()
+    layers = [sb.Dense(n, activation=net.activation) for n in net.hidden]
+    layers.append(sb.Dense(net.outputs))
+    spec = sb.Network(inputs=net.inputs, layers=layers, loss="softmax_cross_entropy")
+    model = sb.compile(spec, target="cpu", dtype="float32", seed=0)
+    t2 = time.perf_counter()
+    model.fit(X, y, optimizer=sb.SGD(lr=LR), batch_size=net.batch, epochs=1,
+              shuffle=False, progress=False)
+    t3 = time.perf_counter()
+    return {"import_s": t1 - t0, "compile_s": t2 - t1, "fit_s": t3 - t2, "total_s": t3 - t0,
+            "cache_dir": os.environ.get("SYMBP_CACHE_DIR")}
+
+
+def worker_main(args) -> int:
+    try:
+        if args.worker_startup:
+            result = worker_startup(args)
+        else:
+            args.impl, args.net = args.worker
+            result = worker_check(args) if args.check_in else worker_timing(args)
+    except BaseException as exc:  # report, never traceback-spam the table
+        h.emit({"error": h.one_line_error(exc)})
+        return 1
+    h.emit(result)
+    return 0
+
+
+# ==========================================================================
+# Parent: orchestration and reporting
+# ==========================================================================
+
+def env_for(impl: str, extra: dict[str, str]) -> dict[str, str]:
+    return h.make_env({**BASE_ENV, **IMPL_ENV.get(impl, {}), **extra})
+
+
+def worker_argv(*extra: str) -> list[str]:
+    return [str(Path(__file__).resolve()), *extra]
+
+
+def run_benchmark(args, nets, impls, extra_env) -> dict:
+    """Interleaved rounds; returns {net: {impl: record}}."""
+    res = {n: {i: {"ms": [], "steps": None, "error": None, "info": None, "contention": []}
+               for i in impls}
+           for n in nets}
+    for r in range(args.rounds):
+        for net in nets:
+            # Rotate the order each round so no impl always runs first/last.
+            order = impls[r % len(impls):] + impls[: r % len(impls)]
+            for impl in order:
+                rec = res[net][impl]
+                if rec["error"]:
+                    continue  # errors are deterministic (import, API); don't repeat them
+                if args.wait_idle > 0:
+                    waited = h.wait_for_idle(args.wait_idle, CONTENTION_WARN)
+                    if waited is None:
+                        print(f"  (machine still busy after {args.wait_idle:.0f} s; measuring anyway)",
+                              file=sys.stderr, flush=True)
+                    elif waited > 1:
+                        print(f"  (waited {waited:.0f} s for the machine to go idle)",
+                              file=sys.stderr, flush=True)
+                argv = worker_argv("--worker", impl, net, "--reps", str(args.reps),
+                                   "--target-s", str(args.target_s), "--max-mb", str(args.max_mb))
+                if args.steps:
+                    argv += ["--steps", str(args.steps)]
+                elif rec["steps"]:
+                    # Start from the last round's size; the worker grows it if
+                    # that round was slowed down (and so sized too small).
+                    argv += ["--steps-hint", str(rec["steps"])]
+                out = h.run_worker(argv, env_for(impl, extra_env), args.timeout)
+                if "error" in out:
+                    rec["error"] = out["error"]
+                    print(f"  round {r + 1}  {net:<6}  {impl:<6}  ERROR {out['error']}",
+                          file=sys.stderr, flush=True)
+                    continue
+                rec["ms"] += out["ms_per_step"]
+                rec["steps"] = out["steps"]
+                rec["info"] = out
+                busy = out.get("contention")
+                rec["contention"].append((min(out["ms_per_step"]), busy))
+                busy_txt = f", contention {busy:.0%}" if busy is not None else ""
+                print(f"  round {r + 1}  {net:<6}  {impl:<6}  "
+                      f"{min(out['ms_per_step']):10.4f} ms/step  ({out['steps']} steps{busy_txt})",
+                      file=sys.stderr, flush=True)
+    return res
+
+
+def print_tables(nets, impls, res) -> None:
+    headers = ["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "reps",
+               "contention best/max"]
+    worst_at_best = worst = 0.0
+    for net in nets:
+        print(f"\n{net}: {NETS[net].describe()}")
+        best_peer = min((min(res[net][i]["ms"]) for i in impls
+                         if i in PEERS and res[net][i]["ms"]), default=None)
+        rows = []
+        for impl in impls:
+            rec = res[net][impl]
+            if not rec["ms"]:
+                rows.append([impl, f"error: {rec['error']}"])
+                continue
+            best, med = min(rec["ms"]), h.median(rec["ms"])
+            ratio = f"{best / best_peer:.2f}" if best_peer else "-"
+            # Contention while the best value was taken, and the worst any
+            # worker of this row saw (each worker is one round).
+            at_best = min(rec["contention"], key=lambda mc: mc[0])[1]
+            seen = [c for _, c in rec["contention"] if c is not None]
+            busy = "?" if at_best is None else f"{at_best:.0%}/{max(seen):.0%}"
+            worst_at_best = max(worst_at_best, at_best or 0.0)
+            worst = max([worst, *seen])
+            row = [impl, f"{best:.4f}", f"{med:.4f}", ratio, str(rec["steps"]), str(len(rec["ms"])),
+                   busy]
+            if rec["info"].get("finite") is False:
+                row[-1] += "  (weights went non-finite!)"
+            if rec["error"]:  # measured in early rounds, failed later
+                row[-1] += f"  (later error: {rec['error']})"
+            rows.append(row)
+        print(h.format_table(headers, rows, right=[False] + [True] * 6))
+    print("\ncontention = share of the machine's CPU that other processes used (or the hypervisor\n"
+          "stole) during a worker's timed reps: for the worker that gave the best value / the\n"
+          "worst over this row's workers.")
+    if worst_at_best > CONTENTION_WARN:
+        print(f"WARNING: a best value was taken while up to {worst_at_best:.0%} of the machine was "
+              "busy elsewhere;\n         it is likely too slow. Rerun on an idle machine.")
+    elif worst > CONTENTION_WARN:
+        print(f"note: some rounds ran while up to {worst:.0%} of the machine was busy elsewhere; "
+              "medians are\n      inflated, best values came from quiet rounds.")
+
+
+def run_startup(args, extra_env) -> dict:
+    """Cold then cached symbp start-up, each in a fresh process."""
+    cache = tempfile.mkdtemp(prefix="symbp-bench-cache-")
+    out = {"cache_dir": cache}
+    try:
+        env = env_for("symbp", {**extra_env, "SYMBP_CACHE_DIR": cache})
+        for kind in ("cold", "cached"):
+            out[kind] = h.run_worker(worker_argv("--worker-startup"), env, args.timeout)
+    finally:
+        if not args.keep_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    print("\nsymbp start-up: import + compile + first fit (medium net, one batch), fresh process")
+    for kind, label in (("cold", "cold   (empty SYMBP_CACHE_DIR)"), ("cached", "cached (same cache dir)      ")):
+        r = out[kind]
+        if "error" in r:
+            print(f"  {label}  error: {r['error']}")
+        else:
+            print(f"  {label}  {r['total_s']:7.2f} s   (import {r['import_s']:.2f}, "
+                  f"compile {r['compile_s']:.2f}, first fit {r['fit_s']:.2f}; "
+                  f"whole process {r['process_wall_s']:.2f} s)")
+    return out
+
+
+# --------------------------------------------------------------------------
+# --check: the peers must agree on one SGD step
+# --------------------------------------------------------------------------
+
+def reference_step(net: Net, params, x, y):
+    """Float64 NumPy step: the yardstick for the float32 peers."""
+    import numpy as np
+
+    ref = NumpyImpl(net, [(W.astype(np.float64), b.astype(np.float64)) for W, b in params])
+    ref.step(x.astype(np.float64), y)
+    return ref.params()
+
+
+def finite_difference_check(net: Net, params, x, y, ref_new) -> float:
+    """Max error of the float64 hand-written gradient against central
+    differences on a few entries of every tensor, relative to the tensor's
+    largest gradient entry. Validates the NumPy backprop
+    independently of torch and JAX."""
+    import numpy as np
+
+    p64 = [[W.astype(np.float64), b.astype(np.float64)] for W, b in params]
+    x64 = x.astype(np.float64)
+
+    def loss() -> float:
+        a = x64
+        for i, (W, b) in enumerate(p64):
+            a = a @ W.T + b
+            if i < len(p64) - 1:
+                a = np.tanh(a) if net.activation == "tanh" else np.maximum(a, 0)
+        a = a - a.max(axis=1, keepdims=True)
+        logp = a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y].mean())
+
+    rng = np.random.default_rng(123)
+    worst, eps = 0.0, 1e-6
+    for layer, new in zip(p64, ref_new):
+        for t, t_new in zip(layer, new):
+            grad = (t - t_new) / LR          # exact in float64 up to ~1e-14
+            # Errors are measured against the tensor's largest gradient: single
+            # entries can be tiny, and then the finite difference's own
+            # round-off (~1e-10) would dominate a per-entry relative error.
+            scale = max(float(np.abs(grad).max()), 1e-12)
+            for _ in range(4):
+                idx = tuple(rng.integers(0, s) for s in t.shape)
+                old = t[idx]
+                t[idx] = old + eps
+                up = loss()
+                t[idx] = old - eps
+                down = loss()
+                t[idx] = old
+                fd = (up - down) / (2 * eps)
+                worst = max(worst, abs(fd - grad[idx]) / scale)
+    return worst
+
+
+def run_check(args, nets, impls, extra_env) -> bool:
+    """One step of every impl from identical weights and batch; compare the
+    updated weights with a float64 NumPy reference (and hence each other).
+    A peer that errors fails the check; symbp erroring (e.g. not importable
+    yet) is reported but does not.
+
+    Two numbers per peer: the max abs difference of the updated weights (the
+    spec's ~1e-4 float32 criterion), and the relative error of the *update*
+    itself (W_new - W_old), which is ~lr*grad and so would let a wrong gradient
+    slip under the first criterion; it must be small too."""
+    import numpy as np
+
+    ok = True
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mlp-check-"))
+    try:
+        for net_name in nets:
+            net = NETS[net_name]
+            params = init_params(net)
+            X, y = make_data(net, 1)
+            src = tmp / f"{net_name}-in.npz"
+            np.savez(src, x=X, y=y, **{f"W{i}": W for i, (W, _) in enumerate(params)},
+                     **{f"b{i}": b for i, (_, b) in enumerate(params)})
+            ref = reference_step(net, params, X, y)
+            fd_err = finite_difference_check(net, params, X, y, ref)
+            fd_ok = fd_err < 1e-5
+            ok &= fd_ok
+            print(f"\n{net_name}: {net.describe()}")
+            print(f"  float64 NumPy gradient vs finite differences: max err "
+                  f"{fd_err:.1e}  {'ok' if fd_ok else 'FAIL'}")
+            rows = []
+            for impl in impls:
+                dst = tmp / f"{net_name}-{impl}.npz"
+                out = h.run_worker(worker_argv("--worker", impl, net_name, "--check-in", str(src),
+                                               "--check-out", str(dst)),
+                                   env_for(impl, extra_env), args.timeout)
+                if "error" in out:
+                    # symbp may be mid-development; only a wrong answer from it
+                    # fails the check, a peer must run.
+                    ok &= impl not in PEERS
+                    rows.append([impl, f"error: {out['error']}"])
+                    continue
+                got = np.load(dst)
+                max_abs, upd_err = 0.0, 0.0
+                for i, ((W0, b0), (Wr, br)) in enumerate(zip(params, ref)):
+                    for name, t0, tr in ((f"W{i}", W0, Wr), (f"b{i}", b0, br)):
+                        t = got[name].astype(np.float64)
+                        max_abs = max(max_abs, float(np.abs(t - tr).max()))
+                        d_ref, d_got = tr - t0, t - t0
+                        upd_err = max(upd_err, float(np.abs(d_got - d_ref).max()
+                                                     / max(np.abs(d_ref).max(), 1e-30)))
+                # Rounding the new float32 weights (~4e-9 at |W| ~ 0.1) costs a
+                # relative error of ~1e-5..1e-4 on updates of ~1e-4..1e-5.
+                good = max_abs < 1e-4 and upd_err < 1e-3
+                ok &= good
+                rows.append([impl, f"{max_abs:.1e}", f"{upd_err:.1e}", "ok" if good else "FAIL"])
+            print(h.format_table(["impl", "max |W - W_ref|", "update rel err", "result"], rows,
+                                 right=[False, True, True, False]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\ncheck {'passed' if ok else 'FAILED'}")
+    return ok
+
+
+# --------------------------------------------------------------------------
+
+def print_header(args, impls, extra_env, res=None) -> None:
+    info = h.system_info()
+    print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs; "
+          f"Python {info['python']}; {info['platform']}")
+    env = {**BASE_ENV, **extra_env}
+    inherited = {k: v for k, v in h.relevant_env(dict(os.environ)).items() if k not in env}
+    print("worker env (all impls): " + " ".join(f"{k}={v}" for k, v in env.items()))
+    for impl in impls:
+        if impl in IMPL_ENV:
+            print(f"worker env ({impl} only): "
+                  + " ".join(f"{k}={v}" for k, v in IMPL_ENV[impl].items()))
+    if inherited:
+        print("inherited from this shell: " + " ".join(f"{k}={v}" for k, v in inherited.items()))
+    if res is not None:
+        versions, blas = {}, {}
+        for per_impl in res.values():
+            for impl, rec in per_impl.items():
+                if rec["info"]:
+                    versions.update(rec["info"]["versions"])
+                    blas.setdefault(impl, rec["info"]["blas"])
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        for impl, pools in blas.items():
+            if pools:
+                print(f"thread pools in the {impl} worker: " + "; ".join(pools))
+    if not args.check:
+        print(f"rounds {args.rounds} x reps {args.reps}, target {args.target_s} s per rep, "
+              f"SGD lr={LR}, float32")
+
+
+def parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        raise SystemExit(f"unknown {what}: {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the module docstring for how to read the table.")
+    p.add_argument("--nets", default=",".join(NETS), help="comma list of %(default)s")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of %(default)s")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed reps per worker (default 3, --quick 2)")
+    p.add_argument("--target-s", type=float, default=None,
+                   help="seconds one rep should last (default 0.5, --quick 0.15)")
+    p.add_argument("--steps", type=int, default=None, help="fixed steps per rep (default: auto)")
+    p.add_argument("--quick", action="store_true", help="1 round, short reps")
+    p.add_argument("--check", action="store_true",
+                   help="only verify that all impls compute the same SGD step, then exit")
+    p.add_argument("--no-startup", action="store_true", help="skip the symbp start-up measurement")
+    p.add_argument("--keep-cache", action="store_true", help="keep the start-up temp cache dir")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra env var for every worker (repeatable; overrides the defaults)")
+    p.add_argument("--wait-idle", type=float, default=10, metavar="S",
+                   help="before each worker wait up to S seconds for other load to drop "
+                        "below 10%% of the machine (0: don't wait; default %(default)s)")
+    p.add_argument("--max-mb", type=float, default=512, help="cap on the input data per worker, MiB")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds before a worker is killed")
+    p.add_argument("--json", metavar="PATH", help="also write all results as JSON")
+    # Internal: worker modes.
+    p.add_argument("--worker", nargs=2, metavar=("IMPL", "NET"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-startup", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--check-in", help=argparse.SUPPRESS)
+    p.add_argument("--check-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    # Keep stdout (the report) and stderr (progress) in order when both are piped.
+    sys.stdout.reconfigure(line_buffering=True)
+
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.reps is None:
+        args.reps = 2 if args.quick else 3
+    if args.target_s is None:
+        args.target_s = 0.15 if args.quick else 0.5
+
+    if args.worker or args.worker_startup:
+        return worker_main(args)
+
+    nets = parse_list(args.nets, NETS, "net")
+    impls = parse_list(args.impls, IMPLS, "impl")
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+
+    if args.check:
+        print_header(args, impls, extra_env)
+        return 0 if run_check(args, nets, impls, extra_env) else 1
+
+    print(f"running {args.rounds} round(s) of {', '.join(impls)} on {', '.join(nets)} "
+          f"(progress on stderr) ...", file=sys.stderr, flush=True)
+    res = run_benchmark(args, nets, impls, extra_env)
+    print_header(args, impls, extra_env, res)
+    print_tables(nets, impls, res)
+    startup = None
+    if "symbp" in impls and not args.no_startup:
+        startup = run_startup(args, extra_env)
+
+    if args.json:
+        payload = {
+            "system": h.system_info(),
+            "env": {**BASE_ENV, **extra_env}, "impl_env": IMPL_ENV,
+            "settings": {k: getattr(args, k) for k in ("rounds", "reps", "target_s", "steps", "quick")},
+            "nets": {n: NETS[n].describe() for n in nets},
+            "results": {n: {i: {"best_ms": min(r["ms"]) if r["ms"] else None,
+                                "median_ms": h.median(r["ms"]) if r["ms"] else None,
+                                "ms_per_step": r["ms"], "steps": r["steps"], "error": r["error"],
+                                "contention_per_worker": [c for _, c in r["contention"]],
+                                "worker": r["info"]}
+                            for i, r in per.items()}
+                        for n, per in res.items()},
+            "startup": startup,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
