@@ -17,11 +17,12 @@ from .losses import Loss
 from .model import History, Model, compile, load
 from .network import Network
 from .optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
+from .paths import optimizer_paths
 from .schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 
 __all__ = [
     "Activation", "Adagrad", "Adam", "AdamW", "CosineDecay", "Dense", "Derivation", "EarlyStopping",
     "ExponentialDecay", "FormulaOptimizer", "History", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",
-    "gradcheck", "load",
+    "gradcheck", "load", "optimizer_paths",
 ]

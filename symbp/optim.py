@@ -110,6 +110,16 @@ class Optimizer:
     def to_config(self) -> dict:
         return {"name": self.name, "hyper": dict(self.hyper), "options": self.options()}
 
+    def describe(self) -> str:
+        """A short label: the kind and the settings that differ from its defaults."""
+        try:
+            defaults = type(self)()
+        except (TypeError, ValueError):
+            defaults = None
+        changed = [f"{k}={v:g}" for k, v in self.hyper.items() if defaults is None or defaults.hyper.get(k) != v]
+        changed += [f"{k}={v}" for k, v in self.options().items() if defaults is None or defaults.options().get(k) != v]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v:g}" for k, v in self.hyper.items())
         flags = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -332,6 +342,9 @@ class FormulaOptimizer(Optimizer):
 
     >>> opt = FormulaOptimizer("theta - lr*m", state={"m": "beta*m + g"}, lr=0.1, beta=0.9)
     """
+
+    def describe(self) -> str:
+        return f"{self.name[len('formula-'):]}({', '.join(f'{k}={v:g}' for k, v in self.hyper.items())})"
 
     def __init__(self, update, state: Mapping | None = None, name: str = "custom", **hyper: float) -> None:
         if "lr" not in hyper:

@@ -1,0 +1,204 @@
+"""Optimizer paths on a 2-D surface: how SGD, momentum and Adam move differently.
+
+The surface is a formula in ``x`` and ``y`` (parsed safely, see :mod:`symbp.formula`); SymPy
+derives its gradient, and each optimizer's own SymPy update rules (the ones fused into the
+training kernels) are applied to the point (x, y) step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from .formula import parse_formula
+from .optim import Optimizer, g_s, t_s, theta_s
+
+SURFACES = {
+    "rosenbrock": ("(1 - x)**2 + 100*(y - x**2)**2", (-1.5, 2.0), (-2.0, 2.0, -1.0, 3.0)),
+    "beale": ("(1.5 - x + x*y)**2 + (2.25 - x + x*y**2)**2 + (2.625 - x + x*y**3)**2", (1.0, 1.4), (-1.0, 4.0, -1.5, 2.0)),
+    "saddle": ("x**2 - y**2", (-1.5, 0.01), (-2.0, 2.0, -2.0, 2.0)),
+    "himmelblau": ("(x**2 + y - 11)**2 + (x + y**2 - 7)**2", (0.0, -4.0), (-5.0, 5.0, -5.0, 5.0)),
+}
+
+x_s, y_s = sp.Symbol("x", real=True), sp.Symbol("y", real=True)
+
+
+@dataclass
+class Path:
+    """One optimizer's trajectory: ``points`` has shape (steps + 1, 2); ``values`` f there."""
+
+    label: str
+    points: np.ndarray
+    values: np.ndarray
+
+
+def surface(formula: str | sp.Expr) -> tuple[sp.Expr, str]:
+    """The SymPy surface for a built-in name or a formula in x and y."""
+    if isinstance(formula, str) and formula.strip() in SURFACES:
+        name = formula.strip()
+        return parse_formula(SURFACES[name][0], {"x": x_s, "y": y_s}, what="surface"), name
+    if isinstance(formula, sp.Expr):
+        extra = sorted(str(s) for s in formula.free_symbols if str(s) not in ("x", "y"))
+        if extra:
+            raise ValueError(f"surface {formula}: free symbols may only be x and y, got {', '.join(extra)}")
+        return formula.subs({s: {"x": x_s, "y": y_s}[str(s)] for s in formula.free_symbols}), str(formula)
+    if not isinstance(formula, str):
+        raise TypeError(f"a surface is a name ({', '.join(SURFACES)}) or a formula in x and y, got {type(formula).__name__}")
+    return parse_formula(formula, {"x": x_s, "y": y_s}, what="surface"), formula
+
+
+def _stepper(opt: Optimizer):
+    """A numeric update for one coordinate, built from the optimizer's SymPy rules."""
+    state = {name: sp.Symbol(f"state_{name}", real=True) for name in opt.state_names}
+    hyper = opt.symbols()
+    rules = opt.rules(theta_s, g_s, state, hyper, t_s)
+    args = [theta_s, g_s, t_s, *state.values(), *hyper.values()]
+    # lambdify prints these SymPy objects (built from whitelisted formulas) as NumPy code.
+    fns = [(target, sp.lambdify(args, expr, modules="numpy")) for target, expr in rules]
+    order = list(state.values())
+
+    def step(theta: np.ndarray, g: np.ndarray, t: int, values: dict) -> np.ndarray:
+        env = {theta_s: theta, g_s: g, t_s: t, **{s: values[s] for s in order},
+               **{hyper[k]: v for k, v in opt.hyper.items()}}
+        for target, fn in fns:
+            env[target] = fn(*[env[a] for a in args])
+            if target in values:
+                values[target] = env[target]
+        return env[theta_s]
+
+    return step, {s: np.full(2, opt.state_init(name)) for name, s in state.items()}
+
+
+def optimizer_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int = 200, path=None, gif=None,
+                    bounds=None) -> list[Path]:
+    """Run each optimizer from ``start`` on a 2-D surface and optionally draw the paths.
+
+    Parameters
+    ----------
+    formula : str or sympy.Expr
+        ``"rosenbrock"``, ``"beale"``, ``"saddle"``, ``"himmelblau"`` or a formula in x and y.
+    optimizers : list of Optimizer
+        Each runs with its own update rules (the SymPy formulas the training kernels use).
+    start : (x, y), optional
+        Defaults to the named surface's classic starting point.
+    path, gif : path, optional
+        Write the contour plot with the paths as PNG, and an animation as GIF.
+
+    Examples
+    --------
+    >>> paths = optimizer_paths("rosenbrock", [SGD(lr=1e-3), Adam(lr=0.05)], steps=50, path="paths.png")
+    """
+    paths, f = run_paths(formula, optimizers, start, steps)
+    if path is not None or gif is not None:
+        import matplotlib.pyplot as plt
+
+        fig = plot_paths(paths, f, path, bounds=bounds, gif=gif)
+        plt.close(fig)
+    return paths
+
+
+def run_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int = 200) -> tuple[list[Path], sp.Expr]:
+    """The paths and the surface f(x, y), without drawing."""
+    f, _ = surface(formula)
+    if not optimizers:
+        raise ValueError("optimizer_paths needs at least one optimizer")
+    for opt in optimizers:
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"optimizers must be symbp optimizers such as sb.Adam(lr=0.05), got {type(opt).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    if start is None:
+        start = SURFACES.get(str(formula).strip(), (None, (0.0, 0.0)))[1]
+    start = np.asarray(start, dtype=float)
+    if start.shape != (2,) or not np.isfinite(start).all():
+        raise ValueError(f"start must be a finite point (x, y), got {start!r}")
+    grad = sp.lambdify((x_s, y_s), [sp.diff(f, x_s), sp.diff(f, y_s)], modules="numpy")
+    value = sp.lambdify((x_s, y_s), f, modules="numpy")
+    paths = []
+    for opt in optimizers:
+        step, values = _stepper(opt)
+        point = start.copy()
+        points = [point.copy()]
+        with np.errstate(over="ignore", invalid="ignore"):
+            for t in range(1, steps + 1):
+                g = np.asarray(grad(*point), dtype=float)
+                point = np.asarray(step(point, g, t, values), dtype=float)
+                if not np.isfinite(point).all():
+                    break  # diverged: the path ends where it left the finite plane
+                points.append(point.copy())
+        pts = np.array(points)
+        paths.append(Path(opt.describe(), pts, np.array([value(*p) for p in pts], dtype=float)))
+    return paths, f
+
+
+def plot_paths(paths: list[Path], f: sp.Expr, path=None, bounds=None, title: str | None = None, gif=None):
+    """Contours of f with each optimizer's path; PNG to ``path``, an animated GIF to ``gif``."""
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    pts = np.concatenate([p.points for p in paths])
+    if bounds is None:
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        pad = np.maximum((hi - lo) * 0.15, 0.5)
+        bounds = (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
+    xs = np.linspace(bounds[0], bounds[1], 300)
+    ys = np.linspace(bounds[2], bounds[3], 300)
+    gx, gy = np.meshgrid(xs, ys)
+    value = sp.lambdify((x_s, y_s), f, modules="numpy")
+    with np.errstate(all="ignore"):
+        gz = np.broadcast_to(np.asarray(value(gx, gy), dtype=float), gx.shape)
+    finite = gz[np.isfinite(gz)]
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    if finite.size and finite.min() >= 0:
+        levels = np.geomspace(max(finite.min(), 1e-3), finite.max(), 30) if finite.max() > 0 else 30
+        ax.contour(gx, gy, gz, levels=levels, cmap="viridis", linewidths=0.7)
+    else:
+        ax.contour(gx, gy, gz, levels=30, cmap="viridis", linewidths=0.7)
+    lines = []
+    for p in paths:
+        (line,) = ax.plot(p.points[:, 0], p.points[:, 1], marker="o", markersize=2, linewidth=1.3, label=p.label)
+        lines.append(line)
+    ax.plot(*paths[0].points[0], "k*", markersize=12, label="start")
+    ax.set_xlim(bounds[0], bounds[1])
+    ax.set_ylim(bounds[2], bounds[3])
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title or f"f(x, y) = {f}", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    if path is not None:
+        save_figure(fig, path)
+    if gif is not None:
+        _animate(fig, lines, paths, gif)
+    return fig
+
+
+def _animate(fig, lines, paths, gif) -> None:
+    import os
+    import tempfile
+    from pathlib import Path as _P
+
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    frames = max(len(p.points) for p in paths)
+    stride = max(1, math.ceil(frames / 120))  # at most ~120 frames keeps the GIF small
+
+    def update(i):
+        for line, p in zip(lines, paths):
+            k = min(i * stride + 1, len(p.points))
+            line.set_data(p.points[:k, 0], p.points[:k, 1])
+        return lines
+
+    anim = FuncAnimation(fig, update, frames=math.ceil(frames / stride), blit=False)
+    gif = _P(gif)
+    fd, tmp = tempfile.mkstemp(dir=gif.parent, prefix=f".{gif.stem}.", suffix=".gif")
+    os.close(fd)
+    try:
+        anim.save(tmp, writer=PillowWriter(fps=20))
+        os.replace(tmp, gif)
+    except BaseException:
+        _P(tmp).unlink(missing_ok=True)
+        raise
