@@ -170,7 +170,7 @@ class _Builder:
             body += emit(step, pr)
         body += epilogue
         self.helpers |= pr.helpers_used
-        lines = ["@njit(cache=True)", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
+        lines = ["@njit(cache=True, fastmath=FASTMATH)", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
 
@@ -219,6 +219,9 @@ class _Builder:
             self.header(), "import math", "", "import numpy as np", "from numba import njit", "",
             f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm", "",
             f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
+            "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
+            "# (the NaN checks must stay) nor reassociation (sums keep their order).",
+            'FASTMATH = {"contract", "arcp", "nsz"}',
             *consts, "",
             "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",
             f"PARAMS = {tuple(P)!r}",
@@ -262,7 +265,7 @@ class _Builder:
             "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
             "import math", "", "import numpy as np", "from numba import njit", "",
             f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm",
-            f"from {model_module} import ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
+            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
             helper_source(self.helpers), update, _TRAIN.format(**names),
         ])

@@ -130,8 +130,9 @@ def run_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int =
                 if not np.isfinite(point).all():
                     break  # diverged: the path ends where it left the finite plane
                 points.append(point.copy())
-        pts = np.array(points)
-        paths.append(Path(opt.describe(), pts, np.array([value(*p) for p in pts], dtype=float)))
+            pts = np.array(points)
+            values_along = np.array([value(*p) for p in pts], dtype=float)
+        paths.append(Path(opt.describe(), pts, values_along))
     return paths, f
 
 
