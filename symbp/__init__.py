@@ -12,17 +12,20 @@ from .activations import Activation
 from .callbacks import EarlyStopping, ModelCheckpoint
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
+from .graph import graph
 from .layers import Dense
 from .losses import Loss
 from .model import History, Model, compile, load
 from .network import Network
 from .optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
 from .paths import optimizer_paths
+from .report import report
 from .schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
+from .walkthrough import Walkthrough, walkthrough
 
 __all__ = [
     "Activation", "Adagrad", "Adam", "AdamW", "CosineDecay", "Dense", "Derivation", "EarlyStopping",
     "ExponentialDecay", "FormulaOptimizer", "History", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",
-    "gradcheck", "load", "optimizer_paths",
+    "gradcheck", "graph", "load", "optimizer_paths", "report", "walkthrough", "Walkthrough",
 ]

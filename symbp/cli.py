@@ -1,9 +1,10 @@
-"""Command line: ``symbp train SPEC.toml`` and ``symbp explain SPEC.toml``.
+"""Command line: ``symbp train | explain | walkthrough | graph | report SPEC.toml``.
 
 The TOML spec mirrors the Python API (see README): top-level ``inputs``, ``loss``, ``l2``,
 ``name``; ``[[layers]]`` tables with ``type``, ``units``, ``activation`` and optionally
 ``activation_params``; an optional ``[train]`` table with ``data``, ``epochs``,
-``batch_size``, ``lr``, ``seed``, ``dtype``, ``test_size``.
+``batch_size``, ``lr``, ``seed``, ``dtype``, ``test_size``; an optional ``[walkthrough]``
+table with the worked example's ``x``, ``t``, ``seed`` and ``params`` (``W1 = [[…]]``, …).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 TRAIN_DEFAULTS = {"data": "digits", "epochs": 20, "batch_size": 32, "lr": 0.1, "seed": 0,
                   "dtype": "float32", "test_size": 0.25}
+WALKTHROUGH_KEYS = ("x", "t", "seed", "params")
 
 
 def load_spec(path: str | Path) -> dict:
@@ -38,7 +40,23 @@ def load_spec(path: str | Path) -> dict:
     unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r} in [train] (known: {', '.join(TRAIN_DEFAULTS)})")
+    example = cfg.get("walkthrough", {})
+    if not isinstance(example, dict):
+        raise ValueError(f"{path}: [walkthrough] must be a table")
+    unknown = sorted(set(example) - set(WALKTHROUGH_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} in [walkthrough] (known: {', '.join(WALKTHROUGH_KEYS)})")
+    if "params" in example and not isinstance(example["params"], dict):
+        raise ValueError(f"{path}: [walkthrough] params must be a table such as params = {{ W1 = [[…]], b1 = […] }}")
     return cfg
+
+
+def network_from_spec(cfg: dict):
+    """The :class:`~symbp.network.Network` a loaded spec declares (its [train] and
+    [walkthrough] tables are for the commands, not the network)."""
+    import symbp as sb
+
+    return sb.Network.from_config({k: v for k, v in cfg.items() if k != "walkthrough"})
 
 
 def load_data(name: str, seed: int, test_size: float):
@@ -76,7 +94,7 @@ def _train(args) -> int:
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     start = time.perf_counter()
-    net = sb.Network.from_config(cfg)
+    net = network_from_spec(cfg)
     Xtr, Xte, ytr, yte = load_data(opts["data"], opts["seed"], opts["test_size"])
     model = sb.compile(net, dtype=opts["dtype"], seed=opts["seed"])
     history = model.fit(Xtr, ytr, optimizer=sb.SGD(lr=opts["lr"]), batch_size=opts["batch_size"],
@@ -93,10 +111,93 @@ def _train(args) -> int:
 
 def _explain(args) -> int:
     import symbp as sb
+    from symbp.explain import build
 
-    net = sb.Network.from_config(load_spec(args.spec))
-    print(sb.derive(net).explain())
+    net = network_from_spec(load_spec(args.spec))
+    doc = build(sb.derive(net), scalar=args.scalar)
+    out = {"text": doc.text, "markdown": doc.markdown, "latex": lambda: doc.latex(args.standalone)}[args.format]()
+    if args.output:
+        from symbp._output import check_output_path, write_atomic
+
+        suffixes = {"text": (".txt",), "markdown": (".md", ".markdown"), "latex": (".tex",)}[args.format]
+        path = check_output_path(args.output, suffixes, f"{args.format} explanation")
+        write_atomic(path, out if out.endswith("\n") else out + "\n", f"{args.format} explanation")
+        print(f"wrote {path}")
+    else:
+        print(out)
     return 0
+
+
+def _numbers(values, what: str):
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise ValueError(f"{what} must be numbers, got {part!r}") from None
+    return out
+
+
+def _example(cfg: dict, args) -> dict:
+    """The worked example's x, t, params and seed: flags over the spec's [walkthrough] table."""
+    table = cfg.get("walkthrough", {})
+    seed = args.seed if args.seed is not None else table.get("seed", 0)
+    x = _numbers(args.x, "--x") if args.x is not None else table.get("x")
+    t = _numbers(args.t, "--t") if args.t is not None else table.get("t")
+    if t is not None and isinstance(t, list) and len(t) == 1:
+        t = t[0]
+    return {"x": x, "t": t, "params": table.get("params"), "seed": seed}
+
+
+def _walkthrough(args) -> int:
+    import symbp as sb
+    from symbp.walkthrough import walkthrough
+
+    cfg = load_spec(args.spec)
+    net = network_from_spec(cfg)
+    target = sb.compile(net, dtype="float64") if args.kernels else net
+    w = walkthrough(target, **_example(cfg, args))
+    w.max_rows = args.max_rows
+    print(w.table("markdown" if args.markdown else "text"))
+    if args.graph:
+        path = w.graph().save(args.graph)
+        print(f"\ngraph: {path}")
+    return 0 if w.ok else 1
+
+
+def _graph(args) -> int:
+    from symbp.graph import graph
+    from symbp.walkthrough import walkthrough
+
+    cfg = load_spec(args.spec)
+    net = network_from_spec(cfg)
+    w = walkthrough(net, **_example(cfg, args))
+    collapse = True if args.collapse else False if args.expand else None
+    path = graph(w, collapse=collapse).save(args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from symbp.report import report
+
+    cfg = load_spec(args.spec)
+    net = network_from_spec(cfg)
+    output = args.output or f"{Path(args.spec).stem}.html"
+    example = _example(cfg, args)
+    report(net, output, dtype=args.dtype, graph=False if args.no_graph else "auto", **example)
+    print(f"wrote {output}")
+    return 0
+
+
+def _add_example_flags(cmd) -> None:
+    cmd.add_argument("--x", nargs="+", metavar="X", help="the sample's inputs (default: the spec's [walkthrough] x, "
+                                                         "else random)")
+    cmd.add_argument("--t", nargs="+", metavar="T", help="its target: a class label, or one number per output")
+    cmd.add_argument("--seed", type=int, help="seed for the random sample and parameters (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +214,40 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train)
     explain = sub.add_parser("explain", help="print the derived formulas for a TOML spec")
     explain.add_argument("spec")
+    explain.add_argument("--format", choices=["text", "latex", "markdown"], default="text")
+    explain.add_argument("--scalar", action="store_true", help="also every neuron's formulas with named weights "
+                                                               "(layers of at most 10 units)")
+    explain.add_argument("--standalone", action="store_true", help="LaTeX: a complete document")
+    explain.add_argument("-o", "--output", help="write to this file instead of printing")
     explain.set_defaults(func=_explain)
+    walk = sub.add_parser("walkthrough", help="one sample's values, deltas and gradients, each checked against "
+                                              "finite differences")
+    walk.add_argument("spec")
+    _add_example_flags(walk)
+    walk.add_argument("--kernels", action="store_true", help="also compare with the generated kernels (compiles them)")
+    walk.add_argument("--graph", metavar="FILE", help="also draw the computational graph (.svg, .png or .dot)")
+    walk.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    walk.add_argument("--max-rows", dest="max_rows", type=int, default=16, help="rows per layer or parameter")
+    walk.set_defaults(func=_walkthrough)
+    gr = sub.add_parser("graph", help="draw one sample's computational graph with Graphviz")
+    gr.add_argument("spec")
+    gr.add_argument("-o", "--output", required=True, help="the picture: .svg, .png or .dot")
+    _add_example_flags(gr)
+    shape = gr.add_mutually_exclusive_group()
+    shape.add_argument("--collapse", action="store_true", help="one node per layer")
+    shape.add_argument("--expand", action="store_true", help="one gate per unit (layers of at most 10 units)")
+    gr.set_defaults(func=_graph)
+    rep = sub.add_parser("report", help="a self-contained HTML page: formulas, kernels, graph, worked example")
+    rep.add_argument("spec")
+    rep.add_argument("-o", "--output", help="the page (.html); default: SPEC's name with .html, here")
+    rep.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    rep.add_argument("--no-graph", dest="no_graph", action="store_true", help="leave the graph out")
+    _add_example_flags(rep)
+    rep.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RuntimeError) as err:
         print(f"symbp: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from .derive import l2 as l2_symbol
 from .indices import N, i, j, n, p, q
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
@@ -50,8 +51,9 @@ class Equation:
     """``parts[0] = parts[1] = …``, all SymPy expressions.
 
     ``shape`` is the shape of the left-hand side as text (``"(N, 64)"``), ``note`` a short
-    plain-ASCII remark, ``quantity`` what it computes, e.g. ``("z", 1)``, ``("grad", "W", 2)``
-    or ``("loss",)``: :mod:`symbp.report` finds the kernel lines by it.
+    remark (Unicode; the LaTeX renderer translates its few math characters), ``quantity``
+    what it computes, e.g. ``("z", 1)``, ``("grad", "W", 2)`` or ``("loss",)``:
+    :mod:`symbp.report` finds the kernel lines by it.
     """
 
     parts: list
@@ -62,10 +64,11 @@ class Equation:
 
 @dataclass
 class Block:
-    """A titled group of equations (plain-ASCII title)."""
+    """A titled group of equations; ``kind="names"`` marks the scalar view's table of names."""
 
     title: str
     equations: list[Equation] = field(default_factory=list)
+    kind: str = ""
 
 
 @dataclass
@@ -269,18 +272,19 @@ def build(d, scalar: bool = False) -> Explanation:
         total += count
         shapes.append((str(l), f"{ld.layer.kind}({ld.layer.units})", ld.layer.activation.describe(),
                        _shape(widths[l], widths[l - 1]), _shape(widths[l]), str(count), _shape("N", widths[l])))
-    summary = (f"{' -> '.join(map(str, widths))}, loss {net.loss.name}, l2 lambda = {net.l2:g}, "
+    summary = (f"{' → '.join(map(str, widths))}, loss {net.loss.name}, l2 λ = {net.l2:g}, "
                f"{total} parameters")
     sections = [_forward_section(d), _loss_section(d), _backward_section(d), _l2_section(d)]
     if scalar:
         sections.append(_scalar_section(d))
     legend = [
-        "n indexes the N samples of a batch; i, j, p, q index units; widths d_l are symbols until the kernels fix them.",
-        "delta_ip (two letter indices) is the Kronecker delta: 1 if i = p, else 0.",
-        f"deltaL[n,p] = dC/dzL[n,p] is layer L's error; the output layer is layer {L}.",
-        "In the vector form x, z, a, delta are one sample's column vectors; (.)^T transposes; "
-        "(.)(x)(.) is the elementwise product.",
-        "H(z) is the unit step with H(0) = 0 (relu' at 0, as PyTorch takes it).",
+        "n indexes the N samples of a batch; i, j, p, q index units; the widths d₀, d₁, … stay symbols "
+        "until the kernels fix them.",
+        "δ_ip (two index letters) is the Kronecker delta: 1 if i = p, else 0.",
+        f"δl[n,p] = ∂C/∂zl[n,p] is layer l's error signal; the output layer is layer {L}.",
+        "In the vector form x, z, a, δ are one sample's column vectors, ᵀ transposes and ⊙ is the "
+        "elementwise product.",
+        "H(z) is the unit step with H(0) = 0 (the derivative of relu at 0, as PyTorch takes it).",
     ]
     return Explanation(f"Backpropagation in {net.name}", summary, shapes, total, sections, legend)
 
@@ -288,16 +292,18 @@ def build(d, scalar: bool = False) -> Explanation:
 def _forward_section(d) -> Section:
     net = d.network
     sec = Section("Forward pass", anchor="forward",
-                  intro="Each layer computes z = W x + b from its input, then a = f(z) elementwise.")
+                  intro="Each layer computes z = W·x + b from its input, then a = f(z) elementwise.")
     for ld in d.layers:
         l, w = ld.index, net.widths[ld.index]
         block = Block(f"Layer {l}: {ld.layer.kind}({ld.layer.units}), activation {ld.layer.activation.describe()}")
         block.equations.append(Equation([ld.z[n, i], ld.forward], _shape("N", w), quantity=("z", l)))
         block.equations.append(Equation([ld.a[n, i], ld.output], _shape("N", w), quantity=("a", l)))
+        note = "one sample, column vectors"
         for lhs, expr, q_ in ((ld.z, ld.forward, ("z", l)), (ld.a, ld.output, ("a", l))):
-            eq = _vector_eq(Vec(sp.Symbol(str(lhs.label))), expr, (i,), _shape(w), q_, "one sample, column vectors")
+            eq = _vector_eq(Vec(sp.Symbol(str(lhs.label))), expr, (i,), _shape(w), q_, note)
             if eq is not None:
                 block.equations.append(eq)
+                note = ""
         sec.blocks.append(block)
     return sec
 
@@ -335,34 +341,35 @@ def _backward_section(d) -> Section:
     net = d.network
     L = len(d.layers)
     sec = Section("Backward pass, from the output layer back", anchor="backward",
-                  intro=f"delta_l = dC/dz_l. The output-layer case starts the recurrence at layer {L}; "
-                        "the hidden-layer case carries it down through W^T.")
+                  intro=f"δl = ∂C/∂zl. The output-layer case starts the recurrence at layer {L}; "
+                        "the hidden-layer case carries it down through the weights, Wᵀ·δ.")
     for ld in reversed(d.layers):
         l, w, w_in = ld.index, net.widths[ld.index], net.widths[ld.index - 1]
         xin = ld.x
         case = "output-layer case" if ld.is_output else "hidden-layer case"
         local = Block(f"Layer {l} ({case}): local derivatives")
         local.equations += [
-            Equation([Partial(ld.z[n, i], ld.params["W"][p, q]), ld.local["dz/dW"]], f"per sample ({w}) x ({w}, {w_in})",
+            Equation([Partial(ld.z[n, i], ld.params["W"][p, q]), ld.local["dz/dW"]], f"per sample ({w}) × ({w}, {w_in})",
                      "the layer's input: the forward-pass part"),
-            Equation([Partial(ld.z[n, i], ld.params["b"][p]), ld.local["dz/db"]], f"per sample ({w}) x ({w},)"),
-            Equation([Partial(ld.z[n, i], xin[n, q]), ld.local["dz/dx"]], f"per sample ({w}) x ({w_in},)",
-                     "what carries delta down to the layer below"),
-            Equation(_fprime_parts(ld), _shape("N", w), "da/dz, elementwise" + (
+            Equation([Partial(ld.z[n, i], ld.params["b"][p]), ld.local["dz/db"]], f"per sample ({w}) × ({w},)"),
+            Equation([Partial(ld.z[n, i], xin[n, q]), ld.local["dz/dx"]], f"per sample ({w}) × ({w_in},)",
+                     "what carries δ down to the layer below"),
+            Equation(_fprime_parts(ld), _shape("N", w), "∂a/∂z, elementwise" + (
                 "; written with a = f(z)" if len(_fprime_parts(ld)) > 2 else ""), quantity=("fprime", l)),
         ]
         sec.blocks.append(local)
-        back = Block(f"Layer {l} ({case}): delta{l} = dC/dz{l}")
-        fp = Prime(activation_letter(ld.layer.activation), ld.z[n, p])
+        back = Block(f"Layer {l} ({case}): δ{l} = ∂C/∂z{l}")
+        act = ld.layer.activation
+        fp = sp.Integer(1) if act.is_identity else Prime(activation_letter(act), ld.z[n, p])
         if ld.is_output:
             chain = Partial(ELL[n], d.loss.y[n, p]) * fp / N
             back.equations.append(Equation([ld.delta[n, p], chain, ld.delta_formula], _shape("N", w),
-                                           "(1/N) dl/dy times f'(z): the output-layer case", ("delta", l)))
+                                           "output-layer case: (1/N)·∂ℓ/∂y ⊙ f′(z)", ("delta", l)))
         else:
             up = _upstream(ld)
-            parts = [ld.delta[n, p]] + ([fp * up] if up is not None else []) + [ld.delta_formula]
-            back.equations.append(Equation(parts, _shape("N", w), "f'(z) times the layer above's delta sent back "
-                                           "through its weights: the hidden-layer case", ("delta", l)))
+            parts = [ld.delta[n, p]] + ([fp * up] if up is not None and not act.is_identity else []) + [ld.delta_formula]
+            back.equations.append(Equation(parts, _shape("N", w), "hidden-layer case: f′(z) ⊙ (Wᵀ·δ of the layer above)",
+                                           ("delta", l)))
         eq = _vector_eq(Vec(sp.Symbol(f"delta{l}")), ld.delta_formula, (p,), _shape(w), ("delta", l), "one sample")
         if eq is not None:
             back.equations.append(eq)
@@ -373,12 +380,12 @@ def _backward_section(d) -> Section:
         chain_W = sp.Sum(delta[n, i] * ld.local["dz/dW"], (i, 0, fan_out - 1), (n, 0, N - 1))
         l2 = ld.grads["W"] - _resolved_data_part(ld)
         grads.equations.append(Equation([Partial(C, W[p, q]), chain_W + l2, ld.grads["W"]], _shape(w, w_in),
-                                        "summed over the batch; the delta_ip picks i = p", ("grad", "W", l)))
+                                        "summed over the batch; the Kronecker δ keeps only i = p", ("grad", "W", l)))
         chain_b = sp.Sum(delta[n, i] * ld.local["dz/db"], (i, 0, fan_out - 1), (n, 0, N - 1))
         grads.equations.append(Equation([Partial(C, b[p]), chain_b, ld.grads["b"]], _shape(w), quantity=("grad", "b", l)))
         for key, free, shape in (("W", (p, q), _shape(w, w_in)), ("b", (p,), _shape(w))):
             eq = _vector_eq(Partial(C, Vec(sp.Symbol(f"{key}{l}"))), ld.grads[key], free, shape, ("grad", key, l),
-                            "x[n], delta[n]: sample n's vectors")
+                            "" if key == "b" else "Σ over the samples n of the batch")
             if eq is not None:
                 grads.equations.append(eq)
         sec.blocks.append(grads)
@@ -396,9 +403,9 @@ def _l2_section(d) -> Section:
     W = sp.IndexedBase("W")
     lam = sp.Symbol("lambda", nonnegative=True)
     d_out, d_in = sp.symbols("d_out d_in", integer=True, positive=True)
-    half_norm = lam / 2 * sp.Sum(W[i, j] ** 2, (i, 0, d_out - 1), (j, 0, d_in - 1))
+    half_norm = lam / 2 * sp.Sum(W[i, j] ** 2, (j, 0, d_in - 1), (i, 0, d_out - 1))
     sec = Section("The l2 term", anchor="l2",
-                  intro=f"(lambda/2) sum_l ||W_l||^2 is added to the cost (lambda = {net.l2:g}); biases are not decayed.")
+                  intro=f"(λ/2) Σ_l ‖W_l‖² is added to the cost (λ = {net.l2:g}); biases are not decayed.")
     block = Block("Its contribution to every weight gradient")
     block.equations.append(Equation([Partial(half_norm, W[p, q]), d.loss.l2_term], "like W",
                                     quantity=("l2",)))
@@ -440,13 +447,16 @@ def scalar_names(d) -> ScalarNames:
     L = len(d.layers)
     letters = {0: "x", L: "o"}
     hidden = list(range(1, L))
+    if len(hidden) > len(_HIDDEN_LETTERS):
+        raise ValueError(f"the scalar view names at most {len(_HIDDEN_LETTERS)} hidden layers; this network has "
+                         f"{len(hidden)}")
     for pos, l in enumerate(hidden):
-        letters[l] = _HIDDEN_LETTERS[pos] if pos < len(_HIDDEN_LETTERS) else f"h{l}_"
+        letters[l] = _HIDDEN_LETTERS[pos]
     units = [[sp.Symbol(f"{letters[l]}_{u + 1}") for u in range(w)] for l, w in enumerate(net.widths)]
     targets = [sp.Symbol(f"t_{k + 1}") for k in range(net.widths[-1])]
     mapping: dict = {}
-    for j in range(net.widths[0]):
-        mapping[d.x[n, j]] = units[0][j]
+    for u in range(net.widths[0]):
+        mapping[d.x[n, u]] = units[0][u]
     weights, biases = {}, {}
     wk = bk = 0
     for ld in d.layers:
@@ -455,10 +465,10 @@ def scalar_names(d) -> ScalarNames:
             mapping[ld.a[n, u]] = units[l][u]
             mapping[ld.z[n, u]] = Pre(units[l][u])
             mapping[ld.delta[n, u]] = Partial(C, Pre(units[l][u]))
-            for j in range(net.widths[l - 1]):
+            for v in range(net.widths[l - 1]):
                 wk += 1
-                weights[(l, u, j)] = sp.Symbol(f"w_{wk}")
-                mapping[ld.params["W"][u, j]] = weights[(l, u, j)]
+                weights[(l, u, v)] = sp.Symbol(f"w_{wk}")
+                mapping[ld.params["W"][u, v]] = weights[(l, u, v)]
             bk += 1
             biases[(l, u)] = sp.Symbol(f"b_{bk}")
             mapping[ld.params["b"][u]] = biases[(l, u)]
@@ -470,23 +480,21 @@ def scalar_names(d) -> ScalarNames:
     return ScalarNames(units, weights, biases, targets, mapping)
 
 
-def _instantiate(d, expr, names: ScalarNames, **index):
+def _instantiate(d, expr, names: ScalarNames, index: dict | None = None):
     """``expr`` at concrete unit indices with the widths fixed, unit sums expanded and every
     quantity renamed (sums over the batch stay sums)."""
-    widths = {d.dims[l]: w for l, w in enumerate(d.network.widths)}
-    e = expr.subs(widths).subs(index)
+    fixed = {d.dims[l]: w for l, w in enumerate(d.network.widths)}
+    if not d.network.l2:
+        fixed[l2_symbol] = 0  # no weight decay: leave the λ terms out of the slide
+    e = expr.subs(fixed).subs(index or {})
     e = e.replace(lambda s: isinstance(s, sp.Sum) and s.limits[0][0] != n, lambda s: s.doit())
-    e = _subs_indexed(e, names.mapping)
-    return e
+    by_key = {(str(k.base.label), tuple(k.indices)): v for k, v in names.mapping.items()}
 
-
-def _subs_indexed(e, mapping):
     def rename(x):
-        key = x.func(sp.IndexedBase(str(x.base.label)), *x.indices)
-        for k, v in mapping.items():
-            if str(k.base.label) == str(x.base.label) and tuple(k.indices) == tuple(x.indices):
-                return v
-        raise ValueError(f"scalar view: no name for {key}")
+        key = (str(x.base.label), tuple(x.indices))
+        if key not in by_key:
+            raise ValueError(f"scalar view: no name for {x}")
+        return by_key[key]
 
     return e.replace(lambda x: isinstance(x, sp.Indexed), rename)
 
@@ -498,33 +506,34 @@ def _scalar_section(d) -> Section:
     sec = Section("Scalar view: every unit and weight named", anchor="scalar",
                   intro="One sample; the sums over n add up the samples of a batch (with one sample, N = 1 "
                         "and they disappear).")
-    legend = Block("Names")
-    for j, x in enumerate(names.units[0]):
-        legend.equations.append(Equation([x, d.x[n, j]], note="input"))
+    legend = Block("Names", kind="names")
+    for u, x in enumerate(names.units[0]):
+        legend.equations.append(Equation([x, d.x[n, u]], note="input"))
     for ld in d.layers:
         l = ld.index
         for u in range(net.widths[l]):
-            for j in range(net.widths[l - 1]):
-                legend.equations.append(Equation([names.weights[(l, u, j)], ld.params["W"][u, j]],
-                                                 note=f"{_ascii(names.units[l - 1][j])} -> {_ascii(names.units[l][u])}"))
+            for v in range(net.widths[l - 1]):
+                legend.equations.append(Equation([names.weights[(l, u, v)], ld.params["W"][u, v]],
+                                                 note=f"{fmt(names.units[l - 1][v])} → {fmt(names.units[l][u])}"))
         for u in range(net.widths[l]):
-            legend.equations.append(Equation([names.biases[(l, u)], ld.params["b"][u]], note=f"bias of {_ascii(names.units[l][u])}"))
+            legend.equations.append(Equation([names.biases[(l, u)], ld.params["b"][u]],
+                                             note=f"bias of {fmt(names.units[l][u])}"))
     sec.blocks.append(legend)
     fwd = Block("Forward pass")
     for ld in d.layers:
         l = ld.index
         for u, unit in enumerate(names.units[l]):
-            fwd.equations.append(Equation([Pre(unit), _instantiate(d, ld.forward, names, i=u)], quantity=("z", l)))
-            fwd.equations.append(Equation([unit, _instantiate(d, ld.output, names, i=u)], quantity=("a", l)))
+            fwd.equations.append(Equation([Pre(unit), _instantiate(d, ld.forward, names, {i: u})], quantity=("z", l)))
+            fwd.equations.append(Equation([unit, _instantiate(d, ld.output, names, {i: u})], quantity=("a", l)))
     sec.blocks.append(fwd)
     loss = Block("Loss")
     ell = sp.Symbol("ell")
     loss.equations.append(Equation([ell, _instantiate(d, d.loss.per_sample, names)], quantity=("loss",)))
     for k, unit in enumerate(names.units[L]):
-        loss.equations.append(Equation([Partial(ell, unit), _instantiate(d, d.loss.grad, names, p=k)], quantity=("dloss",)))
+        loss.equations.append(Equation([Partial(ell, unit), _instantiate(d, d.loss.grad, names, {p: k})], quantity=("dloss",)))
     for base, definition in d.loss.definitions.items():
         for k in range(net.widths[-1]):
-            loss.equations.append(Equation([sp.Symbol(f"{base.label}_{k + 1}"), _instantiate(d, definition, names, p=k)],
+            loss.equations.append(Equation([sp.Symbol(f"{base.label}_{k + 1}"), _instantiate(d, definition, names, {p: k})],
                                            note="where"))
     sec.blocks.append(loss)
     for ld in reversed(d.layers):
@@ -537,48 +546,34 @@ def _scalar_section(d) -> Section:
             if ld.is_output:
                 middle = Partial(ell, unit) * fp / N
             else:
-                middle = fp * _instantiate(d, up, names, p=u) if up is not None else None
+                middle = fp * _instantiate(d, up, names, {p: u}) if up is not None else None
             parts = [Partial(C, Pre(unit))] + ([middle] if middle is not None else [])
-            parts.append(_instantiate(d, ld.delta_formula, names, p=u))
+            parts.append(_instantiate(d, ld.delta_formula, names, {p: u}))
             block.equations.append(Equation(parts, quantity=("delta", l)))
         sec.blocks.append(block)
     grads = Block("Parameter gradients")
     for ld in d.layers:
         l = ld.index
         for u in range(net.widths[l]):
-            for j in range(net.widths[l - 1]):
-                w = names.weights[(l, u, j)]
-                grads.equations.append(Equation([Partial(C, w), _instantiate(d, ld.grads["W"], names, p=u, q=j)],
+            for v in range(net.widths[l - 1]):
+                w = names.weights[(l, u, v)]
+                grads.equations.append(Equation([Partial(C, w), _instantiate(d, ld.grads["W"], names, {p: u, q: v})],
                                                 quantity=("grad", "W", l)))
         for u in range(net.widths[l]):
-            grads.equations.append(Equation([Partial(C, names.biases[(l, u)]), _instantiate(d, ld.grads["b"], names, p=u)],
+            grads.equations.append(Equation([Partial(C, names.biases[(l, u)]), _instantiate(d, ld.grads["b"], names, {p: u})],
                                             quantity=("grad", "b", l)))
     sec.blocks.append(grads)
     return sec
 
 
-def _ascii(sym) -> str:
-    return str(sym).replace("_", "")
-
-
 # --------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------
-_TEXT_NOTE_MAP = {"delta_ip": "δ_ip", "delta_l": "δl", "dC/dz_l": "∂C/∂zl", "W^T": "Wᵀ", "lambda": "λ",
-                  "dl/dy": "∂ℓ/∂y", "f'(z)": "f′(z)", "delta": "δ", "(.)(x)(.)": "⊙", "(.)^T": "ᵀ", "->": "→",
-                  "sum_l ||W_l||^2": "Σ_l ‖W_l‖²", "dC/dz": "∂C/∂z", "da/dz": "∂a/∂z", "H(0)": "H(0)",
-                  "relu'": "relu′", "deltaL[n,p] = dC/dzL[n,p]": "δl[n,p] = ∂C/∂zl[n,p]"}
-
-
-def _unicode_note(s: str) -> str:
-    """A plain-ASCII note in the text rendering's Unicode notation."""
-    for ascii_, uni in sorted(_TEXT_NOTE_MAP.items(), key=lambda kv: -len(kv[0])):
-        s = s.replace(ascii_, uni)
-    return s
+_TEXT_COLUMN = 60  # shapes and notes line up here (longer formulas put them on the next line)
 
 
 def _render_text(doc: Explanation) -> str:
-    out = [f"{doc.title}: {_unicode_note(doc.summary)}",
+    out = [f"{doc.title}: {doc.summary}",
            "Cost  C = (1/N) Σ_n ℓ_n + (λ/2) Σ_l ‖W_l‖²   over a batch of N samples (index n).", ""]
     out.append("Shapes and parameters")
     header = ("layer", "type", "activation", "W", "b", "parameters", "z, a, δ")
@@ -589,15 +584,20 @@ def _render_text(doc: Explanation) -> str:
     for section in doc.sections:
         out += ["", section.title]
         if section.intro:
-            out.append("  " + _unicode_note(section.intro))
+            out.append("  " + section.intro)
         for block in section.blocks:
-            out.append("  " + _unicode_note(block.title))
+            out.append("  " + block.title)
             lines = [" = ".join(fmt(part) for part in eq.parts) for eq in block.equations]
-            col = min(max((len(s) for s in lines), default=0), 64)
+            col = min(max((len(s) for s in lines), default=0), _TEXT_COLUMN)
             for s, eq in zip(lines, block.equations):
-                tail = "  ".join(x for x in (eq.shape or "", _unicode_note(eq.note)) if x)
-                out.append(("    " + (s.ljust(col) + "    " + tail if tail else s)).rstrip())
-    out += ["", "Notation"] + ["  " + _unicode_note(line) for line in doc.legend]
+                tail = "  ".join(x for x in (eq.shape or "", eq.note) if x)
+                if not tail:
+                    out.append("    " + s)
+                elif len(s) <= col:
+                    out.append("    " + s.ljust(col) + "    " + tail)
+                else:
+                    out += ["    " + s, "    " + " " * (col + 4) + tail]
+    out += ["", "Notation"] + ["  " + line for line in doc.legend]
     return "\n".join(out)
 
 
@@ -613,8 +613,20 @@ _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
+_TEX_MATH = {"δ": r"\delta", "λ": r"\lambda", "∂": r"\partial", "Σ": r"\Sigma", "ℓ": r"\ell", "σ": r"\sigma",
+             "ᵀ": r"^{\top}", "⊙": r"\odot", "→": r"\to", "‖": r"\|", "·": r"\cdot", "′": "'", "…": r"\dots",
+             "×": r"\times", "⁰": "^0", "¹": "^1", "²": "^2", **{chr(0x2080 + k): f"_{k}" for k in range(10)}}
+
+
 def _tex_text(s: str) -> str:
-    return "".join(_TEX_SPECIAL.get(c, c) for c in s)
+    """Text for LaTeX: specials escaped, the notes' few math characters in math mode (ASCII out)."""
+    out = []
+    for c in s:
+        if c in _TEX_MATH:
+            out.append("$%s$" % _TEX_MATH[c])
+        else:
+            out.append(_TEX_SPECIAL.get(c, c))
+    return "".join(out).replace("$$", "")
 
 
 def _tex_shape(shape: str | None) -> str:
@@ -623,19 +635,23 @@ def _tex_shape(shape: str | None) -> str:
     return r"\text{%s}" % _tex_text(shape)
 
 
-def latex_equation(eq: Equation) -> str:
-    """One equation as an ``align`` row: ``lhs &= rhs = … && shape, note``."""
+def latex_equation(eq: Equation, ascii_only: bool = True) -> str:
+    """One equation as an ``align`` row: ``lhs &= rhs = … && \text{shape, note}``.
+
+    ``ascii_only`` puts the note's math characters in math mode (for pdflatex); otherwise
+    they stay Unicode, which MathJax and KaTeX show as they are (Markdown)."""
     parts = [latex(part) for part in eq.parts]
     row = parts[0] + " &= " + " = ".join(parts[1:])
     tail = ", ".join(x for x in (eq.shape, eq.note) if x)
     if tail:
-        row += r" && \text{%s}" % _tex_text(tail)
+        text = _tex_text(tail) if ascii_only else "".join(_TEX_SPECIAL.get(c, c) for c in tail)
+        row += r" && \text{%s}" % text
     return row
 
 
 def _render_latex(doc: Explanation, standalone: bool) -> str:
-    body = [f"% {doc.title}: {doc.summary}", "% Generated by symbp from the SymPy derivation.",
-            r"\noindent\textbf{%s.} %s." % (_tex_text(doc.title), _tex_text(doc.summary).replace("->", r"$\to$")),
+    body = [f"% {_tex_text(doc.title)}", "% Generated by symbp from the SymPy derivation.",
+            r"\noindent\textbf{%s.} %s." % (_tex_text(doc.title), _tex_text(doc.summary)),
             r"\[ C = \frac{1}{N} \sum_{n} \ell_{n} + \frac{\lambda}{2} \sum_{l} \lVert W^{(l)} \rVert^{2} \]", ""]
     body += [r"\begin{tabular}{lllllrl}", r"layer & type & activation & $W$ & $b$ & parameters & $z, a, \delta$ \\ \hline"]
     for r in doc.shapes:
@@ -660,7 +676,7 @@ def _render_latex(doc: Explanation, standalone: bool) -> str:
 
 
 def _render_markdown(doc: Explanation) -> str:
-    out = [f"# {doc.title}", "", f"{doc.summary.replace('->', '→')}.", "",
+    out = [f"# {doc.title}", "", f"{doc.summary}.", "",
            r"$$C = \frac{1}{N} \sum_{n} \ell_{n} + \frac{\lambda}{2} \sum_{l} \lVert W^{(l)} \rVert^{2}$$", "",
            "## Shapes and parameters", "",
            "| layer | type | activation | W | b | parameters | z, a, δ |", "|---|---|---|---|---|---:|---|"]
@@ -670,10 +686,10 @@ def _render_markdown(doc: Explanation) -> str:
     for section in doc.sections:
         out += [f"## {section.title}", ""]
         if section.intro:
-            out += [_unicode_note(section.intro), ""]
+            out += [section.intro, ""]
         for block in section.blocks:
-            out += [f"### {_unicode_note(block.title)}", "", "$$", r"\begin{aligned}"]
-            out.append(" \\\\\n".join(latex_equation(eq) for eq in block.equations))
+            out += [f"### {block.title}", "", "$$", r"\begin{aligned}"]
+            out.append(" \\\\\n".join(latex_equation(eq, ascii_only=False) for eq in block.equations))
             out += [r"\end{aligned}", "$$", ""]
-    out += ["## Notation", ""] + [f"- {_unicode_note(line)}" for line in doc.legend]
+    out += ["## Notation", ""] + [f"- {line}" for line in doc.legend]
     return "\n".join(out) + "\n"

@@ -34,6 +34,12 @@ from sympy.printing.mathml import MathMLPresentationPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
+
+def _basic(expr):
+    """A SymPy object for a printer: formulas already are; a bare number becomes one.
+    (Only internal objects reach the printers: no text is ever parsed here.)"""
+    return expr if isinstance(expr, sp.Basic) else sp.Number(expr)
+
 __all__ = [
     "MathMLPrinter", "LatexPrinter_", "MatVec", "Outer", "Partial", "Pre", "Prime", "TextPrinter", "Vec",
     "arrange", "latex", "mathml", "text",
@@ -113,6 +119,11 @@ def _weight(term) -> int:
     return count
 
 
+def _natural(term) -> list:
+    """w₉ before w₁₁: numbers in names compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(term)) if part]
+
+
 def _negative(term) -> bool:
     if term.is_Number:
         return bool(term < 0)
@@ -126,7 +137,9 @@ def _factor_rank(f) -> float:
         return 9  # denominators: printed below the line wherever they stand
     base = f.base if f.is_Pow else f
     if isinstance(base, sp.Symbol):
-        return 1 if _SCALAR_NAMES.match(base.name) else 2
+        if _SCALAR_NAMES.match(base.name):
+            return 1
+        return 1.9 if base.name.startswith("w_") else 2  # the scalar view's weights: w₅·h₁, as W·x
     if isinstance(base, (sp.Indexed, Vec, Pre)):
         return 2
     if isinstance(base, sp.KroneckerDelta):
@@ -152,7 +165,7 @@ def arrange(expr):
         return expr
     if isinstance(expr, sp.Add):
         terms = [arrange(t) for t in expr.as_ordered_terms()]
-        return sp.Add._from_args(sorted(terms, key=lambda t: (_negative(t), -_weight(t))))
+        return sp.Add._from_args(sorted(terms, key=lambda t: (_negative(t), -_weight(t), _natural(t))))
     args = [arrange(a) for a in expr.args]
     if isinstance(expr, sp.Mul):
         ordered = sorted(args, key=_factor_rank)
@@ -218,6 +231,11 @@ def _label_of(base) -> str:
     return str(base.label) if isinstance(base, sp.IndexedBase) else str(base)
 
 
+def _compound(expr) -> bool:
+    """Whether ∂(expr)/∂x would need parentheses: write ∂/∂x (expr) instead."""
+    return isinstance(expr, (sp.Add, sp.Mul, sp.Sum, sp.Pow))
+
+
 def _has_superscript(expr) -> bool:
     """A layer quantity (a⁽¹⁾ₙₚ) already carries a superscript: a power needs parentheses."""
     if isinstance(expr, sp.Indexed):
@@ -235,7 +253,7 @@ class TextPrinter(StrPrinter):
     _default_settings = {**StrPrinter._default_settings, "order": "none"}
 
     def doprint(self, expr):
-        return super().doprint(arrange(sp.sympify(expr)))
+        return super().doprint(arrange(_basic(expr)))
 
     def _print_Symbol(self, expr):
         name = expr.name
@@ -290,8 +308,8 @@ class TextPrinter(StrPrinter):
         text = self._product(numer) if numer else "1"
         if denom:
             below = self._product(denom)
-            if len(denom) > 1 or denom[0].is_Add or (denom[0].is_Mul):
-                below = "(" + below + ")"
+            if len(denom) > 1 or denom[0].is_Mul:
+                below = "(" + below + ")"  # a sum is already in parentheses
             text = text + "/" + below
         return ("-" if negative else "") + text
 
@@ -323,7 +341,9 @@ class TextPrinter(StrPrinter):
 
     def _print_Partial(self, expr):
         f, x = expr.args
-        return "∂%s/∂%s" % (self.parenthesize(f, PRECEDENCE["Mul"], strict=True), self._print(x))
+        if _compound(f):
+            return "∂/∂%s (%s)" % (self._print(x), self._print(f))
+        return "∂%s/∂%s" % (self._print(f), self._print(x))
 
     def _print_Prime(self, expr):
         name, arg = expr.args
@@ -362,7 +382,7 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
     _default_settings = {**LatexPrinter._default_settings, "order": "none"}
 
     def doprint(self, expr):
-        return super().doprint(arrange(sp.sympify(expr)))
+        return super().doprint(arrange(_basic(expr)))
 
     def _indices(self, indices) -> str:
         printed = [self._print(i) for i in indices]
@@ -414,10 +434,13 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
         negative, numer, denom = _mul_parts(expr)
         text = self._product(numer) if numer else "1"
         if denom:
-            if len(numer) == 1:
-                text = self._print(numer[0])
             below = self._print(denom[0]) if len(denom) == 1 else self._product(denom)
-            text = r"\frac{%s}{%s}" % (text, below)
+            if any(isinstance(f, Partial) for f in numer):  # no fraction inside a fraction: 1/N in front
+                text = r"\frac{1}{%s} %s" % (below, text)
+            else:
+                if len(numer) == 1:
+                    text = self._print(numer[0])
+                text = r"\frac{%s}{%s}" % (text, below)
         return ("- " if negative else "") + text
 
     def _print_Pow(self, expr):
@@ -462,7 +485,9 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
 
     def _print_Partial(self, expr):
         f, x = expr.args
-        return r"\frac{\partial %s}{\partial %s}" % (self.parenthesize(f, PRECEDENCE["Mul"], strict=True), self._print(x))
+        if _compound(f):
+            return r"\frac{\partial}{\partial %s} \left(%s\right)" % (self._print(x), self._print(f))
+        return r"\frac{\partial %s}{\partial %s}" % (self._print(f), self._print(x))
 
     def _print_Prime(self, expr):
         name, arg = expr.args
@@ -500,7 +525,7 @@ class MathMLPrinter(MathMLPresentationPrinter):
     _default_settings = {**MathMLPresentationPrinter._default_settings, "order": "none"}
 
     def doprint(self, expr):
-        return super().doprint(arrange(sp.sympify(expr)))
+        return super().doprint(arrange(_basic(expr)))
 
     # -- helpers -----------------------------------------------------------------------
     def _el(self, tag: str, *children, text: str | None = None, **attrs) -> Element:
@@ -615,10 +640,13 @@ class MathMLPrinter(MathMLPresentationPrinter):
         negative, numer, denom = _mul_parts(expr)
         body = self._product(numer) if numer else self._el("mn", text="1")
         if denom:
-            if len(numer) == 1:
-                body = self._print(numer[0])
             below = self._print(denom[0]) if len(denom) == 1 else self._product(denom)
-            body = self._el("mfrac", body, below)
+            if any(isinstance(f, Partial) for f in numer):  # no fraction inside a fraction: 1/N in front
+                body = self._row(self._el("mfrac", self._el("mn", text="1"), below), self._mo("\u2062"), body)
+            else:
+                if len(numer) == 1:
+                    body = self._print(numer[0])
+                body = self._el("mfrac", body, below)
         return self._row(self._mo("−"), body) if negative else body
 
     def _print_Pow(self, e):
@@ -679,8 +707,10 @@ class MathMLPrinter(MathMLPresentationPrinter):
     # -- notation nodes ----------------------------------------------------------------
     def _print_Partial(self, e):
         f, x = e.args
-        return self._el("mfrac", self._row(self._mo("∂"), self._paren(f, PRECEDENCE["Mul"])),
-                        self._row(self._mo("∂"), self._print(x)))
+        if _compound(f):
+            frac = self._el("mfrac", self._mo("∂"), self._row(self._mo("∂"), self._print(x)))
+            return self._row(frac, self._parens(self._print(f)))
+        return self._el("mfrac", self._row(self._mo("∂"), self._print(f)), self._row(self._mo("∂"), self._print(x)))
 
     def _print_Prime(self, e):
         name, arg = e.args
@@ -729,6 +759,6 @@ def mathml(expr, display: str | None = None) -> str:
 
 def activation_letter(activation) -> sp.Symbol:
     """The name f′ reads with: σ for sigmoid, tanh, relu, …; f for a custom formula."""
-    if getattr(activation, "custom", True):
+    if getattr(activation, "custom", True) or activation.is_identity:
         return sp.Symbol("f")
     return sp.Symbol(_ACTIVATION_NAMES.get(activation.name, activation.name))

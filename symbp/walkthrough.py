@@ -1,0 +1,717 @@
+"""A worked example: one sample through the network, every number checked.
+
+:func:`walkthrough` evaluates the derivation's own index formulas — the forward pass, the
+loss, δ for every unit from the output layer back, and every parameter gradient — on one
+sample, and checks each δ and each gradient against finite differences of the cost
+(perturbing the unit's z, or the parameter, and running the forward formulas again).
+Given a compiled :class:`~symbp.model.Model`, it also compares the outputs, the loss and the
+gradients with what the generated kernels compute.
+
+:func:`evaluate` is the small interpreter underneath: it evaluates an index expression
+(``Indexed``, ``Sum`` and elementwise functions) with NumPy, one labelled axis per index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy as sp
+from scipy.special import expit
+
+from .derive import Derivation, derive
+from .derive import l2 as l2_symbol
+from .indices import N, i, n, p, q
+from .network import Network
+
+__all__ = ["Check", "Walkthrough", "evaluate", "walkthrough"]
+
+#: NumPy versions of the functions symbp's formulas use beyond NumPy's own.
+NUMPY_FUNCTIONS = {
+    "sigmoid": expit,
+    "softplus": lambda x: np.logaddexp(0.0, x),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "leaky_relu": lambda x, s: np.where(x > 0, x, s * x),
+    "elu": lambda x, alpha: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0))),
+}
+
+_NON_SMOOTH = (sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign, sp.Max, sp.Min)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating index expressions
+# --------------------------------------------------------------------------------------------
+_PLANS: dict = {}
+
+
+def _align(values: list[tuple[np.ndarray, tuple]]) -> tuple[list[np.ndarray], tuple]:
+    """Broadcast labelled arrays against each other: one axis per distinct index."""
+    axes: list = []
+    for _, ax in values:
+        for a in ax:
+            if a not in axes:
+                axes.append(a)
+    out = []
+    for arr, ax in values:
+        arr = np.asarray(arr, dtype=np.float64)
+        if not ax:
+            out.append(arr)
+            continue
+        present = [a for a in axes if a in ax]
+        arr = np.transpose(arr, [ax.index(a) for a in present])
+        out.append(arr.reshape([arr.shape[present.index(a)] if a in ax else 1 for a in axes]))
+    return out, tuple(axes)
+
+
+def _plan(e):
+    """A function env → (array, axes) evaluating ``e``, built once per expression."""
+    if e in _PLANS:
+        return _PLANS[e]
+    if isinstance(e, sp.Indexed):
+        label = str(e.base.label)
+        sl, axes = [], []
+        for ix in e.indices:
+            if ix.is_Integer:
+                sl.append(int(ix))
+            elif isinstance(ix, sp.Symbol) and ix not in axes:
+                sl.append(slice(None))
+                axes.append(ix)
+            else:
+                raise NotImplementedError(f"cannot evaluate the index {ix} in {e}")
+        sl, axes, rank = tuple(sl), tuple(axes), len(e.indices)
+
+        def run(env):
+            if label not in env:
+                raise KeyError(f"no value for {label} (needed by {e})")
+            arr = env[label]
+            if arr.ndim != rank:
+                raise ValueError(f"{label} has {arr.ndim} axes but is indexed as {e}")
+            return arr[sl], axes
+    elif isinstance(e, sp.Sum):
+        body = _plan(e.function)
+        for _, lo, hi in e.limits:
+            free = (lo.free_symbols | hi.free_symbols) if isinstance(lo, sp.Basic) else set()
+            if free:
+                raise ValueError(f"cannot evaluate {e}: no value for {', '.join(sorted(map(str, free)))}")
+        limits = [(s, int(lo), int(hi)) for s, lo, hi in e.limits]
+
+        def run(env):
+            val, axes = body(env)
+            for s, lo, hi in limits:
+                if s in axes:
+                    ax = axes.index(s)
+                    val = np.take(val, np.arange(lo, hi + 1), axis=ax).sum(axis=ax)
+                    axes = axes[:ax] + axes[ax + 1:]
+                else:
+                    val = val * (hi - lo + 1)
+            return val, axes
+    elif not e.has(sp.Indexed):
+        free = e.free_symbols
+        if free:
+            raise ValueError(f"cannot evaluate {e}: no value for {', '.join(sorted(map(str, free)))}")
+        const = (np.asarray(float(e)), ())
+
+        def run(env):
+            return const
+    else:
+        subs, parts = {}, []
+
+        def strip(x):
+            if isinstance(x, (sp.Indexed, sp.Sum)):
+                if x not in subs:
+                    subs[x] = sp.Dummy(f"v{len(subs)}")
+                    parts.append(x)
+                return subs[x]
+            if not x.args:
+                return x
+            return x.func(*[strip(a) for a in x.args])
+
+        skeleton = strip(e)
+        fn = sp.lambdify([subs[x] for x in parts], skeleton, modules=[NUMPY_FUNCTIONS, "numpy"])
+        children = [_plan(x) for x in parts]
+
+        def run(env):
+            arrays, axes = _align([c(env) for c in children])
+            return np.asarray(fn(*arrays), dtype=np.float64), axes
+    _PLANS[e] = run
+    return run
+
+
+def _ev(e, env: Mapping[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
+    return _plan(e)(env)
+
+
+def evaluate(expr: sp.Expr, env: Mapping[str, np.ndarray], order: tuple = (), values: Mapping | None = None) -> np.ndarray:
+    """Evaluate an index expression with NumPy.
+
+    Parameters
+    ----------
+    expr : sympy.Expr
+        Built from ``Indexed`` quantities, ``Sum`` over index ranges and elementwise functions.
+    env : mapping of str to numpy.ndarray
+        Arrays by indexed-base label (``"W1"``, ``"x"``, ``"delta2"``).
+    order : tuple of index symbols
+        The free indices of the result, in the order of its axes.
+    values : mapping, optional
+        Numbers for the remaining symbols (widths ``d_l``, ``N``, ``lambda``).
+
+    Examples
+    --------
+    >>> import numpy as np, sympy as sp
+    >>> from symbp.indices import i, j
+    >>> W, x = sp.IndexedBase("W"), sp.IndexedBase("x")
+    >>> evaluate(sp.Sum(W[i, j] * x[j], (j, 0, 1)), {"W": np.eye(2), "x": np.array([3.0, 4.0])}, (i,))
+    array([3., 4.])
+    """
+    e = expr.subs(values) if values else expr
+    val, axes = _ev(e, env)
+    missing = [a for a in axes if a not in order]
+    if missing:
+        raise ValueError(f"{expr} has free indices {missing} beyond {order}")
+    present = [a for a in order if a in axes]
+    val = np.transpose(val, [axes.index(a) for a in present]) if axes else val
+    if len(present) == len(order):
+        return np.asarray(val, np.float64)
+    # constant along some output index (a bias has no n): give it that axis
+    shape = [val.shape[present.index(a)] if a in present else 1 for a in order]
+    return np.asarray(val, np.float64).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The worked example
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Check:
+    """One derived number next to its finite-difference estimate (and the kernels' value)."""
+
+    label: str  # "δ o₁", "∂C/∂w₅"
+    entry: str  # "delta2[0]", "W2[0,0]"
+    value: float  # from the derivation's formula
+    numeric: float  # finite differences
+    error: float  # relative difference
+    kernel: float | None = None  # the generated kernels' value, when a model was given
+    kernel_error: float | None = None
+    status: str = "ok"  # "ok", "FAILED", "kink" (at a non-differentiable point), "unchecked"
+    theta: float | None = None  # the parameter's value (gradients only)
+
+
+@dataclass
+class Walkthrough:
+    """One sample's forward values, δs and gradients, each checked; ``print(w)`` shows the tables.
+
+    Attributes
+    ----------
+    x, t : numpy.ndarray
+        The sample and its target row (one-hot for softmax cross-entropy).
+    params : dict of str to numpy.ndarray
+        The parameters used (float64).
+    z, a, delta : list of numpy.ndarray
+        Per layer (index 0 is layer 1), one value per unit.
+    loss : float
+        C for this sample, l2 term included.
+    grads : dict of str to numpy.ndarray
+        ∂C/∂θ from the derivation's formulas, keys as in ``params``.
+    checks : list of Check
+        Every δ and every gradient entry against finite differences (and the kernels).
+    """
+
+    network: Network
+    derivation: Derivation
+    x: np.ndarray
+    t: np.ndarray
+    params: dict
+    z: list
+    a: list
+    delta: list
+    loss: float
+    grads: dict
+    checks: list = field(default_factory=list)
+    unit_names: list = field(default_factory=list)  # per layer (0: inputs), per unit
+    param_names: dict = field(default_factory=dict)  # (name, flat index) -> "w₅"
+    kernel_loss: float | None = None
+    kernel_output: np.ndarray | None = None
+    tolerance: float = 1e-6
+    max_rows: int = 16
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative difference of any checked number."""
+        errs = [c.error for c in self.checks if c.status in ("ok", "FAILED")]
+        errs += [c.kernel_error for c in self.checks if c.kernel_error is not None]
+        return max(errs, default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        """True when every checked number agreed (kinks excepted)."""
+        return all(c.status != "FAILED" for c in self.checks)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    def table(self, fmt: str = "text") -> str:
+        """The worked example as tables: ``fmt="text"`` (aligned columns) or ``"markdown"``."""
+        if fmt not in ("text", "markdown"):
+            raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
+        return _render(self, fmt)
+
+    def to_markdown(self) -> str:
+        return self.table("markdown")
+
+    def graph(self, collapse: bool | None = None):
+        """The computational graph of this sample, edges labelled with its values and
+        gradients (see :mod:`symbp.graph`)."""
+        from .graph import graph
+
+        return graph(self, collapse=collapse)
+
+
+def _as_network(obj):
+    from .model import Model
+
+    if isinstance(obj, Model):
+        return obj.network, obj
+    if isinstance(obj, Network):
+        return obj, None
+    raise TypeError(f"walkthrough() takes a symbp Network or a compiled Model, got {type(obj).__name__}")
+
+
+def _vector(value, size: int, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be numbers, got {value!r}") from None
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 0 and size == 1:
+        arr = arr.reshape(1)
+    if arr.shape != (size,):
+        raise ValueError(f"{what} must hold {size} number{'s' if size != 1 else ''} (one sample), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} must be finite, got {arr.tolist()}")
+    return arr
+
+
+def _target(net: Network, t) -> np.ndarray:
+    K = net.outputs
+    if net.loss.task == "multiclass":
+        arr = np.asarray(t)
+        if arr.ndim == 0 or (arr.ndim == 1 and arr.size == 1 and K != 1):
+            if not np.issubdtype(arr.dtype, np.integer) and not float(arr.reshape(-1)[0]).is_integer():
+                raise ValueError(f"t must be a class label 0..{K - 1} or a one-hot row of {K}, got {t!r}")
+            label = int(arr.reshape(-1)[0])
+            if not 0 <= label < K:
+                raise ValueError(f"t = {label} is not a class label 0..{K - 1}")
+            return np.eye(K)[label]
+        return _vector(t, K, "t (the target row)")
+    row = _vector(t, K, "t (the target)")
+    if net.loss.task == "binary" and (np.any(row < 0) or np.any(row > 1)):
+        raise ValueError(f"binary cross-entropy targets must lie in [0, 1], got {row.tolist()}")
+    return row
+
+
+def check_params(net: Network, params) -> dict[str, np.ndarray]:
+    """``params`` as float64 arrays with the network's shapes; errors name the parameter."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of name -> array (keys {', '.join(net.param_shapes())}), "
+                        f"got {type(params).__name__}")
+    shapes = net.param_shapes()
+    unknown = sorted(set(params) - set(shapes))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r}; this network has {', '.join(shapes)}")
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise ValueError(f"params is missing {', '.join(missing)} (give every parameter: {', '.join(shapes)})")
+    out = {}
+    for name, shape in shapes.items():
+        try:
+            arr = np.array(params[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"params[{name!r}] must be numbers, got {params[name]!r}") from None
+        if arr.shape != shape:
+            raise ValueError(f"params[{name!r}] has shape {arr.shape}, expected {shape}"
+                             + (" (W is (out, in))" if name.startswith("W") else ""))
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"params[{name!r}] must be finite")
+        out[name] = arr
+    return out
+
+
+class _Evaluator:
+    """The derivation's formulas on one sample: forward, loss, δs and gradients."""
+
+    def __init__(self, d: Derivation) -> None:
+        self.d = d
+        net = d.network
+        self.values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: w for l, w in enumerate(net.widths)}}
+        fixed = lambda e: e.subs(self.values)  # noqa: E731
+        self.forward = [(fixed(ld.forward), fixed(ld.output)) for ld in d.layers]
+        self.per_sample = fixed(d.loss.per_sample)
+        self.definitions = {str(b.label): fixed(e) for b, e in d.loss.definitions.items()}
+        self.deltas = {ld.index: fixed(ld.delta_formula) for ld in d.layers}
+        self.grads = {(key, ld.index): fixed(g) for ld in d.layers for key, g in ld.grads.items()}
+
+    def run_forward(self, env: dict, start: int = 1, z_start: np.ndarray | None = None) -> float:
+        """Fill z, a from layer ``start`` on (with ``z_start`` as that layer's z if given) and
+        return the cost C of the sample."""
+        for ld, (fwd, out) in zip(self.d.layers[start - 1:], self.forward[start - 1:]):
+            l = ld.index
+            env[f"z{l}"] = z_start if (l == start and z_start is not None) else evaluate(fwd, env, (n, i))
+            env[f"a{l}"] = evaluate(out, env, (n, i))
+        env["y"] = env[f"a{len(self.d.layers)}"]
+        ell = evaluate(self.per_sample, env, (n,))
+        penalty = 0.5 * self.d.network.l2 * sum(float(np.sum(env[f"W{ld.index}"] ** 2)) for ld in self.d.layers)
+        return float(np.mean(ell)) + penalty
+
+    def run_backward(self, env: dict) -> None:
+        for name, definition in self.definitions.items():
+            env[name] = evaluate(definition, env, (n, p))
+        for ld in reversed(self.d.layers):
+            env[f"delta{ld.index}"] = evaluate(self.deltas[ld.index], env, (n, p))
+
+    def gradient(self, env: dict, key: str, l: int) -> np.ndarray:
+        return evaluate(self.grads[(key, l)], env, (p, q) if key == "W" else (p,))
+
+
+def _five_point(f, h: float) -> float:
+    return (f(-2 * h) - 8 * f(-h) + 8 * f(h) - f(2 * h)) / (12 * h)
+
+
+def _rel(a: float, b: float, scale: float) -> float:
+    return abs(a - b) / max(abs(a) + abs(b), scale)
+
+
+def walkthrough(
+    net,
+    x=None,
+    t=None,
+    params: Mapping | None = None,
+    seed: int | None = 0,
+    h: float = 1e-3,
+    tolerance: float = 1e-6,
+    max_checks: int | None = None,
+) -> Walkthrough:
+    """One sample's forward values, δ per unit and every parameter gradient, each checked.
+
+    Parameters
+    ----------
+    net : Network or Model
+        With a compiled :class:`~symbp.model.Model` the kernels' outputs, loss and gradients
+        are compared too, and its parameters are the default.
+    x, t : array-like, optional
+        The sample (``inputs`` numbers) and its target (a class label or one-hot row for
+        softmax cross-entropy, ``outputs`` numbers otherwise); random with ``seed`` if None.
+    params : dict, optional
+        Every parameter (``W1, b1, …``; ``W`` is (out, in)); the default initialisation with
+        ``seed`` if None.
+    h : float
+        Finite-difference step of the five-point stencil (float64 throughout).
+    tolerance : float
+        Largest accepted relative difference.
+    max_checks : int, optional
+        Entries of each parameter checked by finite differences; all of them by default for
+        networks of up to 500 parameters, else 64 per parameter, chosen with ``seed``.
+
+    Returns
+    -------
+    Walkthrough
+        ``print(w)`` shows the tables; ``w.ok`` says whether every check passed.
+
+    Examples
+    --------
+    The classic 2-2-2 sigmoid network with the MSE loss:
+
+    >>> import symbp as sb
+    >>> from symbp.walkthrough import walkthrough
+    >>> net = sb.Network(inputs=2, layers=[sb.Dense(2, activation="sigmoid"), sb.Dense(2, activation="sigmoid")],
+    ...                  loss="mse")
+    >>> w = walkthrough(net, x=[0.05, 0.10], t=[0.01, 0.99],
+    ...                 params={"W1": [[0.15, 0.20], [0.25, 0.30]], "b1": [0.35, 0.35],
+    ...                         "W2": [[0.40, 0.45], [0.50, 0.55]], "b2": [0.60, 0.60]})
+    >>> round(w.loss, 9), round(float(w.grads["W2"][0, 0]), 9), w.ok
+    (0.298371109, 0.082167041, True)
+    """
+    net, model = _as_network(net)
+    for name, value in (("h", h), ("tolerance", tolerance)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if max_checks is not None and (isinstance(max_checks, bool) or not isinstance(max_checks, int) or max_checks < 1):
+        raise ValueError(f"max_checks must be a whole number >= 1, got {max_checks!r}")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 1.0, net.inputs) if x is None else _vector(x, net.inputs, "x (one sample's inputs)")
+    if t is None:
+        K = net.outputs
+        t = {"multiclass": lambda: np.eye(K)[rng.integers(0, K)], "binary": lambda: rng.integers(0, 2, K).astype(float)
+             }.get(net.loss.task, lambda: rng.normal(0.0, 1.0, K))()
+    else:
+        t = _target(net, t)
+    if params is None:
+        source = model.params if model is not None else net.init_params(seed, np.dtype(np.float64))
+        params = {k: np.asarray(v, np.float64).copy() for k, v in source.items()}
+    params = check_params(net, params)
+    d = model.derivation if model is not None else derive(net)
+    ev = _Evaluator(d)
+    env = {"x": x[None, :], "t": t[None, :], **params}
+    loss = ev.run_forward(env)
+    ev.run_backward(env)
+    L = len(d.layers)
+    z = [env[f"z{l}"][0].copy() for l in range(1, L + 1)]
+    a = [env[f"a{l}"][0].copy() for l in range(1, L + 1)]
+    delta = [env[f"delta{l}"][0].copy() for l in range(1, L + 1)]
+    grads = {}
+    for ld in d.layers:
+        for key in ld.grads:
+            grads[f"{key}{ld.index}"] = ev.gradient(env, key, ld.index)
+
+    names, pnames = _names(d)
+    w = Walkthrough(net, d, x, t, params, z, a, delta, loss, grads, unit_names=names, param_names=pnames,
+                    tolerance=tolerance)
+    scale = 1e-5 * max(1.0, abs(loss))  # a δ or gradient far below the cost is judged against this
+    kinks = _kinks(d, z, h)
+
+    def cost_with(mutate) -> float:
+        trial = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in env.items()}
+        start, z_start = mutate(trial)
+        return ev.run_forward(trial, start, z_start)
+
+    for ld in reversed(d.layers):
+        l = ld.index
+        for u in range(net.widths[l]):
+            def shifted(s, l=l, u=u):
+                def mutate(trial):
+                    zz = env[f"z{l}"].copy()
+                    zz[0, u] += s
+                    return l, zz
+                return cost_with(mutate)
+
+            num = _five_point(shifted, h * max(1.0, abs(z[l - 1][u])))
+            val = float(delta[l - 1][u])
+            err = _rel(val, num, scale)
+            status = "ok" if err <= tolerance else ("kink" if (l, u) in kinks else "FAILED")
+            w.checks.append(Check(f"δ {names[l][u]}", f"delta{l}[{u}]", val, num, err, status=status))
+    total = sum(v.size for v in params.values())
+    limit = max_checks if max_checks is not None else (None if total <= 500 else 64)
+    for name, value in params.items():
+        flat_idx = np.arange(value.size)
+        if limit is not None and value.size > limit:
+            flat_idx = np.sort(rng.choice(value.size, limit, replace=False))
+        checked = set(flat_idx.tolist())
+        for k in range(value.size):
+            entry = _entry(name, value.shape, k)
+            val = float(grads[name].reshape(-1)[k])
+            theta = float(value.reshape(-1)[k])
+            if k not in checked:
+                w.checks.append(Check(f"∂C/∂{pnames.get((name, k), entry)}", entry, val, float("nan"), float("nan"),
+                                      status="unchecked", theta=theta))
+                continue
+
+            def shifted(s, name=name, k=k):
+                def mutate(trial):
+                    arr = trial[name].copy()
+                    arr.reshape(-1)[k] += s
+                    trial[name] = arr
+                    return 1, None
+                return cost_with(mutate)
+
+            num = _five_point(shifted, h * max(1.0, abs(theta)))
+            err = _rel(val, num, scale)
+            status = "ok" if err <= tolerance else ("kink" if kinks else "FAILED")
+            w.checks.append(Check(f"∂C/∂{pnames.get((name, k), entry)}", entry, val, num, err, status=status, theta=theta))
+    if model is not None:
+        _compare_kernels(w, model)
+    return w
+
+
+def _compare_kernels(w: Walkthrough, model) -> None:
+    """The generated kernels on the same sample: outputs, loss and every gradient."""
+    net = w.network
+    saved = model.params
+    model.params = {k: v.astype(model.dtype) for k, v in w.params.items()}
+    try:
+        X = w.x[None, :]
+        T = w.t[None, :]
+        w.kernel_output = np.asarray(model.decision_function(X), np.float64)[0]
+        kloss, kgrads = model.loss_and_grads(X, T)
+    finally:
+        model.params = saved
+    w.kernel_loss = float(kloss)
+    tol = 1e-4 if model.dtype == np.float32 else 1e-9
+    scale = (1e-6 if model.dtype == np.float32 else 1e-12) * max(1.0, abs(w.loss))
+    for c in w.checks:
+        if c.entry.startswith(("W", "b")):
+            name = c.entry.split("[")[0]
+            idx = _unentry(c.entry, net.param_shapes()[name])
+            c.kernel = float(np.asarray(kgrads[name], np.float64)[idx])
+            c.kernel_error = _rel(c.value, c.kernel, scale)
+            if c.kernel_error > tol:
+                c.status = "FAILED"
+    w.kernel_tolerance = tol
+
+
+def _entry(name: str, shape: tuple, k: int) -> str:
+    idx = np.unravel_index(k, shape)
+    return f"{name}[{','.join(str(int(v)) for v in idx)}]"
+
+
+def _unentry(entry: str, shape: tuple) -> tuple:
+    inside = entry[entry.index("[") + 1 : -1]
+    return tuple(int(v) for v in inside.split(","))
+
+
+def _kinks(d: Derivation, z: list, h: float) -> set:
+    """Units whose activation has a kink within reach of the finite-difference stencil."""
+    out = set()
+    for ld in d.layers:
+        deriv = ld.layer.activation.derivative
+        if any(deriv.has(f) for f in _NON_SMOOTH):
+            for u, value in enumerate(z[ld.index - 1]):
+                if abs(value) <= 4 * h * max(1.0, abs(value)):
+                    out.add((ld.index, u))
+    return out
+
+
+def _names(d: Derivation) -> tuple[list, dict]:
+    """Unit and parameter names: the scalar view's (x₁, h₁, w₅) for small networks, else
+    indexed (a1[3], W1[3,2])."""
+    from .explain import MAX_SCALAR_UNITS, scalar_names
+    from .printing import text
+
+    net = d.network
+    if max(net.widths) <= MAX_SCALAR_UNITS:
+        sn = scalar_names(d)
+        units = [[text(u) for u in layer] for layer in sn.units]
+        pnames = {}
+        for (l, u, j), sym in sn.weights.items():
+            pnames[(f"W{l}", u * net.widths[l - 1] + j)] = text(sym)
+        for (l, u), sym in sn.biases.items():
+            pnames[(f"b{l}", u)] = text(sym)
+        return units, pnames
+    units = [[f"x[{u}]" for u in range(net.widths[0])]]
+    units += [[f"a{l}[{u}]" for u in range(w)] for l, w in enumerate(net.widths[1:], 1)]
+    return units, {}
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def _num(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isnan(v):
+        return "—"
+    return f"{float(v):.9g}"
+
+
+def _err(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.1e}"
+
+
+_MARK = {"ok": "✓", "FAILED": "✗ FAILED", "kink": "~ kink", "unchecked": "not checked"}
+
+
+def _grid(rows: list[list[str]], fmt: str, right: set) -> list[str]:
+    if fmt == "markdown":
+        head = "| " + " | ".join(rows[0]) + " |"
+        rule = "|" + "|".join("---:" if c in right else "---" for c in range(len(rows[0]))) + "|"
+        return [head, rule] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [cell.rjust(widths[c]) if c in right else cell.ljust(widths[c]) for c, cell in enumerate(r)]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+def _render(w: Walkthrough, fmt: str) -> str:
+    net = w.network
+    L = len(w.derivation.layers)
+    md = fmt == "markdown"
+    h = (lambda s: f"**{s}**") if md else (lambda s: s)
+    vec = lambda v: "[" + ", ".join(_num(float(x)) for x in v) + "]"  # noqa: E731
+    out = [h(f"Worked example: {net.name} ({' → '.join(map(str, net.widths))}, loss {net.loss.name}), one sample"),
+           ""]
+    out.append(f"{'  ' if not md else ''}x = {vec(w.x)}    t = {vec(w.t)}" + (f"    λ = {net.l2:g}" if net.l2 else ""))
+    out += ["", h("Forward pass")]
+    rows = [["layer", "unit", "z", "a = f(z)"]]
+    for l in range(1, L + 1):
+        units = range(len(w.z[l - 1]))
+        for u in list(units)[: w.max_rows]:
+            rows.append([str(l), w.unit_names[l][u], _num(float(w.z[l - 1][u])), _num(float(w.a[l - 1][u]))])
+        if len(units) > w.max_rows:
+            rows.append([str(l), f"… {len(units) - w.max_rows} more", "", ""])
+    out += _grid(rows, fmt, {2, 3})
+    out.append("")
+    loss_line = f"cost C = {_num(w.loss)}" + (" (l2 term included)" if net.l2 else "")
+    if w.kernel_loss is not None:
+        loss_line += f"; generated kernels: {_num(w.kernel_loss)}"
+    if w.kernel_output is not None:
+        diff = float(np.max(np.abs(w.kernel_output - w.a[-1])))
+        loss_line += f"; kernels' outputs differ by at most {diff:.1e}"
+    out += [("  " if not md else "") + loss_line, ""]
+    out.append(h("Backward pass: δ = ∂C/∂z per unit, from the output layer back, against finite differences of C"))
+    rows = [["layer", "unit", "δ", "finite difference", "rel. error", ""]]
+    deltas = [c for c in w.checks if c.entry.startswith("delta")]
+    per_layer: dict = {}
+    for c in deltas:
+        l = int(c.entry[5 : c.entry.index("[")])
+        per_layer.setdefault(l, []).append(c)
+    for l in sorted(per_layer, reverse=True):
+        cs = per_layer[l]
+        for c in cs[: w.max_rows]:
+            rows.append([str(l), c.label[2:], _num(c.value), _num(c.numeric), _err(c.error), _MARK[c.status]])
+        if len(cs) > w.max_rows:
+            rest = cs[w.max_rows:]
+            rows.append([str(l), f"… {len(rest)} more", "", "", _err(max(c.error for c in rest)), _summary(rest)])
+    out += _grid(rows, fmt, {2, 3, 4})
+    out += ["", h("Parameter gradients ∂C/∂θ against finite differences"
+                  + (" and the generated kernels" if w.kernel_loss is not None else ""))]
+    head = ["θ", "entry", "value", "∂C/∂θ", "finite difference", "rel. error"]
+    if w.kernel_loss is not None:
+        head += ["kernels", "rel. error"]
+    rows = [head + [""]]
+    grads = [c for c in w.checks if not c.entry.startswith("delta")]
+    by_param: dict = {}
+    for c in grads:
+        by_param.setdefault(c.entry.split("[")[0], []).append(c)
+    for name, cs in by_param.items():
+        for c in cs[: w.max_rows]:
+            label = c.label[len("∂C/∂"):]
+            row = [label if label != c.entry else name, c.entry, _num(c.theta), _num(c.value), _num(c.numeric),
+                   _err(c.error)]
+            if w.kernel_loss is not None:
+                row += [_num(c.kernel), _err(c.kernel_error)]
+            rows.append(row + [_MARK[c.status]])
+        if len(cs) > w.max_rows:
+            rest = cs[w.max_rows:]
+            row = [name, f"… {len(rest)} more", "", "", "", _err(max((c.error for c in rest if c.status != "unchecked"),
+                                                                    default=float("nan")))]
+            if w.kernel_loss is not None:
+                row += ["", _err(max((c.kernel_error or 0.0) for c in rest))]
+            rows.append(row + [_summary(rest)])
+    out += _grid(rows, fmt, {2, 3, 4, 5, 6, 7})
+    out.append("")
+    n_checked = sum(c.status in ("ok", "FAILED", "kink") for c in w.checks)
+    verdict = "all agree" if w.ok else "SOME DISAGREE"
+    out.append(("  " if not md else "") + f"{n_checked} numbers checked against five-point finite differences "
+               f"(tolerance {w.tolerance:g}): {verdict}; largest relative difference {w.max_error:.1e}.")
+    if any(c.status == "kink" for c in w.checks):
+        out.append(("  " if not md else "") + "~ kink: a unit sits at a kink of its activation (z ≈ 0), where finite "
+                   "differences average the one-sided slopes.")
+    return "\n".join(out)
+
+
+def _summary(checks: list) -> str:
+    statuses = {c.status for c in checks}
+    if statuses <= {"ok"}:
+        return "all ✓"
+    if "FAILED" in statuses:
+        return "✗ some FAILED"
+    if statuses == {"unchecked"}:
+        return "not checked"
+    return "✓ (" + ", ".join(sorted(s for s in statuses if s != "ok")) + ")"
