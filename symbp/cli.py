@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 TRAIN_DEFAULTS = {"data": "digits", "epochs": 20, "batch_size": 32, "lr": 0.1, "seed": 0,
-                  "dtype": "float32", "test_size": 0.25}
+                  "dtype": "float32", "test_size": 0.25, "optimizer": "sgd", "optimizer_params": {}}
 WALKTHROUGH_KEYS = ("x", "t", "seed", "params")
 
 
@@ -96,16 +96,79 @@ def _train(args) -> int:
     start = time.perf_counter()
     net = network_from_spec(cfg)
     Xtr, Xte, ytr, yte = load_data(opts["data"], opts["seed"], opts["test_size"])
+    if args.optimizer is not None:
+        opts["optimizer"], opts["optimizer_params"] = parse_optimizer(args.optimizer)
+    optimizer = make_optimizer(opts["optimizer"], {"lr": opts["lr"], **opts["optimizer_params"]})
     model = sb.compile(net, dtype=opts["dtype"], seed=opts["seed"])
-    history = model.fit(Xtr, ytr, optimizer=sb.SGD(lr=opts["lr"]), batch_size=opts["batch_size"],
+    history = model.fit(Xtr, ytr, optimizer=optimizer, batch_size=opts["batch_size"],
                         epochs=opts["epochs"], validation_data=(Xte, yte), seed=opts["seed"], progress=not args.quiet)
     elapsed = time.perf_counter() - start
+    if args.plot:
+        import matplotlib.pyplot as plt
+
+        plt.close(history.plot(args.plot, title=f"{net.name}: {optimizer.describe()}"))
+        print(f"curves: {args.plot}")
+    if args.save:
+        print(f"checkpoint: {model.save(args.save)}")
     print(f"model: {net!r}")
     print(f"kernels: {model.source_path}")
     for key, values in history.history.items():
         print(f"final {key}: {values[-1]:.4f}")
     print(f"held-out score: {model.score(Xte, yte):.4f}  ({len(yte)} samples)")
     print(f"time: {elapsed:.1f} s (derive, generate, JIT and {opts['epochs']} epochs)")
+    return 0
+
+
+def make_optimizer(name: str, params: dict):
+    """An optimizer from its name (sgd, adam, ...) and keyword arguments; errors name both."""
+    import symbp as sb
+
+    kinds = {"sgd": sb.SGD, "adagrad": sb.Adagrad, "rmsprop": sb.RMSprop, "adam": sb.Adam, "adamw": sb.AdamW}
+    if str(name).lower() not in kinds:
+        raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(kinds)})")
+    if not isinstance(params, dict):
+        raise ValueError(f"optimizer_params must be a table, got {params!r}")
+    try:
+        return kinds[str(name).lower()](**params)
+    except TypeError as err:
+        raise ValueError(f"optimizer {name}: {err}") from None
+
+
+def parse_optimizer(text: str) -> tuple[str, dict]:
+    """``"adam:lr=0.05,amsgrad=true"`` → ("adam", {"lr": 0.05, "amsgrad": True})."""
+    name, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"optimizer {text!r}: expected name:key=value,..., got {item!r}")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            params[key.strip()] = low == "true"
+        else:
+            try:
+                params[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"optimizer {text!r}: {key.strip()} must be a number, got {value!r}") from None
+    return name.strip(), params
+
+
+def _paths(args) -> int:
+    import matplotlib.pyplot as plt
+
+    from .paths import SURFACES, plot_paths, run_paths
+
+    optimizers = [make_optimizer(*parse_optimizer(spec)) for spec in args.optimizer] or [
+        make_optimizer("sgd", {"lr": 1e-3}), make_optimizer("sgd", {"lr": 1e-3, "momentum": 0.9}),
+        make_optimizer("rmsprop", {"lr": 1e-2}), make_optimizer("adam", {"lr": 5e-2})]
+    start = tuple(args.start) if args.start else None
+    paths, f = run_paths(args.surface, optimizers, start, args.steps)
+    bounds = SURFACES[args.surface][2] if args.surface in SURFACES and not args.auto_bounds else None
+    plt.close(plot_paths(paths, f, args.output, bounds=bounds, gif=args.gif))
+    for p in paths:
+        x, y = p.points[-1]
+        print(f"{p.label:36s} {len(p.points) - 1:5d} steps  ends at ({x:.4g}, {y:.4g})  f = {p.values[-1]:.4g}")
+    print(f"picture: {args.output}" + (f"  animation: {args.gif}" if args.gif else ""))
     return 0
 
 
@@ -210,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--lr", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--dtype", choices=["float32", "float64"])
+    train.add_argument("--optimizer", help='e.g. "adam" or "sgd:momentum=0.9,nesterov=true" (lr comes from --lr)')
+    train.add_argument("--plot", metavar="PNG", help="draw loss and accuracy per epoch (needs matplotlib)")
+    train.add_argument("--save", metavar="NPZ", help="write a checkpoint after training (sb.load reads it)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
     explain = sub.add_parser("explain", help="print the derived formulas for a TOML spec")
@@ -244,10 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--no-graph", dest="no_graph", action="store_true", help="leave the graph out")
     _add_example_flags(rep)
     rep.set_defaults(func=_report)
+    paths = sub.add_parser("paths", help="draw how optimizers move on a 2-D surface (SymPy derives its gradient)")
+    paths.add_argument("surface", help="rosenbrock, beale, saddle, himmelblau, or a formula in x and y")
+    paths.add_argument("--optimizer", action="append", default=[], metavar="SPEC",
+                       help='repeatable, e.g. --optimizer "adam:lr=0.05" --optimizer "sgd:lr=0.001,momentum=0.9"')
+    paths.add_argument("--start", nargs=2, type=float, metavar=("X", "Y"))
+    paths.add_argument("--steps", type=int, default=200)
+    paths.add_argument("--auto-bounds", dest="auto_bounds", action="store_true", help="fit the view to the paths")
+    paths.add_argument("-o", "--output", default="paths.png", help="the picture (PNG)")
+    paths.add_argument("--gif", help="also an animation (GIF)")
+    paths.set_defaults(func=_paths)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as err:
+    except (ValueError, TypeError, RuntimeError, ImportError) as err:
         print(f"symbp: error: {err}", file=sys.stderr)
         return 2
 

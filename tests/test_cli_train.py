@@ -1,0 +1,71 @@
+"""The training-side command line: train with an optimizer, curves, checkpoints; paths."""
+
+import numpy as np
+import pytest
+
+import symbp as sb
+from symbp.cli import main as cli
+from symbp.cli import parse_optimizer
+
+SPEC = """
+name = "cli-net"
+inputs = 64
+loss = "softmax_cross_entropy"
+[[layers]]
+units = 8
+activation = "relu"
+[[layers]]
+units = 10
+[train]
+epochs = 2
+lr = 0.05
+"""
+
+
+def test_parse_optimizer():
+    assert parse_optimizer("adam:lr=0.05,amsgrad=true") == ("adam", {"lr": 0.05, "amsgrad": True})
+    assert parse_optimizer("sgd") == ("sgd", {})
+    with pytest.raises(ValueError, match="must be a number"):
+        parse_optimizer("sgd:momentum=lots")
+
+
+def test_train_with_optimizer_plot_and_checkpoint(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    spec = tmp_path / "net.toml"
+    spec.write_text(SPEC)
+    code = cli(["train", str(spec), "-q", "--optimizer", "sgd:momentum=0.9", "--plot", str(tmp_path / "c.png"),
+                "--save", str(tmp_path / "ck.npz")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "held-out score" in out
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    model = sb.load(tmp_path / "ck.npz")
+    assert isinstance(model.optimizer, sb.SGD) and model.optimizer.hyper["momentum"] == 0.9
+    assert model.epoch == 2 and len(model.history["loss"]) == 2
+
+
+def test_train_refuses_unknown_optimizer(tmp_path, capsys):
+    spec = tmp_path / "net.toml"
+    spec.write_text(SPEC)
+    assert cli(["train", str(spec), "-q", "--optimizer", "lion"]) == 2
+    assert "unknown optimizer 'lion'" in capsys.readouterr().err
+
+
+def test_paths_command(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "p.png"
+    code = cli(["paths", "(x - 1)**2 + y**2", "--optimizer", "sgd:lr=0.1", "--optimizer", "adam:lr=0.1",
+                "--start", "0", "1", "--steps", "30", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    # Gradient descent on this bowl converges towards (1, 0).
+    sgd_line = next(line for line in text.splitlines() if line.startswith("SGD"))
+    x_end = float(sgd_line.split("ends at (")[1].split(",")[0])
+    assert np.isclose(x_end, 1.0, atol=1e-2)
+
+
+def test_paths_refuses_unsafe_surface(tmp_path, capsys):
+    assert cli(["paths", "__import__('os').getcwd()", "-o", str(tmp_path / "p.png")]) == 2
+    assert "unsupported syntax" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
