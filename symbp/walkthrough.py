@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
-from scipy.special import expit
 
 from .derive import Derivation, derive
 from .derive import l2 as l2_symbol
@@ -30,7 +29,7 @@ __all__ = ["Check", "Walkthrough", "evaluate", "walkthrough"]
 
 #: NumPy versions of the functions symbp's formulas use beyond NumPy's own.
 NUMPY_FUNCTIONS = {
-    "sigmoid": expit,
+    "sigmoid": lambda x: _expit(x),
     "softplus": lambda x: np.logaddexp(0.0, x),
     "relu": lambda x: np.maximum(x, 0.0),
     "leaky_relu": lambda x, s: np.where(x > 0, x, s * x),
@@ -38,6 +37,13 @@ NUMPY_FUNCTIONS = {
 }
 
 _NON_SMOOTH = (sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign, sp.Max, sp.Min)
+
+
+def _expit(x):
+    # SciPy's special functions take a quarter of a second to import: only when used.
+    from scipy.special import expit
+
+    return expit(x)
 
 
 # --------------------------------------------------------------------------------------------
