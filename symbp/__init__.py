@@ -12,6 +12,7 @@ from .activations import Activation
 from .callbacks import EarlyStopping, ModelCheckpoint
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
+from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D, Maxout
 from .layers import Dense
 from .losses import Loss
 from .model import History, Model, compile, load
@@ -21,7 +22,8 @@ from .paths import optimizer_paths
 from .schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 
 __all__ = [
-    "Activation", "Adagrad", "Adam", "AdamW", "CosineDecay", "Dense", "Derivation", "EarlyStopping",
+    "Activation", "Adagrad", "Adam", "AdamW", "AvgPool2D", "Conv2D", "CosineDecay", "Dense", "Flatten",
+    "MaxPool2D", "Maxout", "Derivation", "EarlyStopping",
     "ExponentialDecay", "FormulaOptimizer", "History", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",
     "gradcheck", "load", "optimizer_paths",
