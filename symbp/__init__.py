@@ -10,9 +10,9 @@ from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's li
 from ._version import __version__
 from .activations import Activation
 from .callbacks import EarlyStopping, ModelCheckpoint
+from .conv import AvgPool2D, Conv2D, Flatten, Maxout, MaxPool2D
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
-from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D, Maxout
 from .layers import Dense
 from .losses import Loss
 from .model import History, Model, compile, load

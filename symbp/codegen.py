@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from . import codegen_image
 from ._version import __version__
 from .backends.cpu import NumbaPrinter, emit, helper_source
-from . import codegen_image
 from .derive import Derivation, l2
 from .indices import N, i, n, p, q
 from .layers import Dense

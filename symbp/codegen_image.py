@@ -50,7 +50,7 @@ def setup(builder, ld) -> None:
         builder.workspace.append((f"A{label}", ("batch", int(sp.prod(size)))))
         if len(size) == 3:
             builder.flat[label] = size
-    for label, (gb, free, _) in ld.stage_grads.items():
+    for label, (gb, _free, _) in ld.stage_grads.items():
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if lid == 1 and _inlined(st):
             continue  # ∂C/∂x̃ of the first layer is never needed
@@ -113,7 +113,7 @@ def forward_steps(builder, ld) -> list:
         expr = _fix(builder, ld, st.formula, ranges)
         if len(st.idx) == 1:
             try:  # a dense map (Maxout's pieces): a GEMM and a fused loop
-                pre, fused = split_sums(expr, st.target, (n, st.idx[0]), lambda s_: st.target)
+                pre, fused = split_sums(expr, st.target, (n, st.idx[0]), lambda s_, t_=st.target: t_)
                 if all(not isinstance(x_, Nest) for x_ in pre):
                     stmts = [(target, fused)]
                     if st is ld.stages[-1] and not ld.layer.activation.is_identity:
@@ -144,7 +144,7 @@ def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
         idx = ld.param_idx[key]
         expr = builder.value(ld.grads[key])
         try:
-            gsteps, g_expr = split_sums(expr, g, idx, lambda s_: g)
+            gsteps, g_expr = split_sums(expr, g, idx, lambda s_, g_=g: g_)
         except (NotImplementedError, TypeError):
             data = sp.Add(*[t for t in sp.Add.make_args(expr) if t.has(sp.Sum)])
             prange = [(sym, int(builder.value(sp.sympify(d_)))) for sym, d_ in zip(idx, ld.param_dims[key])]

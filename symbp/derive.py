@@ -260,7 +260,6 @@ class Derivation:
         )
 
     def _derive_loss(self) -> LossDerivation:
-        out = self.layers[-1]
         K = self.dims[-1]
         y = sp.IndexedBase("y", shape=(N, K))
         t = sp.IndexedBase("t", shape=(N, K))

@@ -424,7 +424,8 @@ def _(step: Nest, printer: NumbaPrinter) -> list[str]:
         pre, expr = _sum_loops(printer, expr, ranges)
         body += pre
         if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].expr == 0:
-            value = f"({printer.doprint(expr.args[0].expr)} if {' and '.join(f'({c_})' for c_ in sp.And.make_args(expr.args[0].cond))} else ZERO)"
+            test = " and ".join(f"({c_})" for c_ in sp.And.make_args(expr.args[0].cond))
+            value = f"({printer.doprint(expr.args[0].expr)} if {test} else ZERO)"
         else:
             value = printer.doprint(expr)
         body.append(f"{printer._print(target)} {'+=' if step.accumulate else '='} {value}")
