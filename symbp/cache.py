@@ -40,10 +40,20 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "symbp" / "generated"
 
 
+# The modules whose text decides what code is generated; editing any other file (the CLI,
+# the explanations) leaves the cache valid.
+_GENERATOR_FILES = ("activations.py", "codegen.py", "derive.py", "formula.py", "indices.py", "layers.py",
+                    "losses.py", "lower.py", "ops.py", "optim.py", "backends")
+
+
 def _generator_digest() -> str:
     h = hashlib.sha256()
-    for path in sorted(_PKG_DIR.rglob("*.py")):
-        h.update(path.read_bytes())
+    for name in _GENERATOR_FILES:
+        target = _PKG_DIR / name
+        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            if path.is_file():
+                h.update(path.name.encode())
+                h.update(path.read_bytes())
     return h.hexdigest()
 
 

@@ -86,18 +86,21 @@ class _Builder:
         return pr
 
     def value(self, expr: sp.Expr) -> sp.Expr:
-        """Fix the compile-time constants: λ and the layer widths."""
+        """Fix the compile-time constants (λ, the layer widths) and drop the symbolic shapes
+        of indexed bases, so that one array is one SymPy object however it was built."""
         widths = {self.d.dims[l]: w for l, w in enumerate(self.d.network.widths)}
-        return expr.subs({l2: self.l2_value, **widths, **self.d.sizes})
+        expr = expr.subs({l2: self.l2_value, **widths, **self.d.sizes})
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.shape is not None,
+                            lambda e: sp.IndexedBase(e.base.label)[e.indices])
 
     # -- steps -------------------------------------------------------------------------
     def forward_steps(self, ld) -> list:
         if not isinstance(ld.layer, Dense):
             return codegen_image.forward_steps(self, ld)
         steps, expr = split_sums(ld.forward, ld.z, (n, i), lambda s: ld.z)
-        stmts = [(ld.z[n, i], self.value(expr))]
+        stmts = [(self.value(ld.z[n, i]), self.value(expr))]
         if not ld.layer.activation.is_identity:
-            stmts.append((ld.a[n, i], self.value(ld.output)))
+            stmts.append((self.value(ld.a[n, i]), self.value(ld.output)))
         return steps + [Loop([(n, N), (i, self.d.dims[ld.index])], stmts)]
 
     def loss_step(self) -> RowLoop:
@@ -110,7 +113,7 @@ class _Builder:
         task = d.network.loss.task
         return RowLoop(
             n, N, reductions, [(sp.Symbol("total"), value)], p, d.dims[-1],
-            [(out.delta[n, p], delta)],
+            [(self.value(out.delta[n, p]), delta)],
             argmax_match=(out.a, d.loss.t) if task == "multiclass" else None,
             threshold_match=(out.a, d.loss.t) if task == "binary" else None,
         )
@@ -146,7 +149,7 @@ class _Builder:
             return codegen_image.grad_steps(self, ld, opt, ld.index == 1)
         gW, gb = self.grad_base(ld, "W"), self.grad_base(ld, "b")
         w_gemm, w_expr = split_sums(self.value(ld.grads["W"]), gW, (p, q), lambda s: gW)
-        b_sum, b_expr = split_sums(self.value(ld.grads["b"]), gb, (p,), lambda s: gb)
+        b_sum, b_expr = split_sums(self.value(ld.grads["b"]), gb, (p,), lambda s: gb, {p: self.d.dims[ld.index]})
         if opt is None:
             w_loop = [Loop([(p, self.d.dims[ld.index]), (q, self.d.dims[ld.index - 1])], [(gW[p, q], w_expr)])]
             return w_gemm + (w_loop if w_expr != gW[p, q] else []) + b_sum, []
@@ -158,7 +161,7 @@ class _Builder:
         if not isinstance(ld.layer, Dense):
             return codegen_image.delta_steps(self, ld)
         steps, expr = split_sums(ld.delta_formula, ld.delta, (n, p), lambda s: ld.delta)
-        return steps + [Loop([(n, N), (p, self.d.dims[ld.index])], [(ld.delta[n, p], self.value(expr))])]
+        return steps + [Loop([(n, N), (p, self.d.dims[ld.index])], [(self.value(ld.delta[n, p]), self.value(expr))])]
 
     def backward_steps(self, opt=None) -> list:
         steps = []

@@ -66,7 +66,7 @@ def setup(builder, ld) -> None:
 
 
 def _numbers(builder, dims) -> tuple:
-    return tuple(int(builder.value(sp.sympify(d_))) for d_ in dims)
+    return tuple(_size(builder, d_) for d_ in dims)
 
 
 def _inlined(st) -> bool:
@@ -88,7 +88,7 @@ def _inline(builder, ld, expr: sp.Expr) -> sp.Expr:
 
 
 def _ranges(builder, idx, dims) -> list:
-    return [(n, N)] + [(sym, int(builder.value(sp.sympify(d_)))) for sym, d_ in zip(idx, dims)]
+    return [(n, N)] + [(sym, _size(builder, d_)) for sym, d_ in zip(idx, dims)]
 
 
 def _fix(builder, ld, expr, ranges) -> sp.Expr:
@@ -143,16 +143,17 @@ def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
         g = builder.grad_base(ld, key)
         idx = ld.param_idx[key]
         expr = builder.value(ld.grads[key])
+        extents = {sym: _size(builder, d_) for sym, d_ in zip(idx, ld.param_dims[key])}
         try:
-            gsteps, g_expr = split_sums(expr, g, idx, lambda s_, g_=g: g_)
-        except (NotImplementedError, TypeError):
+            gsteps, g_expr = split_sums(expr, g, idx, lambda s_, g_=g: g_, extents)
+        except (NotImplementedError, TypeError, KeyError):
             data = sp.Add(*[t for t in sp.Add.make_args(expr) if t.has(sp.Sum)])
-            prange = [(sym, int(builder.value(sp.sympify(d_)))) for sym, d_ in zip(idx, ld.param_dims[key])]
+            prange = [(sym, _size(builder, d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
             fixed = numeric(_inline(builder, ld, data), builder.d.sizes, {sym: (0, e_ - 1) for sym, e_ in prange})
             gsteps = [Nest(prange, [(g[idx], fixed)])]
             g_expr = g[idx] + (expr - data)
         if opt is None:
-            prange = [(sym, int(builder.value(sp.sympify(d_)))) for sym, d_ in zip(idx, ld.param_dims[key])]
+            prange = [(sym, _size(builder, d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
             now += gsteps + ([Loop(prange, [(g[idx], g_expr)])] if g_expr != g[idx] else [])
         else:
             a_, b_ = builder.update_steps(ld, key, gsteps, g_expr, opt)
@@ -178,3 +179,8 @@ def delta_steps(builder, ld) -> list:
         except NotImplementedError:
             pass
     return [Nest(ranges, [(target, expr)])]
+
+
+def _size(builder, dim) -> int:
+    """A dimension (a size symbol or a number) as a number."""
+    return int(builder.value(dim) if isinstance(dim, sp.Basic) else dim)

@@ -88,10 +88,11 @@ def contraction(sum_expr: sp.Sum, out: sp.IndexedBase, r: sp.Symbol, c: sp.Symbo
     return Gemm(out, left.base, left.indices == (s, r), right.base, right.indices == (c, s), sum_expr)
 
 
-def split_sums(expr: sp.Expr, out: sp.IndexedBase, idx: tuple, temp_for) -> tuple[list, sp.Expr]:
+def split_sums(expr: sp.Expr, out: sp.IndexedBase, idx: tuple, temp_for, extents: dict | None = None) -> tuple[list, sp.Expr]:
     """Hoist every contraction or column sum out of ``expr`` (assigned to ``out[idx]``).
 
-    ``temp_for(sum)`` names the buffer a hoisted sum is written to.  Returns the steps and the
+    ``temp_for(sum)`` names the buffer a hoisted sum is written to; ``extents`` gives the
+    range of each index of ``idx`` (needed for column sums).  Returns the steps and the
     expression with each sum replaced by its buffer, ready for a fused :class:`Loop`.
     """
     steps = []
@@ -104,7 +105,7 @@ def split_sums(expr: sp.Expr, out: sp.IndexedBase, idx: tuple, temp_for) -> tupl
             (row, lo, hi), src = s.limits[0], s.function
             if src.indices != (row, idx[0]) or lo != 0:
                 raise NotImplementedError(f"cannot lower {s} as a column sum")
-            steps.append(ColSum(buf, src.base, hi + 1, src.base.shape[1]))
+            steps.append(ColSum(buf, src.base, hi + 1, (extents or {})[idx[0]]))
             expr = expr.subs(s, buf[idx])
         else:
             raise NotImplementedError(f"cannot lower {s} inside {expr}")

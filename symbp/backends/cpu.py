@@ -198,6 +198,14 @@ class NumbaPrinter(PythonCodePrinter):
 
     _print_Abs = _print_Function
 
+    def _print_tanh(self, expr):
+        # PythonCodePrinter prints known functions itself (math.tanh); float32 modules
+        # take the vectorizable helper instead.
+        if self.dtype == "float32":
+            self.helpers_used.add(FLOAT32_OPS[sp.tanh])
+            return f"{FLOAT32_OPS[sp.tanh]}({self._print(expr.args[0])})"
+        return f"math.tanh({self._print(expr.args[0])})"
+
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"(ONE if {x} > ZERO else (-ONE if {x} < ZERO else ZERO))"
@@ -229,9 +237,11 @@ def emit(step, printer: NumbaPrinter) -> list[str]:
 def _(step: Gemm, printer: NumbaPrinter) -> list[str]:
     a, b, out = printer.array(step.a), printer.array(step.b), printer.array(step.out)
     alpha, beta = printer.doprint(step.alpha), printer.doprint(step.beta)
-    lhs = f"{out}[p, q] = {'' if step.beta == 0 else f'({beta})*{out}[p, q] + '}"
+    product = f"{a}{'ᵀ' if step.ta else ''}·{b}{'ᵀ' if step.tb else ''}"
+    scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
+    kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
     return [
-        f"# {lhs}{'' if step.alpha == 1 else f'({alpha})*'}{step.formula}",
+        f"# {out} ← {kept}{scaled}, from {step.formula}",
         f"gemm({a}, {step.ta}, {b}, {step.tb}, {out}, {alpha}, {beta}, scal)",
     ]
 
