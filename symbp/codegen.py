@@ -209,6 +209,10 @@ class _Builder:
             "out": sorted({f"Z{len(self.d.layers)}", last}),
         }
 
+    def _blas_import(self) -> str:
+        kind = "s" if self.dtype == "float32" else "d"
+        return f"from symbp.backends.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block"
+
     @property
     def float_type(self) -> str:
         return "np.float32" if self.dtype == "float32" else "np.float64"
@@ -239,7 +243,7 @@ class _Builder:
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             self.header(), "import math", "", "import numpy as np", "from numba import njit", "",
-            f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm", "",
+            self._blas_import(), "",
             f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
             "# (the NaN checks must stay) nor reassociation (sums keep their order).",
@@ -286,7 +290,7 @@ class _Builder:
             f'"""symbp-generated training step for {self.d.network.name} ({self.dtype}) with {opt!r}.',
             "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
             "import math", "", "import numpy as np", "from numba import njit", "",
-            f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm",
+            self._blas_import(),
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
             helper_source(self.helpers), update, _TRAIN.format(**names),

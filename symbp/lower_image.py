@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .derive import prune_guards
+from .indices import n
+from .lower import Gemm
 
 
 @dataclass
@@ -72,3 +74,51 @@ def linear_bounds(sym: sp.Symbol, lo, hi, cond) -> tuple:
 def numeric(expr: sp.Expr, sizes: dict, ranges: dict) -> sp.Expr:
     """Sizes fixed to numbers, then the guards those numbers make redundant dropped."""
     return prune_guards(expr.xreplace(sizes), {k: (lo, hi) for k, (lo, hi) in ranges.items()})
+
+
+@dataclass
+class BlockGemm(Gemm):
+    """A GEMM per sample: for each n, ``out[n] ← α·op(a[n])·op(b[n]) + β·out[n]``, where an
+    operand marked per sample is the (rows × cols) block of sample n of a flat buffer and
+    the others are whole arrays read as one matrix (a conv weight (K, C, kh, kw) is a
+    (K, C·kh·kw) matrix).  ``accumulate``: ``out`` is not per sample and sums over n (β
+    applies at n = 0 only), as a weight gradient does."""
+
+    shapes: tuple = ()  # (rows, cols) of a, b, out, as stored (before op)
+    per_sample: tuple = (False, False, False)  # a, b, out
+    accumulate: bool = False
+
+
+@dataclass
+class ConvMatch:
+    """``Σ_{c,u,v} W[k, c, u, v]·x̃[n, c, S·h + u, S′·w + v]`` found in a derived formula."""
+
+    sum: sp.Sum
+    weight: sp.IndexedBase
+    source: sp.Indexed  # x̃[n, c, S·h + u, S′·w + v]: one column entry of im2col
+    dummies: tuple  # (c, u, v)
+    extents: tuple  # (C, kh, kw)
+
+
+def match_conv(formula: sp.Expr, idx: tuple) -> ConvMatch | None:
+    """The convolution sum of ``formula`` (a stage ``z[n, k, h, w]``), if it has one: a Sum
+    over three indices (c, u, v) of a weight ``W[k, c, u, v]`` times a source read at
+    ``[n, c, a(h) + u, b(w) + v]``, a(h), b(w) free of the summed indices."""
+    k, h, w = idx
+    for s_ in formula.atoms(sp.Sum):
+        dummies = tuple(lim[0] for lim in s_.limits)
+        factors = sp.Mul.make_args(s_.function)
+        if len(dummies) != 3 or any(lim[1] != 0 for lim in s_.limits) or len(factors) != 2:
+            continue
+        if not all(isinstance(f_, sp.Indexed) for f_ in factors):
+            continue
+        weight = next((f_ for f_ in factors if f_.indices == (k, *dummies)), None)
+        source = next((f_ for f_ in factors if f_ is not weight), None)
+        if weight is None or source is None or len(source.indices) != 4 or source.indices[1] != dummies[0]:
+            continue
+        c_, u_, v_ = dummies
+        rows, cols = sp.expand(source.indices[2] - u_), sp.expand(source.indices[3] - v_)
+        if rows.free_symbols - {h} or cols.free_symbols - {w} or source.indices[0] != n:
+            continue
+        return ConvMatch(s_, weight.base, source, dummies, tuple(lim[2] + 1 for lim in s_.limits))
+    return None
