@@ -164,9 +164,11 @@ def test_adam_on_a_cnn_equals_torch_adam(compiled):
         assert rel_err(model.params[k], v.detach().numpy()) <= 1e-10, k
 
 
-@pytest.mark.parametrize("opt", [sb.SGD(lr=0.05), sb.SGD(lr=0.05, momentum=0.9, nesterov=True), sb.Adagrad(lr=0.05),
-                                 sb.RMSprop(lr=0.01), sb.AdamW(lr=0.01)], ids=lambda o: o.name)
-def test_training_lowers_the_loss_with_every_optimizer(compiled, opt):
+# Plain SGD (its update rides on the weight GEMM) and Adam (an elementwise update, its
+# training module already compiled above): the two ways an update is lowered.  Every other
+# optimizer is covered on dense nets by test_optim.py; each one here cost ~10 s of JIT.
+@pytest.mark.parametrize("opt", [sb.SGD(lr=0.05), sb.Adam(lr=0.01)], ids=lambda o: o.name)
+def test_training_lowers_the_loss(compiled, opt):
     net = build("s2p1-maxpool-ce")
     model = compiled(net)
     X, y = data(net, n=24)
