@@ -10,6 +10,7 @@ from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's li
 from ._version import __version__
 from .activations import Activation
 from .callbacks import EarlyStopping, ModelCheckpoint
+from .conv import AvgPool2D, Conv2D, Flatten, Maxout, MaxPool2D
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
 from .graph import graph
@@ -24,7 +25,8 @@ from .schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDec
 from .walkthrough import Walkthrough, walkthrough
 
 __all__ = [
-    "Activation", "Adagrad", "Adam", "AdamW", "CosineDecay", "Dense", "Derivation", "EarlyStopping",
+    "Activation", "Adagrad", "Adam", "AdamW", "AvgPool2D", "Conv2D", "CosineDecay", "Dense", "Flatten",
+    "MaxPool2D", "Maxout", "Derivation", "EarlyStopping",
     "ExponentialDecay", "FormulaOptimizer", "History", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",
     "gradcheck", "graph", "load", "optimizer_paths", "report", "walkthrough", "Walkthrough",

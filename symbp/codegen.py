@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from . import codegen_image
 from ._version import __version__
 from .backends.cpu import NumbaPrinter, emit, helper_source
 from .derive import Derivation, l2
 from .indices import N, i, n, p, q
+from .layers import Dense
 from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions, split_sums
 
 T_STEP = sp.Symbol("t", positive=True, integer=True)  # the update's step number, from 1
@@ -47,9 +49,15 @@ class _Builder:
         names: dict = {"x": "X", "t": "T", N: "nbf"}
         extents: dict = {N: "nb"}
         self.params, self.workspace = [], []
+        self.names, self.flat = names, {}  # flat: label -> (C, H, W) of a buffer stored (batch, C·H·W)
+        if len(net.shapes[0]) == 3:
+            self.flat["x"] = net.shapes[0]
         for ld in d.layers:
             lid = ld.index
             extents[d.dims[lid]] = f"d{lid}"
+            if not isinstance(ld.layer, Dense):
+                codegen_image.setup(self, ld)
+                continue
             names[f"W{lid}"], names[f"b{lid}"] = f"W{lid}", f"b{lid}"
             names[f"z{lid}"], names[f"delta{lid}"] = f"Z{lid}", f"dZ{lid}"
             names[f"a{lid}"] = f"Z{lid}" if ld.layer.activation.is_identity else f"A{lid}"
@@ -58,10 +66,12 @@ class _Builder:
             if not ld.layer.activation.is_identity:
                 self.workspace.append((f"A{lid}", ("batch", net.widths[lid])))
             self.workspace.append((f"dZ{lid}", ("batch", net.widths[lid])))
+        shapes = net.param_shapes()
         for ld in d.layers:
             lid = ld.index
-            self.workspace += [(f"dW{lid}", (net.widths[lid], net.widths[lid - 1])), (f"db{lid}", (net.widths[lid],))]
-            names[f"gW{lid}"], names[f"gb{lid}"] = f"dW{lid}", f"db{lid}"
+            for key in ld.params:
+                self.workspace.append((f"d{key}{lid}", shapes[f"{key}{lid}"]))
+                names[f"g{key}{lid}"] = f"d{key}{lid}"
         extents[d.dims[0]] = "d0"
         self.names, self.extents = names, extents
 
@@ -72,18 +82,21 @@ class _Builder:
     def printer(self) -> NumbaPrinter:
         pr = NumbaPrinter(self.dtype, dict(self.names))
         pr.extents = dict(self.extents)
+        pr.flat = dict(self.flat)
         return pr
 
     def value(self, expr: sp.Expr) -> sp.Expr:
         """Fix the compile-time constants (λ, the layer widths) and drop the symbolic shapes
         of indexed bases, so that one array is one SymPy object however it was built."""
         widths = {self.d.dims[l]: w for l, w in enumerate(self.d.network.widths)}
-        expr = expr.subs({l2: self.l2_value, **widths})
+        expr = expr.subs({l2: self.l2_value, **widths, **self.d.sizes})
         return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.shape is not None,
                             lambda e: sp.IndexedBase(e.base.label)[e.indices])
 
     # -- steps -------------------------------------------------------------------------
     def forward_steps(self, ld) -> list:
+        if not isinstance(ld.layer, Dense):
+            return codegen_image.forward_steps(self, ld)
         steps, expr = split_sums(ld.forward, ld.z, (n, i), lambda s: ld.z)
         stmts = [(self.value(ld.z[n, i]), self.value(expr))]
         if not ld.layer.activation.is_identity:
@@ -111,14 +124,15 @@ class _Builder:
         Returns (steps that may run now, steps that must wait until δ_{l-1} has read the
         old W_l).  An update linear in a GEMM result (plain SGD) rides on that GEMM.
         """
-        theta = self.value(ld.params[key][(p, q) if key == "W" else (p,)])
+        theta = self.value(ld.params[key][ld.param_idx[key]])
         idx = theta.indices
         name = f"{key}{ld.index}"
         state = {s_: sp.IndexedBase(f"{s_}_{name}")[idx] for s_ in opt.state_names}
         for s_ in opt.state_names:
             self.names[f"{s_}_{name}"] = f"{s_}_{name}"
         stmts = opt.rules(theta, g_expr, state, self.hyper_symbols, T_STEP)
-        ranges = [(p, self.d.dims[ld.index])] + ([(q, self.d.dims[ld.index - 1])] if key == "W" else [])
+        ranges = [(sym, ext if isinstance(ld.layer, Dense) else self.value(ext))
+                  for sym, ext in zip(ld.param_idx[key], ld.param_dims[key])]
         penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * theta**2))] if key == "W" and self.l2_value else []
         temp = self.grad_base(ld, key)[idx]
         if len(stmts) == 1 and gemm_steps and isinstance(gemm_steps[0], Gemm):
@@ -131,6 +145,8 @@ class _Builder:
     def grad_steps(self, ld, opt=None) -> tuple[list, list]:
         """Steps for ∂C/∂W_l and ∂C/∂b_l; with an optimizer, also its update steps (second
         list: they run after δ_{l-1} has used the old W_l)."""
+        if not isinstance(ld.layer, Dense):
+            return codegen_image.grad_steps(self, ld, opt, ld.index == 1)
         gW, gb = self.grad_base(ld, "W"), self.grad_base(ld, "b")
         w_gemm, w_expr = split_sums(self.value(ld.grads["W"]), gW, (p, q), lambda s: gW)
         b_sum, b_expr = split_sums(self.value(ld.grads["b"]), gb, (p,), lambda s: gb, {p: self.d.dims[ld.index]})
@@ -142,6 +158,8 @@ class _Builder:
         return w_now + b_sum + b_now, w_later + b_later
 
     def delta_steps(self, ld) -> list:
+        if not isinstance(ld.layer, Dense):
+            return codegen_image.delta_steps(self, ld)
         steps, expr = split_sums(ld.delta_formula, ld.delta, (n, p), lambda s: ld.delta)
         return steps + [Loop([(n, N), (p, self.d.dims[ld.index])], [(self.value(ld.delta[n, p]), self.value(expr))])]
 
@@ -160,9 +178,10 @@ class _Builder:
         if not self.l2_value:
             return []
         return [
-            Loop([(p, self.d.dims[ld.index]), (q, self.d.dims[ld.index - 1])], [],
-                 [(sp.Symbol("penalty"), self.value(l2 / 2 * ld.params["W"][p, q] ** 2))])
-            for ld in self.d.layers
+            Loop([(sym, ext if isinstance(ld.layer, Dense) else self.value(ext))
+                  for sym, ext in zip(ld.param_idx["W"], ld.param_dims["W"])], [],
+                 [(sp.Symbol("penalty"), self.value(l2 / 2 * ld.params["W"][ld.param_idx["W"]] ** 2))])
+            for ld in self.d.layers if "W" in ld.params
         ]
 
     # -- printing ----------------------------------------------------------------------
@@ -189,6 +208,10 @@ class _Builder:
             # δ_L may read z_L as well as a_L (relu′, a custom f′): pass both when they differ.
             "out": sorted({f"Z{len(self.d.layers)}", last}),
         }
+
+    def _blas_import(self) -> str:
+        kind = "s" if self.dtype == "float32" else "d"
+        return f"from symbp.backends.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block"
 
     @property
     def float_type(self) -> str:
@@ -220,7 +243,7 @@ class _Builder:
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             self.header(), "import math", "", "import numpy as np", "from numba import njit", "",
-            f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm", "",
+            self._blas_import(), "",
             f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
             "# (the NaN checks must stay) nor reassociation (sums keep their order).",
@@ -267,7 +290,7 @@ class _Builder:
             f'"""symbp-generated training step for {self.d.network.name} ({self.dtype}) with {opt!r}.',
             "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
             "import math", "", "import numpy as np", "from numba import njit", "",
-            f"from symbp.backends.blas import {'sgemm' if self.dtype == 'float32' else 'dgemm'} as gemm",
+            self._blas_import(),
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
             helper_source(self.helpers), update, _TRAIN.format(**names),

@@ -5,8 +5,26 @@ from __future__ import annotations
 import numpy as np
 
 
-def as_inputs(X, width: int, dtype: np.dtype, what: str = "X") -> np.ndarray:
-    """``X`` as a C-contiguous (N, width) array of ``dtype``; refuses bad shapes and NaN/inf."""
+def as_inputs(X, width, dtype: np.dtype, what: str = "X") -> np.ndarray:
+    """``X`` as a C-contiguous (N, width) array of ``dtype``; refuses bad shapes and NaN/inf.
+
+    ``width`` may be an image shape (C, H, W): X is then (N, C, H, W), or flat (N, C·H·W),
+    and comes back flat (the kernels' layout, C, H, W order).
+    """
+    if isinstance(width, tuple):
+        shape, width = width, int(np.prod(width))
+        try:
+            arr = np.asarray(X)
+        except Exception as err:  # noqa: BLE001
+            raise TypeError(f"{what} could not be read as an array: {err}") from None
+        if arr.ndim == len(shape):
+            arr = arr[None]
+        if arr.ndim == len(shape) + 1:
+            if arr.shape[1:] != shape:
+                raise ValueError(f"{what} must have shape (N, {', '.join(map(str, shape))}), got {arr.shape}")
+            X = arr.reshape(arr.shape[0], width)
+        elif arr.ndim != 2:
+            raise ValueError(f"{what} must have shape (N, {', '.join(map(str, shape))}) or (N, {width}), got {arr.shape}")
     try:
         arr = np.asarray(X)
     except Exception as err:  # noqa: BLE001 - ragged lists and the like

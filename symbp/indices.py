@@ -14,3 +14,8 @@ N = sp.Symbol("N", integer=True, positive=True)
 def width(layer: int) -> sp.Symbol:
     """The symbolic width d_l of layer l (d_0 is the input width)."""
     return sp.Symbol(f"d_{layer}", integer=True, positive=True)
+
+# Image layers: ``c, u, v`` run over a filter's input channel and its rows and columns
+# (summed); ``k, h, w`` over an output channel and position; ``r, s`` are free row/column
+# indices of a derivative (∂C/∂x[n, q, r, s], ∂C/∂W[p, q, r, s]); ``e`` over Maxout pieces.
+c, h, w, u, v, r, s, e = sp.symbols("c h w u v r s e", integer=True, nonnegative=True)

@@ -39,6 +39,12 @@ class Dense:
     def param_shapes(self, fan_in: int) -> dict[str, tuple[int, ...]]:
         return {"W": (self.units, fan_in), "b": (self.units,)}
 
+    def output_shape(self, in_shape: tuple) -> tuple[int]:
+        if len(in_shape) != 1:
+            raise ValueError(f"Dense({self.units}) takes a flat input but gets shape {tuple(in_shape)}: "
+                             f"put sb.Flatten() before it (giving {int(np.prod(in_shape))} features)")
+        return (self.units,)
+
     def forward_formula(self, x: sp.IndexedBase, W: sp.IndexedBase, b: sp.IndexedBase, fan_in: sp.Expr) -> sp.Expr:
         """z[n, i] = Σ_j W[i, j] x[n, j] + b[i]."""
         return sp.Sum(W[i, j] * x[n, j], (j, 0, fan_in - 1)) + b[i]
@@ -67,3 +73,7 @@ class Dense:
 
 
 LAYER_TYPES = {"dense": Dense}
+
+from .conv import IMAGE_LAYERS  # noqa: E402 - conv's layers register beside Dense
+
+LAYER_TYPES.update(IMAGE_LAYERS)

@@ -17,7 +17,7 @@ Nothing here knows about particular layers or losses: it reads the expressions t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
@@ -146,4 +146,4 @@ def fuse_update(gemm: Gemm, update: sp.Expr, target: sp.Indexed, temp: sp.Indexe
     beta = rest.coeff(target)
     if sp.expand(rest - beta * target) != 0 or (alpha.atoms(sp.Indexed) | beta.atoms(sp.Indexed)):
         return None
-    return Gemm(target.base, gemm.a, gemm.ta, gemm.b, gemm.tb, gemm.formula, alpha, beta)
+    return replace(gemm, out=target.base, alpha=alpha, beta=beta)  # keeps a BlockGemm's layout

@@ -19,8 +19,8 @@ class Network:
 
     Parameters
     ----------
-    inputs : int
-        Width of one input sample.
+    inputs : int or (int, int, int)
+        Width of one input sample, or the shape (C, H, W) of one image (channels first).
     layers : sequence of layers
         For example ``[sb.Dense(32, activation="tanh"), sb.Dense(10)]``.
     loss : str or sympy.Expr
@@ -39,16 +39,25 @@ class Network:
 
     def __init__(
         self,
-        inputs: int,
+        inputs: int | tuple[int, int, int],
         layers: Sequence[Dense],
         loss: str | object = "softmax_cross_entropy",
         l2: float = 0.0,
         name: str | None = None,
     ) -> None:
-        if isinstance(inputs, bool) or not isinstance(inputs, (int, np.integer)):
-            raise TypeError(f"inputs must be an int (the width of one sample), got {type(inputs).__name__} {inputs!r}")
-        if inputs < 1:
-            raise ValueError(f"inputs must be positive, got {inputs}")
+        if isinstance(inputs, (tuple, list)):
+            if len(inputs) != 3 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in inputs):
+                raise TypeError(f"inputs must be an int or a shape (C, H, W) of three ints, got {inputs!r}")
+            if min(inputs) < 1:
+                raise ValueError(f"inputs shape must be positive, got {tuple(inputs)}")
+            inputs = tuple(int(d) for d in inputs)
+        else:
+            if isinstance(inputs, bool) or not isinstance(inputs, (int, np.integer)):
+                raise TypeError(f"inputs must be an int (the width of one sample) or a shape (C, H, W), "
+                                f"got {type(inputs).__name__} {inputs!r}")
+            if inputs < 1:
+                raise ValueError(f"inputs must be positive, got {inputs}")
+            inputs = int(inputs)
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) == 0:
             raise ValueError("layers must be a non-empty list of layers, e.g. [sb.Dense(10)]")
         for pos, layer in enumerate(layers, 1):
@@ -56,17 +65,42 @@ class Network:
                 raise TypeError(f"layer {pos} is a {type(layer).__name__}, not a symbp layer (known: {', '.join(LAYER_TYPES)})")
         if isinstance(l2, bool) or not isinstance(l2, (int, float, np.floating, np.integer)) or not math.isfinite(l2) or l2 < 0:
             raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
-        self.inputs = int(inputs)
+        self.inputs = inputs
         self.layers = list(layers)
+        self.shapes = [self.input_shape]
+        for pos, layer in enumerate(self.layers, 1):
+            try:
+                self.shapes.append(tuple(layer.output_shape(self.shapes[-1])))
+            except ValueError as err:
+                raise ValueError(f"layer {pos}: {err}") from None
         self.loss = Loss(loss)
         self.l2 = float(l2)
-        self.name = _safe_name(name or "mlp-" + "-".join(map(str, self.widths)))
+        dense_only = all(isinstance(layer, Dense) for layer in self.layers)
+        self.name = _safe_name(name or ("mlp-" if dense_only else "net-") + "-".join(map(str, self.widths)))
         if self.loss.task == "multiclass" and self.widths[-1] < 2:
             raise ValueError("softmax_cross_entropy needs at least 2 output units, the last layer has 1")
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(inputs,)`` or ``(C, H, W)``.  ``X.reshape(-1, *input_shape)``
+        is what the network reads (a flat ``(N, C·H·W)`` X is accepted too)."""
+        return self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+
+    @property
     def widths(self) -> list[int]:
-        return [self.inputs] + [layer.units for layer in self.layers]
+        """Values per sample at the input and after each layer (C·H·W for images)."""
+        return [int(np.prod(shape)) for shape in self.shapes]
+
+    def fan_in(self, pos: int):
+        """What layer ``pos`` (1-based) gets to size its parameters: the width for Dense,
+        the input shape for the image layers."""
+        layer = self.layers[pos - 1]
+        return self.widths[pos - 1] if isinstance(layer, Dense) else self.shapes[pos - 1]
+
+    def param_counts(self) -> list[int]:
+        """Number of parameters of each layer (Conv2D: (F·F·C + 1)·K)."""
+        return [sum(int(np.prod(sh)) for sh in layer.param_shapes(self.fan_in(pos)).values())
+                for pos, layer in enumerate(self.layers, 1)]
 
     @property
     def outputs(self) -> int:
@@ -74,23 +108,23 @@ class Network:
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
-        for pos, (layer, fan_in) in enumerate(zip(self.layers, self.widths), 1):
-            for key, shape in layer.param_shapes(fan_in).items():
+        for pos, layer in enumerate(self.layers, 1):
+            for key, shape in layer.param_shapes(self.fan_in(pos)).items():
                 shapes[f"{key}{pos}"] = shape
         return shapes
 
     def init_params(self, seed: int | None, dtype: np.dtype) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         params = {}
-        for pos, (layer, fan_in) in enumerate(zip(self.layers, self.widths), 1):
-            for key, value in layer.init(rng, fan_in, dtype).items():
+        for pos, layer in enumerate(self.layers, 1):
+            for key, value in layer.init(rng, self.fan_in(pos), dtype).items():
                 params[f"{key}{pos}"] = np.ascontiguousarray(value)
         return params
 
     def to_config(self) -> dict:
         return {
             "name": self.name,
-            "inputs": self.inputs,
+            "inputs": list(self.inputs) if isinstance(self.inputs, tuple) else self.inputs,
             "loss": self.loss.to_config(),
             "l2": self.l2,
             "layers": [layer.to_config() for layer in self.layers],
@@ -118,9 +152,12 @@ class Network:
             kind = str(lc.pop("type", "dense")).lower()
             if kind not in LAYER_TYPES:
                 raise ValueError(f"layer {pos}: unknown layer type {kind!r} (known: {', '.join(LAYER_TYPES)})")
+            params = lc.pop("activation_params", {}) or {}
+            if kind != "dense":
+                layers.append(_image_layer(pos, kind, lc, params))
+                continue
             if "units" not in lc:
                 raise ValueError(f"layer {pos}: needs 'units'")
-            params = lc.pop("activation_params", {}) or {}
             allowed = {"units", "activation"}
             extra = sorted(set(lc) - allowed)
             if extra:
@@ -129,8 +166,11 @@ class Network:
                 layers.append(LAYER_TYPES[kind](lc["units"], lc.get("activation"), **params))
             except (TypeError, ValueError) as err:
                 raise type(err)(f"layer {pos}: {err}") from None
+        inputs = cfg["inputs"]
+        if isinstance(inputs, list):
+            inputs = tuple(inputs)
         return cls(
-            inputs=cfg["inputs"],
+            inputs=inputs,
             layers=layers,
             loss=cfg.get("loss", "softmax_cross_entropy"),
             l2=cfg.get("l2", 0.0),
@@ -144,6 +184,33 @@ class Network:
 
     def __repr__(self) -> str:
         return f"Network(inputs={self.inputs}, layers={self.layers}, loss={self.loss.name!r}, l2={self.l2})"
+
+
+_IMAGE_KEYS = {
+    "conv2d": ("filters", "kernel", "stride", "padding", "activation", "exact"),
+    "maxpool2d": ("size", "stride"),
+    "avgpool2d": ("size", "stride"),
+    "flatten": (),
+    "maxout": ("units", "pieces"),
+}
+_REQUIRED = {"conv2d": ("filters", "kernel"), "maxpool2d": ("size",), "avgpool2d": ("size",), "maxout": ("units", "pieces")}
+
+
+def _image_layer(pos: int, kind: str, lc: dict, params: dict):
+    """An image layer from its TOML table (keys as the constructor's arguments)."""
+    known = _IMAGE_KEYS[kind]
+    extra = sorted(set(lc) - set(known))
+    if extra or (params and kind != "conv2d"):
+        bad = extra[0] if extra else "activation_params"
+        raise ValueError(f"layer {pos}: unknown key {bad!r} for {kind} (known: type, {', '.join(known) or 'no others'})")
+    missing = [key for key in _REQUIRED.get(kind, ()) if key not in lc]
+    if missing:
+        raise ValueError(f"layer {pos}: {kind} needs {missing[0]!r}")
+    args = {key: tuple(val) if isinstance(val, list) else val for key, val in lc.items()}
+    try:
+        return LAYER_TYPES[kind](**args, **params)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"layer {pos}: {err}") from None
 
 
 def _safe_name(name: str) -> str:

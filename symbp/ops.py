@@ -122,3 +122,36 @@ def simplest(expr: sp.Expr) -> sp.Expr:
             continue
     # Ties go to the earliest candidate: SymPy's own derivative is usually the textbook form.
     return min(candidates, key=lambda e: sp.count_ops(e))
+
+
+class window_argmax(sp.Function):  # noqa: N801
+    """argmax over a window: ``window_argmax(value, (u, 0, U-1), (v, 0, V-1))`` is the
+    row-major position ``u·V + v`` of the largest ``value`` in the window.
+
+    Ties: the **first** maximum in that scan order wins (row by row, left to right), the rule
+    PyTorch's ``max_pool2d`` follows, so gradients are routed to the same entry.  The result
+    is piecewise constant in the values: its derivative is 0 (``fdiff``), which is why the
+    gradient of a max flows only through :class:`route`.
+    """
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def _eval_derivative(self, s):
+        return sp.S.Zero
+
+
+class route(sp.Function):  # noqa: N801
+    """route(m, j) = 1 if j == m else 0: the gradient router of a max.
+
+    A max over a window is written ``Σ_j route(m, j)·x_j`` with ``m`` its
+    :class:`window_argmax`; differentiating that sum sends δ to the arg-max entry only.
+    """
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def _eval_rewrite_as_Piecewise(self, m, j, **kwargs):
+        return sp.Piecewise((1, sp.Eq(m, j)), (0, True))

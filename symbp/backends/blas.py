@@ -56,3 +56,44 @@ def _make_gemm(xxgemm, kind):
 
 sgemm = _make_gemm(_sgemm, ord("s"))
 dgemm = _make_gemm(_dgemm, ord("d"))
+
+
+@intrinsic
+def _pointer_at(typingctx, arr, offset):
+    """The address of element ``offset`` (counted in elements) of an array's data."""
+    sig = types.CPointer(arr.dtype)(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.gep(data, [args[1]])
+
+    return sig, codegen
+
+
+def _make_gemm_block(xxgemm, kind):
+    @njit(cache=True)
+    def gemm_block(A, ia, ar, ac, ta, B, ib, br, bc, tb, C, ic, cr, cc, alpha, beta, scalars):
+        """C[ic] ← alpha·op(A[ia])·op(B[ib]) + beta·C[ic], where X[i] is the block that starts
+        at index i of X's first axis, read as a C-ordered (rows × cols) matrix (shapes given
+        as ar, ac …): one sample of a (batch, …) buffer, or a whole weight tensor (i = 0).
+
+        The rows of every buffer are contiguous (they are work buffers or their leading
+        slices), so a block is addressed by its first element alone.
+        """
+        k = ar if ta else ac
+        if cr == 0 or cc == 0:
+            return
+        scalars[0] = alpha
+        scalars[1] = beta
+        status = xxgemm(kind, _T if tb else _N, _T if ta else _N, cc, cr, k,
+                        _data_pointer(scalars), _pointer_at(B, ib * (B.strides[0] // B.itemsize)), bc,
+                        _pointer_at(A, ia * (A.strides[0] // A.itemsize)), ac,
+                        _data_pointer(scalars[1:]), _pointer_at(C, ic * (C.strides[0] // C.itemsize)), cc)
+        if status != 0:
+            raise RuntimeError("BLAS gemm failed")
+
+    return gemm_block
+
+
+sgemm_block = _make_gemm_block(_sgemm, ord("s"))
+dgemm_block = _make_gemm_block(_dgemm, ord("d"))

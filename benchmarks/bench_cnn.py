@@ -1,0 +1,405 @@
+"""Training-step benchmark of a small CNN: symbp against NumPy, PyTorch and JAX on CPU.
+
+What is measured
+----------------
+One float32 training step -- forward, softmax cross-entropy (mean over the batch),
+backward, plain SGD (lr=0.01) -- of
+
+    input 1×28×28 → Conv2D(8, 5×5) + relu → 2×2 max pool → Flatten → Dense(10),  batch 64
+
+    numpy   hand-written: im2col by sliding_window_view, GEMMs, max-pool routing by argmax
+    torch   eager nn.Conv2d/MaxPool2d/Linear, F.cross_entropy, torch.optim.SGD, 2 threads
+    jax     the whole step under jax.jit (params -> new params)
+    symbp   sb.compile(...).fit(X, y, batch_size=64, epochs=1, shuffle=False)
+
+As in ``bench_mlp.py`` (whose harness this reuses): the peers run a Python loop of
+``steps`` step calls over pre-sliced batches of N = 64·steps samples; symbp runs one
+``fit`` over the same N samples (the whole epoch is one compiled call) and fit time / steps
+is its per-step cost.  Each implementation runs in its own subprocess, rounds are
+interleaved, the parent waits for the machine to go idle before each worker, and the
+"contention" column says how much of the machine other processes used meanwhile (above
+~10% the number is suspect: on 2 cores one busy neighbour halves a 2-thread step).
+
+Usage
+-----
+    python benchmarks/bench_cnn.py                 # 3 rounds, every impl that imports
+    python benchmarks/bench_cnn.py --rounds 1 --impls torch,symbp
+    python benchmarks/bench_cnn.py --check         # every impl's SGD step vs a float64 reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _harness as h
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+LR, SEED, BATCH, FILTERS, KERNEL, CLASSES = 0.01, 0, 64, 8, 5, 10
+IMAGE = (1, 28, 28)
+PEERS = ("numpy", "torch", "jax")
+IMPLS = (*PEERS, "symbp")
+CONTENTION_WARN = 0.10
+BASE_ENV = {"OPENBLAS_CORETYPE": "SkylakeX", "OMP_WAIT_POLICY": "passive"}  # as bench_mlp.py
+IMPL_ENV = {"jax": {"JAX_PLATFORMS": "cpu"}}
+PARAM_NAMES = ("W1", "b1", "W4", "b4")  # symbp's names: conv is layer 1, the dense layer 4
+
+
+def make_data(steps: int, seed: int = SEED):
+    import numpy as np
+
+    n = BATCH * steps
+    X = np.random.default_rng(seed).standard_normal((n, *IMAGE), dtype=np.float32)
+    y = np.random.default_rng(seed + 1).integers(0, CLASSES, size=n, dtype=np.int64)
+    return X, y
+
+
+def init_params(seed: int = SEED + 2) -> dict:
+    """PyTorch-style uniform init, small non-zero biases; W1 (8, 1, 5, 5), W4 (10, 1152)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fan = IMAGE[0] * KERNEL * KERNEL
+    pooled = FILTERS * ((IMAGE[1] - KERNEL + 1) // 2) ** 2
+    return {"W1": rng.uniform(-1, 1, (FILTERS, IMAGE[0], KERNEL, KERNEL)).astype(np.float32) / math.sqrt(fan),
+            "b1": rng.uniform(-0.1, 0.1, FILTERS).astype(np.float32),
+            "W4": rng.uniform(-1, 1, (CLASSES, pooled)).astype(np.float32) / math.sqrt(pooled),
+            "b4": rng.uniform(-0.1, 0.1, CLASSES).astype(np.float32)}
+
+
+def batches(X, y):
+    return [(X[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(X), BATCH)]
+
+
+# ==========================================================================
+# Implementations: prepare(X, y) -> run (one pass = steps updates); params() -> dict
+# ==========================================================================
+
+class NumpyImpl:
+    """Hand-written forward and backward in the params' dtype (float64: the --check reference)."""
+
+    def __init__(self, params: dict):
+        import numpy as np
+
+        self.np = np
+        self.p = {k: v.copy() for k, v in params.items()}
+
+    def step(self, x, y):
+        np, p = self.np, self.p
+        B, K = len(x), FILTERS
+        W1 = p["W1"].reshape(K, -1)
+        # im2col: (B, Ho, Wo, C·kh·kw), then Z = cols·W1ᵀ + b1
+        cols = np.lib.stride_tricks.sliding_window_view(x, (KERNEL, KERNEL), axis=(2, 3))
+        Ho = cols.shape[2]
+        cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(B, Ho * Ho, -1)
+        z = cols @ W1.T + p["b1"]                      # (B, Ho·Wo, K)
+        a = np.maximum(z, 0).reshape(B, Ho, Ho, K).transpose(0, 3, 1, 2)  # (B, K, Ho, Wo)
+        win = a.reshape(B, K, Ho // 2, 2, Ho // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(B, K, Ho // 2, Ho // 2, 4)
+        arg = win.argmax(axis=-1)
+        pooled = np.take_along_axis(win, arg[..., None], -1)[..., 0]
+        flat = pooled.reshape(B, -1)
+        logits = flat @ p["W4"].T + p["b4"]
+        logits -= logits.max(axis=1, keepdims=True)
+        prob = np.exp(logits)
+        prob /= prob.sum(axis=1, keepdims=True)
+        prob[np.arange(B), y] -= 1
+        d4 = prob / B
+        dflat = d4 @ p["W4"]
+        gW4, gb4 = d4.T @ flat, d4.sum(0)
+        dwin = np.zeros_like(win)
+        np.put_along_axis(dwin, arg[..., None], dflat.reshape(B, K, Ho // 2, Ho // 2, 1), -1)
+        da = dwin.reshape(B, K, Ho // 2, Ho // 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(B, K, Ho, Ho)
+        dz = (da * (a > 0)).transpose(0, 2, 3, 1).reshape(B, Ho * Ho, K)
+        gW1 = np.einsum("bpk,bpc->kc", dz, cols).reshape(p["W1"].shape)
+        gb1 = dz.sum((0, 1))
+        for k, g in (("W1", gW1), ("b1", gb1), ("W4", gW4), ("b4", gb4)):
+            p[k] -= LR * g
+
+    def prepare(self, X, y):
+        bs, step = batches(X, y), self.step
+
+        def run():
+            for xb, yb in bs:
+                step(xb, yb)
+        return run
+
+    def params(self):
+        return self.p
+
+    def versions(self):
+        return {"numpy": self.np.__version__}
+
+
+class TorchImpl:
+    def __init__(self, params: dict):
+        import torch
+        import torch.nn.functional as F
+
+        torch.set_num_threads(2)
+        self.torch = torch
+        conv, lin = torch.nn.Conv2d(IMAGE[0], FILTERS, KERNEL), torch.nn.Linear(*params["W4"].shape[::-1])
+        with torch.no_grad():
+            for mod, w, b in ((conv, "W1", "b1"), (lin, "W4", "b4")):
+                mod.weight.copy_(torch.from_numpy(params[w]))
+                mod.bias.copy_(torch.from_numpy(params[b]))
+        self.model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), lin)
+        opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        model = self.model
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        self.step = step
+
+    def prepare(self, X, y):
+        torch, step = self.torch, self.step
+        bs = list(zip(torch.from_numpy(X).split(BATCH), torch.from_numpy(y).split(BATCH)))
+
+        def run():
+            for xb, yb in bs:
+                step(xb, yb)
+        return run
+
+    def params(self):
+        conv, lin = self.model[0], self.model[4]
+        return {k: t.detach().numpy().copy() for k, t in
+                (("W1", conv.weight), ("b1", conv.bias), ("W4", lin.weight), ("b4", lin.bias))}
+
+    def versions(self):
+        return {"torch": self.torch.__version__, "torch_threads": str(self.torch.get_num_threads())}
+
+
+class JaxImpl:
+    def __init__(self, params: dict):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax = jax
+        self.ps = {k: jnp.asarray(v) for k, v in params.items()}
+
+        def loss(ps, x, y):
+            z = jax.lax.conv_general_dilated(x, ps["W1"], (1, 1), "VALID") + ps["b1"][None, :, None, None]
+            a = jax.lax.reduce_window(jax.nn.relu(z), -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+            logits = a.reshape(len(x), -1) @ ps["W4"].T + ps["b4"]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+        @jax.jit
+        def step(ps, x, y):
+            g = jax.grad(loss)(ps, x, y)
+            return {k: ps[k] - LR * g[k] for k in ps}
+        self.step = step
+
+    def prepare(self, X, y):
+        jnp = self.jax.numpy
+        bs = [(jnp.asarray(xb), jnp.asarray(yb)) for xb, yb in batches(X, y)]
+
+        def run():
+            ps = self.ps
+            for xb, yb in bs:
+                ps = self.step(ps, xb, yb)
+            self.jax.block_until_ready(ps)
+            self.ps = ps
+        return run
+
+    def params(self):
+        import numpy as np
+
+        return {k: np.asarray(v) for k, v in self.ps.items()}
+
+    def versions(self):
+        return {"jax": self.jax.__version__}
+
+
+class SymbpImpl:
+    def __init__(self, params: dict):
+        sys.path.insert(0, str(REPO_ROOT))
+        import symbp as sb
+
+        self.sb = sb
+        net = sb.Network(inputs=IMAGE, layers=[sb.Conv2D(FILTERS, KERNEL, activation="relu"), sb.MaxPool2D(2),
+                                               sb.Flatten(), sb.Dense(CLASSES)], loss="softmax_cross_entropy")
+        dtype = str(params["W1"].dtype)
+        self.model = sb.compile(net, dtype=dtype, seed=0)
+        for k, v in params.items():
+            self.model.params[k] = v.copy()
+
+    def prepare(self, X, y):
+        model, sb = self.model, self.sb
+
+        def run():
+            model.fit(X, y, optimizer=sb.SGD(lr=LR), batch_size=BATCH, epochs=1, shuffle=False, progress=False)
+        return run
+
+    def params(self):
+        return dict(self.model.params)
+
+    def versions(self):
+        import numba
+
+        return {"symbp": getattr(self.sb, "__version__", "?"), "numba": numba.__version__}
+
+
+BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "jax": JaxImpl, "symbp": SymbpImpl}
+
+
+# ==========================================================================
+# Workers
+# ==========================================================================
+
+def worker_timing(args) -> dict:
+    impl = BUILDERS[args.impl](init_params())
+    impl.prepare(*make_data(2))()  # JIT / first-call costs
+    steps = args.steps_hint or 8
+    for _ in range(8):  # grow until one pass lasts about target_s
+        run = impl.prepare(*make_data(steps))
+        warm = min(h.time_once(run), h.time_once(run))
+        if warm >= 0.7 * args.target_s or steps >= 2000:
+            break
+        steps = min(2000, max(steps + 1, math.ceil(steps * 1.1 * args.target_s / max(warm, 1e-6))))
+    with h.Contention() as busy:
+        times = h.time_reps(run, args.reps)
+    return {"impl": args.impl, "steps": steps, "ms_per_step": [t / steps * 1e3 for t in times],
+            "contention": busy.fraction, "versions": impl.versions()}
+
+
+def worker_check(args) -> dict:
+    import numpy as np
+
+    data = np.load(args.check_in)
+    impl = BUILDERS[args.impl]({k: data[k] for k in PARAM_NAMES})
+    impl.prepare(data["x"], data["y"])()
+    np.savez(args.check_out, **{k: np.asarray(v) for k, v in impl.params().items()})
+    return {"impl": args.impl}
+
+
+def worker_main(args) -> int:
+    try:
+        h.emit(worker_check(args) if args.check_in else worker_timing(args))
+        return 0
+    except BaseException as exc:  # report one line, never a traceback in the table
+        h.emit({"error": h.one_line_error(exc)})
+        return 1
+
+
+# ==========================================================================
+# Parent
+# ==========================================================================
+
+def env_for(impl: str) -> dict:
+    return h.make_env({**BASE_ENV, **IMPL_ENV.get(impl, {})})
+
+
+def run_benchmark(args, impls) -> dict:
+    res = {i: {"ms": [], "steps": None, "error": None, "busy": []} for i in impls}
+    for r in range(args.rounds):
+        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+            rec = res[impl]
+            if rec["error"]:
+                continue
+            if args.wait_idle > 0 and h.wait_for_idle(args.wait_idle, CONTENTION_WARN) is None:
+                print(f"  (machine still busy after {args.wait_idle:.0f} s; measuring anyway)", file=sys.stderr)
+            argv = [str(Path(__file__).resolve()), "--worker", impl, "--reps", str(args.reps),
+                    "--target-s", str(args.target_s)] + (["--steps-hint", str(rec["steps"])] if rec["steps"] else [])
+            out = h.run_worker(argv, env_for(impl), args.timeout)
+            if "error" in out:
+                rec["error"] = out["error"]
+                print(f"  round {r + 1}  {impl:<6}  ERROR {out['error']}", file=sys.stderr, flush=True)
+                continue
+            rec["ms"] += out["ms_per_step"]
+            rec["steps"] = out["steps"]
+            rec["busy"].append((min(out["ms_per_step"]), out.get("contention")))
+            print(f"  round {r + 1}  {impl:<6}  {min(out['ms_per_step']):8.3f} ms/step  "
+                  f"({out['steps']} steps, contention {out.get('contention') or 0:.0%})", file=sys.stderr, flush=True)
+    return res
+
+
+def print_table(impls, res) -> None:
+    best_peer = min((min(res[i]["ms"]) for i in impls if i in PEERS and res[i]["ms"]), default=None)
+    rows = []
+    for impl in impls:
+        rec = res[impl]
+        if not rec["ms"]:
+            rows.append([impl, f"error: {rec['error']}"])
+            continue
+        best = min(rec["ms"])
+        at_best = min(rec["busy"], key=lambda mc: mc[0])[1]
+        seen = [c for _, c in rec["busy"] if c is not None]
+        busy = "?" if at_best is None else f"{at_best:.0%}/{max(seen):.0%}"
+        rows.append([impl, f"{best:.3f}", f"{h.median(rec['ms']):.3f}",
+                     f"{best / best_peer:.2f}" if best_peer else "-", str(rec["steps"]), busy])
+    print(f"\nCNN 1×28×28 → Conv2D(8, 5×5)+relu → maxpool 2 → Dense(10), batch {BATCH}, float32, SGD step")
+    print(h.format_table(["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "contention best/max"],
+                         rows, right=[False] + [True] * 5))
+    print("ratio: best ms/step over the best peer's (numpy/torch/jax); contention: share of the machine other "
+          "processes used during the best / the worst worker.")
+
+
+def run_check(args, impls) -> bool:
+    """Every impl makes one SGD step from the same weights and batch; compared with the
+    hand-written step in float64."""
+    import numpy as np
+
+    x, y = make_data(1)
+    params = init_params()
+    ref = NumpyImpl({k: v.astype(np.float64) for k, v in params.items()})
+    ref.step(x.astype(np.float64), y)
+    ok = True
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in.npz"
+        np.savez(src, x=x, y=y, **params)
+        for impl in impls:
+            dst = Path(tmp) / f"{impl}.npz"
+            out = h.run_worker([str(Path(__file__).resolve()), "--worker", impl, "--check-in", str(src),
+                                "--check-out", str(dst)], env_for(impl), args.timeout)
+            if "error" in out:
+                rows.append([impl, f"error: {out['error']}"])
+                continue
+            got = np.load(dst)
+            # relative error of the update itself (new − old), the part a wrong gradient changes
+            err = max(np.abs(got[k] - ref.p[k]).max() / np.abs(ref.p[k] - params[k]).max() for k in PARAM_NAMES)
+            good = err < 1e-3
+            ok &= good
+            rows.append([impl, f"{err:.2e}", "ok" if good else "MISMATCH"])
+    print(h.format_table(["impl", "max update rel err vs float64", "result"], rows))
+    return ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--target-s", type=float, default=0.4)
+    ap.add_argument("--wait-idle", type=float, default=20.0, help="seconds to wait for an idle machine per worker")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--check-in", help=argparse.SUPPRESS)
+    ap.add_argument("--check-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.impl = args.worker
+        return worker_main(args)
+    impls = [i for i in args.impls.split(",") if i]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        ap.error(f"unknown impl(s) {bad}; choose from {IMPLS}")
+    print(" ".join(f"{k}={v}" for k, v in h.system_info().items()))
+    if args.check:
+        return 0 if run_check(args, impls) else 1
+    t0 = time.perf_counter()
+    print_table(impls, run_benchmark(args, impls))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Code generation for the image layers (Conv2D, pooling, Flatten, Maxout).
+
+Called by :class:`symbp.codegen._Builder` for every layer that is not Dense.  Activations,
+deltas and stage buffers of an image layer are stored flat, ``(batch, C·H·W)`` in C, H, W
+order, so Flatten costs nothing (it renames the buffer) and a Dense layer after it reads
+that buffer as its input.  Stages that only re-index (the zero padding x̃) are inlined
+where they are read; the others get a buffer.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from .conv import Conv2D, Flatten
+from .derive import resolve
+from .indices import N, n
+from .lower import Loop, split_sums
+from .lower_image import BlockGemm, Nest, WindowArgmax, match_conv, numeric
+from .ops import window_argmax
+
+
+def setup(builder, ld) -> None:
+    """Names, flat layouts and work buffers for image layer ``ld``."""
+    names, net = builder.names, builder.d.network
+    lid = ld.index
+    prev_a = names["x"] if lid == 1 else names[f"a{lid - 1}"]
+    if isinstance(ld.layer, Flatten):
+        prev_z = names["x"] if lid == 1 else names[f"z{lid - 1}"]
+        names[f"z{lid}"], names[f"a{lid}"] = prev_z, prev_a
+        names[f"delta{lid}"] = "dZflat" if lid == 1 else names[f"delta{lid - 1}"]
+        if lid == 1:
+            builder.workspace.append(("dZflat", ("batch", net.widths[lid])))
+        return
+    shape = net.shapes[lid]
+    for key in ld.params:
+        names[f"{key}{lid}"] = f"{key}{lid}"
+        builder.params.append(f"{key}{lid}")
+    names[f"z{lid}"] = f"Z{lid}"
+    names[f"a{lid}"] = f"Z{lid}" if ld.layer.activation.is_identity else f"A{lid}"
+    names[f"delta{lid}"] = f"dZ{lid}"
+    for label in (f"z{lid}", f"a{lid}", f"delta{lid}"):
+        if len(shape) == 3:
+            builder.flat[label] = shape
+    for st in ld.stages[:-1]:
+        label = str(st.target.label)
+        if _inlined(st):
+            continue
+        size = _numbers(builder, st.dims)
+        names[label] = f"A{label}"  # A…: written by forward, read by backward
+        builder.workspace.append((f"A{label}", ("batch", int(sp.prod(size)))))
+        if len(size) == 3:
+            builder.flat[label] = size
+    conv = _conv(builder, ld)
+    if conv is not None:  # the im2col columns, and their gradient when a layer before reads it
+        C, kh, kw = conv.extents
+        cols = (C, kh, kw, *shape[1:])
+        names[f"col{lid}"] = f"Acol{lid}"
+        builder.workspace.append((f"Acol{lid}", ("batch", int(sp.prod(cols)))))
+        builder.flat[f"col{lid}"] = cols
+        if lid > 1:
+            names[f"gcol{lid}"] = f"dZcol{lid}"
+            builder.workspace.append((f"dZcol{lid}", ("batch", int(sp.prod(cols)))))
+            builder.flat[f"gcol{lid}"] = cols
+    for label, (gb, _free, _) in ld.stage_grads.items():
+        st = next(st for st in ld.stages if str(st.target.label) == label)
+        if lid == 1 and _inlined(st):
+            continue  # ∂C/∂x̃ of the first layer is never needed
+        size = _numbers(builder, st.dims)
+        names[str(gb.label)] = f"dZ{gb.label}"
+        builder.workspace.append((f"dZ{gb.label}", ("batch", int(sp.prod(size)))))
+        if len(size) == 3:
+            builder.flat[str(gb.label)] = size
+    builder.workspace.append((f"Z{lid}", ("batch", net.widths[lid])))
+    if not ld.layer.activation.is_identity:
+        builder.workspace.append((f"A{lid}", ("batch", net.widths[lid])))
+    builder.workspace.append((f"dZ{lid}", ("batch", net.widths[lid])))
+
+
+def _numbers(builder, dims) -> tuple:
+    return tuple(_size(builder, d_) for d_ in dims)
+
+
+def _inlined(st) -> bool:
+    """A stage that only re-indexes its input (a δ-sum, like the zero padding)."""
+    return isinstance(st.formula, sp.Sum) and st.formula.function.has(sp.KroneckerDelta)
+
+
+def _inline(builder, ld, expr: sp.Expr) -> sp.Expr:
+    """Replace reads of inlined stages by their resolved formulas."""
+    for st in ld.stages[:-1]:
+        if not _inlined(st):
+            continue
+        ranges = {sym: (0, ext - 1) for sym, ext in zip(st.idx, st.dims)}
+        body = resolve(st.formula, ranges)
+        expr = expr.replace(
+            lambda t, st=st: isinstance(t, sp.Indexed) and t.base.label == st.target.label,
+            lambda t, body=body, st=st: body.xreplace(dict(zip((n, *st.idx), t.indices))))
+    return expr
+
+
+def _ranges(builder, idx, dims) -> list:
+    return [(n, N)] + [(sym, _size(builder, d_)) for sym, d_ in zip(idx, dims)]
+
+
+def _fix(builder, ld, expr, ranges) -> sp.Expr:
+    return numeric(builder.value(_inline(builder, ld, expr)), builder.d.sizes,
+                   {sym: (0, ext - 1) for sym, ext in ranges if sym is not n})
+
+
+def forward_steps(builder, ld) -> list:
+    if isinstance(ld.layer, Flatten):
+        return []
+    steps = []
+    for st in ld.stages:
+        if _inlined(st):
+            continue
+        ranges = _ranges(builder, st.idx, st.dims)
+        target = st.target[(n, *st.idx)]
+        if isinstance(st.formula, window_argmax):
+            value, *window = st.formula.args
+            win = [(sym, int(builder.value(hi)) + 1) for sym, _, hi in window]
+            steps.append(WindowArgmax(ranges, target, _fix(builder, ld, value, ranges + win), win))
+            continue
+        conv = _conv(builder, ld) if st is ld.stages[-1] else None
+        if conv is not None:
+            steps += _conv_forward(builder, ld, st, conv, ranges)
+            continue
+        expr = _fix(builder, ld, st.formula, ranges)
+        if len(st.idx) == 1:
+            try:  # a dense map (Maxout's pieces): a GEMM and a fused loop
+                pre, fused = split_sums(expr, st.target, (n, st.idx[0]), lambda s_, t_=st.target: t_)
+                if all(not isinstance(x_, Nest) for x_ in pre):
+                    stmts = [(target, fused)]
+                    if st is ld.stages[-1] and not ld.layer.activation.is_identity:
+                        stmts.append((ld.a[(n, *st.idx)], builder.value(ld.output)))
+                    steps += pre + [Loop(ranges, stmts)]
+                    continue
+            except NotImplementedError:
+                pass
+        stmts = [(target, expr)]
+        if st is ld.stages[-1] and not ld.layer.activation.is_identity:
+            stmts.append((ld.a[(n, *st.idx)], builder.value(ld.output)))
+        steps.append(Nest(ranges, stmts))
+    return steps
+
+
+def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
+    """Stage gradients (∂C/∂x̃ only when a layer before needs it), then ∂C/∂θ."""
+    steps = []
+    for label, (gb, free, formula) in ld.stage_grads.items():
+        st = next(st for st in ld.stages if str(st.target.label) == label)
+        if first and _inlined(st):
+            continue  # ∂C/∂x̃ of the first layer: nobody reads it
+        ranges = _ranges(builder, free, st.dims)
+        conv = _conv(builder, ld) if _inlined(st) else None
+        col2im = _conv_input_grad(builder, ld, conv, gb, free, formula, ranges) if conv is not None else None
+        if col2im is not None:
+            steps += col2im
+            continue
+        steps.append(Nest(ranges, [(gb[(n, *free)], _fix(builder, ld, formula, ranges))]))
+    now, later = [], []
+    for key in ld.params:
+        g = builder.grad_base(ld, key)
+        idx = ld.param_idx[key]
+        expr = builder.value(ld.grads[key])
+        extents = {sym: _size(builder, d_) for sym, d_ in zip(idx, ld.param_dims[key])}
+        conv = _conv(builder, ld) if key == "W" else None
+        im2col = _conv_weight_grad(builder, ld, conv, expr, g) if conv is not None else None
+        try:
+            if im2col is not None:
+                gsteps, g_expr = im2col
+            else:
+                gsteps, g_expr = split_sums(expr, g, idx, lambda s_, g_=g: g_, extents)
+        except (NotImplementedError, TypeError, KeyError):
+            data = sp.Add(*[t for t in sp.Add.make_args(expr) if t.has(sp.Sum)])
+            prange = [(sym, _size(builder, d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
+            fixed = numeric(_inline(builder, ld, data), builder.d.sizes, {sym: (0, e_ - 1) for sym, e_ in prange})
+            gsteps = [Nest(prange, [(g[idx], fixed)])]
+            g_expr = g[idx] + (expr - data)
+        if opt is None:
+            prange = [(sym, _size(builder, d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
+            now += gsteps + ([Loop(prange, [(g[idx], g_expr)])] if g_expr != g[idx] else [])
+        else:
+            a_, b_ = builder.update_steps(ld, key, gsteps, g_expr, opt)
+            now += a_
+            later += b_
+    return steps + now, later
+
+
+def delta_steps(builder, ld) -> list:
+    """δ of image layer ``ld`` from what the layer after it sent back."""
+    if isinstance(ld.layer, Flatten) and ld.index == 1:
+        return []
+    idx = (n, *ld.delta_idx)
+    ranges = _ranges(builder, ld.delta_idx, ld.out_dims)
+    scatter = _window_scatter(builder, ld, ranges)
+    if scatter is not None:
+        return scatter
+    expr = _fix(builder, ld, ld.delta_formula, ranges)
+    target = ld.delta[idx]
+    if isinstance(expr, sp.Indexed) and builder.names.get(str(expr.base.label)) == builder.names[f"delta{ld.index}"]:
+        return []  # the layer after is a Flatten: the same memory, nothing to do
+    if len(ld.delta_idx) == 1:
+        try:
+            pre, fused = split_sums(expr, ld.delta, idx, lambda s_: ld.delta)
+            return pre + [Loop(ranges, [(target, fused)])]
+        except NotImplementedError:
+            pass
+    return [Nest(ranges, [(target, expr)])]
+
+
+def _window_scatter(builder, ld, ranges):
+    """δ_l when the layer after reads a_l through windows (pooling): its derived input
+    gradient is a gather over the windows that contain each entry (a guarded Sum, bounds
+    solved per entry).  The same sum runs faster transposed, as a scatter over the windows:
+    for each output (h, w) and window entry (u, v), g[n, k, S·h + u, S′·w + v] += c·δ[n, k, h, w],
+    c being ∂z/∂a of the next layer's formula (route(m, u·kw + v) for max pooling,
+    1/(kh·kw) for average pooling); then δ_l = f′(z_l)·g in place."""
+    layers = builder.d.layers
+    if ld.index >= len(layers) or len(ld.delta_idx) != 3:
+        return None
+    nxt = layers[ld.index]
+    if isinstance(nxt.layer, (Conv2D, Flatten)) or "W" in nxt.params:
+        return None
+    st = nxt.stages[-1]
+    formula = builder.value(st.formula)
+    if isinstance(formula, sp.Mul):  # a constant times a window sum (average pooling)
+        sums = [f_ for f_ in formula.args if isinstance(f_, sp.Sum)]
+        if len(sums) == 1:
+            formula = sp.Sum(formula / sums[0] * sums[0].function, *sums[0].limits)
+    if not isinstance(formula, sp.Sum) or any(s_.formula.has(ld.a) and s_.formula.has(sp.Sum) for s_ in nxt.stages[:-1]):
+        return None
+    reads = [t for t in formula.function.atoms(sp.Indexed) if t.base.label == ld.a.label]
+    if len(reads) != 1:
+        return None
+    coeff = sp.diff(formula.function, reads[0])
+    if coeff.has(ld.a.label) or sp.expand(formula.function - coeff * reads[0]) != 0:
+        return None
+    out_ranges = _ranges(builder, st.idx, st.dims)
+    window = [(sym, int(hi) + 1) for sym, lo, hi in formula.limits]
+    g = ld.delta
+    up = builder.value(nxt.delta[(n, *st.idx)])
+    steps = [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))]),
+             Nest(out_ranges + window, [(g[reads[0].indices], coeff * up)], accumulate=True)]
+    fprime = builder.value(ld.fprime((n, *ld.delta_idx)))
+    if fprime != 1:
+        steps.append(Nest(ranges, [(g[(n, *ld.delta_idx)], fprime * g[(n, *ld.delta_idx)])]))
+    return steps
+
+
+# -- convolution as im2col + GEMM ---------------------------------------------------------
+#: None: im2col + GEMM or direct loops as :func:`_prefers_im2col` decides from the shapes;
+#: True/False force one (for measuring; the generated module's cache key does not see it).
+IM2COL = None
+
+
+def _prefers_im2col(C: int, kh: int, kw: int, K: int, P: int) -> bool:
+    """Whether im2col + GEMM beats the direct loops for a conv layer (filters K, columns of
+    C·kh·kw entries, P output positions).
+
+    Measured (2-core Zen4, shared, float32 SGD step of benchmarks/bench_cnn.py: C·kh·kw = 25,
+    K = 8, P = 576, batch 64): im2col + GEMM 2.1 ms/step, direct loops 13.1 ms/step; the
+    direct ∂C/∂W loop alone (a 25-term window sum per weight, n outermost) cost ~8 ms of
+    that, the forward loops about as much as im2col + GEMM (0.25 vs 0.40 ms).  The columns
+    are built once per step and serve both the forward GEMM and ∂C/∂W.  Below 8 entries
+    a column the per-sample GEMM calls cost more than they save (a heuristic bound: not
+    measured at the edge), so tiny filters keep the direct loops.
+    """
+    return C * kh * kw >= 8
+
+
+def _conv(builder, ld):
+    """The :class:`ConvMatch` of a Conv2D layer lowered to im2col + GEMM, or None (direct
+    loops).  Read from the derived forward formula, decided once per layer from its shapes."""
+    cache = builder.__dict__.setdefault("_im2col", {})
+    if ld.index not in cache:
+        conv = None
+        if isinstance(ld.layer, Conv2D):
+            st = ld.stages[-1]
+            conv = match_conv(builder.value(st.formula), st.idx)
+        if conv is not None:
+            C, kh, kw = (int(x_) for x_ in conv.extents)
+            K, Ho, Wo = _numbers(builder, st.dims)
+            use = _prefers_im2col(C, kh, kw, K, Ho * Wo) if IM2COL is None else IM2COL
+            conv = conv if use else None
+        cache[ld.index] = conv
+    return cache[ld.index]
+
+
+def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple]:
+    """The im2col buffer col[n, c, u, v, h, w] = x̃[n, c, S·h + u, S′·w + v], its loop
+    ranges (w innermost: rows of col are written in order) and its matrix shape per sample."""
+    st = ld.stages[-1]
+    C, kh, kw = (int(x_) for x_ in conv.extents)
+    _, Ho, Wo = _numbers(builder, st.dims)
+    c_, u_, v_ = conv.dummies
+    _, h_, w_ = st.idx
+    col = sp.IndexedBase(f"col{ld.index}")
+    return col, [(n, N), (c_, C), (u_, kh), (v_, kw), (h_, Ho), (w_, Wo)], (C * kh * kw, Ho * Wo)
+
+
+def _conv_forward(builder, ld, st, conv, ranges) -> list:
+    """z[n] = W·col[n] (a (K, C·kh·kw)·(C·kh·kw, H·W) GEMM per sample, written straight into
+    z's (K, H·W) rows), then the rest of the formula (the bias) and the activation in one loop."""
+    col, col_ranges, (rows, cols) = _col_ranges(builder, ld, conv)
+    K = _size(builder, st.dims[0])
+    entry = col[(n, *conv.dummies, *st.idx[1:])]
+    target = st.target[(n, *st.idx)]
+    stmts = [(target, target + _fix(builder, ld, builder.value(st.formula) - conv.sum, ranges))]
+    if not ld.layer.activation.is_identity:
+        stmts.append((ld.a[(n, *st.idx)], builder.value(ld.output)))
+    return [Nest(col_ranges, [(entry, _fix(builder, ld, conv.source, col_ranges))]),
+            BlockGemm(st.target, conv.weight, False, col, False, conv.sum,
+                      shapes=((K, rows), (rows, cols), (K, cols)), per_sample=(False, True, True)),
+            Nest(ranges, stmts)]
+
+
+def _conv_weight_grad(builder, ld, conv, expr, g):
+    """∂C/∂W = Σ_n δ[n]·col[n]ᵀ when the derived gradient is Σ_{n,h,w} δ[n, p, h, w]·x̃[…]
+    with x̃ read exactly as im2col stored it; (steps, the rest of the formula) or None."""
+    idx = ld.param_idx["W"]
+    st = ld.stages[-1]
+    want = conv.source.xreplace(dict(zip(conv.dummies, idx[1:])))
+    for s_ in expr.atoms(sp.Sum):
+        factors = sp.Mul.make_args(s_.function)
+        if len(factors) != 2 or want not in factors or {lim[0] for lim in s_.limits} != {n, *st.idx[1:]}:
+            continue
+        delta = next(f_ for f_ in factors if f_ != want)
+        if not isinstance(delta, sp.Indexed) or delta.indices != (n, idx[0], *st.idx[1:]):
+            continue
+        col, _, (rows, cols) = _col_ranges(builder, ld, conv)
+        K = _size(builder, st.dims[0])
+        gemm = BlockGemm(g, delta.base, False, col, True, s_, shapes=((K, cols), (rows, cols), (K, rows)),
+                         per_sample=(True, True, False), accumulate=True)
+        return [gemm], g[idx] + (expr - s_)
+    return None
+
+
+def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
+    """∂C/∂x̃ as dcol[n] = Wᵀ·δ[n] (a GEMM per sample) scattered back by col2im, when the
+    derived formula is the transposed convolution Σ_{k,h,w} W[k, q, ·, ·]·δ[n, k, h, w]
+    (under its window guard); None otherwise."""
+    expr = builder.value(formula)
+    found = None
+    for s_ in expr.atoms(sp.Sum):
+        body = s_.function.args[0].expr if isinstance(s_.function, sp.Piecewise) else s_.function
+        if {f_.base.label for f_ in sp.Mul.make_args(body) if isinstance(f_, sp.Indexed)} == {conv.weight.label, ld.delta.label}:
+            found = s_
+    if found is None:
+        return None
+    st = ld.stages[-1]
+    col, col_ranges, (rows, cols) = _col_ranges(builder, ld, conv)
+    gcol = sp.IndexedBase(f"gcol{ld.index}")
+    K = _size(builder, st.dims[0])
+    entry = gcol[(n, *conv.dummies, *st.idx[1:])]
+    return [Nest(ranges, [(gb[(n, *free)], sp.Integer(0))]),
+            BlockGemm(gcol, conv.weight, True, ld.delta, False, found,
+                      shapes=((K, rows), (K, cols), (rows, cols)), per_sample=(False, True, True)),
+            # col2im: each column entry goes back where im2col read it (x̃'s padding included)
+            Nest(col_ranges, [(gb[conv.source.indices], entry)], accumulate=True)]
+
+
+def _size(builder, dim) -> int:
+    """A dimension (a size symbol or a number) as a number."""
+    return int(builder.value(dim) if isinstance(dim, sp.Basic) else dim)

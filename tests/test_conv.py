@@ -1,0 +1,177 @@
+"""Image layers against PyTorch (conv2d, max_pool2d, avg_pool2d, a Maxout from torch ops) in
+float64, gradcheck, shape refusals, and Adam training equal to torch.optim.Adam."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _support import rel_err
+
+import symbp as sb
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# name -> (input shape, layer list, loss, l2); each is compiled once per session.
+NETS = {
+    "s2p1-maxpool-ce": ((2, 7, 7), lambda: [sb.Conv2D(3, 3, stride=2, padding=1, activation="tanh"), sb.MaxPool2D(2),
+                                           sb.Flatten(), sb.Dense(3)], "softmax_cross_entropy", 0.1),
+    "rect-avgpool-maxout-mse": ((1, 6, 5), lambda: [sb.Conv2D(2, (3, 2), padding=(1, 0), activation="relu"),
+                                                    sb.AvgPool2D(2, stride=1), sb.Conv2D(2, 2), sb.Flatten(),
+                                                    sb.Maxout(3, 2), sb.Dense(2)], "mse", 0.0),
+    "overlap-pool-s2": ((1, 9, 9), lambda: [sb.Conv2D(2, 3, stride=2, padding=1, activation="sigmoid"),
+                                            sb.MaxPool2D(3, stride=1), sb.Flatten(), sb.Dense(4)], "softmax_cross_entropy", 0.0),
+}
+
+
+def build(name):
+    shape, layers, loss, l2 = NETS[name]
+    return sb.Network(inputs=shape, layers=layers(), loss=loss, l2=l2, name=name)
+
+
+def torch_forward(net, params, X):
+    a = torch.as_tensor(X)
+    acts = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda t: t}
+    for pos, layer in enumerate(net.layers, 1):
+        if isinstance(layer, sb.Conv2D):
+            a = F.conv2d(a, params[f"W{pos}"], params[f"b{pos}"], stride=layer.stride, padding=layer.padding)
+        elif isinstance(layer, sb.MaxPool2D):
+            a = F.max_pool2d(a, layer.size, layer.stride)
+        elif isinstance(layer, sb.AvgPool2D):
+            a = F.avg_pool2d(a, layer.size, layer.stride)
+        elif isinstance(layer, sb.Flatten):
+            a = a.flatten(1)
+        elif isinstance(layer, sb.Maxout):
+            a = (a @ params[f"W{pos}"].T + params[f"b{pos}"]).view(a.shape[0], layer.units, layer.pieces).max(dim=2).values
+        else:
+            a = a @ params[f"W{pos}"].T + params[f"b{pos}"]
+        a = acts[layer.activation.describe() if hasattr(layer, "activation") else "identity"](a)
+    return a
+
+
+def torch_loss(net, params, X, y):
+    out = torch_forward(net, params, X)
+    if net.loss.name == "softmax_cross_entropy":
+        loss = F.cross_entropy(out, torch.as_tensor(y))
+    else:
+        loss = F.mse_loss(out, torch.as_tensor(y))
+    if net.l2:
+        loss = loss + net.l2 / 2 * sum((v ** 2).sum() for k, v in params.items() if k.startswith("W"))
+    return loss
+
+
+def data(net, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, *net.input_shape))
+    y = rng.integers(0, net.outputs, n) if net.loss.name == "softmax_cross_entropy" else rng.normal(size=(n, net.outputs))
+    return X, y
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_loss_and_grads_equal_torch(compiled, name):
+    net = build(name)
+    model = compiled(net)
+    for seed in range(2):
+        X, y = data(net, seed=seed)
+        loss, grads = model.loss_and_grads(X, y)
+        tp = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+        ref = torch_loss(net, tp, X, y)
+        ref.backward()
+        assert abs(loss - ref.item()) <= 1e-10 * abs(ref.item())
+        for k in grads:
+            assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k
+        assert np.allclose(model.decision_function(X), torch_forward(net, tp, X).detach().numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_gradcheck(compiled, name):
+    net = build(name)
+    model = compiled(net)
+    X, y = data(net, seed=3)
+    assert sb.gradcheck(model, X, y) < 1e-6
+
+
+def test_max_pool_ties_go_to_the_first_maximum_like_torch(compiled):
+    net = build("overlap-pool-s2")
+    model = compiled(net)
+    model.params["W1"][...] = 0.0  # every conv output equals its bias: all windows tie
+    X, y = data(net)
+    _, grads = model.loss_and_grads(X, y)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    torch_loss(net, tp, X, y).backward()
+    for k in grads:
+        assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k
+
+
+def test_flat_inputs_accepted_and_wrong_shapes_refused(compiled):
+    net = build("s2p1-maxpool-ce")
+    model = compiled(net)
+    X, y = data(net)
+    assert np.allclose(model.decision_function(X), model.decision_function(X.reshape(len(X), -1)))
+    with pytest.raises(ValueError, match=r"\(N, 2, 7, 7\)"):
+        model.decision_function(np.zeros((3, 1, 7, 7)))
+    with pytest.raises(ValueError, match="98"):
+        model.decision_function(np.zeros((3, 97)))
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([sb.Conv2D(2, 3, stride=2)], r"\(8 − 3 \+ 2·0\)/2 \+ 1 = 3.5"),
+    ([sb.Conv2D(2, 11, padding=1)], "window 11 is larger than the padded input 8 \\+ 2·1 = 10"),
+    ([sb.MaxPool2D(9)], "window 9 is larger than the input 8"),
+    ([sb.Conv2D(2, 3), sb.Dense(3)], r"Flatten\(\) before it \(giving 72 features\)"),
+    ([sb.Flatten(), sb.MaxPool2D(2)], r"3-D input \(C, H, W\), got shape \(64,\)"),
+    ([sb.Maxout(3, 2)], "put sb.Flatten"),
+])
+def test_bad_shapes_refused_with_the_numbers(layers, message):
+    with pytest.raises(ValueError, match=message):
+        sb.Network(inputs=(1, 8, 8), layers=layers)
+
+
+def test_shapes_and_parameter_counts():
+    net = sb.Network(inputs=(3, 32, 32), layers=[sb.Conv2D(10, 5, stride=1, padding=2), sb.MaxPool2D(2),
+                                                 sb.Flatten(), sb.Dense(10)])
+    assert net.shapes == [(3, 32, 32), (10, 32, 32), (10, 16, 16), (2560,), (10,)]
+    assert net.param_counts()[0] == (5 * 5 * 3 + 1) * 10
+
+
+def test_config_round_trip():
+    net = build("rect-avgpool-maxout-mse")
+    again = sb.Network.from_config(net.to_config())
+    assert again.fingerprint() == net.fingerprint()
+    with pytest.raises(ValueError, match="unknown key 'units' for conv2d"):
+        sb.Network.from_config({"inputs": [1, 8, 8], "layers": [{"type": "conv2d", "filters": 2, "kernel": 3, "units": 3}]})
+
+
+def test_derivation_keeps_the_stride_guard():
+    d = sb.derive(build("s2p1-maxpool-ce"))
+    gx = d.layers[0].stage_grads["xpad1"][2]
+    assert gx.has(sb.derive.__globals__["sp"].Piecewise)  # 0 ≤ r − S·h ≤ kh − 1 is real
+    assert "Piecewise" not in str(d.layers[0].grads["W"])  # q ≤ C − 1 etc. are implied: dropped
+
+
+def test_adam_on_a_cnn_equals_torch_adam(compiled):
+    net = build("s2p1-maxpool-ce")
+    model = compiled(net)
+    X, y = data(net, n=8)
+    tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in model.params.items()}
+    opt = torch.optim.Adam(list(tp.values()), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        torch_loss(net, tp, X, y).backward()
+        opt.step()
+    model.fit(X, y, optimizer=sb.Adam(lr=0.01), batch_size=8, epochs=3, shuffle=False, progress=False)
+    for k, v in tp.items():
+        assert rel_err(model.params[k], v.detach().numpy()) <= 1e-10, k
+
+
+# Plain SGD (its update rides on the weight GEMM) and Adam (an elementwise update, its
+# training module already compiled above): the two ways an update is lowered.  Every other
+# optimizer is covered on dense nets by test_optim.py; each one here cost ~10 s of JIT.
+@pytest.mark.parametrize("opt", [sb.SGD(lr=0.05), sb.Adam(lr=0.01)], ids=lambda o: o.name)
+def test_training_lowers_the_loss(compiled, opt):
+    net = build("s2p1-maxpool-ce")
+    model = compiled(net)
+    X, y = data(net, n=24)
+    before = model.evaluate(X, y)[0]
+    model.fit(X, y, optimizer=opt, batch_size=8, epochs=15, progress=False)
+    assert model.evaluate(X, y)[0] < before
