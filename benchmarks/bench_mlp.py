@@ -17,6 +17,15 @@ Implementations (each only if it imports):
     jax     the whole step under jax.jit (params -> new params, donated)
     symbp   sb.compile(...).fit(X, y, batch_size=B, epochs=1, shuffle=False)
 
+With ``--optimizer adam`` the update is Adam instead (lr=1e-3, betas
+(0.9, 0.999), eps=1e-8, no weight decay, torch.optim.Adam's formulas) in
+every impl: NumPy by hand (m, v, bias corrections, in place),
+torch.optim.Adam, optax.adam inside the jitted JAX step, and sb.Adam, whose
+update symbp fuses into the generated backward pass. ``--adam-overhead``
+times every impl with both optimizers (each in its own worker, interleaved)
+and prints the Adam/SGD ratio per impl: for symbp that is the cost of its
+fused Adam step (the goal: under 1.10).
+
 For the peers a timed repetition is a Python loop of ``steps`` step calls over
 pre-sliced batches of N = batch * steps samples (JAX: block_until_ready on
 the final params). For symbp it is one ``fit`` call over the same kind of N
@@ -62,6 +71,9 @@ Usage
     python benchmarks/bench_mlp.py --quick              # 1 round, short reps
     python benchmarks/bench_mlp.py --nets small,medium --impls numpy,symbp
     python benchmarks/bench_mlp.py --check              # verify every impl's SGD step
+    python benchmarks/bench_mlp.py --check --optimizer adam   # ... and 3 Adam steps
+    python benchmarks/bench_mlp.py --optimizer adam     # the usual tables, Adam steps
+    python benchmarks/bench_mlp.py --adam-overhead      # Adam vs SGD per impl (medium net)
     python benchmarks/bench_mlp.py --json results.json
 """
 
@@ -84,6 +96,15 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 
 LR = 0.01
+# Adam: torch.optim.Adam's defaults except lr (which is also optax.adam's
+# default b1, b2, eps). symbp's sb.Adam follows torch.optim.Adam exactly.
+ADAM_LR = 1e-3
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+OPTIMIZERS = ("sgd", "adam")
+# Steps compared by --check: one for SGD; three for Adam, so that the moment
+# estimates and both bias corrections are exercised past their first step.
+CHECK_STEPS = {"sgd": 1, "adam": 3}
 SEED = 0
 TORCH_THREADS = 2
 # Share of the machine used by other processes above which numbers are suspect.
@@ -178,30 +199,77 @@ def batches_of(net: Net, X, y):
 
 
 # ==========================================================================
-# Implementations. Each one offers:
+# Implementations. Each one is built as Impl(net, params, optimizer) with
+# optimizer "sgd" or "adam" (plus keyword options some impls take) and offers:
 #   prepare(X, y) -> run      run() performs one pass (= steps updates) and
 #                             returns only when the result is materialised
 #   params()      -> [(W, b)] current weights as NumPy (for --check)
 #   versions()    -> dict
+# Optimizer state (Adam's moments and step count) lives in the impl, so it
+# carries over from one run() to the next, as in a real training loop.
 # ==========================================================================
 
 class NumpyImpl:
     """Hand-written backprop. Works in the dtype of the given params, so the
-    same code in float64 is the reference for --check."""
+    same code in float64 is the reference for --check.
 
-    def __init__(self, net: Net, params):
+    ``grad_log``: if a list, every step appends its gradients
+    ``[(gW, gb), ...]`` (copies, layer order) -- --check uses this on the
+    float64 reference."""
+
+    def __init__(self, net: Net, params, optimizer: str = "sgd", grad_log: list | None = None):
         import numpy as np
 
         self.np = np
         self.net = net
+        self.optimizer = optimizer
+        self.grad_log = grad_log
         self.W = [W.copy() for W, _ in params]
         self.b = [b.copy() for _, b in params]
         self.rows = np.arange(net.batch)
+        if optimizer == "adam":
+            # torch.optim.Adam's state: exp_avg (m), exp_avg_sq (v), the step
+            # count; plus one scratch array per tensor for the denominator.
+            ts = [*self.W, *self.b]
+            self.m = {id(t): np.zeros_like(t) for t in ts}
+            self.v = {id(t): np.zeros_like(t) for t in ts}
+            self.tmp = {id(t): np.empty_like(t) for t in ts}
+            self.t = 0
+        elif optimizer != "sgd":
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+
+    def adam_update(self, theta, g) -> None:
+        """torch.optim.Adam (single-tensor path, no weight decay), in place:
+            m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+            theta <- theta - lr/(1 - b1^t) * m / (sqrt(v)/sqrt(1 - b2^t) + eps)
+        The bias corrections are Python floats, as in torch."""
+        np = self.np
+        b1, b2 = ADAM_BETAS
+        key = id(theta)
+        m, v, tmp = self.m[key], self.v[key], self.tmp[key]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        g *= g                                  # g is a fresh array: square it in place
+        g *= 1 - b2
+        v += g
+        step_size = ADAM_LR / (1 - b1 ** self.t)
+        np.sqrt(v, out=tmp)
+        tmp /= math.sqrt(1 - b2 ** self.t)
+        tmp += ADAM_EPS
+        np.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        theta -= tmp
 
     def step(self, x, y):
         np, W, b = self.np, self.W, self.b
         n_layers = len(W)
         tanh = self.net.activation == "tanh"
+        adam = self.optimizer == "adam"
+        if adam:
+            self.t += 1
+        if self.grad_log is not None:
+            self.grad_log.append([None] * n_layers)
 
         # Forward, keeping every layer's input for the backward pass.
         acts = [x]
@@ -235,6 +303,12 @@ class NumpyImpl:
                     delta *= 1 - a * a          # tanh' from the tanh output
                 else:
                     delta *= a > 0              # relu' from the relu output
+            if self.grad_log is not None:
+                self.grad_log[-1][i] = (gW.copy(), gb.copy())
+            if adam:
+                self.adam_update(W[i], gW)
+                self.adam_update(b[i], gb)
+                continue
             gW *= LR
             W[i] -= gW
             gb *= LR
@@ -257,7 +331,15 @@ class NumpyImpl:
 
 
 class TorchImpl:
-    def __init__(self, net: Net, params):
+    """``torch_adam``: which torch.optim.Adam implementation to ask for.
+    "default" passes neither ``foreach`` nor ``fused``; on CPU torch then
+    picks the single-tensor for-loop (``_single_tensor_adam``): its
+    ``_default_to_fused_or_foreach`` turns foreach on only when every param
+    is on a foreach-capable device (cuda, xpu, ...), and fused is never a
+    default. "foreach" and "fused" (a native CPU kernel since torch 2.4) are
+    there to see how much torch leaves on the table by default."""
+
+    def __init__(self, net: Net, params, optimizer: str = "sgd", torch_adam: str = "default"):
         import torch
         import torch.nn.functional as F
 
@@ -273,7 +355,16 @@ class TorchImpl:
             if i < len(params) - 1:
                 layers.append(torch.nn.Tanh() if net.activation == "tanh" else torch.nn.ReLU())
         self.model = torch.nn.Sequential(*layers)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.torch_adam = None
+        if optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        elif optimizer == "adam":
+            flags = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[torch_adam]
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=ADAM_LR, betas=ADAM_BETAS,
+                                        eps=ADAM_EPS, **flags)
+            self.torch_adam = torch_adam
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
         model, opt = self.model, self.opt
 
         def step(x, y):
@@ -298,12 +389,18 @@ class TorchImpl:
         return [(l.weight.detach().numpy().copy(), l.bias.detach().numpy().copy()) for l in lins]
 
     def versions(self):
-        return {"torch": self.torch.__version__,
-                "torch_threads": str(self.torch.get_num_threads())}
+        out = {"torch": self.torch.__version__,
+               "torch_threads": str(self.torch.get_num_threads())}
+        if self.torch_adam:
+            out["torch_adam"] = self.torch_adam
+        return out
 
 
 class JaxImpl:
-    def __init__(self, net: Net, params):
+    """The whole step is one jitted function of the training state: the
+    params for SGD, (params, optax state) for Adam; the state is donated."""
+
+    def __init__(self, net: Net, params, optimizer: str = "sgd"):
         import functools
         import warnings
 
@@ -324,13 +421,34 @@ class JaxImpl:
             logp = jax.nn.log_softmax(a @ W.T + b)
             return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
-        @functools.partial(jax.jit, donate_argnums=0)
-        def step(ps, x, y):
-            grads = jax.grad(loss)(ps, x, y)
-            return jax.tree_util.tree_map(lambda p, g: p - LR * g, ps, grads)
+        ps = [(jnp.asarray(W), jnp.asarray(b)) for W, b in params]
+        if optimizer == "sgd":
+            @functools.partial(jax.jit, donate_argnums=0)
+            def step(ps, x, y):
+                grads = jax.grad(loss)(ps, x, y)
+                return jax.tree_util.tree_map(lambda p, g: p - LR * g, ps, grads)
 
+            self.state = ps
+        elif optimizer == "adam":
+            import optax
+
+            self.optax = optax
+            # optax.adam: m_hat / (sqrt(v_hat) + eps) with bias-corrected
+            # moments, the same update as torch.optim.Adam.
+            tx = optax.adam(ADAM_LR, b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
+
+            @functools.partial(jax.jit, donate_argnums=0)
+            def step(state, x, y):
+                ps, opt_state = state
+                grads = jax.grad(loss)(ps, x, y)
+                updates, opt_state = tx.update(grads, opt_state, ps)
+                return optax.apply_updates(ps, updates), opt_state
+
+            self.state = (ps, tx.init(ps))
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+        self.optimizer = optimizer
         self.step = step
-        self.ps = [(jnp.asarray(W), jnp.asarray(b)) for W, b in params]
 
     def prepare(self, X, y):
         import numpy as np
@@ -342,21 +460,25 @@ class JaxImpl:
         step = self.step
 
         def run():
-            ps = self.ps
+            state = self.state
             for xb, yb in batches:
-                ps = step(ps, xb, yb)
-            self.ps = jax.block_until_ready(ps)
+                state = step(state, xb, yb)
+            self.state = jax.block_until_ready(state)
         return run
 
     def params(self):
         import numpy as np
 
-        return [(np.asarray(W), np.asarray(b)) for W, b in self.ps]
+        ps = self.state if self.optimizer == "sgd" else self.state[0]
+        return [(np.asarray(W), np.asarray(b)) for W, b in ps]
 
     def versions(self):
         import jaxlib
 
-        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
+        out = {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
+        if self.optimizer == "adam":
+            out["optax"] = self.optax.__version__
+        return out
 
 
 class SymbpImpl:
@@ -364,7 +486,7 @@ class SymbpImpl:
     ``Model.params`` dict (``W1, b1, W2, ...``, W as (out, in)), through which
     it starts from the same weights as the peers."""
 
-    def __init__(self, net: Net, params):
+    def __init__(self, net: Net, params, optimizer: str = "sgd"):
         # Benchmark the checkout this script lives in.
         sys.path.insert(0, str(REPO_ROOT))
         import symbp as sb
@@ -377,9 +499,21 @@ class SymbpImpl:
         for i, (W, b) in enumerate(params, start=1):
             self.model.params[f"W{i}"] = W.copy()
             self.model.params[f"b{i}"] = b.copy()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+        # Adam: one optimizer object for the whole worker, so its state (m, v,
+        # step count) carries over between fit calls like the peers' state.
+        self.adam = (sb.Adam(lr=ADAM_LR, betas=ADAM_BETAS, eps=ADAM_EPS)
+                     if optimizer == "adam" else None)
 
     def prepare(self, X, y):
-        model, sb, B = self.model, self.sb, self.net.batch
+        model, sb, B, adam = self.model, self.sb, self.net.batch, self.adam
+
+        if adam is not None:
+            def run():
+                model.fit(X, y, optimizer=adam, batch_size=B, epochs=1,
+                          shuffle=False, progress=False)
+            return run
 
         def run():
             model.fit(X, y, optimizer=sb.SGD(lr=LR), batch_size=B, epochs=1,
@@ -404,6 +538,12 @@ class SymbpImpl:
 BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "jax": JaxImpl, "symbp": SymbpImpl}
 
 
+def build(impl: str, net: Net, params, args):
+    """The impl with the worker's optimizer (and impl-specific options)."""
+    extra = {"torch_adam": args.torch_adam} if impl == "torch" else {}
+    return BUILDERS[impl](net, params, args.optimizer, **extra)
+
+
 # ==========================================================================
 # Worker processes
 # ==========================================================================
@@ -421,7 +561,7 @@ def worker_timing(args) -> dict:
     """Build once, warm up, size the run, then time ``reps`` repetitions."""
     net = NETS[args.net]
     t0 = time.perf_counter()
-    impl = BUILDERS[args.impl](net, init_params(net))
+    impl = build(args.impl, net, init_params(net), args)
     build_s = time.perf_counter() - t0
 
     # First call on tiny data: JIT compilation (JAX), first-call dispatch.
@@ -450,7 +590,8 @@ def worker_timing(args) -> dict:
     with h.Contention() as busy:
         times = h.time_reps(run, args.reps)
     return {
-        "impl": args.impl, "net": net.name, "steps": steps, "reps": args.reps,
+        "impl": args.impl, "net": net.name, "optimizer": args.optimizer,
+        "steps": steps, "reps": args.reps,
         "times_s": times, "ms_per_step": [t / steps * 1e3 for t in times],
         "build_s": build_s, "first_call_s": first_call_s, "warmup_s": warm_s,
         "finite": all_finite(impl), "contention": busy.fraction,
@@ -459,21 +600,22 @@ def worker_timing(args) -> dict:
 
 
 def worker_check(args) -> dict:
-    """One SGD step from the weights and batch in ``--check-in``; the updated
-    weights go to ``--check-out``."""
+    """One pass over the batches in ``--check-in`` (one SGD step, or three
+    Adam steps) from its weights; the updated weights go to ``--check-out``."""
     import numpy as np
 
     net = NETS[args.net]
     data = np.load(args.check_in)
     n = len(net.sizes) - 1
     params = [(data[f"W{i}"], data[f"b{i}"]) for i in range(n)]
-    impl = BUILDERS[args.impl](net, params)
+    impl = build(args.impl, net, params, args)
     impl.prepare(data["x"], data["y"])()
     out = {}
     for i, (W, b) in enumerate(impl.params()):
         out[f"W{i}"], out[f"b{i}"] = W, b
     np.savez(args.check_out, **out)
-    return {"impl": args.impl, "net": net.name, "versions": impl.versions()}
+    return {"impl": args.impl, "net": net.name, "optimizer": args.optimizer,
+            "versions": impl.versions()}
 
 
 def worker_startup(args) -> dict:
@@ -523,17 +665,32 @@ def worker_argv(*extra: str) -> list[str]:
     return [str(Path(__file__).resolve()), *extra]
 
 
-def run_benchmark(args, nets, impls, extra_env) -> dict:
-    """Interleaved rounds; returns {net: {impl: record}}."""
-    res = {n: {i: {"ms": [], "steps": None, "error": None, "info": None, "contention": []}
-               for i in impls}
+def worker_flags(impl: str, optimizer: str, args) -> list[str]:
+    out = ["--optimizer", optimizer]
+    if impl == "torch" and optimizer == "adam":
+        out += ["--torch-adam", args.torch_adam]
+    return out
+
+
+def run_benchmark(args, nets, groups, extra_env) -> dict:
+    """Interleaved rounds; returns {net: {label: record}}.
+
+    ``groups`` is a list of groups of variants ``(label, impl, optimizer)``.
+    Each round runs every variant once; the groups' order is rotated from
+    round to round, and a group's own variants run back to back (their
+    order flipped every other round), so the variants one compares with each
+    other -- the same impl with SGD and Adam -- see nearly the same machine.
+    The usual run has one variant per group: (impl, impl, --optimizer)."""
+    res = {n: {label: {"ms": [], "steps": None, "error": None, "info": None, "contention": []}
+               for group in groups for label, _, _ in group}
            for n in nets}
     for r in range(args.rounds):
         for net in nets:
             # Rotate the order each round so no impl always runs first/last.
-            order = impls[r % len(impls):] + impls[: r % len(impls)]
-            for impl in order:
-                rec = res[net][impl]
+            rotated = groups[r % len(groups):] + groups[: r % len(groups)]
+            order = [v for g in rotated for v in (g[::-1] if r % 2 else g)]
+            for label, impl, optimizer in order:
+                rec = res[net][label]
                 if rec["error"]:
                     continue  # errors are deterministic (import, API); don't repeat them
                 if args.wait_idle > 0:
@@ -545,7 +702,8 @@ def run_benchmark(args, nets, impls, extra_env) -> dict:
                         print(f"  (waited {waited:.0f} s for the machine to go idle)",
                               file=sys.stderr, flush=True)
                 argv = worker_argv("--worker", impl, net, "--reps", str(args.reps),
-                                   "--target-s", str(args.target_s), "--max-mb", str(args.max_mb))
+                                   "--target-s", str(args.target_s), "--max-mb", str(args.max_mb),
+                                   *worker_flags(impl, optimizer, args))
                 if args.steps:
                     argv += ["--steps", str(args.steps)]
                 elif rec["steps"]:
@@ -555,7 +713,7 @@ def run_benchmark(args, nets, impls, extra_env) -> dict:
                 out = h.run_worker(argv, env_for(impl, extra_env), args.timeout)
                 if "error" in out:
                     rec["error"] = out["error"]
-                    print(f"  round {r + 1}  {net:<6}  {impl:<6}  ERROR {out['error']}",
+                    print(f"  round {r + 1}  {net:<6}  {label:<6}  ERROR {out['error']}",
                           file=sys.stderr, flush=True)
                     continue
                 rec["ms"] += out["ms_per_step"]
@@ -564,7 +722,7 @@ def run_benchmark(args, nets, impls, extra_env) -> dict:
                 busy = out.get("contention")
                 rec["contention"].append((min(out["ms_per_step"]), busy))
                 busy_txt = f", contention {busy:.0%}" if busy is not None else ""
-                print(f"  round {r + 1}  {net:<6}  {impl:<6}  "
+                print(f"  round {r + 1}  {net:<6}  {label:<6}  "
                       f"{min(out['ms_per_step']):10.4f} ms/step  ({out['steps']} steps{busy_txt})",
                       file=sys.stderr, flush=True)
     return res
@@ -612,6 +770,74 @@ def print_tables(nets, impls, res) -> None:
               "medians are\n      inflated, best values came from quiet rounds.")
 
 
+# Goal of the fused Adam step: less than this times symbp's SGD step.
+ADAM_OVERHEAD_GOAL = 1.10
+
+
+def print_overhead_tables(nets, impls, res) -> None:
+    """--adam-overhead: per impl, SGD vs Adam step time (labels impl/sgd and
+    impl/adam in ``res``)."""
+    headers = ["impl", "sgd ms/step", "adam ms/step", "adam-sgd ms", "adam/sgd", "(medians)",
+               "adam vs best peer adam", "contention sgd/adam"]
+    worst_at_best = worst = 0.0
+    for net in nets:
+        print(f"\n{net}: {NETS[net].describe()}   (best ms/step over all rounds and reps)")
+        per = {i: (res[net][f"{i}/sgd"], res[net][f"{i}/adam"]) for i in impls}
+        adam_peers = {i: min(a["ms"]) for i, (_, a) in per.items() if i in PEERS and a["ms"]}
+        best_peer = min(adam_peers, key=adam_peers.get) if adam_peers else None
+        rows = []
+        for impl, (sgd, adam) in per.items():
+            if not sgd["ms"] or not adam["ms"]:
+                errs = [f"{o}: {r['error']}" for o, r in (("sgd", sgd), ("adam", adam)) if not r["ms"]]
+                rows.append([impl, "error: " + "; ".join(errs)])
+                continue
+            s_best, a_best = min(sgd["ms"]), min(adam["ms"])
+            s_med, a_med = h.median(sgd["ms"]), h.median(adam["ms"])
+            vs_peer = f"{a_best / adam_peers[best_peer]:.2f}" if best_peer else "-"
+            busy = []
+            for rec in (sgd, adam):
+                at_best = min(rec["contention"], key=lambda mc: mc[0])[1]
+                seen = [c for _, c in rec["contention"] if c is not None]
+                busy.append("?" if at_best is None else f"{at_best:.0%}")
+                worst_at_best = max(worst_at_best, at_best or 0.0)
+                worst = max([worst, *seen])
+            row = [impl, f"{s_best:.4f}", f"{a_best:.4f}", f"{a_best - s_best:+.4f}",
+                   f"{a_best / s_best:.3f}", f"{a_med / s_med:.3f}", vs_peer, "/".join(busy)]
+            for o, rec in (("sgd", sgd), ("adam", adam)):
+                if rec["info"].get("finite") is False:
+                    row[-1] += f"  ({o}: weights went non-finite!)"
+                if rec["error"]:
+                    row[-1] += f"  ({o}: later error: {rec['error']})"
+            rows.append(row)
+        print(h.format_table(headers, rows, right=[False] + [True] * 7))
+        if best_peer:
+            print(f"best peer adam: {best_peer} ({adam_peers[best_peer]:.4f} ms/step)")
+        if "symbp" in per and per["symbp"][0]["ms"] and per["symbp"][1]["ms"]:
+            ratio = min(per["symbp"][1]["ms"]) / min(per["symbp"][0]["ms"])
+            busy = max(min(rec["contention"], key=lambda mc: mc[0])[1] or 0.0
+                       for rec in per["symbp"])
+            if busy > CONTENTION_WARN:
+                verdict = (f"not judged against the goal < {ADAM_OVERHEAD_GOAL:.2f}: a best value "
+                           f"was taken with {busy:.0%} of the machine busy elsewhere")
+            else:
+                verdict = ("meets" if ratio < ADAM_OVERHEAD_GOAL else "MISSES") + \
+                    f" the goal < {ADAM_OVERHEAD_GOAL:.2f}"
+            print(f"symbp: the fused Adam step costs {ratio:.3f}x its SGD step ({ratio - 1:+.1%}); "
+                  f"{verdict}")
+    print("\nadam/sgd = best Adam ms/step over best SGD ms/step of the same impl; (medians): the\n"
+          "same with medians. adam vs best peer adam: best Adam ms/step over the fastest peer's.\n"
+          "contention: share of the machine used by other processes while each best value was\n"
+          "taken. Each number comes from its own worker process; the two workers of an impl run\n"
+          "back to back in every round.")
+    if worst_at_best > CONTENTION_WARN:
+        print(f"WARNING: a best value was taken while up to {worst_at_best:.0%} of the machine was "
+              "busy elsewhere;\n         it is likely too slow, and ratios are unreliable. Rerun "
+              "on an idle machine.")
+    elif worst > CONTENTION_WARN:
+        print(f"note: some rounds ran while up to {worst:.0%} of the machine was busy elsewhere; "
+              "medians are\n      inflated, best values came from quiet rounds.")
+
+
 def run_startup(args, extra_env) -> dict:
     """Cold then cached symbp start-up, each in a fresh process."""
     cache = tempfile.mkdtemp(prefix="symbp-bench-cache-")
@@ -636,23 +862,26 @@ def run_startup(args, extra_env) -> dict:
 
 
 # --------------------------------------------------------------------------
-# --check: the peers must agree on one SGD step
+# --check: the impls must agree on one SGD step (or three Adam steps)
 # --------------------------------------------------------------------------
 
-def reference_step(net: Net, params, x, y):
-    """Float64 NumPy step: the yardstick for the float32 peers."""
+def reference_run(net: Net, params, X, y, optimizer: str):
+    """Float64 NumPy run over the batches of X (the yardstick for the float32
+    impls). Returns the new params and each step's gradients."""
     import numpy as np
 
-    ref = NumpyImpl(net, [(W.astype(np.float64), b.astype(np.float64)) for W, b in params])
-    ref.step(x.astype(np.float64), y)
-    return ref.params()
+    log: list = []
+    ref = NumpyImpl(net, [(W.astype(np.float64), b.astype(np.float64)) for W, b in params],
+                    optimizer, grad_log=log)
+    ref.prepare(X.astype(np.float64), y)()
+    return ref.params(), log
 
 
-def finite_difference_check(net: Net, params, x, y, ref_new) -> float:
-    """Max error of the float64 hand-written gradient against central
-    differences on a few entries of every tensor, relative to the tensor's
-    largest gradient entry. Validates the NumPy backprop
-    independently of torch and JAX."""
+def finite_difference_check(net: Net, params, x, y, grads) -> float:
+    """Max error of the float64 hand-written gradient ``grads`` (at ``params``,
+    on the batch x, y) against central differences on a few entries of every
+    tensor, relative to the tensor's largest gradient entry. Validates the
+    NumPy backprop independently of torch and JAX."""
     import numpy as np
 
     p64 = [[W.astype(np.float64), b.astype(np.float64)] for W, b in params]
@@ -670,9 +899,8 @@ def finite_difference_check(net: Net, params, x, y, ref_new) -> float:
 
     rng = np.random.default_rng(123)
     worst, eps = 0.0, 1e-6
-    for layer, new in zip(p64, ref_new):
-        for t, t_new in zip(layer, new):
-            grad = (t - t_new) / LR          # exact in float64 up to ~1e-14
+    for layer, layer_grads in zip(p64, grads):
+        for t, grad in zip(layer, layer_grads):
             # Errors are measured against the tensor's largest gradient: single
             # entries can be tiny, and then the finite difference's own
             # round-off (~1e-10) would dominate a per-entry relative error.
@@ -690,40 +918,138 @@ def finite_difference_check(net: Net, params, x, y, ref_new) -> float:
     return worst
 
 
+# Adam check: entries whose Adam denominator sqrt(v_hat) falls below this
+# fraction of the tensor's largest |gradient| at some step are not compared
+# -- see compare_adam.
+ADAM_GRAD_FLOOR = 3e-3
+
+
+def adam_denominators(grads, i: int, j: int):
+    """Per entry of tensor (layer i, W if j == 0 else b): the smallest
+    sqrt(v_hat_t) over the steps -- the bias-corrected RMS of its gradients
+    so far, which Adam divides by -- and the tensor's largest |gradient|."""
+    import numpy as np
+
+    b2 = ADAM_BETAS[1]
+    v = np.zeros_like(grads[0][i][j])
+    smallest = np.full_like(v, np.inf)
+    for t, step in enumerate(grads, start=1):
+        v = b2 * v + (1 - b2) * step[i][j] ** 2
+        smallest = np.minimum(smallest, np.sqrt(v / (1 - b2 ** t)))
+    return smallest, max(float(np.abs(step[i][j]).max()) for step in grads)
+
+
+def compare_sgd(params, ref, got):
+    """(max |W - W_ref|, update rel err, ok, note) after one SGD step."""
+    import numpy as np
+
+    max_abs, upd_err = 0.0, 0.0
+    for i, ((W0, b0), (Wr, br)) in enumerate(zip(params, ref)):
+        for name, t0, tr in ((f"W{i}", W0, Wr), (f"b{i}", b0, br)):
+            t = got[name].astype(np.float64)
+            max_abs = max(max_abs, float(np.abs(t - tr).max()))
+            d_ref, d_got = tr - t0, t - t0
+            upd_err = max(upd_err, float(np.abs(d_got - d_ref).max()
+                                         / max(np.abs(d_ref).max(), 1e-30)))
+    # Rounding the new float32 weights (~4e-9 at |W| ~ 0.1) costs a
+    # relative error of ~1e-5..1e-4 on updates of ~1e-4..1e-5.
+    return max_abs, upd_err, max_abs < 1e-4 and upd_err < 1e-3, ""
+
+
+def adam_keep_masks(grads) -> dict:
+    """{(i, j): entries compare_adam compares} -- see there."""
+    masks = {}
+    for i in range(len(grads[0])):
+        for j in range(2):
+            denom, gmax = adam_denominators(grads, i, j)
+            masks[i, j] = denom >= ADAM_GRAD_FLOOR * gmax
+    return masks
+
+
+def compare_adam(params, ref, got, masks):
+    """(max |W - W_ref|, update rel err, ok, note) after CHECK_STEPS["adam"]
+    Adam steps.
+
+    Adam divides the first moment by sqrt(v_hat), the RMS of the entry's
+    gradients so far, so an entry's update is ~lr whatever its gradient, and
+    a float32 gradient error ``e`` moves it by ~lr*e/sqrt(v_hat). Where that
+    RMS is tiny at some step -- typically at step 1, where v_hat = g^2 and
+    the update is lr*g/(|g| + eps) -- the float32 update is noise even though
+    every impl is right (an entry with g = 3e-8 at step 1 moves by 0.73*lr in
+    float64 and 0.72*lr in float32). So, per tensor, only the entries whose
+    smallest sqrt(v_hat) over the steps (float64 reference) reaches
+    ADAM_GRAD_FLOOR of the tensor's largest |gradient| are compared: their
+    update must match the reference's to 1e-3 of the tensor's largest update
+    (the same update rel err as the SGD check), and the weights to 1e-4.
+    The others must only be finite and no larger than Adam can make them
+    (~lr per step)."""
+    import numpy as np
+
+    steps = CHECK_STEPS["adam"]
+    max_abs, upd_err, wild = 0.0, 0.0, 0
+    for i, ((W0, b0), (Wr, br)) in enumerate(zip(params, ref)):
+        for j, (name, t0, tr) in enumerate(((f"W{i}", W0, Wr), (f"b{i}", b0, br))):
+            t = got[name].astype(np.float64)
+            keep = masks[i, j]
+            d_ref, d_got = tr - t0, t - t0
+            if not np.isfinite(t).all():
+                wild += int((~np.isfinite(t)).sum())
+                continue
+            wild += int((np.abs(d_got[~keep]) > 2 * steps * ADAM_LR).sum())
+            max_abs = max(max_abs, float(np.abs(t - tr)[keep].max()))
+            upd_err = max(upd_err, float(np.abs(d_got - d_ref)[keep].max()
+                                         / max(np.abs(d_ref[keep]).max(), 1e-30)))
+    note = f"{wild} uncompared entries non-finite or moved > {2 * steps}*lr" if wild else ""
+    ok = max_abs < 1e-4 and upd_err < 1e-3 and not wild
+    return max_abs, upd_err, ok, note
+
+
 def run_check(args, nets, impls, extra_env) -> bool:
-    """One step of every impl from identical weights and batch; compare the
-    updated weights with a float64 NumPy reference (and hence each other).
-    A peer that errors fails the check; symbp erroring (e.g. not importable
-    yet) is reported but does not.
+    """One SGD step (or three Adam steps) of every impl from identical weights
+    and batches; compare the updated weights with a float64 NumPy reference
+    (and hence each other). A peer that errors fails the check; symbp
+    erroring (e.g. not importable yet) is reported but does not.
 
     Two numbers per peer: the max abs difference of the updated weights (the
     spec's ~1e-4 float32 criterion), and the relative error of the *update*
     itself (W_new - W_old), which is ~lr*grad and so would let a wrong gradient
-    slip under the first criterion; it must be small too."""
+    slip under the first criterion; it must be small too. For Adam see
+    compare_adam: entries with a near-zero gradient are left out."""
     import numpy as np
 
     ok = True
+    optimizer = args.optimizer
+    n_steps = CHECK_STEPS[optimizer]
     tmp = Path(tempfile.mkdtemp(prefix="bench-mlp-check-"))
     try:
         for net_name in nets:
             net = NETS[net_name]
             params = init_params(net)
-            X, y = make_data(net, 1)
+            X, y = make_data(net, n_steps)
             src = tmp / f"{net_name}-in.npz"
             np.savez(src, x=X, y=y, **{f"W{i}": W for i, (W, _) in enumerate(params)},
                      **{f"b{i}": b for i, (_, b) in enumerate(params)})
-            ref = reference_step(net, params, X, y)
-            fd_err = finite_difference_check(net, params, X, y, ref)
+            ref, grads = reference_run(net, params, X, y, optimizer)
+            B = net.batch
+            fd_err = finite_difference_check(net, params, X[:B], y[:B], grads[0])
             fd_ok = fd_err < 1e-5
             ok &= fd_ok
-            print(f"\n{net_name}: {net.describe()}")
+            print(f"\n{net_name}: {net.describe()}; {n_steps} {optimizer} step(s)")
             print(f"  float64 NumPy gradient vs finite differences: max err "
                   f"{fd_err:.1e}  {'ok' if fd_ok else 'FAIL'}")
+            if optimizer == "adam":
+                masks = adam_keep_masks(grads)
+                skipped = sum(int(m.size - m.sum()) for m in masks.values())
+                total = sum(m.size for m in masks.values())
+                print(f"  compared: the entries whose Adam denominator sqrt(v_hat) stays above "
+                      f"{ADAM_GRAD_FLOOR:g} x the tensor's\n  max |gradient| "
+                      f"({total - skipped} of {total}; {skipped / total:.2%} left out)")
             rows = []
             for impl in impls:
                 dst = tmp / f"{net_name}-{impl}.npz"
                 out = h.run_worker(worker_argv("--worker", impl, net_name, "--check-in", str(src),
-                                               "--check-out", str(dst)),
+                                               "--check-out", str(dst),
+                                               *worker_flags(impl, optimizer, args)),
                                    env_for(impl, extra_env), args.timeout)
                 if "error" in out:
                     # symbp may be mid-development; only a wrong answer from it
@@ -732,21 +1058,18 @@ def run_check(args, nets, impls, extra_env) -> bool:
                     rows.append([impl, f"error: {out['error']}"])
                     continue
                 got = np.load(dst)
-                max_abs, upd_err = 0.0, 0.0
-                for i, ((W0, b0), (Wr, br)) in enumerate(zip(params, ref)):
-                    for name, t0, tr in ((f"W{i}", W0, Wr), (f"b{i}", b0, br)):
-                        t = got[name].astype(np.float64)
-                        max_abs = max(max_abs, float(np.abs(t - tr).max()))
-                        d_ref, d_got = tr - t0, t - t0
-                        upd_err = max(upd_err, float(np.abs(d_got - d_ref).max()
-                                                     / max(np.abs(d_ref).max(), 1e-30)))
-                # Rounding the new float32 weights (~4e-9 at |W| ~ 0.1) costs a
-                # relative error of ~1e-5..1e-4 on updates of ~1e-4..1e-5.
-                good = max_abs < 1e-4 and upd_err < 1e-3
+                if optimizer == "adam":
+                    max_abs, upd_err, good, note = compare_adam(params, ref, got, masks)
+                else:
+                    max_abs, upd_err, good, note = compare_sgd(params, ref, got)
                 ok &= good
-                rows.append([impl, f"{max_abs:.1e}", f"{upd_err:.1e}", "ok" if good else "FAIL"])
-            print(h.format_table(["impl", "max |W - W_ref|", "update rel err", "result"], rows,
-                                 right=[False, True, True, False]))
+                rows.append([impl, f"{max_abs:.1e}", f"{upd_err:.1e}", "ok" if good else "FAIL", note])
+            headers = ["impl", "max |W - W_ref|", "update rel err", "result"]
+            if any(len(r) == 5 and r[4] for r in rows):
+                headers.append("note")
+            else:
+                rows = [r[:4] for r in rows]
+            print(h.format_table(headers, rows, right=[False, True, True, False, False]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ncheck {'passed' if ok else 'FAILED'}")
@@ -780,8 +1103,14 @@ def print_header(args, impls, extra_env, res=None) -> None:
             if pools:
                 print(f"thread pools in the {impl} worker: " + "; ".join(pools))
     if not args.check:
+        sgd, adam = f"SGD lr={LR}", f"Adam lr={ADAM_LR:g} betas={ADAM_BETAS} eps={ADAM_EPS:g}"
+        what = (f"{sgd} vs {adam}" if args.adam_overhead
+                else adam if args.optimizer == "adam" else sgd)
         print(f"rounds {args.rounds} x reps {args.reps}, target {args.target_s} s per rep, "
-              f"SGD lr={LR}, float32")
+              f"{what}, float32")
+    if "torch" in impls and (args.adam_overhead or args.optimizer == "adam"):
+        print(f"torch.optim.Adam implementation: {args.torch_adam}"
+              + (" (on CPU: the single-tensor for-loop)" if args.torch_adam == "default" else ""))
 
 
 def parse_list(text: str, allowed, what: str) -> list[str]:
@@ -796,7 +1125,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring for how to read the table.")
-    p.add_argument("--nets", default=",".join(NETS), help="comma list of %(default)s")
+    p.add_argument("--nets", default=None,
+                   help=f"comma list of {','.join(NETS)} (default: all; medium with --adam-overhead)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma list of %(default)s")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
     p.add_argument("--reps", type=int, default=None, help="timed reps per worker (default 3, --quick 2)")
@@ -804,8 +1134,18 @@ def main(argv=None) -> int:
                    help="seconds one rep should last (default 0.5, --quick 0.15)")
     p.add_argument("--steps", type=int, default=None, help="fixed steps per rep (default: auto)")
     p.add_argument("--quick", action="store_true", help="1 round, short reps")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="update rule timed (and checked): sgd (lr=%s) or adam (lr=%g, torch defaults); "
+                        "default %%(default)s" % (LR, ADAM_LR))
+    p.add_argument("--adam-overhead", action="store_true",
+                   help="time every impl with sgd AND adam (own workers, interleaved rounds) and "
+                        "report the adam/sgd step-time ratios; nets default to medium")
+    p.add_argument("--torch-adam", choices=("default", "foreach", "fused"), default="default",
+                   help="torch.optim.Adam implementation (default: torch's own choice, on CPU the "
+                        "single-tensor loop)")
     p.add_argument("--check", action="store_true",
-                   help="only verify that all impls compute the same SGD step, then exit")
+                   help="only verify that all impls compute the same step (one SGD step, or "
+                        "three Adam steps with --optimizer adam), then exit")
     p.add_argument("--no-startup", action="store_true", help="skip the symbp start-up measurement")
     p.add_argument("--keep-cache", action="store_true", help="keep the start-up temp cache dir")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -836,6 +1176,11 @@ def main(argv=None) -> int:
     if args.worker or args.worker_startup:
         return worker_main(args)
 
+    if args.adam_overhead and args.check:
+        raise SystemExit("--adam-overhead and --check do not go together; "
+                         "check each optimizer with --check --optimizer sgd|adam")
+    if args.nets is None:
+        args.nets = "medium" if args.adam_overhead else ",".join(NETS)
     nets = parse_list(args.nets, NETS, "net")
     impls = parse_list(args.impls, IMPLS, "impl")
     extra_env = dict(kv.split("=", 1) for kv in args.env)
@@ -844,20 +1189,29 @@ def main(argv=None) -> int:
         print_header(args, impls, extra_env)
         return 0 if run_check(args, nets, impls, extra_env) else 1
 
-    print(f"running {args.rounds} round(s) of {', '.join(impls)} on {', '.join(nets)} "
+    if args.adam_overhead:
+        groups = [[(f"{i}/{o}", i, o) for o in OPTIMIZERS] for i in impls]
+    else:
+        groups = [[(i, i, args.optimizer)] for i in impls]
+    what = "sgd and adam steps" if args.adam_overhead else f"{args.optimizer} steps"
+    print(f"running {args.rounds} round(s) of {', '.join(impls)} on {', '.join(nets)}, {what} "
           f"(progress on stderr) ...", file=sys.stderr, flush=True)
-    res = run_benchmark(args, nets, impls, extra_env)
+    res = run_benchmark(args, nets, groups, extra_env)
     print_header(args, impls, extra_env, res)
-    print_tables(nets, impls, res)
+    if args.adam_overhead:
+        print_overhead_tables(nets, impls, res)
+    else:
+        print_tables(nets, impls, res)
     startup = None
-    if "symbp" in impls and not args.no_startup:
+    if "symbp" in impls and not args.no_startup and not args.adam_overhead:
         startup = run_startup(args, extra_env)
 
     if args.json:
         payload = {
             "system": h.system_info(),
             "env": {**BASE_ENV, **extra_env}, "impl_env": IMPL_ENV,
-            "settings": {k: getattr(args, k) for k in ("rounds", "reps", "target_s", "steps", "quick")},
+            "settings": {k: getattr(args, k) for k in ("rounds", "reps", "target_s", "steps", "quick",
+                                                       "optimizer", "adam_overhead", "torch_adam")},
             "nets": {n: NETS[n].describe() for n in nets},
             "results": {n: {i: {"best_ms": min(r["ms"]) if r["ms"] else None,
                                 "median_ms": h.median(r["ms"]) if r["ms"] else None,

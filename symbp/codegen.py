@@ -16,6 +16,7 @@ the module's header lists them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy as sp
@@ -29,6 +30,11 @@ from .layers import Dense
 from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions, split_sums
 
 T_STEP = sp.Symbol("t", positive=True, integer=True)  # the update's step number, from 1
+
+# An optimizer update loop over at least this many entries runs on all cores (prange).
+# Measured on the 2-core machine: Adam's update of the medium MLP (784·256 + 256·256 weights)
+# went from +0.7 to +0.1 ms per step; below ~2^16 entries the thread start costs more than it saves.
+PARALLEL_UPDATE_MIN = 1 << 16
 
 
 @dataclass
@@ -140,7 +146,8 @@ class _Builder:
             if fused is not None:
                 # θ ← β·θ + α·op(A)op(B): one GEMM, no gradient buffer, no extra pass.
                 return gemm_steps[1:], ([Loop(ranges, [], penalty)] if penalty else []) + [fused]
-        return gemm_steps, [Loop(ranges, stmts, penalty)]
+        size = math.prod(self.d.network.param_shapes()[name])
+        return gemm_steps, [Loop(ranges, stmts, penalty, parallel=size >= PARALLEL_UPDATE_MIN)]
 
     def grad_steps(self, ld, opt=None) -> tuple[list, list]:
         """Steps for ∂C/∂W_l and ∂C/∂b_l; with an optimizer, also its update steps (second
@@ -192,7 +199,9 @@ class _Builder:
             body += emit(step, pr)
         body += epilogue
         self.helpers |= pr.helpers_used
-        lines = ["@njit(cache=True, fastmath=FASTMATH)", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
+        parallel = any(getattr(step, "parallel", False) for step in steps)
+        flags = 'cache=True, fastmath=FASTMATH, error_model="numpy"' + (", parallel=True" if parallel else "")
+        lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
 
@@ -246,7 +255,9 @@ class _Builder:
             self._blas_import(), "",
             f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
-            "# (the NaN checks must stay) nor reassociation (sums keep their order).",
+            "# (the NaN checks must stay) nor reassociation (sums keep their order).  The kernels",
+            "# use error_model='numpy': x/0 gives inf as in NumPy (caught by the NaN check) instead",
+            "# of a per-division ZeroDivisionError test that stops loops from vectorizing.",
             'FASTMATH = {"contract", "arcp", "nsz"}',
             *consts, "",
             "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",
@@ -289,7 +300,7 @@ class _Builder:
         src = "\n".join([
             f'"""symbp-generated training step for {self.d.network.name} ({self.dtype}) with {opt!r}.',
             "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
-            "import math", "", "import numpy as np", "from numba import njit", "",
+            "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",

@@ -41,6 +41,7 @@ class Loop:
     ranges: list  # [(index symbol, extent expr)]
     stmts: list  # [(target Indexed, expr)], in order; later ones may read earlier targets
     sums: list = field(default_factory=list)  # [(scalar Symbol, expr)] accumulated over the nest
+    parallel: bool = False  # split the outermost loop across threads (prange)
 
 
 @dataclass

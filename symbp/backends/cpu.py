@@ -21,7 +21,7 @@ from ..lower import ColSum, Gemm, Loop, RowLoop
 # module and float64 in a float64 one (a bare 1.0 would promote float32 maths to float64).
 _HELPERS = {
     "sigmoid": '''
-@njit(cache=True, inline="always", fastmath=FASTMATH)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def sigmoid(x):
     """σ(x) = 1/(1 + e^-x), evaluated so that e^x never overflows."""
     if x >= ZERO:
@@ -30,7 +30,7 @@ def sigmoid(x):
     return e / (ONE + e)
 ''',
     "tanh32": '''
-@njit(cache=True, inline="always", fastmath=FASTMATH)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def tanh32(x):
     """tanh in float32 as XLA and Eigen compute it: a 13/6-degree rational approximation
     on [-7.905, 7.905] (a few ulp; exactly ±1 beyond), x itself near 0.  It is plain
@@ -49,23 +49,23 @@ def tanh32(x):
     return x if abs(x) < np.float32(0.0004) else c * p / q
 ''',
     "softplus": '''
-@njit(cache=True, inline="always", fastmath=FASTMATH)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x."""
     return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
 ''',
     "relu": '''
-@njit(cache=True, inline="always", fastmath=FASTMATH)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def relu(x):
     return x if x > ZERO else ZERO
 ''',
     "leaky_relu": '''
-@njit(cache=True, inline="always", fastmath=FASTMATH)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def leaky_relu(x, slope):
     return x if x > ZERO else slope * x
 ''',
     "elu": '''
-@njit(cache=True, inline="always", fastmath=FASTMATH)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def elu(x, alpha):
     return x if x > ZERO else alpha * math.expm1(x)
 ''',
@@ -297,8 +297,9 @@ def _(step: Loop, printer: NumbaPrinter) -> list[str]:
     for (target, _), text in zip(stored, printed[len(step.sums):]):
         body.append(f"{printer._print(target)} = {text}")
     out, indent = list(hoisted), ""
-    for idx, extent in step.ranges:
-        out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
+    for pos, (idx, extent) in enumerate(step.ranges):
+        loop = "prange" if step.parallel and pos == 0 else "range"
+        out.append(f"{indent}for {idx} in {loop}({_extent(printer, extent)}):")
         indent += "    "
     return out + [indent + line for line in body]
 
