@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import symbp as sb
-from symbp.cli import load_spec
+from symbp.cli import load_spec, make_optimizer
 
 
 def main() -> float:
@@ -24,7 +24,8 @@ def main() -> float:
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
     model = sb.compile(net, dtype="float32", seed=0)
     train = cfg["train"]
-    model.fit(Xtr, ytr, optimizer=sb.SGD(lr=train["lr"], momentum=0.9), batch_size=train["batch_size"],
+    optimizer = make_optimizer(train["optimizer"], {"lr": train["lr"], **train["optimizer_params"]})
+    model.fit(Xtr, ytr, optimizer=optimizer, batch_size=train["batch_size"],
               epochs=train["epochs"], seed=0, progress=False)
     acc = model.score(Xte, yte)
     print(f"{net!r}")
