@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from . import indices
 from .derive import l2 as l2_symbol
+from .derive import resolve
 from .indices import N, i, j, n, p, q
+from .layers import Dense
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
 MAX_SCALAR_UNITS = 10  #: the scalar view names every unit of layers up to this width
@@ -64,11 +67,14 @@ class Equation:
 
 @dataclass
 class Block:
-    """A titled group of equations; ``kind="names"`` marks the scalar view's table of names."""
+    """A titled group of equations; ``kind="names"`` marks the scalar view's table of names.
+    ``lines`` are short remarks in words (Unicode) shown before the equations: an image
+    layer's output-size arithmetic and parameter count."""
 
     title: str
     equations: list[Equation] = field(default_factory=list)
     kind: str = ""
+    lines: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -262,6 +268,12 @@ def build(d, scalar: bool = False) -> Explanation:
     net = d.network
     widths = net.widths
     L = len(d.layers)
+    if not all(isinstance(layer, Dense) for layer in net.layers):
+        if scalar:
+            pos, layer = next((k, x) for k, x in enumerate(net.layers, 1) if not isinstance(x, Dense))
+            raise ValueError(f"the scalar view names every unit and weight of a dense network; layer {pos} is "
+                             f"{layer!r} (use scalar=False for the index form of image layers)")
+        return _build_image(d)
     if scalar:
         _check_scalar_size(net)
     shapes = []
@@ -290,22 +302,25 @@ def build(d, scalar: bool = False) -> Explanation:
 
 
 def _forward_section(d) -> Section:
-    net = d.network
     sec = Section("Forward pass", anchor="forward",
                   intro="Each layer computes z = W·x + b from its input, then a = f(z) elementwise.")
     for ld in d.layers:
-        l, w = ld.index, net.widths[ld.index]
-        block = Block(f"Layer {l}: {ld.layer.kind}({ld.layer.units}), activation {ld.layer.activation.describe()}")
-        block.equations.append(Equation([ld.z[n, i], ld.forward], _shape("N", w), quantity=("z", l)))
-        block.equations.append(Equation([ld.a[n, i], ld.output], _shape("N", w), quantity=("a", l)))
-        note = "one sample, column vectors"
-        for lhs, expr, q_ in ((ld.z, ld.forward, ("z", l)), (ld.a, ld.output, ("a", l))):
-            eq = _vector_eq(Vec(sp.Symbol(str(lhs.label))), expr, (i,), _shape(w), q_, note)
-            if eq is not None:
-                block.equations.append(eq)
-                note = ""
-        sec.blocks.append(block)
+        sec.blocks.append(_dense_forward_block(d, ld))
     return sec
+
+
+def _dense_forward_block(d, ld) -> Block:
+    l, w = ld.index, d.network.widths[ld.index]
+    block = Block(f"Layer {l}: {ld.layer.kind}({ld.layer.units}), activation {ld.layer.activation.describe()}")
+    block.equations.append(Equation([ld.z[n, i], ld.forward], _shape("N", w), quantity=("z", l)))
+    block.equations.append(Equation([ld.a[n, i], ld.output], _shape("N", w), quantity=("a", l)))
+    note = "one sample, column vectors"
+    for lhs, expr, q_ in ((ld.z, ld.forward, ("z", l)), (ld.a, ld.output, ("a", l))):
+        eq = _vector_eq(Vec(sp.Symbol(str(lhs.label))), expr, (i,), _shape(w), q_, note)
+        if eq is not None:
+            block.equations.append(eq)
+            note = ""
+    return block
 
 
 def _loss_section(d) -> Section:
@@ -338,58 +353,64 @@ def _loss_section(d) -> Section:
 
 
 def _backward_section(d) -> Section:
-    net = d.network
     L = len(d.layers)
     sec = Section("Backward pass, from the output layer back", anchor="backward",
                   intro=f"δl = ∂C/∂zl. The output-layer case starts the recurrence at layer {L}; "
                         "the hidden-layer case carries it down through the weights, Wᵀ·δ.")
     for ld in reversed(d.layers):
-        l, w, w_in = ld.index, net.widths[ld.index], net.widths[ld.index - 1]
-        xin = ld.x
-        case = "output-layer case" if ld.is_output else "hidden-layer case"
-        local = Block(f"Layer {l} ({case}): local derivatives")
-        local.equations += [
-            Equation([Partial(ld.z[n, i], ld.params["W"][p, q]), ld.local["dz/dW"]], f"per sample ({w}) × ({w}, {w_in})",
-                     "the layer's input: the forward-pass part"),
-            Equation([Partial(ld.z[n, i], ld.params["b"][p]), ld.local["dz/db"]], f"per sample ({w}) × ({w},)"),
-            Equation([Partial(ld.z[n, i], xin[n, q]), ld.local["dz/dx"]], f"per sample ({w}) × ({w_in},)",
-                     "what carries δ down to the layer below"),
-            Equation(_fprime_parts(ld), _shape("N", w), "∂a/∂z, elementwise" + (
-                "; written with a = f(z)" if len(_fprime_parts(ld)) > 2 else ""), quantity=("fprime", l)),
-        ]
-        sec.blocks.append(local)
-        back = Block(f"Layer {l} ({case}): δ{l} = ∂C/∂z{l}")
-        act = ld.layer.activation
-        fp = sp.Integer(1) if act.is_identity else Prime(activation_letter(act), ld.z[n, p])
-        if ld.is_output:
-            chain = Partial(ELL[n], d.loss.y[n, p]) * fp / N
-            back.equations.append(Equation([ld.delta[n, p], chain, ld.delta_formula], _shape("N", w),
-                                           "output-layer case: (1/N)·∂ℓ/∂y ⊙ f′(z)", ("delta", l)))
-        else:
-            up = _upstream(ld)
-            parts = [ld.delta[n, p]] + ([fp * up] if up is not None and not act.is_identity else []) + [ld.delta_formula]
-            back.equations.append(Equation(parts, _shape("N", w), "hidden-layer case: f′(z) ⊙ (Wᵀ·δ of the layer above)",
-                                           ("delta", l)))
-        eq = _vector_eq(Vec(sp.Symbol(f"delta{l}")), ld.delta_formula, (p,), _shape(w), ("delta", l), "one sample")
-        if eq is not None:
-            back.equations.append(eq)
-        sec.blocks.append(back)
-        grads = Block(f"Layer {l}: parameter gradients")
-        W, b, delta = ld.params["W"], ld.params["b"], ld.delta
-        fan_out = d.dims[l]
-        chain_W = sp.Sum(delta[n, i] * ld.local["dz/dW"], (i, 0, fan_out - 1), (n, 0, N - 1))
-        l2 = ld.grads["W"] - _resolved_data_part(ld)
-        grads.equations.append(Equation([Partial(C, W[p, q]), chain_W + l2, ld.grads["W"]], _shape(w, w_in),
-                                        "summed over the batch; the Kronecker δ keeps only i = p", ("grad", "W", l)))
-        chain_b = sp.Sum(delta[n, i] * ld.local["dz/db"], (i, 0, fan_out - 1), (n, 0, N - 1))
-        grads.equations.append(Equation([Partial(C, b[p]), chain_b, ld.grads["b"]], _shape(w), quantity=("grad", "b", l)))
-        for key, free, shape in (("W", (p, q), _shape(w, w_in)), ("b", (p,), _shape(w))):
-            eq = _vector_eq(Partial(C, Vec(sp.Symbol(f"{key}{l}"))), ld.grads[key], free, shape, ("grad", key, l),
-                            "" if key == "b" else "Σ over the samples n of the batch")
-            if eq is not None:
-                grads.equations.append(eq)
-        sec.blocks.append(grads)
+        sec.blocks += _dense_backward_blocks(d, ld)
     return sec
+
+
+def _dense_backward_blocks(d, ld) -> list[Block]:
+    net = d.network
+    blocks = []
+    l, w, w_in = ld.index, net.widths[ld.index], net.widths[ld.index - 1]
+    xin = ld.x
+    case = "output-layer case" if ld.is_output else "hidden-layer case"
+    local = Block(f"Layer {l} ({case}): local derivatives")
+    local.equations += [
+        Equation([Partial(ld.z[n, i], ld.params["W"][p, q]), ld.local["dz/dW"]], f"per sample ({w}) × ({w}, {w_in})",
+                 "the layer's input: the forward-pass part"),
+        Equation([Partial(ld.z[n, i], ld.params["b"][p]), ld.local["dz/db"]], f"per sample ({w}) × ({w},)"),
+        Equation([Partial(ld.z[n, i], xin[n, q]), ld.local["dz/dx"]], f"per sample ({w}) × ({w_in},)",
+                 "what carries δ down to the layer below"),
+        Equation(_fprime_parts(ld), _shape("N", w), "∂a/∂z, elementwise" + (
+            "; written with a = f(z)" if len(_fprime_parts(ld)) > 2 else ""), quantity=("fprime", l)),
+    ]
+    blocks.append(local)
+    back = Block(f"Layer {l} ({case}): δ{l} = ∂C/∂z{l}")
+    act = ld.layer.activation
+    fp = sp.Integer(1) if act.is_identity else Prime(activation_letter(act), ld.z[n, p])
+    if ld.is_output:
+        chain = Partial(ELL[n], d.loss.y[n, p]) * fp / N
+        back.equations.append(Equation([ld.delta[n, p], chain, ld.delta_formula], _shape("N", w),
+                                       "output-layer case: (1/N)·∂ℓ/∂y ⊙ f′(z)", ("delta", l)))
+    else:
+        up = _upstream(ld)
+        parts = [ld.delta[n, p]] + ([fp * up] if up is not None and not act.is_identity else []) + [ld.delta_formula]
+        back.equations.append(Equation(parts, _shape("N", w), "hidden-layer case: f′(z) ⊙ (Wᵀ·δ of the layer above)",
+                                       ("delta", l)))
+    eq = _vector_eq(Vec(sp.Symbol(f"delta{l}")), ld.delta_formula, (p,), _shape(w), ("delta", l), "one sample")
+    if eq is not None:
+        back.equations.append(eq)
+    blocks.append(back)
+    grads = Block(f"Layer {l}: parameter gradients")
+    W, b, delta = ld.params["W"], ld.params["b"], ld.delta
+    fan_out = d.dims[l]
+    chain_W = sp.Sum(delta[n, i] * ld.local["dz/dW"], (i, 0, fan_out - 1), (n, 0, N - 1))
+    l2 = ld.grads["W"] - _resolved_data_part(ld)
+    grads.equations.append(Equation([Partial(C, W[p, q]), chain_W + l2, ld.grads["W"]], _shape(w, w_in),
+                                    "summed over the batch; the Kronecker δ keeps only i = p", ("grad", "W", l)))
+    chain_b = sp.Sum(delta[n, i] * ld.local["dz/db"], (i, 0, fan_out - 1), (n, 0, N - 1))
+    grads.equations.append(Equation([Partial(C, b[p]), chain_b, ld.grads["b"]], _shape(w), quantity=("grad", "b", l)))
+    for key, free, shape in (("W", (p, q), _shape(w, w_in)), ("b", (p,), _shape(w))):
+        eq = _vector_eq(Partial(C, Vec(sp.Symbol(f"{key}{l}"))), ld.grads[key], free, shape, ("grad", key, l),
+                        "" if key == "b" else "Σ over the samples n of the batch")
+        if eq is not None:
+            grads.equations.append(eq)
+    blocks.append(grads)
+    return blocks
 
 
 def _resolved_data_part(ld):
@@ -411,6 +432,269 @@ def _l2_section(d) -> Section:
                                     quantity=("l2",)))
     sec.blocks.append(block)
     return sec
+
+
+# --------------------------------------------------------------------------------------------
+# Networks with image layers
+# --------------------------------------------------------------------------------------------
+def _pair_text(pair, sep: str = "×") -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}{sep}{pair[1]}"
+
+
+def describe_layer(layer) -> str:
+    """The layer's kind with its hyper-parameters: ``Conv2D(8 filters, 5×5, stride 1, padding 0)``."""
+    kind = layer.kind
+    if kind == "Dense":
+        return f"Dense({layer.units})"
+    if kind == "Conv2D":
+        return (f"Conv2D({layer.filters} filters, {layer.kernel[0]}×{layer.kernel[1]}, stride "
+                f"{_pair_text(layer.stride)}, padding {_pair_text(layer.padding)})")
+    if kind in ("MaxPool2D", "AvgPool2D"):
+        return f"{kind}({layer.size[0]}×{layer.size[1]}, stride {_pair_text(layer.stride)})"
+    if kind == "Maxout":
+        return f"Maxout({layer.units} units, {layer.pieces} pieces)"
+    return f"{kind}()"
+
+
+def _shape_text(shape: tuple) -> str:
+    return str(shape[0]) if len(shape) == 1 else _shape(*shape)
+
+
+def _size_lines(ld) -> list[str]:
+    """Input → output shape with the lecture's output-size arithmetic, and the parameter count."""
+    layer, (cin, *hw_in) = ld.layer, ld.in_shape
+    lines = [f"input {_shape(*ld.in_shape)} → output {_shape(*ld.out_shape)}"]
+    kind = layer.kind
+    if kind in ("Conv2D", "MaxPool2D", "AvgPool2D"):
+        conv = kind == "Conv2D"
+        kernel = layer.kernel if conv else layer.size
+        pad = layer.padding if conv else (0, 0)
+        rule = "(N − F + 2P)/S + 1" if conv else "(N − F)/S + 1"
+        for axis, size, F, S, P, out, sym in zip(("rows", "columns"), hw_in, kernel, layer.stride, pad,
+                                                 ld.out_shape[1:], ld.out_dims[1:]):
+            numer = f"{size} − {F} + 2·{P}" if conv else f"{size} − {F}"
+            exact = (size - F + 2 * P) % S == 0
+            value = f"({numer})/{S} + 1 = {out}" if exact else (
+                f"⌊({numer})/{S}⌋ + 1 = {out} (the last {(size - F + 2 * P) % S} that do not fill a window are dropped)")
+            lines.append(f"output {axis} {text(sym)} = {rule} = {value}")
+        if conv:
+            C, K = cin, layer.filters
+            kh, kw = layer.kernel
+            ff = "F·F·C" if kh == kw else "kh·kw·C"
+            lines.append(f"parameters (W {_shape(K, C, kh, kw)}, b {_shape(K)}): ({ff} + 1)·K = ({kh}·{kw}·{C} + 1)·{K} "
+                         f"= {ld.param_count}")
+        else:
+            lines.append("no parameters; the channels pass through, each pooled on its own")
+    elif kind == "Flatten":
+        lines.append(f"C·H·W = {'·'.join(map(str, ld.in_shape))} = {ld.out_shape[0]}, no parameters")
+    elif kind == "Maxout":
+        fan_in = ld.in_shape[0]
+        lines.append(f"parameters (W {_shape(layer.units * layer.pieces, fan_in)}, b {_shape(layer.units * layer.pieces)}): "
+                     f"(in + 1)·units·pieces = ({fan_in} + 1)·{layer.units}·{layer.pieces} = {ld.param_count}")
+    return lines
+
+
+def _sizes_line(d, ld) -> str:
+    """The numbers of the size symbols this layer's formulas use (kh₁ = 3, S₁ = 1, …)."""
+    used = set()
+    for st in ld.stages:
+        used |= st.formula.free_symbols | set().union(*(sp.sympify(x).free_symbols for x in st.dims))
+    for g in ld.grads.values():
+        used |= g.free_symbols
+    order = ["C", "H", "W", "d", "kh", "kw", "S", "Sc", "P", "Pc", "pieces"]
+    known = sorted((sym for sym in used if sym in d.sizes),
+                   key=lambda x: (int(str(x).split("_")[-1]), order.index(str(x).split("_")[0])
+                                  if str(x).split("_")[0] in order else 99))
+    return "sizes: " + ", ".join(f"{text(sym)} = {d.sizes[sym]}" for sym in known) if known else ""
+
+
+_STAGE_NOTES = {
+    "xpad": "zero padding: x shifted by P inside, 0 on the border",
+    "m": "the arg-max of each window, as the position u·kw + v (ties: the first maximum in row-major order, as PyTorch)",
+    "y": "the affine pieces, unit i's pieces in rows i·pieces … i·pieces + pieces − 1",
+    "g": "the winning piece of each unit (ties: the first)",
+}
+
+
+def _z_note(layer) -> str:
+    return {"Conv2D": "the convolution (cross-correlation, as PyTorch's Conv2d)",
+            "MaxPool2D": "max pooling: the input at the window's arg-max",
+            "AvgPool2D": "average pooling: the mean of the window",
+            "Flatten": "a reshape, in PyTorch's C, H, W order: entry (c, h, w) goes to i = (c·H + h)·W + w",
+            "Maxout": "the largest piece"}.get(layer.kind, "")
+
+
+def _label_kind(label: str) -> str:
+    return label.rstrip("0123456789")
+
+
+def _image_forward_block(d, ld) -> Block:
+    l, layer = ld.index, ld.layer
+    act = layer.activation
+    title = f"Layer {l}: {describe_layer(layer)}" + ("" if act.is_identity else f", activation {act.describe()}")
+    block = Block(title, lines=_size_lines(ld))
+    sizes = _sizes_line(d, ld)
+    if sizes:
+        block.lines.append(sizes)
+    for st in ld.stages:
+        parts = [st.target[(n, *st.idx)], st.formula]
+        resolved = resolve(st.formula, {**ld.ranges, **{x: (0, ext - 1) for x, ext in zip(st.idx, st.dims)}})
+        if resolved.has(sp.Piecewise):  # the padding's border made explicit
+            parts.append(resolved)
+        is_z = st.target is ld.z
+        note = _z_note(layer) if is_z else _STAGE_NOTES.get(_label_kind(str(st.target.label)), "")
+        quantity = ("z", l) if is_z else ("stage", str(st.target.label), l)
+        block.equations.append(Equation(parts, _dims_shape(d, st.dims), note, quantity))
+    if not act.is_identity:
+        block.equations.append(Equation([ld.a[(n, *ld.out_idx)], ld.output], _shape("N", *ld.out_shape),
+                                        quantity=("a", l)))
+    return block
+
+
+def _dims_shape(d, dims) -> str:
+    return _shape("N", *(sp.sympify(x).subs(d.sizes) for x in dims))
+
+
+def _free_for(ndim: int) -> tuple:
+    return (q, indices.r, indices.s) if ndim == 3 else (q,)
+
+
+def _routing_note(layer) -> str:
+    if layer.kind == "MaxPool2D":
+        return ("max pooling routes δ to the arg-max of each window only (ties: the first maximum, as PyTorch); "
+                "every other input of the window gets 0")
+    if layer.kind == "AvgPool2D":
+        return "average pooling spreads δ evenly: each input of the window gets 1/(kh·kw) of it"
+    if layer.kind == "Flatten":
+        return "Flatten hands δ back reshaped to (C, H, W)"
+    if layer.kind == "Maxout":
+        return "Maxout routes δ to the winning piece only"
+    return ""
+
+
+def _image_backward_blocks(d, ld) -> list[Block]:
+    l, layer = ld.index, ld.layer
+    act = layer.activation
+    case = "output-layer case" if ld.is_output else "hidden-layer case"
+    local = Block(f"Layer {l} ({case}): local derivatives")
+    stage_of = {str(st.target.label): st for st in ld.stages}
+    for key, expr in ld.local.items():
+        if key == "da/dz":
+            continue
+        top, wrt = key.split("/")
+        st = stage_of[top[1:]]
+        wrt = wrt[1:]
+        if wrt in ld.params:
+            base, idx = ld.params[wrt], ld.param_idx[wrt]
+            note = "the forward-pass part: the (padded) input under the filter" if wrt == "W" and layer.kind == "Conv2D" else ""
+        else:
+            src = next((x.target for x in ld.stages if str(x.target.label) == wrt), ld.x)
+            ndim = len(next((x.dims for x in ld.stages if x.target is src), ld.in_shape))
+            base, idx = src, (n, *_free_for(ndim))
+            note = _routing_note(layer) if src is ld.x and layer.kind != "Conv2D" else ""
+            if layer.kind == "Conv2D":
+                note = ("the filter weight that joins x̃[q,r,s] to z[k,h,w], where the window covers it"
+                        if st.target is ld.z else "the padding moves each input by P")
+        local.equations.append(Equation([Partial(st.target[(n, *st.idx)], base[idx]), expr], None, note))
+    if not act.is_identity:
+        parts = _fprime_parts(ld)
+        local.equations.append(Equation(parts, _shape("N", *ld.out_shape), "∂a/∂z, elementwise", ("fprime", l)))
+    blocks = [local] if local.equations else []
+    didx = (n, *ld.delta_idx)
+    back = Block(f"Layer {l} ({case}): δ{l} = ∂C/∂z{l}")
+    fp = sp.Integer(1) if act.is_identity else Prime(activation_letter(act), ld.z[didx])
+    if ld.is_output:
+        chain = Partial(ELL[n], d.loss.y[n, p]) * fp / N
+        back.equations.append(Equation([ld.delta[didx], chain, ld.delta_formula], _shape("N", *ld.out_shape),
+                                       "output-layer case: (1/N)·∂ℓ/∂y ⊙ f′(z)", ("delta", l)))
+    else:
+        above = d.layers[l].layer
+        note = "hidden-layer case: f′(z) ⊙ (∂C/∂a sent back by layer %d, %s)" % (l + 1, describe_layer(above))
+        extra = _routing_note(above)
+        if above.kind == "Conv2D":
+            extra = "the convolution above sends back its ∂C/∂x̃ at the unpadded positions"
+        back.equations.append(Equation([ld.delta[didx], ld.delta_formula], _shape("N", *ld.out_shape),
+                                       note + ("; " + extra if extra else ""), ("delta", l)))
+    blocks.append(back)
+    if ld.stage_grads:
+        inner = Block(f"Layer {l}: gradients of its intermediate stages")
+        for label, (gb, free, formula) in ld.stage_grads.items():
+            st = stage_of[label]
+            note = {"xpad": "the transposed convolution: every output whose window covers x̃[q,r,s] sends back "
+                            "δ times the weight that joined them; the brackets keep the window inside the filter",
+                    "y": "routed to the winning piece"}.get(_label_kind(label), "")
+            inner.equations.append(Equation([gb[(n, *free)], Partial(C, st.target[(n, *free)]), formula],
+                                            _dims_shape(d, st.dims), note, ("stage_grad", label, l)))
+        blocks.append(inner)
+    if ld.params:
+        grads = Block(f"Layer {l}: parameter gradients")
+        for key, base in ld.params.items():
+            idx = ld.param_idx[key]
+            st = next(x for x in ld.stages if x.formula.has(base))
+            g = ld.delta if st.target is ld.z else ld.stage_grads[str(st.target.label)][0]
+            limits = [(x, 0, ext - 1) for x, ext in zip(st.idx, st.dims)]
+            chain = sp.Sum(g[(n, *st.idx)] * ld.local[f"d{st.target.label}/d{key}"], *limits, (n, 0, N - 1))
+            data = sp.Add(*[t for t in sp.Add.make_args(ld.grads[key]) if t.has(sp.Sum)])
+            parts = [Partial(C, base[idx]), chain + (ld.grads[key] - data), ld.grads[key]]
+            shape = _shape(*d.network.param_shapes()[f"{key}{l}"])
+            note = ("summed over the batch and every output position: the input patch under the filter times δ"
+                    if key == "W" and layer.kind == "Conv2D" else "summed over the batch and every output position"
+                    if layer.kind == "Conv2D" else "summed over the batch")
+            grads.equations.append(Equation(parts, shape, note, ("grad", key, l)))
+        blocks.append(grads)
+    return blocks
+
+
+def _build_image(d) -> Explanation:
+    """The explanation of a network with image layers: stages, sizes and routing per layer."""
+    net = d.network
+    L = len(d.layers)
+    shapes = []
+    param_shapes = net.param_shapes()
+    for ld in d.layers:
+        l, layer = ld.index, ld.layer
+        Wsh, bsh = param_shapes.get(f"W{l}"), param_shapes.get(f"b{l}")
+        shapes.append((str(l), describe_layer(layer), layer.activation.describe(), _shape(*Wsh) if Wsh else "—",
+                       _shape(*bsh) if bsh else "—", str(ld.param_count), _shape("N", *ld.out_shape)))
+    total = sum(ld.param_count for ld in d.layers)
+    summary = (f"{' → '.join(_shape_text(sh) for sh in net.shapes)}, loss {net.loss.name}, l2 λ = {net.l2:g}, "
+               f"{total} parameters")
+    fwd = Section("Forward pass", anchor="forward",
+                  intro="Each layer's stages in index notation, for sample n of the batch; the last stage is z, "
+                        "then a = f(z) elementwise. Sizes stay symbols in the formulas; their numbers are listed.")
+    for ld in d.layers:
+        fwd.blocks.append(_dense_forward_block(d, ld) if isinstance(ld.layer, Dense) else _image_forward_block(d, ld))
+        if isinstance(ld.layer, Dense):
+            fwd.blocks[-1].lines = _dense_size_lines(ld)
+    back = Section("Backward pass, from the output layer back", anchor="backward",
+                   intro=f"δl = ∂C/∂zl. The output-layer case starts the recurrence at layer {L}; each layer below "
+                         "gets f′(z) ⊙ what the layer above sends back: Wᵀ·δ through a dense layer, the transposed "
+                         "convolution through a convolution, δ routed to the arg-max through max pooling, spread "
+                         "evenly through average pooling, reshaped through Flatten.")
+    for ld in reversed(d.layers):
+        back.blocks += _dense_backward_blocks(d, ld) if isinstance(ld.layer, Dense) else _image_backward_blocks(d, ld)
+    sections = [fwd, _loss_section(d), back, _l2_section(d)]
+    legend = [
+        "n indexes the N samples of a batch; for images c, u, v run over a filter's input channel, rows and "
+        "columns, k, h, w over an output channel and position, and p, q, r, s are the free indices of a "
+        "derivative (∂C/∂W[p,q,r,s]); i, j, p, q index the units of flat layers.",
+        "Shapes are channels first, one sample (C, H, W); W of a convolution is (K, C, kh, kw), as PyTorch's.",
+        "x̃l is layer l's zero-padded input; gx̃l = ∂C/∂x̃l (and gyl for Maxout's pieces) are named gradients "
+        "the kernels compute into buffers.",
+        "[lo ≤ e ≤ hi] is the Iverson bracket: 1 where the condition holds, else 0; [j = m] routes a max: 1 only "
+        "at the arg-max m.",
+        "δ_ip (two index letters) and δ(a, b) are the Kronecker delta: 1 if the two are equal, else 0.",
+        f"δl = ∂C/∂zl is layer l's error signal; the output layer is layer {L}.",
+        "H(z) is the unit step with H(0) = 0 (the derivative of relu at 0, as PyTorch takes it).",
+    ]
+    return Explanation(f"Backpropagation in {net.name}", summary, shapes, total, sections, legend)
+
+
+def _dense_size_lines(ld) -> list[str]:
+    fan_in, units = ld.in_shape[0], ld.layer.units
+    return [f"input {_shape(fan_in)} → output {_shape(units)}",
+            f"parameters (W {_shape(units, fan_in)}, b {_shape(units)}): (in + 1)·out = ({fan_in} + 1)·{units} "
+            f"= {ld.param_count}"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,6 +871,7 @@ def _render_text(doc: Explanation) -> str:
             out.append("  " + section.intro)
         for block in section.blocks:
             out.append("  " + block.title)
+            out += ["    " + line for line in block.lines]
             lines = [" = ".join(fmt(part) for part in eq.parts) for eq in block.equations]
             col = min(max((len(s) for s in lines), default=0), _TEXT_COLUMN)
             for s, eq in zip(lines, block.equations):
@@ -610,10 +895,11 @@ def explain_text(d, scalar: bool = False) -> str:
 # LaTeX and Markdown
 # --------------------------------------------------------------------------------------------
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---"}
 
 
-_TEX_MATH = {"δ": r"\delta", "λ": r"\lambda", "∂": r"\partial", "Σ": r"\Sigma", "ℓ": r"\ell", "σ": r"\sigma",
+_TEX_MATH = {"≤": r"\le", "⌊": r"\lfloor", "⌋": r"\rfloor", "−": "-",
+             "δ": r"\delta", "λ": r"\lambda", "∂": r"\partial", "Σ": r"\Sigma", "ℓ": r"\ell", "σ": r"\sigma",
              "ᵀ": r"^{\top}", "⊙": r"\odot", "→": r"\to", "‖": r"\|", "·": r"\cdot", "′": "'", "…": r"\dots",
              "×": r"\times", "⁰": "^0", "¹": "^1", "²": "^2", **{chr(0x2080 + k): f"_{k}" for k in range(10)}}
 
@@ -621,8 +907,10 @@ _TEX_MATH = {"δ": r"\delta", "λ": r"\lambda", "∂": r"\partial", "Σ": r"\Sig
 def _tex_text(s: str) -> str:
     """Text for LaTeX: specials escaped, the notes' few math characters in math mode (ASCII out)."""
     out = []
-    for c in s:
-        if c in _TEX_MATH:
+    for c in s.replace("x̃", "\0"):
+        if c == "\0":
+            out.append(r"$\tilde{x}$")
+        elif c in _TEX_MATH:
             out.append("$%s$" % _TEX_MATH[c])
         else:
             out.append(_TEX_SPECIAL.get(c, c))
@@ -663,6 +951,9 @@ def _render_latex(doc: Explanation, standalone: bool) -> str:
             body.append(_tex_text(section.intro))
         for block in section.blocks:
             body.append(r"\paragraph{%s}" % _tex_text(block.title))
+            if block.lines:
+                body.append(r"\begin{itemize}" + "".join(r"\item %s" % _tex_text(line) for line in block.lines)
+                            + r"\end{itemize}")
             rows = [latex_equation(eq) for eq in block.equations]
             body += [r"\begin{align*}", " \\\\\n".join(rows), r"\end{align*}"]
         body.append("")
@@ -688,7 +979,8 @@ def _render_markdown(doc: Explanation) -> str:
         if section.intro:
             out += [section.intro, ""]
         for block in section.blocks:
-            out += [f"### {block.title}", "", "$$", r"\begin{aligned}"]
+            out += [f"### {block.title}", ""] + [f"- {line}" for line in block.lines] + (["", "$$"] if block.lines else ["$$"])
+            out.append(r"\begin{aligned}")
             out.append(" \\\\\n".join(latex_equation(eq, ascii_only=False) for eq in block.equations))
             out += [r"\end{aligned}", "$$", ""]
     out += ["## Notation", ""] + [f"- {line}" for line in doc.legend]

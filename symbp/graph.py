@@ -172,13 +172,14 @@ def graph(source, collapse: bool | None = None, **walkthrough_args) -> Graph:
     """
     from .model import Model
     from .network import Network
-    from .walkthrough import Walkthrough, walkthrough
+    from .walkthrough import Walkthrough, refuse_image_layers, walkthrough
 
     if isinstance(source, Walkthrough):
         if walkthrough_args:
             raise TypeError(f"graph() of a Walkthrough takes no {', '.join(sorted(walkthrough_args))}")
         w = source
     elif isinstance(source, (Network, Model)):
+        refuse_image_layers(source.network if isinstance(source, Model) else source, "the computational graph")
         w = walkthrough(source, **walkthrough_args)
     else:
         raise TypeError(f"graph() takes a Walkthrough, Network or Model, got {type(source).__name__}")

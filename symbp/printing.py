@@ -34,6 +34,8 @@ from sympy.printing.mathml import MathMLPresentationPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
+from . import ops
+
 
 def _basic(expr):
     """A SymPy object for a printer: formulas already are; a bare number becomes one.
@@ -84,6 +86,12 @@ class Vec(_Node):
     @property
     def sample(self):
         return self.args[1] if len(self.args) > 1 else None
+
+
+class Iverson(_Node):
+    """The Iverson bracket of an index range, ``Iverson(lo, x, hi)``: [lo ≤ x ≤ hi], 1 where it
+    holds and 0 elsewhere (``-oo``/``oo`` for a missing bound).  :func:`arrange` writes a
+    derivation's range guard ``Piecewise((e, cond), (0, True))`` as ``e·[…]·[…]``."""
 
 
 class MatVec(_Node):
@@ -144,6 +152,8 @@ def _factor_rank(f) -> float:
         return 2
     if isinstance(base, sp.KroneckerDelta):
         return 1.5  # δ_ip·x[n,q]: the selector first
+    if isinstance(base, (Iverson, ops.route)):
+        return 3.5  # a range guard or a max's router after the quantities it selects
     if isinstance(base, (Partial, Prime)):
         return 3
     if isinstance(base, sp.Function):
@@ -151,6 +161,55 @@ def _factor_rank(f) -> float:
     if isinstance(base, sp.Add):
         return 4
     return 5  # sums, matrix products: last, so that nothing follows them ambiguously
+
+
+def _index_symbols() -> tuple:
+    from . import indices
+
+    return tuple(getattr(indices, name) for name in "pqrsijnkchwuve")
+
+
+def _range_brackets(cond) -> list | None:
+    """``cond`` (a conjunction of linear inequalities in the index symbols) as Iverson
+    brackets, the two bounds of one index expression merged: ``[0 ≤ r − S·h ≤ kh − 1]``.
+    None when a part is not such an inequality."""
+    order = _index_symbols()
+    bounds: dict = {}
+    for rel in sp.And.make_args(cond):
+        if isinstance(rel, (sp.GreaterThan, sp.StrictGreaterThan)):
+            gap = rel.lhs - rel.rhs - (1 if isinstance(rel, sp.StrictGreaterThan) else 0)
+        elif isinstance(rel, (sp.LessThan, sp.StrictLessThan)):
+            gap = rel.rhs - rel.lhs - (1 if isinstance(rel, sp.StrictLessThan) else 0)
+        else:
+            return None
+        gap = sp.expand(gap)  # gap >= 0
+        if not gap.free_symbols or not all(x.is_integer for x in gap.free_symbols):
+            return None
+        varying = sp.Add(*[t for t in sp.Add.make_args(gap) if t.has(*order)])
+        if varying == 0:
+            return None
+        rest = gap - varying
+        lead = next((x for x in order if varying.has(x)), None)
+        sign = 1 if sp.expand(varying).coeff(lead).could_extract_minus_sign() is False else -1
+        x = sp.expand(sign * varying)
+        lo, hi = bounds.get(x, (-sp.oo, sp.oo))
+        if sign == 1:  # x + rest >= 0
+            lo = -rest if lo == -sp.oo else sp.Max(lo, -rest)
+        else:  # rest - x >= 0
+            hi = rest if hi == sp.oo else sp.Min(hi, rest)
+        bounds[x] = (lo, hi)
+    return [Iverson(lo, x, hi) for x, (lo, hi) in sorted(bounds.items(), key=lambda item: str(item[0]))]
+
+
+def _guard_as_brackets(expr):
+    """``Piecewise((e, cond), (0, True))`` over index ranges → ``e·[cond]`` (same value), or None."""
+    if not (isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].cond == sp.true
+            and expr.args[1].expr == 0):
+        return None
+    brackets = _range_brackets(expr.args[0].cond)
+    if brackets is None:
+        return None
+    return sp.Mul(*sp.Mul.make_args(expr.args[0].expr), *brackets, evaluate=False)
 
 
 def arrange(expr):
@@ -163,6 +222,9 @@ def arrange(expr):
     """
     if not isinstance(expr, sp.Basic) or expr.is_Atom or isinstance(expr, (sp.Indexed, sp.IndexedBase)):
         return expr
+    bracketed = _guard_as_brackets(expr)
+    if bracketed is not None:
+        expr = bracketed
     if isinstance(expr, sp.Add):
         terms = [arrange(t) for t in expr.as_ordered_terms()]
         return sp.Add._from_args(sorted(terms, key=lambda t: (_negative(t), -_weight(t), _natural(t))))
@@ -211,12 +273,13 @@ def _mul_parts(expr) -> tuple[bool, list, list]:
 # --------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------
-_LAYERED = re.compile(r"^(delta|W|b|z|a)(\d+)$")
+_LAYERED = re.compile(r"^(delta|W|b|z|a|xpad|gxpad|gy|y|m|g)(\d+)$")
 _SUBSCRIPTED = re.compile(r"^([A-Za-z]+)_(\d+)$")
 _SUB = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 _SUP = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
-_UNICODE = {"delta": "δ", "lambda": "λ", "ell": "ℓ", "sigma": "σ", "eta": "η"}
+_UNICODE = {"delta": "δ", "lambda": "λ", "ell": "ℓ", "sigma": "σ", "eta": "η", "xpad": "x̃", "gxpad": "gx̃"}
 _LATEX = {"delta": r"\delta", "lambda": r"\lambda", "ell": r"\ell", "sigma": r"\sigma", "eta": r"\eta",
+          "xpad": r"\tilde{x}", "gxpad": r"{g_{\tilde{x}}}", "gy": r"{g_{y}}",
           "softmax": r"\operatorname{softmax}", "tanh": r"\tanh"}
 _ACTIVATION_NAMES = {"sigmoid": "sigma"}  # activation name -> the letter its derivative reads with
 
@@ -333,7 +396,22 @@ class TextPrinter(StrPrinter):
         return "H(%s)" % self._print(expr.args[0])
 
     def _print_KroneckerDelta(self, expr):
-        return "δ_%s%s" % tuple(self._print(a) for a in expr.args)
+        if all(isinstance(a, sp.Symbol) for a in expr.args):
+            return "δ_%s%s" % tuple(self._print(a) for a in expr.args)
+        return "δ(%s, %s)" % tuple(self._print(a) for a in expr.args)
+
+    def _print_Iverson(self, expr):
+        lo, x, hi = expr.args
+        parts = ([self._print(lo)] if lo != -sp.oo else []) + [self._print(x)] + ([self._print(hi)] if hi != sp.oo else [])
+        return "[%s]" % " ≤ ".join(parts)
+
+    def _print_route(self, expr):
+        m, j = expr.args
+        return "[%s = %s]" % (self._print(j), self._print(m))
+
+    def _print_window_argmax(self, expr):
+        value, *limits = expr.args
+        return "argmax_%s %s" % (",".join(self._print(lim[0]) for lim in limits), self._print(value))
 
     def _print_Piecewise(self, expr):
         parts = [f"{self._print(e)} if {self._print(c)}" for e, c in expr.args[:-1]]
@@ -477,6 +555,20 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
 
     def _print_KroneckerDelta(self, expr, exp=None):
         return r"\delta_{%s}" % self._indices(expr.args)
+
+    def _print_Iverson(self, expr):
+        lo, x, hi = expr.args
+        parts = ([self._print(lo)] if lo != -sp.oo else []) + [self._print(x)] + ([self._print(hi)] if hi != sp.oo else [])
+        return r"\left[%s\right]" % r" \le ".join(parts)
+
+    def _print_route(self, expr, exp=None):
+        m, j = expr.args
+        return r"\left[%s = %s\right]" % (self._print(j), self._print(m))
+
+    def _print_window_argmax(self, expr, exp=None):
+        value, *limits = expr.args
+        idx = ",".join(self._print(lim[0]) for lim in limits)
+        return r"\operatorname*{argmax}_{%s} %s" % (idx, self._print(value))
 
     def _print_Piecewise(self, expr):
         rows = [r"%s & \text{if } %s" % (self._print(e), self._print(c)) for e, c in expr.args[:-1]]
@@ -695,6 +787,28 @@ class MathMLPrinter(MathMLPresentationPrinter):
 
     def _print_KroneckerDelta(self, e):
         return self._el("msub", self._mi("δ"), self._indices(e.args))
+
+    def _bracket(self, *parts: Element) -> Element:
+        return self._row(self._mo("["), *parts, self._mo("]"))
+
+    def _print_Iverson(self, e):
+        lo, x, hi = e.args
+        row = []
+        for pos, part in enumerate(a for a in (lo, x, hi) if a not in (-sp.oo, sp.oo)):
+            if pos:
+                row.append(self._mo("≤"))
+            row.append(self._print(part))
+        return self._bracket(*row)
+
+    def _print_route(self, e):
+        m, j = e.args
+        return self._bracket(self._print(j), self._mo("="), self._print(m))
+
+    def _print_window_argmax(self, e):
+        value, *limits = e.args
+        under = self._row(*[self._print(lim[0]) for lim in limits])
+        return self._row(self._el("munder", self._mi("argmax", mathvariant="normal"), under), self._mo("\u2061"),
+                         self._print(value))
 
     def _print_Piecewise(self, e):
         table = self._el("mtable", columnalign="left")

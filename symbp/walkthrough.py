@@ -276,6 +276,17 @@ class Walkthrough:
         return graph(self, collapse=collapse)
 
 
+def refuse_image_layers(net: Network, what: str) -> None:
+    """A clear ValueError for a network with image layers: ``what`` works unit by unit on
+    dense networks only (:func:`symbp.explain.build` and the report show image layers)."""
+    from .layers import Dense
+
+    for pos, layer in enumerate(net.layers, 1):
+        if not isinstance(layer, Dense):
+            raise ValueError(f"{what} evaluates dense networks unit by unit, and layer {pos} is {layer!r}; "
+                             "explain() and the report show image layers (formulas, shapes, kernels)")
+
+
 def _as_network(obj):
     from .model import Model
 
@@ -442,6 +453,7 @@ def walkthrough(
     (0.298371109, 0.082167041, True)
     """
     net, model = _as_network(net)
+    refuse_image_layers(net, "the worked example")
     for name, value in (("h", h), ("tolerance", tolerance)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
