@@ -42,7 +42,8 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 # The modules whose text decides what code is generated; editing any other file (the CLI,
 # the explanations) leaves the cache valid.
-_GENERATOR_FILES = ("activations.py", "codegen.py", "derive.py", "formula.py", "indices.py", "layers.py",
+_GENERATOR_FILES = ("activations.py", "codegen.py", "codegen_cuda.py", "codegen_image.py", "lower_image.py",
+                    "conv.py", "derive.py", "formula.py", "indices.py", "layers.py",
                     "losses.py", "lower.py", "ops.py", "optim.py", "backends")
 
 

@@ -60,7 +60,7 @@ class EarlyStopping(Callback):
     def on_train_end(self, model) -> None:
         if self.restore_best_weights and self.best_params is not None:
             for k, v in self.best_params.items():
-                model.params[k][...] = v
+                model.params[k] = v.copy()  # assignment, so a device-side model uploads it
 
 
 class ModelCheckpoint(Callback):

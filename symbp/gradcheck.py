@@ -8,8 +8,8 @@ import numpy as np
 def gradcheck(model, X, y, eps: float = 1e-6, max_entries: int = 64, seed: int = 0) -> float:
     """Largest relative error between the generated gradients and finite differences.
 
-    The check runs in float64: a float32 model is recompiled in float64 with the same
-    parameters.  The numeric derivative is the five-point central difference
+    The check runs in float64 on the CPU: a float32 (or CUDA) model is recompiled as a CPU
+    float64 twin with the same parameters.  The numeric derivative is the five-point central difference
     (f(θ−2h) − 8f(θ−h) + 8f(θ+h) − f(θ+2h)) / 12h, whose error is O(h⁴), so it is accurate
     to about 1e-12 with the default h.  At most ``max_entries`` entries per parameter are
     probed (chosen at random with ``seed``), so large layers stay cheap.
@@ -21,10 +21,12 @@ def gradcheck(model, X, y, eps: float = 1e-6, max_entries: int = 64, seed: int =
         floor = 1e-4 · max(1, |loss|): an entry far smaller than the loss itself is judged
         against that scale, where rounding in the loss, not the gradient, dominates.
     """
+    from .model import Model
     from .model import compile as compile_model
 
     m64 = model
-    if model.dtype != np.float64:
+    # The check perturbs parameters in place: it needs a CPU float64 model (a twin otherwise).
+    if model.dtype != np.float64 or type(model) is not Model:
         m64 = compile_model(model.network, dtype="float64", cache_dir=model.source_path.parent)
         m64.params = {k: np.asarray(v, np.float64).copy() for k, v in model.params.items()}
     loss, grads = m64.loss_and_grads(X, y)

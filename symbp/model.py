@@ -310,11 +310,12 @@ class Model:
                 order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle and seed is not None
                          else np.random.default_rng().permutation(n) if shuffle else np.arange(n))
                 ws = self._workspace(rows)
+                states = self._state_list(opt)  # created before the snapshot, so it covers them too
                 # Every batch loss so far was finite: if this epoch blows up, come back here.
                 snapshot = ({k: v.copy() for k, v in self.params.items()},
                             {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
                 total, correct, done, bad = kernels.train_epoch(
-                    X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *self._state_list(opt), Xb, Tb)
+                    X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *states, Xb, Tb)
                 opt.step += int(done)
                 if bad >= 0:
                     params, state, opt.step = snapshot
@@ -385,7 +386,8 @@ def compile(  # noqa: A001 - the public name the API promises
     Parameters
     ----------
     net : Network
-    target : {"cpu"}
+    target : {"cpu", "cuda"}
+        "cuda" generates numba.cuda kernels (the ``cuda`` extra; see README).
     dtype : {"float32", "float64"}
     seed : int or None
         Seeds the parameter initialisation.
@@ -394,8 +396,12 @@ def compile(  # noqa: A001 - the public name the API promises
     """
     if not isinstance(net, Network):
         raise TypeError(f"compile() takes a symbp.Network, got {type(net).__name__}")
+    if target == "cuda":
+        from .cuda_model import compile_cuda
+
+        return compile_cuda(net, dtype=dtype, seed=seed, cache_dir=cache_dir)
     if target != "cpu":
-        raise ValueError(f"unknown target {target!r}; available: 'cpu'")
+        raise ValueError(f"unknown target {target!r}; available: 'cpu', 'cuda'")
     if dtype not in ("float32", "float64") and np.dtype(dtype).name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     dtype = np.dtype(dtype).name

@@ -1,0 +1,505 @@
+"""CUDA backend: prints the lowered steps as ``numba.cuda`` kernels and the host lines that
+launch them.
+
+The same two tables as :mod:`symbp.backends.cpu`, one entry per op: ``SCALAR_OPS`` (shared
+with the CPU: ``math`` functions exist on the device too) with the device versions of the
+helpers in ``_HELPERS``, and ``emit`` (a ``functools.singledispatch``) turning each IR step
+into one kernel, registered with the printer, and the host lines that launch it:
+
+==========  ==================================================================================
+Loop        one elementwise kernel over the flattened index space, a grid-stride loop; the
+            statements fused, CSE-named, loop invariants computed once per thread; running
+            sums (the l2 penalty) reduced in shared memory, one atomic add per block
+RowLoop     one thread per sample: its reductions (a stable log-sum-exp) and its row of δ_L;
+            Σ_n ℓ_n and the hit count reduced per block, one atomic add each
+ColSum      a block per ``COLS`` columns, its threads splitting the rows; combined in shared
+            memory in a fixed order (the same bias gradient every run)
+Gemm        a shared-memory tiled kernel (``TILE``×``TILE`` outputs per block, ``MICRO``×
+            ``MICRO`` per thread, ``TILE_K`` deep), one per transposition pattern; or
+            cuBLAS through CuPy when the module is generated with ``gemm="cublas"``
+==========  ==================================================================================
+
+Kernels never synchronise with the host.  Scalars a step produces (loss, hits, penalty) go
+to a float64 device array ``stats``; kernels that write parameters or optimizer state during
+training take the epoch's status array and do nothing once a batch's loss was not finite.
+The launch geometry (``THREADS``, ``TILE``, …) is a set of constants of the generated module,
+chosen by the generator (:class:`symbp.codegen_cuda.CudaConfig`).
+"""
+
+from __future__ import annotations
+
+import functools
+import textwrap
+
+import sympy as sp
+
+from ..indices import N
+from ..lower import ColSum, Gemm, Loop, RowLoop
+from .cpu import SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants
+from .cpu import emit as emit_sequential
+
+#: The slots of the ``stats`` device array; a running sum in a step must name one of them.
+STAT_SLOTS = ("total", "correct", "penalty")
+
+# Device versions of the CPU helpers: the same formulas, as device functions.
+_HELPERS = {
+    "sigmoid": '''
+@cuda.jit(device=True, inline="always")
+def sigmoid(x):
+    """σ(x) = 1/(1 + e^-x), evaluated so that e^x never overflows."""
+    if x >= ZERO:
+        return ONE / (ONE + math.exp(-x))
+    e = math.exp(x)
+    return e / (ONE + e)
+''',
+    "softplus": '''
+@cuda.jit(device=True, inline="always")
+def softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x."""
+    return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
+''',
+    "relu": '''
+@cuda.jit(device=True, inline="always")
+def relu(x):
+    return x if x > ZERO else ZERO
+''',
+    "leaky_relu": '''
+@cuda.jit(device=True, inline="always")
+def leaky_relu(x, slope):
+    return x if x > ZERO else slope * x
+''',
+    "elu": '''
+@cuda.jit(device=True, inline="always")
+def elu(x, alpha):
+    return x if x > ZERO else alpha * math.expm1(x)
+''',
+}
+
+#: Shared by every kernel with running sums; printed once into each module.
+BLOCK_REDUCE = '''
+@cuda.jit(device=True, inline="always")
+def block_reduce(red):
+    """Sum each row of the shared array ``red`` (one column per thread) into ``red[:, 0]``.
+
+    A tree over THREADS (a power of two) entries; every thread of the block must call it.
+    """
+    tid = cuda.threadIdx.x
+    step = THREADS // 2
+    cuda.syncthreads()
+    while step > 0:
+        if tid < step:
+            for r in range(red.shape[0]):
+                red[r, tid] += red[r, tid + step]
+        cuda.syncthreads()
+        step //= 2
+'''
+
+
+class CudaPrinter(NumbaPrinter):
+    """SymPy → scalar code inside a ``numba.cuda`` kernel.
+
+    Besides the CPU printer's state it holds ``shapes`` (array label → symbolic shape, for
+    the GEMM sizes), ``guarded`` (code names of the arrays that only change when the batch's
+    loss is finite: parameters and optimizer state), the ``stage`` that prefixes kernel
+    names, and ``kernels``, the module's :class:`Kernels`.
+    """
+
+    def __init__(self, dtype: str, names: dict, stage: str, kernels: Kernels, shapes: dict, guarded=(),
+                 gemm_backend: str = "kernel", settings=None) -> None:
+        super().__init__(dtype, names, settings)
+        self.stage = stage
+        self.kernels = kernels
+        self.shapes = shapes
+        self.guarded = set(guarded)
+        self.gemm_backend = gemm_backend
+
+    @property
+    def float_type(self) -> str:
+        return "float32" if self.dtype == "float32" else "float64"
+
+    def _print_Function(self, expr):
+        name = SCALAR_OPS.get(expr.func)
+        if name is None:
+            raise NotImplementedError(f"no CUDA kernel for the function {expr.func.__name__} (in {expr})")
+        if name in _HELPERS:
+            self.helpers_used.add(name)
+        return "%s(%s)" % (name, ", ".join(self._print(a) for a in expr.args))
+
+    _print_Abs = _print_Function
+
+    def _print_tanh(self, expr):
+        return f"math.tanh({self._print(expr.args[0])})"  # tanhf / tanh from libdevice
+
+    # -- kernel arguments --------------------------------------------------------------
+    def array_type(self, rank: int, dtype: str | None = None) -> str:
+        return f"{dtype or self.float_type}[{', '.join([':'] * (rank - 1) + ['::1'])}]"
+
+    def operands(self, exprs, local: set) -> tuple[dict, dict]:
+        """The arrays (code name → numba type) and scalars (code name → type) that
+        ``exprs`` read or write, leaving out ``local`` symbols (indices, accumulators)."""
+        arrays, scalars = {}, {}
+        for e in exprs:
+            inner = set()
+            for ix in e.atoms(sp.Indexed):
+                arrays[self.array(ix.base)] = self.array_type(len(ix.indices))
+                inner |= ix.free_symbols
+            for s in e.free_symbols - inner - local:
+                if s == N:
+                    scalars["nbf"] = self.float_type
+                elif s.is_integer:
+                    scalars[self._print(s)] = "int64"
+                else:
+                    scalars[self._print(s)] = self.float_type
+        return arrays, scalars
+
+    def kernel(self, name: str, params: list[tuple[str, str]], doc: str, body: list[str]) -> str:
+        """Register a kernel under a fresh name based on ``name``; returns that name."""
+        name = self.kernels.fresh(name)
+        code = ["@cuda.jit(cache=True)", f"def {name}({', '.join(p for p, _ in params)}):", f'    """{doc}"""']
+        code += ["    " + line if line else "" for line in body]
+        self.kernels.add(name, "\n".join(code) + "\n", f"void({', '.join(t for _, t in params)})")
+        return name
+
+
+class Kernels:
+    """The kernels of one generated module: name → source and name → signature (the
+    argument types a PTX compile needs); ``reserved`` names are taken by the module."""
+
+    def __init__(self, reserved=()) -> None:
+        self.sources: dict[str, str] = {}
+        self.signatures: dict[str, str] = {}
+        self.reserved = set(reserved)
+
+    def fresh(self, name: str) -> str:
+        candidate, k = name, 2
+        while candidate in self.sources or candidate in self.reserved:
+            candidate, k = f"{name}_{k}", k + 1
+        return candidate
+
+    def add(self, name: str, source: str, signature: str) -> None:
+        self.sources[name] = source
+        self.signatures[name] = signature
+
+
+def helper_source(names: set[str]) -> str:
+    return "".join(_HELPERS[n] for n in sorted(names))
+
+
+def _extent(printer: CudaPrinter, extent) -> str:
+    """A bound: the batch size (nb), a width constant (d1) or a number."""
+    return printer.extents.get(extent, str(extent))
+
+
+def _statements_doc(pairs) -> str:
+    """``target = expr`` per line; a running sum's target is written ``acc +``, giving ``acc += expr``."""
+    return "\n    ".join(f"{target}{'=' if str(target).endswith('+') else ' ='} {expr}" for target, expr in pairs)
+
+
+def _guard(printer: CudaPrinter, written: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """For a kernel writing parameters or optimizer state during training: the status
+    argument and the early return once a batch's loss was not finite (uniform over the grid,
+    so no thread is left waiting at a barrier)."""
+    if not written & printer.guarded:
+        return [], []
+    return [("epoch", "float64[::1]")], ["if epoch[E_BAD] >= 0:  # a batch's loss was not finite: keep θ", "    return"]
+
+
+def _reduce_lines(accs: list[str]) -> list[str]:
+    """After the grid-stride loop: the block's sums of the thread-local ``accs`` go to stats."""
+    tid = "cuda.threadIdx.x"
+    lines = [f"red[{r}, {tid}] = {acc}" for r, acc in enumerate(accs)] + ["block_reduce(red)", f"if {tid} == 0:"]
+    return lines + [f"    cuda.atomic.add(stats, S_{acc.upper()}, red[{r}, 0])" for r, acc in enumerate(accs)]
+
+
+def _stat_name(symbol: sp.Symbol) -> str:
+    if symbol.name not in STAT_SLOTS:
+        raise NotImplementedError(f"the CUDA backend has no stats slot for the running sum {symbol.name!r}")
+    return symbol.name
+
+
+def _flat_loop(ranges: list, printer: CudaPrinter) -> tuple[str, list[str]]:
+    """A grid-stride loop over the product of ``ranges`` and the lines recovering each index
+    (the last index varies fastest, so neighbouring threads touch neighbouring addresses)."""
+    extents = [_extent(printer, e) for _, e in ranges]
+    if len(ranges) == 1:
+        return f"for {ranges[0][0]} in range(cuda.grid(1), {extents[0]}, cuda.gridsize(1)):", []
+    lines = []
+    for pos, (idx, _) in enumerate(ranges):
+        inner = extents[pos + 1:]
+        stride = inner[0] if len(inner) == 1 else f"({' * '.join(inner)})"
+        if pos == 0:
+            lines.append(f"{idx} = flat // {stride}")
+        elif not inner:
+            lines.append(f"{idx} = flat % {extents[pos]}")
+        else:
+            lines.append(f"{idx} = flat // {stride} % {extents[pos]}")
+    return f"for flat in range(cuda.grid(1), {' * '.join(extents)}, cuda.gridsize(1)):", lines
+
+
+@functools.singledispatch
+def emit(step, printer: CudaPrinter) -> list[str]:
+    raise NotImplementedError(f"the CUDA backend has no emitter for {type(step).__name__}")
+
+
+def _launch_args(params: list[tuple[str, str]]) -> str:
+    return ", ".join(p for p, _ in params)
+
+
+@emit.register
+def _(step: Loop, printer: CudaPrinter) -> list[str]:
+    # As on the CPU: a later statement reading an earlier target sees its expression (CSE
+    # shares it), memory is read as it was when the step began, and plain-symbol targets are
+    # named intermediates, never stored.
+    value_of, stored = {}, []
+    for target, expr in step.stmts:
+        expr = expr.xreplace(value_of)
+        value_of[target] = expr
+        if isinstance(target, sp.Indexed):
+            stored.append((target, expr))
+    indices = {idx for idx, _ in step.ranges}
+    accs = [_stat_name(acc) for acc, _ in step.sums]
+    exprs = [e for _, e in step.sums] + [e for _, e in stored]
+    arrays, scalars = printer.operands([t for t, _ in stored] + exprs, indices)
+    written = [printer.array(t.base) for t, _ in stored]
+    guard_params, guard = _guard(printer, set(written))
+    sizes = [("nb", "int64")] if any(e == N for _, e in step.ranges) else []
+    params = (guard_params + sizes + sorted(arrays.items()) + sorted(scalars.items())
+              + ([("stats", "float64[::1]")] if accs else []))
+    # The kernel is named after what it updates (a parameter), else what it writes first,
+    # else what its sum reads (the penalty of W1).
+    updated = [w for w in written if w in printer.guarded]
+    if updated:
+        name = f"update_{updated[-1]}"
+    elif written:
+        name = f"{printer.stage}_{written[0]}"
+    else:
+        name = f"{accs[0]}_{min(arrays, default='sum')}"
+    doc = "One thread per index, striding over the grid:\n    " + _statements_doc(
+        [(f"{acc} +", e) for acc, (_, e) in zip(accs, step.sums)] + stored)
+    printer.counter = 0
+    hoisted, exprs = _hoist_invariants(exprs, indices, printer)
+    temps, printed = _cse_lines(printer, exprs)
+    header, recover = _flat_loop(step.ranges, printer)
+    body = list(guard)
+    if accs:
+        body.append(f"red = cuda.shared.array(({len(accs)}, THREADS), np.float64)")
+    body += hoisted + [f"{acc} = 0.0" for acc in accs] + [header]
+    inner = recover + temps
+    inner += [f"{acc} += {text}" for acc, text in zip(accs, printed)]
+    inner += [f"{printer._print(t)} = {text}" for (t, _), text in zip(stored, printed[len(accs):])]
+    body += ["    " + line for line in inner]
+    if accs:
+        body += _reduce_lines(accs)
+    name = printer.kernel(name, params, doc, body)
+    count = " * ".join(_extent(printer, e) for _, e in step.ranges)
+    return [f"{name}[blocks({count}), THREADS]({_launch_args(params)})"]
+
+
+@emit.register
+def _(step: RowLoop, printer: CudaPrinter) -> list[str]:
+    row, col = step.row, step.col
+    local = {row, col} | {r[0] for r in step.reductions} | {r[3] for r in step.reductions}
+    local |= {acc for acc, _ in step.row_sums}
+    exprs = [r[2] for r in step.reductions] + [e for _, e in step.row_sums] + [t for t, _ in step.stmts]
+    arrays, scalars = printer.operands(exprs + [e for _, e in step.stmts], local)
+    accs = [_stat_name(acc) for acc, _ in step.row_sums]
+    for match in (step.argmax_match, step.threshold_match):
+        if match is not None:
+            accs.append("correct")
+            arrays.update({printer.array(b): printer.array_type(2) for b in match})
+    params = [("nb", "int64")] + sorted(arrays.items()) + sorted(scalars.items()) + [("stats", "float64[::1]")]
+    cols = _extent(printer, step.cols)
+    body = []
+    for acc, kind, expr, k, extent in step.reductions:
+        printer.names[acc] = str(acc)
+        term, ext = printer.doprint(expr), _extent(printer, extent)
+        if kind == "logsumexp":
+            # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
+            body += ["m = NEG_INF", f"for {k} in range({ext}):", f"    m = max(m, {term})", f"{acc} = ZERO",
+                     f"for {k} in range({ext}):", f"    {acc} += math.exp({term} - m)", f"{acc} = m + math.log({acc})"]
+        else:
+            body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
+    for acc, expr in step.row_sums:
+        body.append(f"{acc} += {printer.doprint(expr)}")
+    if step.argmax_match is not None:
+        # np.argmax's rule: the first maximum wins.
+        y, t = (printer.array(b) for b in step.argmax_match)
+        body += ["best_y = 0", "best_t = 0", f"for {col} in range(1, {cols}):",
+                 f"    if {y}[{row}, {col}] > {y}[{row}, best_y]:", f"        best_y = {col}",
+                 f"    if {t}[{row}, {col}] > {t}[{row}, best_t]:", f"        best_t = {col}",
+                 "if best_y == best_t:", "    correct += 1.0"]
+    if step.threshold_match is not None:
+        # Binary outputs: a unit is right when logit > 0 agrees with target > 1/2.
+        y, t = (printer.array(b) for b in step.threshold_match)
+        body += [f"for {col} in range({cols}):",
+                 f"    if ({y}[{row}, {col}] > ZERO) == ({t}[{row}, {col}] > HALF):", "        correct += 1.0"]
+    # The row's units, one after another inside the thread (hoisting and CSE as on the CPU).
+    printer.counter = 0
+    body += emit_sequential(Loop([(col, step.cols)], step.stmts), printer)
+    lines = [f"red = cuda.shared.array(({len(accs)}, THREADS), np.float64)"] + [f"{acc} = 0.0" for acc in accs]
+    lines += [f"for {row} in range(cuda.grid(1), nb, cuda.gridsize(1)):"]
+    lines += textwrap.indent("\n".join(body), "    ").split("\n") + _reduce_lines(accs)
+    doc = ("One thread per sample n: its reductions (log-sum-exp shifted by the row's max), ℓ_n and its\n"
+           "    row of δ; Σ_n ℓ_n and the hits go to stats:\n    "
+           + _statements_doc([(f"{acc} +", e) for acc, e in step.row_sums] + list(step.stmts)))
+    written = [printer.array(t.base) for t, _ in step.stmts]
+    name = printer.kernel(f"{printer.stage}_{written[0] if written else 'rows'}", params, doc, lines)
+    return [f"{name}[blocks({_extent(printer, step.rows)}), THREADS]({_launch_args(params)})"]
+
+
+@emit.register
+def _(step: ColSum, printer: CudaPrinter) -> list[str]:
+    out, src = printer.array(step.out), printer.array(step.src)
+    cols = _extent(printer, step.cols)
+    params = [("nb", "int64"), (src, printer.array_type(2)), (out, printer.array_type(1))]
+    body = [
+        "part = cuda.shared.array((ROW_GROUPS, COLS), FT)",
+        "lane = cuda.threadIdx.x % COLS",
+        "group = cuda.threadIdx.x // COLS",
+        f"for p0 in range(cuda.blockIdx.x * COLS, {cols}, cuda.gridDim.x * COLS):",
+        "    p = p0 + lane",
+        "    s = ZERO",
+        f"    if p < {cols}:",
+        "        for n in range(group, nb, ROW_GROUPS):",
+        f"            s += {src}[n, p]",
+        "    part[group, lane] = s",
+        "    cuda.syncthreads()",
+        f"    if group == 0 and p < {cols}:",
+        "        for g in range(1, ROW_GROUPS):",
+        "            s += part[g, lane]",
+        f"        {out}[p] = s",
+        "    cuda.syncthreads()",
+    ]
+    doc = (f"{out}[p] = Σ_n {src}[n, p]: a block per COLS columns, its ROW_GROUPS groups of threads\n"
+           "    summing strided rows, then combined in shared memory in a fixed order.")
+    name = printer.kernel(f"colsum_{out}", params, doc, body)
+    return [f"{name}[col_blocks({cols}), THREADS]({_launch_args(params)})"]
+
+
+@emit.register
+def _(step: Gemm, printer: CudaPrinter) -> list[str]:
+    a, b, out = printer.array(step.a), printer.array(step.b), printer.array(step.out)
+    try:
+        shape_a, shape_b = printer.shapes[str(step.a.label)], printer.shapes[str(step.b.label)]
+    except KeyError as err:
+        raise NotImplementedError(f"the CUDA backend does not know the shape of {err.args[0]} (in {step.formula})") from None
+    m, k = shape_a[::-1] if step.ta else shape_a
+    n = shape_b[0] if step.tb else shape_b[1]
+    m, n, k = (_extent(printer, e) for e in (m, n, k))
+    alpha, beta = (printer.doprint(v) if v in (0, 1) else f"FT({printer.doprint(v)})" for v in (step.alpha, step.beta))
+    guarded = out in printer.guarded
+    product = f"{a}{'ᵀ' if step.ta else ''}·{b}{'ᵀ' if step.tb else ''}"
+    scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
+    kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
+    comment = f"# {out} ← {kept}{scaled}, from {step.formula}"
+    operands = f"{m}, {n}, {k}, {a}, {b}, {out}, {alpha}, {beta}"
+    if printer.gemm_backend == "cublas":
+        return [comment, f"gemm({step.ta}, {step.tb}, {'epoch' if guarded else 'None'}, {operands})"]
+    name = f"gemm_{'t' if step.ta else 'n'}{'t' if step.tb else 'n'}" + ("_guarded" if guarded else "")
+    if name not in printer.kernels.sources:
+        printer.kernels.add(name, gemm_source(name, step.ta, step.tb, guarded), gemm_signature(printer, guarded))
+    return [comment, f"{name}[gemm_blocks({m}, {n}), GEMM_THREADS]({'epoch, ' if guarded else ''}{operands})"]
+
+
+def gemm_signature(printer: CudaPrinter, guarded: bool) -> str:
+    arr, ft = printer.array_type(2), printer.float_type
+    return f"void({'float64[::1], ' if guarded else ''}int64, int64, int64, {arr}, {arr}, {arr}, {ft}, {ft})"
+
+
+def gemm_source(name: str, ta: bool, tb: bool, guarded: bool) -> str:
+    """The tiled GEMM kernel for one transposition pattern.
+
+    Tiles are loaded so that consecutive threads read consecutive addresses of the stored
+    matrix, whichever way it is transposed; the shared tiles have a padding column so that
+    those stores do not collide in one memory bank.
+    """
+    # op(A)[r, s] for r < TILE, s < TILE_K, and op(B)[s, c]: e runs along the stored rows.
+    if ta:
+        load_a = ["s = e // TILE", "r = e % TILE", "sA[s, r] = A[k0 + s, r0 + r] if k0 + s < K and r0 + r < M else ZERO"]
+    else:
+        load_a = ["r = e // TILE_K", "s = e % TILE_K", "sA[s, r] = A[r0 + r, k0 + s] if r0 + r < M and k0 + s < K else ZERO"]
+    if tb:
+        load_b = ["c = e // TILE_K", "s = e % TILE_K", "sB[s, c] = B[c0 + c, k0 + s] if c0 + c < N and k0 + s < K else ZERO"]
+    else:
+        load_b = ["s = e // TILE", "c = e % TILE", "sB[s, c] = B[k0 + s, c0 + c] if k0 + s < K and c0 + c < N else ZERO"]
+    load_a, load_b = ("\n            ".join(lines) for lines in (load_a, load_b))
+    op_a, op_b = ("Aᵀ" if ta else "A"), ("Bᵀ" if tb else "B")
+    guard = ("    if epoch[E_BAD] >= 0:  # a batch's loss was not finite: keep θ\n        return\n") if guarded else ""
+    return f'''@cuda.jit(cache=True)
+def {name}({"epoch, " if guarded else ""}M, N, K, A, B, C, alpha, beta):
+    """C[:M, :N] ← alpha·{op_a}·{op_b} + beta·C, op({op_a[0]}) being M×K; C is read only when beta ≠ 0.
+
+    A block computes a TILE×TILE tile of C, each of its GEMM_THREADS threads MICRO×MICRO
+    entries of it (rows ty + i·SPAN, columns tx + j·SPAN: neighbouring threads, neighbouring
+    columns), sweeping K in steps of TILE_K through shared memory.
+    """
+{guard}    sA = cuda.shared.array((TILE_K, TILE_PAD), FT)  # sA[s, r] = op(A)[r0 + r, k0 + s]
+    sB = cuda.shared.array((TILE_K, TILE_PAD), FT)  # sB[s, c] = op(B)[k0 + s, c0 + c]
+    acc = cuda.local.array((MICRO, MICRO), FT)
+    a = cuda.local.array(MICRO, FT)
+    b = cuda.local.array(MICRO, FT)
+    tid = cuda.threadIdx.x
+    ty = tid // SPAN
+    tx = tid % SPAN
+    r0 = cuda.blockIdx.x * TILE
+    c0 = cuda.blockIdx.y * TILE
+    for i in range(MICRO):
+        for j in range(MICRO):
+            acc[i, j] = ZERO
+    for k0 in range(0, K, TILE_K):
+        for e in range(tid, TILE * TILE_K, GEMM_THREADS):
+            {load_a}
+        for e in range(tid, TILE * TILE_K, GEMM_THREADS):
+            {load_b}
+        cuda.syncthreads()
+        for s in range(TILE_K):
+            for i in range(MICRO):
+                a[i] = sA[s, ty + i * SPAN]
+            for j in range(MICRO):
+                b[j] = sB[s, tx + j * SPAN]
+            for i in range(MICRO):
+                for j in range(MICRO):
+                    acc[i, j] += a[i] * b[j]
+        cuda.syncthreads()
+    for i in range(MICRO):
+        r = r0 + ty + i * SPAN
+        for j in range(MICRO):
+            c = c0 + tx + j * SPAN
+            if r < M and c < N:
+                if beta == ZERO:
+                    C[r, c] = alpha * acc[i, j]
+                else:
+                    C[r, c] = alpha * acc[i, j] + beta * C[r, c]
+'''
+
+
+# -- cuBLAS through CuPy (optional) ----------------------------------------------------------
+def cublas_gemm(ta: bool, tb: bool, M: int, N: int, K: int, A, B, C, alpha, beta, scalars=None) -> None:
+    """C[:M, :N] ← alpha·op(A)·op(B) + beta·C with cuBLAS (CuPy), on numba device arrays.
+
+    cuBLAS is column-major, where a C-ordered matrix is its own transpose, so this computes
+    Cᵀ = op(B)ᵀ·op(A)ᵀ, as :mod:`symbp.backends.blas` does on the CPU.  ``scalars``, a device
+    array (alpha, beta), switches cuBLAS to read them from the device (the guarded update
+    sets them there).  Not exercised without a GPU: CuPy needs a real device.
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    handle = cupy.cuda.device.get_cublas_handle()
+    fn = cublas.sgemm if C.dtype.itemsize == 4 else cublas.dgemm
+    ptr = lambda arr: arr.__cuda_array_interface__["data"][0]  # noqa: E731
+    op = lambda t: cublas.CUBLAS_OP_T if t else cublas.CUBLAS_OP_N  # noqa: E731
+    mode = cublas.getPointerMode(handle)
+    if scalars is None:
+        import numpy as np
+
+        host = np.array([alpha, beta], C.dtype)
+        a_ptr, b_ptr = host.ctypes.data, host.ctypes.data + host.itemsize
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    else:
+        a_ptr, b_ptr = ptr(scalars), ptr(scalars) + scalars.dtype.itemsize
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_DEVICE)
+    try:
+        fn(handle, op(tb), op(ta), N, M, K, a_ptr, ptr(B), B.shape[1], ptr(A), A.shape[1], b_ptr, ptr(C), C.shape[1])
+    finally:
+        cublas.setPointerMode(handle, mode)
