@@ -31,10 +31,9 @@ import numpy as np
 
 from . import cache
 from .codegen_cuda import EPOCH_SLOTS, CudaConfig, check_layers
-from .data import check_batch_size
-from .model import _EVAL_CHUNK, History, Model, _progress
+from .model import _EVAL_CHUNK, History, Model, _progress, diverged_message, epoch_order
 from .network import Network
-from .optim import SGD, Optimizer
+from .optim import Optimizer
 from .schedules import Schedule
 
 #: A small launch geometry for the simulator, where every CUDA thread is a Python thread.
@@ -433,23 +432,8 @@ class CudaModel(Model):
         state back at the start of the failing epoch), MemoryError when the data, the work
         buffers and the optimizer state do not fit on the device (before anything changed).
         """
-        if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
-        opt = optimizer or self.optimizer or SGD()
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a symbp schedule such as sb.StepDecay(10), got {type(schedule).__name__}")
-        batch_size = check_batch_size(batch_size)
-        for name, value in (("epochs", epochs), ("initial_epoch", initial_epoch)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
-        X, T = self._data(X, y)
-        val = None
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (X_val, y_val)")
-            val = self._data(*validation_data, what="_val")
+        opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
+                                                         initial_epoch, seed, validation_data)
         n = X.shape[0]
         rows = min(batch_size, n)
         self._check_launch(rows)
@@ -476,23 +460,15 @@ class CudaModel(Model):
         fresh = np.array([0.0, 0.0, -1.0, 0.0])
         stats = self._upload(np.zeros(len(self.kernels.STATS)), "the batch's sums")  # zeroed after each batch
         # Only now, with everything in place, does the model change.
-        if opt is not self.optimizer or self.base_lr is None:
-            self.base_lr = opt.lr
-        self.optimizer = opt
-        if schedule is not None:
-            self.schedule = schedule
+        self._adopt(opt, schedule)
         history = History()
         self.history.truncate(initial_epoch)
         E = {s: k for k, s in enumerate(EPOCH_SLOTS)}
         bar = _progress(max(0, epochs - initial_epoch), progress)
-        stop = False
         try:
             for epoch in range(initial_epoch, epochs):
-                if self.schedule is not None:
-                    opt.hyper["lr"] = self.schedule.lr(epoch, self.base_lr)
-                hyper = list(opt.hyper.values())
-                order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle and seed is not None
-                         else np.random.default_rng().permutation(n) if shuffle else np.arange(n))
+                hyper = self._epoch_hyper(opt, epoch)
+                order = epoch_order(n, shuffle, seed, epoch)
                 dorder.copy_to_device(np.ascontiguousarray(order, dtype=np.int64))
                 for copy, live in zip(snapshot, kept):
                     copy.copy_to_device(live)
@@ -504,32 +480,13 @@ class CudaModel(Model):
                 if bad >= 0:
                     for copy, live in zip(snapshot, kept):
                         live.copy_to_device(copy)
-                    raise FloatingPointError(
-                        f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {bad}; training stopped. "
-                        f"The parameters and optimizer state are restored to the start of that epoch, the last point "
-                        f"where every loss was finite. Try a smaller learning rate (lr={opt.lr:g}).")
+                    raise FloatingPointError(diverged_message(epoch, bad, opt))
                 opt.step += int(result[E["done"]])
-                metrics = {"loss": float(result[E["total"]]) / n}
-                if self.network.loss.task != "regression":
-                    metrics["accuracy"] = self._accuracy(n, result[E["correct"]])
-                if dval is not None:
-                    val_loss, val_acc = self._evaluate_device(*dval, chunk=rows)  # in the training buffers
-                    metrics["val_loss"] = val_loss
-                    if self.network.loss.task != "regression":
-                        metrics["val_accuracy"] = val_acc
-                metrics["lr"] = opt.lr
-                history.record(epoch, **metrics)
-                self.history.record(epoch, **metrics)
-                self.epoch = epoch + 1
-                if self.schedule is not None:
-                    self.schedule.observe(epoch, metrics)
+                validate = None if dval is None else (lambda: self._evaluate_device(*dval, chunk=rows))  # training buffers
+                metrics = self._epoch_metrics(n, result[E["total"]], result[E["correct"]], validate, opt)
                 if callbacks:
                     self._download_states(opt, states)  # a checkpoint saves the current state
-                for cb in callbacks:
-                    stop = cb.on_epoch_end(self, epoch, metrics) or stop
-                if bar is not None:
-                    bar.set_postfix({key: f"{v:.4g}" for key, v in metrics.items()}, refresh=False)
-                    bar.update(1)
+                stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
                 if stop:
                     break
         finally:

@@ -271,28 +271,9 @@ class Model:
             When a batch's loss is NaN or infinite, naming the epoch and batch; the parameters
             and optimizer state are put back as they were at the start of that epoch.
         """
-        if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
-        opt = optimizer or self.optimizer or SGD()
-        if opt is not self.optimizer or self.base_lr is None:
-            self.base_lr = opt.lr
-        self.optimizer = opt
-        if schedule is not None:
-            if not isinstance(schedule, Schedule):
-                raise TypeError(f"schedule must be a symbp schedule such as sb.StepDecay(10), got {type(schedule).__name__}")
-            self.schedule = schedule
-        batch_size = check_batch_size(batch_size)
-        for name, value in (("epochs", epochs), ("initial_epoch", initial_epoch)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
-        X, T = self._data(X, y)
-        val = None
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (X_val, y_val)")
-            val = self._data(*validation_data, what="_val")
+        opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
+                                                         initial_epoch, seed, validation_data)
+        self._adopt(opt, schedule)
         kernels = self._train_kernels(opt)
         history = History()
         self.history.truncate(initial_epoch)
@@ -301,14 +282,10 @@ class Model:
         Xb = np.empty((rows, X.shape[1]), self.dtype)
         Tb = np.empty((rows, T.shape[1]), self.dtype)
         bar = _progress(max(0, epochs - initial_epoch), progress)
-        stop = False
         try:
             for epoch in range(initial_epoch, epochs):
-                if self.schedule is not None:
-                    opt.hyper["lr"] = self.schedule.lr(epoch, self.base_lr)
-                hyper = np.array(list(opt.hyper.values()), self.dtype)
-                order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle and seed is not None
-                         else np.random.default_rng().permutation(n) if shuffle else np.arange(n))
+                hyper = np.array(self._epoch_hyper(opt, epoch), self.dtype)
+                order = epoch_order(n, shuffle, seed, epoch)
                 ws = self._workspace(rows)
                 states = self._state_list(opt)  # created before the snapshot, so it covers them too
                 # Every batch loss so far was finite: if this epoch blows up, come back here.
@@ -324,29 +301,9 @@ class Model:
                     for p, st in state.items():
                         for k, v in st.items():
                             opt.state[p][k][...] = v
-                    raise FloatingPointError(
-                        f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {bad}; training stopped. "
-                        f"The parameters and optimizer state are restored to the start of that epoch, the last point "
-                        f"where every loss was finite. Try a smaller learning rate (lr={opt.lr:g}).")
-                metrics = {"loss": total / n}
-                if self.network.loss.task != "regression":
-                    metrics["accuracy"] = self._accuracy(n, correct)
-                if val is not None:
-                    val_loss, val_acc = self.evaluate(*val)
-                    metrics["val_loss"] = val_loss
-                    if self.network.loss.task != "regression":
-                        metrics["val_accuracy"] = val_acc
-                metrics["lr"] = opt.lr
-                history.record(epoch, **metrics)
-                self.history.record(epoch, **metrics)
-                self.epoch = epoch + 1
-                if self.schedule is not None:
-                    self.schedule.observe(epoch, metrics)
-                for cb in callbacks:
-                    stop = cb.on_epoch_end(self, epoch, metrics) or stop
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-                    bar.update(1)
+                    raise FloatingPointError(diverged_message(epoch, bad, opt))
+                metrics = self._epoch_metrics(n, total, correct, None if val is None else lambda: self.evaluate(*val), opt)
+                stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
                 if stop:
                     break
         finally:
@@ -356,6 +313,68 @@ class Model:
             cb.on_train_end(self)
         return history
 
+    # -- what every target's fit shares ------------------------------------------------------
+    def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data):
+        """Check fit's arguments without changing the model: (optimizer, batch size, X, T, validation)."""
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a symbp schedule such as sb.StepDecay(10), got {type(schedule).__name__}")
+        batch_size = check_batch_size(batch_size)
+        for name, value in (("epochs", epochs), ("initial_epoch", initial_epoch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
+        X, T = self._data(X, y)
+        val = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            val = self._data(*validation_data, what="_val")
+        return optimizer or self.optimizer or SGD(), batch_size, X, T, val
+
+    def _adopt(self, opt: Optimizer, schedule: Schedule | None) -> None:
+        """Make ``opt`` (and ``schedule``) the model's; a new optimizer's rate is the base rate."""
+        if opt is not self.optimizer or self.base_lr is None:
+            self.base_lr = opt.lr
+        self.optimizer = opt
+        if schedule is not None:
+            self.schedule = schedule
+
+    def _epoch_hyper(self, opt: Optimizer, epoch: int) -> list[float]:
+        """The hyper-parameters of ``epoch``, the schedule's learning rate included."""
+        if self.schedule is not None:
+            opt.hyper["lr"] = self.schedule.lr(epoch, self.base_lr)
+        return list(opt.hyper.values())
+
+    def _epoch_metrics(self, n: int, total: float, correct: int, validate, opt: Optimizer) -> dict:
+        metrics = {"loss": float(total) / n}
+        if self.network.loss.task != "regression":
+            metrics["accuracy"] = self._accuracy(n, correct)
+        if validate is not None:
+            val_loss, val_acc = validate()
+            metrics["val_loss"] = val_loss
+            if self.network.loss.task != "regression":
+                metrics["val_accuracy"] = val_acc
+        metrics["lr"] = opt.lr
+        return metrics
+
+    def _finish_epoch(self, history: History, epoch: int, metrics: dict, callbacks, bar) -> bool:
+        """Record the epoch, step the schedule, run the callbacks; True when one says stop."""
+        history.record(epoch, **metrics)
+        self.history.record(epoch, **metrics)
+        self.epoch = epoch + 1
+        if self.schedule is not None:
+            self.schedule.observe(epoch, metrics)
+        stop = False
+        for cb in callbacks:
+            stop = cb.on_epoch_end(self, epoch, metrics) or stop
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            bar.update(1)
+        return stop
+
     def save(self, path) -> Path:
         """Write a checkpoint (see :mod:`symbp.checkpoint`); returns its path."""
         from . import checkpoint
@@ -364,6 +383,20 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.network!r}, dtype={self.dtype.name}, source={self.source_path.name})"
+
+
+def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int) -> np.ndarray:
+    """The row order of an epoch: a function of the seed and the epoch number only, so a
+    resumed run (and every target) visits the same batches."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch] if seed is not None else None).permutation(n)
+
+
+def diverged_message(epoch: int, batch: int, opt: Optimizer) -> str:
+    return (f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {batch}; training stopped. "
+            f"The parameters and optimizer state are restored to the start of that epoch, the last point "
+            f"where every loss was finite. Try a smaller learning rate (lr={opt.lr:g}).")
 
 
 def _progress(epochs: int, enabled: bool):
