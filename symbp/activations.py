@@ -104,6 +104,14 @@ class Activation:
             return f"{self.name}({', '.join(f'{k}={v:g}' for k, v in self.params.items())})"
         return self.name
 
+    def layer_config(self) -> dict:
+        """The ``activation`` (and ``activation_params``) keys of a layer's spec table;
+        empty for the identity."""
+        act = self.to_config()
+        if isinstance(act, dict):
+            return {"activation": act.pop("name"), "activation_params": act}
+        return {"activation": act} if not self.is_identity or self.custom else {}
+
     def to_config(self) -> str | dict:
         if self.custom:
             return str(self.expr) if not isinstance(self.spec, str) else self.spec

@@ -14,12 +14,12 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import numba
 
+from ._output import write_atomic
 from ._version import __version__
 
 ENV_VAR = "SYMBP_CACHE_DIR"
@@ -78,16 +78,7 @@ def write_module(path: Path, source: str) -> None:
     """Write ``source`` plus its checksum line atomically (a reader sees all or nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = source if source.endswith("\n") else source + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(body + _CHECKSUM + _checksum(body) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, body + _CHECKSUM + _checksum(body) + "\n", "generated module")
 
 
 def is_intact(path: Path) -> bool:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ._output import write_atomic
 from ._version import __version__
 
 FORMAT = "symbp-checkpoint-1"
@@ -62,19 +61,9 @@ def save(model, path) -> Path:
     np.savez(buf, meta=blob, **arrays)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise ValueError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        raise ValueError(f"cannot write the checkpoint {path}: {err.strerror or err}") from None
+    return write_atomic(path, buf.getvalue(), "checkpoint")
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -198,13 +198,7 @@ class Conv2D(_ImageLayer):
                "stride": _cfg_pair(self.stride), "padding": _cfg_pair(self.padding)}
         if not self.exact:
             cfg["exact"] = False
-        act = self.activation.to_config()
-        if isinstance(act, dict):
-            cfg["activation"] = act.pop("name")
-            cfg["activation_params"] = act
-        elif not self.activation.is_identity or self.activation.custom:
-            cfg["activation"] = act
-        return cfg
+        return {**cfg, **self.activation.layer_config()}
 
     def __repr__(self) -> str:
         return (f"Conv2D({self.filters}, kernel={_cfg_pair(self.kernel)}, stride={_cfg_pair(self.stride)}, "

@@ -28,7 +28,7 @@ import sympy as sp
 from . import indices
 from .derive import l2 as l2_symbol
 from .derive import resolve
-from .indices import N, i, j, n, p, q
+from .indices import N, as_size, i, j, n, p, q
 from .layers import Dense
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
@@ -498,7 +498,7 @@ def _sizes_line(d, ld) -> str:
     """The numbers of the size symbols this layer's formulas use (kh₁ = 3, S₁ = 1, …)."""
     used = set()
     for st in ld.stages:
-        used |= st.formula.free_symbols | set().union(*(sp.sympify(x).free_symbols for x in st.dims))
+        used |= st.formula.free_symbols | set().union(*(as_size(x).free_symbols for x in st.dims))
     for g in ld.grads.values():
         used |= g.free_symbols
     order = ["C", "H", "W", "d", "kh", "kw", "S", "Sc", "P", "Pc", "pieces"]
@@ -552,7 +552,7 @@ def _image_forward_block(d, ld) -> Block:
 
 
 def _dims_shape(d, dims) -> str:
-    return _shape("N", *(sp.sympify(x).subs(d.sizes) for x in dims))
+    return _shape("N", *(as_size(x).subs(d.sizes) for x in dims))
 
 
 def _free_for(ndim: int) -> tuple:

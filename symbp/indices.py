@@ -19,3 +19,8 @@ def width(layer: int) -> sp.Symbol:
 # (summed); ``k, h, w`` over an output channel and position; ``r, s`` are free row/column
 # indices of a derivative (∂C/∂x[n, q, r, s], ∂C/∂W[p, q, r, s]); ``e`` over Maxout pieces.
 c, h, w, u, v, r, s, e = sp.symbols("c h w u v r s e", integer=True, nonnegative=True)
+
+
+def as_size(value) -> sp.Expr:
+    """A size as a SymPy object: a size symbol or expression stays, a number becomes one."""
+    return value if isinstance(value, sp.Basic) else sp.Integer(value)

@@ -59,14 +59,7 @@ class Dense:
         }
 
     def to_config(self) -> dict:
-        cfg = {"type": "dense", "units": self.units}
-        act = self.activation.to_config()
-        if isinstance(act, dict):
-            cfg["activation"] = act.pop("name")
-            cfg["activation_params"] = act
-        elif not self.activation.is_identity or self.activation.custom:
-            cfg["activation"] = act
-        return cfg
+        return {"type": "dense", "units": self.units, **self.activation.layer_config()}
 
     def __repr__(self) -> str:
         return f"Dense({self.units}, activation={self.activation.describe()!r})"

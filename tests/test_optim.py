@@ -265,7 +265,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(compiled, data, tmp_path, monk
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("symbp.checkpoint.os.replace", boom)
+    monkeypatch.setattr("symbp._output.os.replace", boom)  # the one atomic writer
     with pytest.raises(OSError):
         model.save(path)
     assert path.read_bytes() == before

@@ -15,6 +15,7 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import ops
+from ..indices import as_size
 from ..lower import ColSum, Gemm, Loop, RowLoop
 
 # Helpers are written with ``ONE``/``ZERO``/``HALF`` so the same text is float32 in a float32
@@ -431,7 +432,7 @@ def _sum_loops(printer: NumbaPrinter, expr: sp.Expr, ranges: dict) -> tuple[list
         limits = sorted(s_.limits, key=lambda lim: str(lim[0]) != "n")
         limit_syms = [lim[0] for lim in limits]
         for pos, (sym, lo, hi) in enumerate(limits):
-            hi = sp.sympify(hi).xreplace({s2: sp.Symbol("nb") for s2 in hi.free_symbols if s2.name == "N"})
+            hi = as_size(hi).xreplace({s2: sp.Symbol("nb") for s2 in hi.free_symbols if s2.name == "N"})
             later = set(limit_syms[pos + 1:])
             usable = [c_ for c_ in conds if sym in c_.free_symbols and not (c_.free_symbols & later)]
             low, high, left = linear_bounds(sym, lo, hi, sp.And(*usable)) if usable else (str(lo), str(hi), [])
