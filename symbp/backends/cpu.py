@@ -189,11 +189,18 @@ class NumbaPrinter(PythonCodePrinter):
     def _print_Min(self, expr):
         return functools.reduce(lambda a, b: f"min({a}, {b})", map(self._print, expr.args))
 
+    target = "CPU"
+    helpers = _HELPERS  # the helper functions this target can emit, by name
+
+    def function_name(self, func) -> str | None:
+        """The code name of a SymPy function on this target, or None."""
+        return (FLOAT32_OPS.get(func) if self.dtype == "float32" else None) or SCALAR_OPS.get(func)
+
     def _print_Function(self, expr):
-        name = (FLOAT32_OPS.get(expr.func) if self.dtype == "float32" else None) or SCALAR_OPS.get(expr.func)
+        name = self.function_name(expr.func)
         if name is None:
-            raise NotImplementedError(f"no CPU kernel for the function {expr.func.__name__} (in {expr})")
-        if name in _HELPERS:
+            raise NotImplementedError(f"no {self.target} kernel for the function {expr.func.__name__} (in {expr})")
+        if name in self.helpers:
             self.helpers_used.add(name)
         return "%s(%s)" % (name, ", ".join(self._print(a) for a in expr.args))
 

@@ -117,15 +117,11 @@ class CudaPrinter(NumbaPrinter):
     def float_type(self) -> str:
         return "float32" if self.dtype == "float32" else "float64"
 
-    def _print_Function(self, expr):
-        name = SCALAR_OPS.get(expr.func)
-        if name is None:
-            raise NotImplementedError(f"no CUDA kernel for the function {expr.func.__name__} (in {expr})")
-        if name in _HELPERS:
-            self.helpers_used.add(name)
-        return "%s(%s)" % (name, ", ".join(self._print(a) for a in expr.args))
+    target = "CUDA"
+    helpers = _HELPERS
 
-    _print_Abs = _print_Function
+    def function_name(self, func) -> str | None:
+        return SCALAR_OPS.get(func)  # libdevice's tanh is fast: no float32 stand-ins here
 
     def _print_tanh(self, expr):
         return f"math.tanh({self._print(expr.args[0])})"  # tanhf / tanh from libdevice
