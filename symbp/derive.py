@@ -22,7 +22,7 @@ import sympy as sp
 from .activations import a as a_sym
 from .activations import z as z_sym
 from .conv import Stage, image_dims
-from .indices import N, i, j, k, n, p, q, r, s, width
+from .indices import N, i, j, k, n, nonnegative_gap, p, q, r, s, width
 from .layers import Dense
 from .network import Network
 
@@ -140,13 +140,9 @@ def implied(cond, ranges: dict) -> bool:
     """True when the integer index ranges guarantee ``cond`` (a linear inequality)."""
     if cond == sp.true:
         return True
-    if isinstance(cond, (sp.GreaterThan, sp.StrictGreaterThan)):
-        gap = cond.lhs - cond.rhs - (1 if isinstance(cond, sp.StrictGreaterThan) else 0)
-    elif isinstance(cond, (sp.LessThan, sp.StrictLessThan)):
-        gap = cond.rhs - cond.lhs - (1 if isinstance(cond, sp.StrictLessThan) else 0)
-    else:
+    gap = nonnegative_gap(cond)
+    if gap is None:
         return False
-    gap = sp.expand(gap)
     low = {}
     for sym, (lo, hi) in ranges.items():
         if not gap.has(sym):

@@ -24,3 +24,15 @@ c, h, w, u, v, r, s, e = sp.symbols("c h w u v r s e", integer=True, nonnegative
 def as_size(value) -> sp.Expr:
     """A size as a SymPy object: a size symbol or expression stays, a number becomes one."""
     return value if isinstance(value, sp.Basic) else sp.Integer(value)
+
+
+def nonnegative_gap(rel) -> sp.Expr | None:
+    """For an integer inequality, the expression g with ``rel`` ⇔ g ≥ 0 (a < b becomes
+    b − a − 1 ≥ 0); None for anything that is not an inequality."""
+    if isinstance(rel, (sp.GreaterThan, sp.StrictGreaterThan)):
+        gap = rel.lhs - rel.rhs - (1 if isinstance(rel, sp.StrictGreaterThan) else 0)
+    elif isinstance(rel, (sp.LessThan, sp.StrictLessThan)):
+        gap = rel.rhs - rel.lhs - (1 if isinstance(rel, sp.StrictLessThan) else 0)
+    else:
+        return None
+    return sp.expand(gap)

@@ -35,6 +35,7 @@ from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
 from . import ops
+from .indices import nonnegative_gap
 
 
 def _basic(expr):
@@ -176,13 +177,9 @@ def _range_brackets(cond) -> list | None:
     order = _index_symbols()
     bounds: dict = {}
     for rel in sp.And.make_args(cond):
-        if isinstance(rel, (sp.GreaterThan, sp.StrictGreaterThan)):
-            gap = rel.lhs - rel.rhs - (1 if isinstance(rel, sp.StrictGreaterThan) else 0)
-        elif isinstance(rel, (sp.LessThan, sp.StrictLessThan)):
-            gap = rel.rhs - rel.lhs - (1 if isinstance(rel, sp.StrictLessThan) else 0)
-        else:
+        gap = nonnegative_gap(rel)  # gap >= 0
+        if gap is None:
             return None
-        gap = sp.expand(gap)  # gap >= 0
         if not gap.free_symbols or not all(x.is_integer for x in gap.free_symbols):
             return None
         varying = sp.Add(*[t for t in sp.Add.make_args(gap) if t.has(*order)])
