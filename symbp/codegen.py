@@ -32,9 +32,12 @@ from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions, split_sums
 T_STEP = sp.Symbol("t", positive=True, integer=True)  # the update's step number, from 1
 
 # An optimizer update loop over at least this many entries runs on all cores (prange).
-# Measured on the 2-core machine: Adam's update of the medium MLP (784·256 + 256·256 weights)
-# went from +0.7 to +0.1 ms per step; below ~2^16 entries the thread start costs more than it saves.
-PARALLEL_UPDATE_MIN = 1 << 16
+# Measured on the 2-core machine (Adam, added ms per step over SGD, best runs): the medium MLP
+# (784·256 + 256·256 weights, all in L3) +0.175 serial vs +0.23 with prange, since waking
+# OpenMP's threads while OpenBLAS's own are still spinning costs more than the loop; the large
+# MLP (784·1024 + 1024·1024, past L3, bound by memory bandwidth) +1.5–3.3 serial vs
+# +0.9–1.4 with prange.  2^18 entries falls between the two.
+PARALLEL_UPDATE_MIN = 1 << 18
 
 
 @dataclass

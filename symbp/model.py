@@ -195,15 +195,23 @@ class Model:
         return float("nan")
 
     def score(self, X, y) -> float:
-        """Accuracy for classifiers; the coefficient of determination R² for regression."""
+        """Accuracy for classifiers; the coefficient of determination R² for regression.
+
+        R² is scikit-learn's ``r2_score`` with its defaults: per output, then the plain mean
+        over outputs; an output whose targets are constant scores 1 if predicted exactly,
+        else 0 (not −∞ or NaN).
+        """
         task = self.network.loss.task
         if task in ("multiclass", "binary"):
             return self.evaluate(X, y)[1]
         X, T = self._data(X, y)
-        pred = self.decision_function(X).astype(np.float64)
-        ss_res = ((T - pred) ** 2).sum()
-        ss_tot = ((T - T.mean(axis=0)) ** 2).sum()
-        return float(1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
+        pred = self.decision_function(X).astype(np.float64).reshape(len(X), -1)
+        T = np.asarray(T, np.float64).reshape(len(X), -1)
+        ss_res = ((T - pred) ** 2).sum(axis=0)
+        ss_tot = ((T - T.mean(axis=0)) ** 2).sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(ss_tot > 0, 1.0 - ss_res / ss_tot, np.where(ss_res == 0, 1.0, 0.0))
+        return float(r2.mean())
 
     def _train_kernels(self, opt: Optimizer):
         """The training module for ``opt``'s kind (generated on first use, then cached)."""

@@ -268,6 +268,24 @@ def test_regression_score_is_r2(compiled, regression_data):
         model.predict_proba(Xv)
 
 
+def test_multi_output_score_is_sklearns_r2(compiled, regression_data):
+    """Several outputs: R² per output, then the plain mean (sklearn's default), and a constant
+    target column scores 0 unless predicted exactly: not a variance-weighted mean, not NaN."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    X, t, Xv, tv = regression_data
+    net = sb.Network(inputs=3, layers=[sb.Dense(6, activation="tanh"), sb.Dense(3)], loss="mse", name="r2-multi")
+    model = compiled(net, dtype="float64", seed=0)
+    T = np.stack([t, 10 * X[:, 0], np.full(len(t), 0.5)], axis=1)
+    model.fit(X, T, optimizer=sb.SGD(lr=0.05), batch_size=16, epochs=5, seed=0, progress=False)
+    Tv = np.stack([tv, 10 * Xv[:, 0], np.full(len(tv), 0.5)], axis=1)
+    pred = model.predict(Xv)
+    assert model.score(Xv, Tv) == pytest.approx(metrics.r2_score(Tv, pred), rel=1e-12)
+    per_output = metrics.r2_score(Tv, pred, multioutput="raw_values")
+    assert per_output[2] == 0.0 and np.ptp(per_output[:2]) > 0.01  # the mean is not variance-weighted
+    weighted = metrics.r2_score(Tv, pred, multioutput="variance_weighted")
+    assert model.score(Xv, Tv) != pytest.approx(weighted, rel=1e-3)
+
+
 def test_binary_predict_and_proba(compiled):
     spec = GRAD_NETS["g3-elu-softplus-bce"]
     model = compiled(spec)
