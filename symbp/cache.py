@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +25,7 @@ from ._version import __version__
 
 ENV_VAR = "SYMBP_CACHE_DIR"
 _CHECKSUM = "# symbp-checksum: "
+_STAMP = "# symbp-generator: "
 _PKG_DIR = Path(__file__).resolve().parent
 
 
@@ -63,10 +65,7 @@ _GENERATOR_DIGEST = None
 
 def module_key(fingerprint: str, dtype: str, target: str) -> str:
     """The hash in a module's file name."""
-    global _GENERATOR_DIGEST
-    if _GENERATOR_DIGEST is None:
-        _GENERATOR_DIGEST = _generator_digest()
-    parts = [fingerprint, dtype, target, __version__, numba.__version__, _GENERATOR_DIGEST]
+    parts = [fingerprint, dtype, target, generator_stamp()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -74,11 +73,85 @@ def _checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def generator_stamp() -> str:
+    """What of the module key does not depend on the model: symbp's and Numba's versions and
+    the generator's source.  Written into each module so :func:`prune` can tell the files the
+    current symbp would never ask for again."""
+    global _GENERATOR_DIGEST
+    if _GENERATOR_DIGEST is None:
+        _GENERATOR_DIGEST = _generator_digest()
+    return f"symbp={__version__} numba={numba.__version__} generator={_GENERATOR_DIGEST[:16]}"
+
+
 def write_module(path: Path, source: str) -> None:
-    """Write ``source`` plus its checksum line atomically (a reader sees all or nothing)."""
+    """Write ``source``, the generator stamp and a checksum line atomically (a reader sees
+    all or nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = source if source.endswith("\n") else source + "\n"
+    body += _STAMP + generator_stamp() + "\n"
     write_atomic(path, body + _CHECKSUM + _checksum(body) + "\n", "generated module")
+
+
+def stamp_of(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    _, sep, tail = text.rpartition(_STAMP)
+    return tail.split("\n", 1)[0].strip() if sep else None
+
+
+@dataclass
+class PruneResult:
+    removed: list  # paths of removed files (modules and Numba's files beside them)
+    freed: int  # bytes
+    kept: int  # modules left
+
+
+def prune(directory: str | os.PathLike | None = None, everything: bool = False, dry_run: bool = False) -> PruneResult:
+    """Delete the generated modules the running symbp would never load again: damaged files,
+    and files written by another symbp or Numba version or another generator source (their
+    hash can no longer come up).  ``everything``: delete every module.  Numba's compiled
+    files go with their module, and so do compiled files whose module is gone.  Only files
+    symbp names (``*.py`` with a checksum line, ``__pycache__/*.nbi|nbc``) are touched.
+    ``dry_run``: only report what would go."""
+    root = cache_dir(directory)
+    removed, freed, kept = [], 0, 0
+    current = generator_stamp()
+
+    def drop(f: Path) -> None:
+        nonlocal freed
+        if f in removed:  # a dry run meets a module's compiled files twice
+            return
+        try:
+            size = f.stat().st_size
+            if not dry_run:
+                f.unlink()
+        except FileNotFoundError:
+            return
+        removed.append(f)
+        freed += size
+
+    if not root.is_dir():
+        return PruneResult([], 0, 0)
+    stems = set()
+    for path in sorted(root.glob("*.py")):
+        text_ok = is_intact(path)
+        ours = text_ok or _CHECKSUM in path.read_text(encoding="utf-8", errors="ignore")
+        if not ours:
+            continue  # not a file symbp wrote: leave it
+        if everything or not text_ok or stamp_of(path) != current:
+            _drop_numba_cache(path, drop)
+            drop(path)
+        else:
+            stems.add(path.stem)
+            kept += 1
+    pycache = root / "__pycache__"
+    if pycache.is_dir():
+        for f in sorted(pycache.iterdir()):
+            if f.suffix in (".nbi", ".nbc") and f.name.split(".", 1)[0] not in stems:
+                drop(f)
+    return PruneResult(removed, freed, kept)
 
 
 def is_intact(path: Path) -> bool:
@@ -91,11 +164,12 @@ def is_intact(path: Path) -> bool:
     return bool(sep) and tail.strip() == _checksum(body)
 
 
-def _drop_numba_cache(path: Path) -> None:
+def _drop_numba_cache(path: Path, unlink=lambda f: f.unlink(missing_ok=True)) -> None:
+    """Numba's compiled files for a module (``__pycache__/<stem>.<function>-…``)."""
     pycache = path.parent / "__pycache__"
     if pycache.is_dir():
         for f in pycache.glob(f"{path.stem}.*"):
-            f.unlink(missing_ok=True)
+            unlink(f)
 
 
 def module_name(path: Path) -> str:

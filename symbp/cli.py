@@ -1,4 +1,5 @@
-"""Command line: ``symbp train | explain | walkthrough | graph | report SPEC.toml``.
+"""Command line: ``symbp train | explain | walkthrough | graph | report SPEC.toml``, ``symbp paths``,
+``symbp cache``.
 
 The TOML spec mirrors the Python API (see README): top-level ``inputs``, ``loss``, ``l2``,
 ``name``; ``[[layers]]`` tables with ``type``, ``units``, ``activation`` and optionally
@@ -256,6 +257,25 @@ def _report(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from . import cache
+
+    root = cache.cache_dir(args.dir)
+    if args.prune or args.clear:
+        result = cache.prune(root, everything=args.clear)
+        what = "every module" if args.clear else "modules this symbp would not load again"
+        print(f"{root}: removed {len(result.removed)} files ({result.freed / 1e6:.1f} MB): {what}; "
+              f"{result.kept} modules kept")
+        return 0
+    stale = cache.prune(root, dry_run=True)
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    print(f"{root}: {stale.kept} current modules; {len(stale.removed)} stale, damaged or orphaned files "
+          f"({stale.freed / 1e6:.1f} MB of {size / 1e6:.1f} MB)")
+    if stale.removed:
+        print("  'symbp cache --prune' deletes them")
+    return 0
+
+
 def _add_example_flags(cmd) -> None:
     cmd.add_argument("--x", nargs="+", metavar="X", help="the sample's inputs (default: the spec's [walkthrough] x, "
                                                          "else random)")
@@ -320,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     paths.add_argument("-o", "--output", default="paths.png", help="the picture (PNG)")
     paths.add_argument("--gif", help="also an animation (GIF)")
     paths.set_defaults(func=_paths)
+    cch = sub.add_parser("cache", help="what the generated-module cache holds; --prune deletes stale modules")
+    cch.add_argument("--dir", help="the cache directory (default: $SYMBP_CACHE_DIR, else generated/ or ~/.cache/symbp)")
+    act = cch.add_mutually_exclusive_group()
+    act.add_argument("--prune", action="store_true", help="delete modules from other symbp/Numba versions or "
+                                                          "generator sources, damaged ones, and orphaned compiled code")
+    act.add_argument("--clear", action="store_true", help="delete every generated module")
+    cch.set_defaults(func=_cache)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -206,3 +206,47 @@ def test_damaged_module_regenerated_in_new_process(first_process, project_root, 
         assert Path(result["path"]) == path
         assert result["loss"] == pytest.approx(expected_loss(), rel=1e-12)
         assert path.read_text() == original, damage
+
+
+# -- pruning ----------------------------------------------------------------------------------
+def test_prune_removes_only_what_cannot_come_up_again(tmp_path, capsys):
+    from symbp import cache
+    from symbp.cli import main
+
+    model = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path)
+    model.predict(np.zeros((1, 3)))  # Numba writes its compiled code beside the module
+    live = model.source_path
+    compiled = sorted((tmp_path / "__pycache__").glob(f"{live.stem}.*"))
+    assert compiled
+    # a module an older generator wrote (its stamp differs), with compiled code of its own
+    old = tmp_path / f"{NAME}-float64-0123456789abcdef.py"
+    text = live.read_text().replace(cache.generator_stamp(), "symbp=0.0.1 numba=0.1 generator=0")
+    cache.write_module(old, text.rpartition("# symbp-generator: ")[0])
+    old.write_text(old.read_text().replace(cache.generator_stamp(), "symbp=0.0.1 numba=0.1 generator=0"))
+    old_nbc = tmp_path / "__pycache__" / f"{old.stem}.predict-1.py311.1.nbc"
+    old_nbc.write_bytes(b"x" * 100)
+    # a damaged module, an orphaned compiled file, and a file symbp did not write
+    damaged = tmp_path / f"{NAME}-float32-fedcba9876543210.py"
+    damaged.write_text(live.read_text()[:-20])
+    orphan = tmp_path / "__pycache__" / "gone-float32-00.forward-3.py311.nbi"
+    orphan.write_bytes(b"y")
+    foreign = tmp_path / "notes.py"
+    foreign.write_text("x = 1\n")
+
+    assert main(["cache", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 current modules; 4 stale, damaged or orphaned files" in out and "--prune" in out
+    assert old.is_file() and orphan.is_file()  # only reported
+
+    result = cache.prune(tmp_path)
+    assert set(result.removed) == {old, old_nbc, damaged, orphan}
+    assert result.kept == 1 and result.freed > 100
+    assert live.is_file() and foreign.is_file() and all(f.is_file() for f in compiled)
+    # what is left still loads without regenerating
+    before = live.stat().st_mtime_ns
+    sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path)
+    assert live.stat().st_mtime_ns == before
+
+    assert main(["cache", "--dir", str(tmp_path), "--clear"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert not live.exists() and not any((tmp_path / "__pycache__").iterdir()) and foreign.is_file()
