@@ -414,6 +414,9 @@ NumbaPrinter._print_Indexed = _print_indexed_flat
 NumbaPrinter._print_route = _print_route
 
 
+LANES_MAX = 4096  # the most partial sums one accumulator keeps (a row of a large image)
+
+
 def _sum_loops(printer: NumbaPrinter, expr: sp.Expr, ranges: dict) -> tuple[list[str], sp.Expr]:
     """Each Sum of ``expr`` as an accumulator filled by loops (guards tighten the bounds)."""
     from ..lower_image import numeric
@@ -447,12 +450,45 @@ def _sum_loops(printer: NumbaPrinter, expr: sp.Expr, ranges: dict) -> tuple[list
             loops.append(f"{indent}for {sym} in range({low}, {high} + 1):")
             indent += "    "
         pre, inner = _sum_loops(printer, body, inner_ranges)
-        body_lines = pre + [f"{acc} += {printer.doprint(inner)}"]
-        if conds:
-            body_lines = [f"if {' and '.join(f'({c_})' for c_ in conds)}:"] + ["    " + b_ for b_ in body_lines]
-        lines += [f"{acc} = ZERO"] + loops + [indent + b_ for b_ in body_lines]
+        # (guards tighten the loops above; the lanes take the limits as they are, so no guard)
+        lanes_sum = _lane_sum(printer, acc, limits, inner) if not pre and cond == sp.true else None
+        if lanes_sum is not None:
+            lines += lanes_sum
+        else:
+            body_lines = pre + [f"{acc} += {printer.doprint(inner)}"]
+            if conds:
+                body_lines = [f"if {' and '.join(f'({c_})' for c_ in conds)}:"] + ["    " + b_ for b_ in body_lines]
+            lines += [f"{acc} = ZERO"] + loops + [indent + b_ for b_ in body_lines]
         expr = expr.xreplace({s_: acc})
     return lines, expr
+
+
+def _lane_sum(printer: NumbaPrinter, acc: sp.Symbol, limits: list, body: sp.Expr) -> list[str] | None:
+    """``acc = Σ body`` over ``limits`` (all from 0, no guard) with one partial sum per value
+    of the innermost index (or of the (h, w) pair, run as one index when the buffers read are
+    rows): that loop then has no dependency from one step to the next and vectorizes, where
+    one running float sum is a chain of adds (fastmath leaves out reassociation) — and the
+    partial sums round less.  Measured on the CNN bench's conv bias gradient (8 channels,
+    64·24·24 terms each): 0.25 ms one chain, 0.08 ms 24 lanes, 0.026 ms 576 lanes.
+    None where this does not apply (the CUDA printer, symbolic or short extents)."""
+    if printer.target != "CPU" or any(lo != 0 for _, lo, _ in limits) or not as_size(limits[-1][2]).is_Integer:
+        return None
+    limits = list(limits)
+    if len(limits) >= 2 and _reads_rows(printer, [body], limits[-2][0], limits[-1][0], limits[-1][2] + 1):
+        (h_, _, hh), (w_, _, hw) = limits[-2:]
+        limits[-2:] = [(w_, 0, (hh + 1) * (hw + 1) - 1)]
+        body = body.xreplace({h_: 0})
+    sym, _, hi = limits[-1]
+    if not 4 <= int(hi) + 1 <= LANES_MAX:
+        return None
+    vec, dtype = f"{acc}_lanes", "np.float32" if printer.dtype == "float32" else "np.float64"
+    out, indent = [f"{vec} = np.zeros({hi + 1}, {dtype})"], ""
+    for s_, _, h_ in limits:
+        extent = as_size(h_) + 1
+        extent = extent.xreplace({x: sp.Symbol("nb") for x in extent.free_symbols if x.name == "N"})
+        out.append(f"{indent}for {s_} in range({extent}):")
+        indent += "    "
+    return out + [f"{indent}{vec}[{sym}] += {printer.doprint(body)}", f"{acc} = {vec}.sum()"]
 
 
 def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
@@ -462,24 +498,27 @@ def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
     ranges, stmts = list(step.ranges), list(step.stmts)
     while len(ranges) >= 3:
         (h_, eh), (w_, ew) = ranges[-2], ranges[-1]
-        exprs = [x_ for st in stmts for x_ in st]
-        accesses = set().union(*(x_.atoms(sp.Indexed) for x_ in exprs))
-        ok = True
-        for t in accesses:
-            if not ({h_, w_} & t.free_symbols):
-                continue
-            shape = printer.flat.get(str(t.base.label)) if hasattr(printer, "flat") else None
-            if shape is None or len(t.indices) != len(shape) + 1 or t.indices[-1] != w_ or t.indices[-2] != h_ or shape[-1] != ew:
-                ok = False
-                break
-        # (the accesses become a fresh symbol, not 0: a guard or Sum around them must not
-        # simplify away and hide its own use of h, w)
-        bare = [x_.xreplace({t: sp.Dummy() for t in accesses}) for x_ in exprs]
-        if not ok or any(x_.has(sp.Sum, sp.Piecewise) or b_.has(h_, w_) for x_, b_ in zip(exprs, bare)):
+        if not _reads_rows(printer, [x_ for st in stmts for x_ in st], h_, w_, ew):
             break
         ranges[-2:] = [(w_, eh * ew)]
         stmts = [(t_.xreplace({h_: 0}), x_.xreplace({h_: 0})) for t_, x_ in stmts]
     return Nest(ranges, stmts, step.sum_ranges, step.accumulate)
+
+
+def _reads_rows(printer: NumbaPrinter, exprs: list, h_, w_, ew) -> bool:
+    """Whether ``exprs`` use h, w only as the last two indices ``[…, h, w]`` of flat buffers
+    with rows of ``ew`` entries, so that the pair can run as one index over H·W."""
+    accesses = set().union(*(x_.atoms(sp.Indexed) for x_ in exprs))
+    for t in accesses:
+        if not ({h_, w_} & t.free_symbols):
+            continue
+        shape = printer.flat.get(str(t.base.label)) if hasattr(printer, "flat") else None
+        if shape is None or len(t.indices) != len(shape) + 1 or t.indices[-1] != w_ or t.indices[-2] != h_ or shape[-1] != ew:
+            return False
+    # (the accesses become a fresh symbol, not 0: a guard or Sum around them must not
+    # simplify away and hide its own use of h, w)
+    bare = [x_.xreplace({t: sp.Dummy() for t in accesses}) for x_ in exprs]
+    return not any(x_.has(sp.Sum, sp.Piecewise) or b_.has(h_, w_) for x_, b_ in zip(exprs, bare))
 
 
 @emit.register
