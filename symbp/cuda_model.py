@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cache
-from .codegen_cuda import EPOCH_SLOTS, CudaConfig, check_layers
+from .codegen_cuda import EPOCH_SLOTS, CudaConfig
 from .model import _EVAL_CHUNK, History, Model, _progress, diverged_message, epoch_order
 from .network import Network
 from .optim import Optimizer
@@ -129,8 +129,6 @@ def compile_cuda(
 
     Raises
     ------
-    NotImplementedError
-        The network has image layers (Conv2D, pooling, Flatten, Maxout): CPU target only, so far.
     ImportError
         numba-cuda is not installed (or CuPy, for ``gemm="cublas"``).
     ValueError
@@ -141,7 +139,6 @@ def compile_cuda(
     if dtype not in ("float32", "float64") and np.dtype(dtype).name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64' on the CUDA target, got {dtype!r}")
     dtype = np.dtype(dtype).name
-    check_layers(net)
     require_cuda()
     if config is None:
         config = SIMULATOR_CONFIG if simulated() else CudaConfig()
