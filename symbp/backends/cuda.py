@@ -6,25 +6,25 @@ with the CPU: ``math`` functions exist on the device too) with the device versio
 helpers in ``_HELPERS``, and ``emit`` (a ``functools.singledispatch``) turning each IR step
 into one kernel, registered with the printer, and the host lines that launch it:
 
-==========  ==================================================================================
-Loop        one elementwise kernel over the flattened index space, a grid-stride loop; the
-            statements fused, CSE-named, loop invariants computed once per thread; running
-            sums (the l2 penalty) reduced in shared memory, one atomic add per block
-RowLoop     one thread per sample: its reductions (a stable log-sum-exp) and its row of δ_L;
-            Σ_n ℓ_n and the hit count reduced per block, one atomic add each
-ColSum      a block per ``COLS`` columns, its threads splitting the rows; combined in shared
-            memory in a fixed order (the same bias gradient every run)
-Gemm        a shared-memory tiled kernel (``TILE``×``TILE`` outputs per block, ``MICRO``×
-            ``MICRO`` per thread, ``TILE_K`` deep), one per transposition pattern; or
-            cuBLAS through CuPy when the module is generated with ``gemm="cublas"``
-BlockGemm   the same tiled kernel over the samples of a batch (im2col convolution): the
-            grid's z axis strides over them, or, for a weight gradient, every block sums
-            them in order
-Nest        one thread per output entry, each Sum a per-thread accumulator over loops whose
-            bounds the Sum's guard tightens; a scatter (``+=`` at computed indices: col2im,
-            a pooling layer's δ) is inverted into a gather, so no two threads write one entry
-WindowArgmax one thread per output entry scanning its window; the first maximum wins
-==========  ==================================================================================
+============  ================================================================================
+Loop          one elementwise kernel over the flattened index space, a grid-stride loop; the
+              statements fused, CSE-named, loop invariants computed once per thread; running
+              sums (the l2 penalty) reduced in shared memory, one atomic add per block
+RowLoop       one thread per sample: its reductions (a stable log-sum-exp) and its row of δ_L;
+              Σ_n ℓ_n and the hit count reduced per block, one atomic add each
+ColSum        a block per ``COLS`` columns, its threads splitting the rows; combined in shared
+              memory in a fixed order (the same bias gradient every run)
+Gemm          a shared-memory tiled kernel (``TILE``×``TILE`` outputs per block, ``MICRO``×
+              ``MICRO`` per thread, ``TILE_K`` deep), one per transposition pattern; or
+              cuBLAS through CuPy when the module is generated with ``gemm="cublas"``
+BlockGemm     the same tiled kernel over the samples of a batch (im2col convolution): the
+              grid's z axis strides over them, or, for a weight gradient, every block sums
+              them in order
+Nest          one thread per output entry, each Sum a per-thread accumulator over loops whose
+              bounds the Sum's guard tightens; a scatter (``+=`` at computed indices: col2im,
+              a pooling layer's δ) is inverted into a gather, so no two threads write one entry
+WindowArgmax  one thread per output entry scanning its window; the first maximum wins
+============  ================================================================================
 
 Kernels never synchronise with the host.  Scalars a step produces (loss, hits, penalty) go
 to a float64 device array ``stats``; kernels that write parameters or optimizer state during
