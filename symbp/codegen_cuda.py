@@ -150,6 +150,7 @@ class CudaBuilder(_Builder):
             "SPAN = TILE // MICRO", "GEMM_THREADS = SPAN * SPAN",
             "TILE_PAD = TILE + 1  # a shared tile's row length: one spare column keeps the stores off one bank",
             "MAX_GRID = (2**31 - 1, 65535)  # CUDA's limits on gridDim.x and gridDim.y",
+            "MAX_GRID_Z = 65535  # and on gridDim.z: a GEMM per sample strides over more samples",
             f"GEMM_BACKEND = {c.gemm!r}", "",
             "# Sums a step produces, in the float64 device array `stats`.",
             f"STATS = {STAT_SLOTS!r}",
@@ -297,9 +298,9 @@ def gemm_blocks(rows, cols):
 
 
 def batch_gemm_blocks(rows, cols, nb):
-    """The grid of a GEMM per sample: the tiles of one, times up to 65535 samples (the grid's
-    z limit; the kernel strides over the rest)."""
-    return ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE, max(1, min(nb, 65535)))
+    """The grid of a GEMM per sample: the tiles of one, times up to MAX_GRID_Z samples (the
+    kernel strides over the rest)."""
+    return ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE, max(1, min(nb, MAX_GRID_Z)))
 '''
 
 _CUBLAS = '''

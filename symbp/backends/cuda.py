@@ -40,7 +40,7 @@ import textwrap
 
 import sympy as sp
 
-from ..indices import N
+from ..indices import N, n
 from ..lower import ColSum, Gemm, Loop, RowLoop
 from .cpu import SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants
 from .cpu import emit as emit_sequential
@@ -666,10 +666,77 @@ def _scatter_in_order(step: Nest, printer: CudaPrinter) -> list[str]:
     return [f"{name}[blocks({count}), THREADS]({_launch_args(params)})"]
 
 
+def _batch_sum(step: Nest) -> sp.Sum | None:
+    """The Sum of a Nest that reduces over the batch into a few entries (a bias or a directly
+    looped weight gradient: no ``n`` among the outputs, ``n`` summed, fixed bounds), or None."""
+    if step.accumulate or len(step.stmts) != 1 or any(e == N or isinstance(e, sp.Basic) and e.has(N)
+                                                       for _, e in step.ranges):
+        return None
+    sums = step.stmts[0][1].atoms(sp.Sum)
+    if len(sums) != 1:
+        return None
+    (s_,) = sums
+    outputs = {idx for idx, _ in step.ranges}
+    bounds_fixed = all(not ((lo.free_symbols | hi.free_symbols) - {N}) for _, lo, hi in s_.limits)
+    if not bounds_fixed or n not in {lim[0] for lim in s_.limits} or s_.function.has(sp.Sum) or not _scalars(s_) - {N} <= outputs:
+        return None
+    return s_
+
+
+def _scalars(expr: sp.Expr) -> set:
+    """The plain symbols ``expr`` reads (indices, sizes, hyperparameters), not array names."""
+    labels = {ix.base.label for ix in expr.atoms(sp.Indexed)}
+    return {x for x in expr.free_symbols if isinstance(x, sp.Symbol)} - labels
+
+
+def _block_sum_nest(step: Nest, s_: sp.Sum, printer: CudaPrinter) -> list[str]:
+    """A reduction over the batch: one block per output entry, its THREADS threads striding
+    over the summed indices (n outermost), the partial sums combined by a tree in a fixed
+    order (the same result every run, no atomics)."""
+    target, expr = step.stmts[0]
+    outputs = {idx for idx, _ in step.ranges}
+    arrays, scalars, _ = _nest_operands(printer, [target, expr], outputs)
+    written = printer.array(target.base)
+    guard_params, guard = _guard(printer, {written})
+    params = guard_params + [("nb", "int64")] + sorted(arrays.items()) + sorted(scalars.items())
+    limits = sorted(s_.limits, key=lambda lim: str(lim[0]) != "n")
+    inner = [(sym, hi - lo + 1) for sym, lo, hi in limits]
+    offsets = {sym: lo for sym, lo, _ in limits if lo != 0}
+    body = s_.function.xreplace({sym: sym + lo for sym, lo in offsets.items()})
+    if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].expr == 0:
+        test = " and ".join(f"({c_})" for c_ in sp.And.make_args(body.args[0].cond))
+        term = f"({printer.doprint(body.args[0].expr)} if {test} else ZERO)"
+    else:
+        term = printer.doprint(body)
+    count = " * ".join(_extent(printer, e) for _, e in step.ranges)
+    total = sp.Symbol("total_")
+    printer.names[total] = "red[0, 0]"
+    outer, recover = _flat_loop(step.ranges, printer)
+    sweep, sweep_recover = _flat_loop(inner, printer)
+    sweep, sweep_recover = sweep.replace("flat", "j_"), [x.replace("flat", "j_") for x in sweep_recover]
+    lines = [outer.replace("cuda.grid(1)", "cuda.blockIdx.x").replace("cuda.gridsize(1)", "cuda.gridDim.x")]
+    lines += ["    " + x for x in recover + ["part = ZERO",
+                                             sweep.replace("cuda.grid(1)", "cuda.threadIdx.x")
+                                             .replace("cuda.gridsize(1)", "THREADS")]]
+    lines += ["        " + x for x in sweep_recover + [f"part += {term}"]]
+    lines += ["    " + x for x in ["red[0, cuda.threadIdx.x] = part", "block_reduce(red)", "if cuda.threadIdx.x == 0:",
+                                   f"    {printer._print(target)} = {printer.doprint(expr.xreplace({s_: total}))}",
+                                   "cuda.syncthreads()  # red is reused by the next entry"]]
+    body_lines = guard + ["red = cuda.shared.array((1, THREADS), FT)"] + lines
+    doc = ("One block per output entry, its threads splitting the sum over the batch, combined in a\n"
+           "    fixed order:\n    " + _statements_doc(step.stmts))
+    name = printer.kernel(f"{printer.stage}_{written}", params, doc, body_lines)
+    return [f"{name}[min({count}, MAX_BLOCKS), THREADS]({_launch_args(params)})"]
+
+
 @emit.register
 def _(step: Nest, printer: CudaPrinter) -> list[str]:
     # One thread per output entry; each Sum a per-thread accumulator over loops whose bounds
-    # the Sum's guard tightens (as on the CPU).  A scatter (accumulate) runs as a gather.
+    # the Sum's guard tightens (as on the CPU).  A scatter (accumulate) runs as a gather; a
+    # sum over the batch into a few entries (a bias gradient) takes a block per entry.
+    s_ = _batch_sum(step)
+    if s_ is not None:
+        return _block_sum_nest(step, s_, printer)
     note = ""
     if step.accumulate:
         gathered = _gather(step)
