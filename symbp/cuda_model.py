@@ -159,6 +159,14 @@ def compile_cuda(
     return CudaModel(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)), config)
 
 
+def _c_array(value, dtype) -> np.ndarray:
+    """``value`` as a C-ordered array with the plain strides of its shape.  NumPy calls an
+    array with a zero stride on a length-1 axis contiguous (``np.broadcast_to`` makes those);
+    Numba's device copies drop such axes, so they would not fit the device array."""
+    arr = np.ascontiguousarray(value, dtype=dtype)
+    return arr if all(st for st in arr.strides) or arr.size == 0 else arr.copy()
+
+
 def _is_oom(err: BaseException) -> bool:
     code = getattr(err, "code", None)
     text = f"{code} {err}".upper()
@@ -260,7 +268,7 @@ class CudaModel(Model):
     def _checked(self, name: str, value) -> np.ndarray:
         shape = self.network.param_shapes()[name]
         try:
-            arr = np.ascontiguousarray(value, dtype=self.dtype)
+            arr = _c_array(value, self.dtype)
         except (TypeError, ValueError):
             raise TypeError(f"params[{name!r}] is not numeric") from None
         if arr.shape != shape:
@@ -398,7 +406,7 @@ class CudaModel(Model):
                 if arr is None:
                     arr = np.full(shape, opt.state_init(sname), self.dtype)
                 else:
-                    arr = np.ascontiguousarray(np.broadcast_to(arr, shape), dtype=self.dtype)
+                    arr = _c_array(np.broadcast_to(arr, shape), self.dtype)
                 out.append(arr)
         return out
 
