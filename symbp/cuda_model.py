@@ -159,6 +159,10 @@ def compile_cuda(
     return CudaModel(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)), config)
 
 
+_UNCHANGED = ("Nothing was changed: your host arrays, the model's parameters and the optimizer's state are as "
+              "they were; try a smaller batch_size or less data per call.")
+
+
 def _c_array(value, dtype) -> np.ndarray:
     """``value`` as a C-ordered array with the plain strides of its shape.  NumPy calls an
     array with a zero stride on a length-1 axis contiguous (``np.broadcast_to`` makes those);
@@ -218,25 +222,26 @@ class CudaModel(Model):
     def _require_memory(self, nbytes: int, what: str) -> None:
         free = self._free_memory()
         if nbytes > free:
-            raise MemoryError(f"the GPU is out of memory: {what} needs {nbytes / 2**20:.1f} MiB, "
-                              f"{free / 2**20:.1f} MiB are free. Nothing was changed; try a smaller batch_size "
-                              "or less data per call.")
+            raise MemoryError(f"the GPU is out of memory: {what} needs {nbytes} bytes ({nbytes / 2**20:.1f} MiB), "
+                              f"{free / 2**20:.1f} MiB are free. {_UNCHANGED}")
 
-    def _device(self, make, what: str):
-        """Run an allocation or upload; out of memory becomes a MemoryError naming ``what``."""
+    def _device(self, make, what: str, nbytes: int):
+        """Run an allocation or upload of ``nbytes``; out of memory becomes a MemoryError naming
+        ``what`` and the bytes asked for."""
         try:
             return make()
         except Exception as err:
             if type(err).__name__ == "CudaAPIError" and _is_oom(err):
-                raise MemoryError(f"the GPU is out of memory allocating {what}. Nothing was changed; "
-                                  "try a smaller batch_size or less data per call.") from err
+                raise MemoryError(f"the GPU is out of memory allocating {what}: {nbytes} bytes "
+                                  f"({nbytes / 2**20:.1f} MiB) were asked for. {_UNCHANGED}") from err
             raise
 
     def _upload(self, host: np.ndarray, what: str):
-        return self._device(lambda: self._cuda.to_device(host), what)
+        return self._device(lambda: self._cuda.to_device(host), what, host.nbytes)
 
     def _empty(self, shape: tuple, dtype, what: str):
-        return self._device(lambda: self._cuda.device_array(shape, dtype), what)
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        return self._device(lambda: self._cuda.device_array(shape, dtype), what, nbytes)
 
     # -- parameters --------------------------------------------------------------------
     @property

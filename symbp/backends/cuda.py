@@ -804,8 +804,9 @@ def _(step: BlockGemm, printer: CudaPrinter) -> list[str]:
     n_ = rb if step.tb else cb
     tile = getattr(printer, "tile", 1)
     if -(-n_ // tile) > 65535:
-        raise ValueError(f"the CUDA target cannot launch the GEMM {step.formula}: its {n_} columns need "
-                         f"{-(-n_ // tile)} blocks along the grid's y axis, CUDA allows 65535 (use a larger tile)")
+        raise ValueError(f"the CUDA target cannot launch the GEMM per sample of {step.formula}: its {n_} columns "
+                         f"need {-(-n_ // tile)} blocks of TILE = {tile} along the grid's y axis; CUDA allows 65535 "
+                         "(generate with a larger CudaConfig(tile=...))")
     # (samples, rows, cols) views of the flat buffers; a weight is one matrix for every sample
     views = [f"{x_}.reshape({x_}.shape[0], {r_}, {c_})" if per else f"{x_}.reshape(1, {r_}, {c_})"
              for x_, per, (r_, c_) in zip(names, step.per_sample, ((ra, ca), (rb, cb), (ro, co)))]
