@@ -25,6 +25,7 @@ Usage
     python benchmarks/bench_cnn.py                 # 3 rounds, every impl that imports
     python benchmarks/bench_cnn.py --rounds 1 --impls torch,symbp
     python benchmarks/bench_cnn.py --check         # every impl's SGD step vs a float64 reference
+    python benchmarks/bench_cnn.py --target cuda   # on the GPU: symbp vs PyTorch CUDA (and JAX)
 """
 
 from __future__ import annotations
@@ -380,6 +381,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wait-idle", type=float, default=20.0, help="seconds to wait for an idle machine per worker")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: symbp's CUDA target against PyTorch CUDA (and JAX on the GPU) on these shapes "
+                         "and an 8× batch (see _cuda_bench.py); exits 2 without a GPU")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--check-in", help=argparse.SUPPRESS)
@@ -392,6 +396,12 @@ def main(argv=None) -> int:
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         ap.error(f"unknown impl(s) {bad}; choose from {IMPLS}")
+    if args.target == "cuda":
+        import _cuda_bench
+
+        spec = _cuda_bench.cnn_spec(IMAGE, FILTERS, KERNEL, CLASSES, BATCH)
+        return _cuda_bench.run([spec], [i for i in impls if i in _cuda_bench.IMPLS], rounds=args.rounds, reps=args.reps,
+                               timeout=args.timeout)
     print(" ".join(f"{k}={v}" for k, v in h.system_info().items()))
     if args.check:
         return 0 if run_check(args, impls) else 1

@@ -74,6 +74,7 @@ Usage
     python benchmarks/bench_mlp.py --check --optimizer adam   # ... and 3 Adam steps
     python benchmarks/bench_mlp.py --optimizer adam     # the usual tables, Adam steps
     python benchmarks/bench_mlp.py --adam-overhead      # Adam vs SGD per impl (medium net)
+    python benchmarks/bench_mlp.py --target cuda        # on the GPU: symbp vs PyTorch CUDA (and JAX)
     python benchmarks/bench_mlp.py --json results.json
 """
 
@@ -1121,10 +1122,23 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
     return items
 
 
+def run_cuda(args) -> int:
+    """--target cuda: the nets' shapes on the GPU (benchmarks/_cuda_bench.py)."""
+    import _cuda_bench
+
+    nets = parse_list(args.nets or ",".join(NETS), NETS, "net")
+    specs = [_cuda_bench.mlp_spec(n, NETS[n].sizes, NETS[n].activation, NETS[n].batch) for n in nets]
+    impls = [i for i in parse_list(args.impls, IMPLS, "impl") if i in _cuda_bench.IMPLS]
+    return _cuda_bench.run(specs, impls, rounds=args.rounds, reps=args.reps, timeout=args.timeout)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring for how to read the table.")
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: symbp's CUDA target against PyTorch CUDA (and JAX on the GPU) on each net's "
+                        "shapes and an 8× batch (see _cuda_bench.py); exits 2 without a GPU")
     p.add_argument("--nets", default=None,
                    help=f"comma list of {','.join(NETS)} (default: all; medium with --adam-overhead)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma list of %(default)s")
@@ -1175,6 +1189,8 @@ def main(argv=None) -> int:
 
     if args.worker or args.worker_startup:
         return worker_main(args)
+    if args.target == "cuda":
+        return run_cuda(args)
 
     if args.adam_overhead and args.check:
         raise SystemExit("--adam-overhead and --check do not go together; "

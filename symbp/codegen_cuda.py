@@ -1,9 +1,9 @@
 """Code generation for the CUDA target: a :class:`~symbp.derive.Derivation` becomes a module
 of ``numba.cuda`` kernels and the host functions that launch them.
 
-The steps are the CPU target's (:class:`symbp.codegen._Builder` lowers them: forward,
-loss, backward, penalty, the optimizer's fused update); only their printing differs
-(:mod:`symbp.backends.cuda`: one kernel per step).  The model module holds
+The steps are the CPU target's (:class:`symbp.codegen._Builder` lowers them, image layers
+included: forward, loss, backward, penalty, the optimizer's fused update); only their
+printing differs (:mod:`symbp.backends.cuda`: one kernel per step).  The model module holds
 
 ``forward``, ``loss_rows``, ``backward``, ``penalty``, ``loss_and_grads``
     host functions of the batch size ``nb`` and device arrays; each launches kernels and
@@ -16,6 +16,7 @@ launches a whole epoch without a single host–device round trip.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import sympy as sp
@@ -23,6 +24,7 @@ import sympy as sp
 from .backends.cuda import BLOCK_REDUCE, STAT_SLOTS, CudaPrinter, Kernels, emit, helper_source
 from .codegen import _Builder
 from .derive import Derivation
+from .indices import N
 from .layers import Dense
 
 #: The slots of the per-epoch status array ``epoch`` of the training module.
@@ -84,20 +86,10 @@ class CudaConfig:
         return ",".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
-def check_layers(net) -> None:
-    """The CUDA target prints the dense steps (Gemm, Loop, ColSum, RowLoop); the image layers'
-    steps (BlockGemm, Nest, WindowArgmax) have no CUDA emitter yet."""
-    for pos, layer in enumerate(net.layers, 1):
-        if not isinstance(layer, Dense):
-            raise NotImplementedError(f"the CUDA target runs Dense layers only so far; layer {pos} is "
-                                      f"{type(layer).__name__}: use target='cpu' for this network")
-
-
 class CudaBuilder(_Builder):
     """Prints the CPU builder's steps as CUDA kernels and their launchers."""
 
     def __init__(self, d: Derivation, dtype: str, config: CudaConfig) -> None:
-        check_layers(d.network)
         super().__init__(d, dtype)
         if config.gemm == "auto":
             raise ValueError("resolve gemm='auto' before generating (see symbp.cuda_model.compile_cuda)")
@@ -105,14 +97,25 @@ class CudaBuilder(_Builder):
         # Array label -> symbolic shape, for the sizes of each GEMM.
         self.shapes = {}
         for ld in d.layers:
+            if not isinstance(ld.layer, Dense):
+                continue
             for base in (ld.x, ld.z, ld.a, ld.delta, *ld.params.values()):
                 if base.shape is not None:
                     self.shapes[str(base.label)] = base.shape
+        # The image layers' arrays (parameters, activations, stages and their gradients) as the
+        # matrices a Gemm reads: (batch, C·H·W) buffers, weights (rows, the rest).
+        matrices = {name: (N if shape[0] == "batch" else shape[0], math.prod(shape[1:]))
+                    for name, shape in [*self.workspace, *d.network.param_shapes().items()]}
+        matrices["X"] = (N, d.dims[0])
+        for label, code in self.names.items():
+            if isinstance(label, str) and code in matrices and label not in self.shapes:
+                self.shapes[label] = matrices[code]
 
     def cuda_printer(self, stage: str, kernels: Kernels, guarded=()) -> CudaPrinter:
         pr = CudaPrinter(self.dtype, dict(self.names), stage, kernels, self.shapes, guarded, self.config.gemm)
         pr.extents = dict(self.extents)
         pr.flat = dict(getattr(self, "flat", {}))
+        pr.tile = self.config.tile
         return pr
 
     def launcher(self, name: str, args: list[str], steps: list, doc: str, kernels: Kernels,
@@ -147,6 +150,7 @@ class CudaBuilder(_Builder):
             "SPAN = TILE // MICRO", "GEMM_THREADS = SPAN * SPAN",
             "TILE_PAD = TILE + 1  # a shared tile's row length: one spare column keeps the stores off one bank",
             "MAX_GRID = (2**31 - 1, 65535)  # CUDA's limits on gridDim.x and gridDim.y",
+            "MAX_GRID_Z = 65535  # and on gridDim.z: a GEMM per sample strides over more samples",
             f"GEMM_BACKEND = {c.gemm!r}", "",
             "# Sums a step produces, in the float64 device array `stats`.",
             f"STATS = {STAT_SLOTS!r}",
@@ -251,7 +255,7 @@ class CudaBuilder(_Builder):
 _SHARED_NAMES = ["FT", "ONE", "ZERO", "HALF", "NEG_INF", "THREADS", "MAX_BLOCKS", "COLS", "ROW_GROUPS", "TILE", "TILE_K",
                  "MICRO", "SPAN", "GEMM_THREADS", "TILE_PAD", *(f"S_{s.upper()}" for s in STAT_SLOTS),
                  *(f"E_{s.upper()}" for s in EPOCH_SLOTS),
-                 "blocks", "col_blocks", "gemm_blocks", "block_reduce", "forward", "loss_rows"]
+                 "blocks", "col_blocks", "gemm_blocks", "batch_gemm_blocks", "block_reduce", "forward", "loss_rows"]
 
 
 def _import_lines(module: str, names: list[str], width: int = 100) -> list[str]:
@@ -271,6 +275,7 @@ def _signatures(signatures: dict[str, str]) -> str:
 
 
 _MODEL_NAMES = {"forward", "loss_rows", "backward", "penalty", "loss_and_grads", "blocks", "col_blocks", "gemm_blocks",
+                "batch_gemm_blocks",
                 "block_reduce", "gemm", "cublas_gemm", "sigmoid", "softplus", "relu", "leaky_relu", "elu"}
 _TRAIN_NAMES = _MODEL_NAMES | {"backward_update", "train_epoch", "gather_rows", "check_batch", "finish_batch",
                                "gemm_scalars"}
@@ -290,6 +295,12 @@ def col_blocks(cols):
 def gemm_blocks(rows, cols):
     """The grid of a GEMM: one block per TILE×TILE tile of its rows×cols result."""
     return ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE)
+
+
+def batch_gemm_blocks(rows, cols, nb):
+    """The grid of a GEMM per sample: the tiles of one, times up to MAX_GRID_Z samples (the
+    kernel strides over the rest)."""
+    return ((rows + TILE - 1) // TILE, (cols + TILE - 1) // TILE, max(1, min(nb, MAX_GRID_Z)))
 '''
 
 _CUBLAS = '''

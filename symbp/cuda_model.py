@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cache
-from .codegen_cuda import EPOCH_SLOTS, CudaConfig, check_layers
+from .codegen_cuda import EPOCH_SLOTS, CudaConfig
 from .model import _EVAL_CHUNK, History, Model, _progress, diverged_message, epoch_order
 from .network import Network
 from .optim import Optimizer
@@ -129,8 +129,6 @@ def compile_cuda(
 
     Raises
     ------
-    NotImplementedError
-        The network has image layers (Conv2D, pooling, Flatten, Maxout): CPU target only, so far.
     ImportError
         numba-cuda is not installed (or CuPy, for ``gemm="cublas"``).
     ValueError
@@ -141,7 +139,6 @@ def compile_cuda(
     if dtype not in ("float32", "float64") and np.dtype(dtype).name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64' on the CUDA target, got {dtype!r}")
     dtype = np.dtype(dtype).name
-    check_layers(net)
     require_cuda()
     if config is None:
         config = SIMULATOR_CONFIG if simulated() else CudaConfig()
@@ -160,6 +157,18 @@ def compile_cuda(
 
     module = cache.load_or_generate(path, generate)
     return CudaModel(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)), config)
+
+
+_UNCHANGED = ("Nothing was changed: your host arrays, the model's parameters and the optimizer's state are as "
+              "they were; try a smaller batch_size or less data per call.")
+
+
+def _c_array(value, dtype) -> np.ndarray:
+    """``value`` as a C-ordered array with the plain strides of its shape.  NumPy calls an
+    array with a zero stride on a length-1 axis contiguous (``np.broadcast_to`` makes those);
+    Numba's device copies drop such axes, so they would not fit the device array."""
+    arr = np.ascontiguousarray(value, dtype=dtype)
+    return arr if all(st for st in arr.strides) or arr.size == 0 else arr.copy()
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -213,25 +222,26 @@ class CudaModel(Model):
     def _require_memory(self, nbytes: int, what: str) -> None:
         free = self._free_memory()
         if nbytes > free:
-            raise MemoryError(f"the GPU is out of memory: {what} needs {nbytes / 2**20:.1f} MiB, "
-                              f"{free / 2**20:.1f} MiB are free. Nothing was changed; try a smaller batch_size "
-                              "or less data per call.")
+            raise MemoryError(f"the GPU is out of memory: {what} needs {nbytes} bytes ({nbytes / 2**20:.1f} MiB), "
+                              f"{free / 2**20:.1f} MiB are free. {_UNCHANGED}")
 
-    def _device(self, make, what: str):
-        """Run an allocation or upload; out of memory becomes a MemoryError naming ``what``."""
+    def _device(self, make, what: str, nbytes: int):
+        """Run an allocation or upload of ``nbytes``; out of memory becomes a MemoryError naming
+        ``what`` and the bytes asked for."""
         try:
             return make()
         except Exception as err:
             if type(err).__name__ == "CudaAPIError" and _is_oom(err):
-                raise MemoryError(f"the GPU is out of memory allocating {what}. Nothing was changed; "
-                                  "try a smaller batch_size or less data per call.") from err
+                raise MemoryError(f"the GPU is out of memory allocating {what}: {nbytes} bytes "
+                                  f"({nbytes / 2**20:.1f} MiB) were asked for. {_UNCHANGED}") from err
             raise
 
     def _upload(self, host: np.ndarray, what: str):
-        return self._device(lambda: self._cuda.to_device(host), what)
+        return self._device(lambda: self._cuda.to_device(host), what, host.nbytes)
 
     def _empty(self, shape: tuple, dtype, what: str):
-        return self._device(lambda: self._cuda.device_array(shape, dtype), what)
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        return self._device(lambda: self._cuda.device_array(shape, dtype), what, nbytes)
 
     # -- parameters --------------------------------------------------------------------
     @property
@@ -263,7 +273,7 @@ class CudaModel(Model):
     def _checked(self, name: str, value) -> np.ndarray:
         shape = self.network.param_shapes()[name]
         try:
-            arr = np.ascontiguousarray(value, dtype=self.dtype)
+            arr = _c_array(value, self.dtype)
         except (TypeError, ValueError):
             raise TypeError(f"params[{name!r}] is not numeric") from None
         if arr.shape != shape:
@@ -401,7 +411,7 @@ class CudaModel(Model):
                 if arr is None:
                     arr = np.full(shape, opt.state_init(sname), self.dtype)
                 else:
-                    arr = np.ascontiguousarray(np.broadcast_to(arr, shape), dtype=self.dtype)
+                    arr = _c_array(np.broadcast_to(arr, shape), self.dtype)
                 out.append(arr)
         return out
 

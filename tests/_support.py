@@ -205,3 +205,20 @@ def rel_err(a, b) -> float:
     scale = max(np.abs(b).max(initial=0.0), np.abs(a).max(initial=0.0))
     diff = np.abs(a - b).max(initial=0.0)
     return 0.0 if diff == 0.0 else diff / scale
+
+
+def cnn():
+    """The image net of the CUDA tests (cuda_sim_cases.py, cuda_ptx_cases.py).
+
+    One small net takes every path of the image layers' lowering (one: its CPU twin's Numba
+    compile is most of the tests' cost).  Layers: 1 a direct-loop conv (C·kh·kw < 8: guarded
+    window sums; ∂C/∂W a guarded sum over the batch), stride 2, padding 1; 2 overlapping max
+    pooling; 3 an im2col conv (a GEMM per sample, ∂C/∂W a GEMM summed over the samples, ∂C/∂x
+    by col2im, a scatter run as a gather); 4 average pooling; 5 a direct conv whose ∂C/∂x is a
+    guarded window sum; 6 Flatten; 7, 8 Maxout of 2 and of 3 pieces; 9 Dense.
+    """
+    layers = [
+        sb.Conv2D(2, 2, stride=2, padding=1, activation="tanh"), sb.MaxPool2D(2, stride=1),
+        sb.Conv2D(2, 2, padding=1, activation="relu"), sb.AvgPool2D(2), sb.Conv2D(2, (2, 1), activation="sigmoid"),
+        sb.Flatten(), sb.Maxout(3, 2), sb.Maxout(2, 3), sb.Dense(3)]
+    return sb.Network(inputs=(1, 6, 6), layers=layers, loss="softmax_cross_entropy", l2=0.1, name="cuda-cnn")

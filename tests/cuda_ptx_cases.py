@@ -16,7 +16,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "0":
     pytest.skip("compiles for a real device: run without NUMBA_ENABLE_CUDASIM", allow_module_level=True)
 pytest.importorskip("numba_cuda", reason="the CUDA target needs numba-cuda (pip install 'symbp[cuda]')")
 
-from _support import GRAD_NETS  # noqa: E402
+from _support import GRAD_NETS, cnn  # noqa: E402
 
 import symbp as sb  # noqa: E402
 from symbp import cache  # noqa: E402
@@ -37,7 +37,7 @@ OPTIMIZERS = [
 # Elementwise and GEMM kernels of a float32 module do float32 arithmetic only (the sums
 # into `stats`, the epoch status a guarded kernel reads and per-thread step-size constants
 # are float64 on purpose).
-FLOAT32_ONLY = ("forward_", "backward_", "colsum_", "gemm_n", "gemm_t", "gather_rows")
+FLOAT32_ONLY = ("forward_", "backward_", "colsum_", "gemm_n", "gemm_t", "bgemm_", "gather_rows")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def ptx_of():
 
 def modules(tmp_path, name: str, dtype: str, optimizers, config: CudaConfig | None = None):
     config = config or CudaConfig()
-    d = derive(GRAD_NETS[name].build())
+    d = derive(cnn() if name == "cnn" else GRAD_NETS[name].build())
     path = tmp_path / f"{name}-{dtype}-{config.gemm}.py"
     model = cache.load_or_generate(path, lambda: generate_cuda_source(d, dtype, config))
     out = [model]
@@ -79,7 +79,7 @@ def check(ptx_of, mods, dtype):
             if dtype == "float32" and name.startswith(FLOAT32_ONLY) and not name.endswith("_guarded"):
                 assert not re.search(r"\.f64\b", ptx), f"{name} does float64 arithmetic in a float32 module"
             # The GEMM's accumulators stay in registers (no local-memory spills of acc, a, b).
-            if name.startswith("gemm_"):
+            if name.startswith(("gemm_", "bgemm_")):
                 assert ".local" not in ptx, f"{name} keeps its micro-tile in local memory"
 
 
@@ -91,6 +91,17 @@ def test_model_kernels_compile(name, tmp_path, ptx_of):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_optimizer_kernels_compile(dtype, tmp_path, ptx_of):
     check(ptx_of, modules(tmp_path, "g5-sigmoid-relu-bce-l2", dtype, OPTIMIZERS), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cnn_kernels_compile(dtype, tmp_path, ptx_of):
+    """Image layers: the per-sample and summed GEMMs (SGD fuses its update into the summed one,
+    guarded), window scans, gathers and per-entry block sums, and Adam's update of 4-d weights."""
+    mods = modules(tmp_path, "cnn", dtype, [sb.SGD(lr=0.1), sb.Adam(lr=0.01)] if dtype == "float32" else [])
+    names = {n for m in mods for n in m.SIGNATURES}
+    assert {"bgemm_nn", "bgemm_sum_nt", "bgemm_tn"} <= names, names
+    assert dtype == "float64" or "bgemm_sum_nt_guarded" in names
+    check(ptx_of, mods, dtype)
 
 
 def test_cublas_variant_compiles(tmp_path, ptx_of):

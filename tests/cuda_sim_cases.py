@@ -49,7 +49,7 @@ if SIMULATED:
     # The simulator's scheduler busy-polls its threads; short GIL slices make it ~5x faster.
     sys.setswitchinterval(2e-5)
 
-from _support import GRAD_NETS, OUTPUT_ACT_NETS, NetSpec, make_data, perturb_params, rel_err, torch_loss_and_grads  # noqa: E402
+from _support import GRAD_NETS, OUTPUT_ACT_NETS, NetSpec, cnn, make_data, perturb_params, rel_err, torch_loss_and_grads  # noqa: E402
 
 import symbp as sb  # noqa: E402
 import symbp.cuda_model as cm  # noqa: E402
@@ -319,6 +319,42 @@ def test_failed_allocation_becomes_memory_error(cuda_compiled, monkeypatch):
         np.testing.assert_array_equal(model.params[key], value)
 
 
+def test_parameters_that_do_not_fit(cuda_compiled, monkeypatch):
+    """A model whose parameters do not fit: refused up front when the free memory says so, and
+    when the allocation itself fails; either way the error names the bytes and the host arrays
+    are left as they were."""
+    from numba import cuda
+    from numba.cuda.cudadrv.driver import CudaAPIError
+
+    net = cnn()
+    first = cuda_compiled(net)
+    host = net.init_params(0, np.dtype("float64"))
+    copies = {k: v.copy() for k, v in host.items()}
+    nbytes = sum(v.nbytes for v in host.values())
+    monkeypatch.setattr(CudaModel, "_free_memory", lambda self: 64.0)
+    with pytest.raises(MemoryError, match=rf"the parameters needs {nbytes} bytes .* your host arrays"):
+        CudaModel(net, first.kernels, first.source_path, "float64", host, first.config)
+    monkeypatch.undo()
+
+    def no_memory(*args, **kwargs):
+        raise CudaAPIError(2, "CUDA_ERROR_OUT_OF_MEMORY")
+
+    monkeypatch.setattr(cuda, "to_device", no_memory)
+    with pytest.raises(MemoryError, match=rf"allocating parameter W1: {host['W1'].nbytes} bytes .* as they were"):
+        CudaModel(net, first.kernels, first.source_path, "float64", host, first.config)
+    for key, value in copies.items():
+        np.testing.assert_array_equal(host[key], value)
+
+
+def test_a_conv_gemm_beyond_the_grid_is_refused_when_generated(session_cache_dir):
+    """A conv whose per-sample GEMM would need more than 65535 blocks along y (here with
+    one-wide tiles) is refused when its kernels are generated, not at launch."""
+    net = sb.Network(inputs=(1, 258, 258), layers=[sb.Conv2D(1, 3), sb.Flatten(), sb.Dense(2)], name="cuda-wide")
+    config = CudaConfig(threads=8, max_blocks=2, cols=4, tile=1, tile_k=1, micro=1)
+    with pytest.raises(ValueError, match=r"65536 columns need 65536 blocks of TILE = 1 along the grid's y axis"):
+        compile_cuda(net, config=config, cache_dir=session_cache_dir)
+
+
 def test_batch_beyond_launch_limits(cuda_compiled, monkeypatch):
     spec = GRAD_NETS["g1-tanh-sigmoid-ce"]
     model = cuda_compiled(spec)
@@ -343,6 +379,8 @@ def test_dtypes_the_device_cannot_do(monkeypatch, session_cache_dir):
     for dtype in ("float16", "int32"):
         with pytest.raises(ValueError, match="dtype"):
             sb.compile(net, target="cuda", dtype=dtype, cache_dir=session_cache_dir)
+        with pytest.raises(ValueError, match="dtype"):
+            sb.compile(cnn(), target="cuda", dtype=dtype, cache_dir=session_cache_dir)
     monkeypatch.setattr(cm, "simulated", lambda: False)
     monkeypatch.setattr(cm, "device_limits", lambda: {"cc": (5, 2), "threads": 1024, "shared": 48 * 1024, "name": b"Old GPU"})
     with pytest.raises(ValueError, match=r"float64.* compute capability 6\.0 .* Old GPU has 5\.2: use dtype='float32'"):
@@ -350,12 +388,6 @@ def test_dtypes_the_device_cannot_do(monkeypatch, session_cache_dir):
     monkeypatch.setattr(cm, "device_limits", lambda: {"cc": (8, 0), "threads": 256, "shared": 48 * 1024, "name": "Small"})
     with pytest.raises(ValueError, match="needs 1024 threads per block; Small allows 256"):
         compile_cuda(net, dtype="float32", config=CudaConfig(threads=1024), cache_dir=session_cache_dir)
-
-
-def test_image_layers_are_refused_by_name(session_cache_dir):
-    net = sb.Network(inputs=(1, 6, 6), layers=[sb.Conv2D(2, 3), sb.Flatten(), sb.Dense(3)], name="cuda-cnn")
-    with pytest.raises(NotImplementedError, match="Dense layers only so far; layer 1 is Conv2D: use target='cpu'"):
-        sb.compile(net, target="cuda", cache_dir=session_cache_dir)
 
 
 def test_launch_geometry_is_checked():

@@ -1,10 +1,12 @@
 """The CUDA target, tested without a GPU.
 
-Two runs, each in a process of its own and started together (two cores, two runs):
+Three runs, each in a process of its own and started together:
 
 * ``tests/cuda_sim_cases.py`` under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, which
   must be set before Numba is imported; this process runs the real CPU target): loss,
   gradients, predictions and training against the CPU target and PyTorch, bad input.
+* ``tests/cuda_sim_cnn_cases.py``, the same for the image layers (a process of its own: most
+  of its time is the CPU twin's Numba compile, which then overlaps the others).
 * ``tests/cuda_ptx_cases.py`` in real CUDA mode: every generated kernel compiled to PTX, so
   type errors the simulator lets through fail here.
 
@@ -26,14 +28,14 @@ import pytest
 pytest.importorskip("numba_cuda", reason="the CUDA target needs numba-cuda (pip install 'symbp[cuda]'), not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 600  # seconds per run; both take well under 2 minutes on two cores
+TIMEOUT = 600  # seconds per run; together they take about 1.5 minutes on two cores
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start both case files at once; each test waits for its own."""
     started = {}
-    for name, sim in (("cuda_sim_cases.py", "1"), ("cuda_ptx_cases.py", "0")):
+    for name, sim in (("cuda_sim_cases.py", "1"), ("cuda_sim_cnn_cases.py", "1"), ("cuda_ptx_cases.py", "0")):
         env = {**os.environ, "NUMBA_ENABLE_CUDASIM": sim, "PYTHONDONTWRITEBYTECODE": "1"}
         env["SYMBP_CACHE_DIR"] = str(tmp_path_factory.mktemp(name.split(".")[0]))
         log = tmp_path_factory.mktemp("logs") / f"{name}.log"
@@ -63,6 +65,11 @@ def _wait(runs, name):
 def test_simulator_cases(runs):
     """Kernels on the simulator agree with the CPU target (1e-10) and PyTorch; bad input is refused."""
     _wait(runs, "cuda_sim_cases.py")
+
+
+def test_simulator_image_layer_cases(runs):
+    """Conv, pooling, Flatten and Maxout kernels on the simulator agree with the CPU target (1e-10)."""
+    _wait(runs, "cuda_sim_cnn_cases.py")
 
 
 def test_every_kernel_compiles_to_ptx(runs):

@@ -6,18 +6,25 @@ with the CPU: ``math`` functions exist on the device too) with the device versio
 helpers in ``_HELPERS``, and ``emit`` (a ``functools.singledispatch``) turning each IR step
 into one kernel, registered with the printer, and the host lines that launch it:
 
-==========  ==================================================================================
-Loop        one elementwise kernel over the flattened index space, a grid-stride loop; the
-            statements fused, CSE-named, loop invariants computed once per thread; running
-            sums (the l2 penalty) reduced in shared memory, one atomic add per block
-RowLoop     one thread per sample: its reductions (a stable log-sum-exp) and its row of δ_L;
-            Σ_n ℓ_n and the hit count reduced per block, one atomic add each
-ColSum      a block per ``COLS`` columns, its threads splitting the rows; combined in shared
-            memory in a fixed order (the same bias gradient every run)
-Gemm        a shared-memory tiled kernel (``TILE``×``TILE`` outputs per block, ``MICRO``×
-            ``MICRO`` per thread, ``TILE_K`` deep), one per transposition pattern; or
-            cuBLAS through CuPy when the module is generated with ``gemm="cublas"``
-==========  ==================================================================================
+============  ================================================================================
+Loop          one elementwise kernel over the flattened index space, a grid-stride loop; the
+              statements fused, CSE-named, loop invariants computed once per thread; running
+              sums (the l2 penalty) reduced in shared memory, one atomic add per block
+RowLoop       one thread per sample: its reductions (a stable log-sum-exp) and its row of δ_L;
+              Σ_n ℓ_n and the hit count reduced per block, one atomic add each
+ColSum        a block per ``COLS`` columns, its threads splitting the rows; combined in shared
+              memory in a fixed order (the same bias gradient every run)
+Gemm          a shared-memory tiled kernel (``TILE``×``TILE`` outputs per block, ``MICRO``×
+              ``MICRO`` per thread, ``TILE_K`` deep), one per transposition pattern; or
+              cuBLAS through CuPy when the module is generated with ``gemm="cublas"``
+BlockGemm     the same tiled kernel over the samples of a batch (im2col convolution): the
+              grid's z axis strides over them, or, for a weight gradient, every block sums
+              them in order
+Nest          one thread per output entry, each Sum a per-thread accumulator over loops whose
+              bounds the Sum's guard tightens; a scatter (``+=`` at computed indices: col2im,
+              a pooling layer's δ) is inverted into a gather, so no two threads write one entry
+WindowArgmax  one thread per output entry scanning its window; the first maximum wins
+============  ================================================================================
 
 Kernels never synchronise with the host.  Scalars a step produces (loss, hits, penalty) go
 to a float64 device array ``stats``; kernels that write parameters or optimizer state during
@@ -33,7 +40,7 @@ import textwrap
 
 import sympy as sp
 
-from ..indices import N
+from ..indices import N, n
 from ..lower import ColSum, Gemm, Loop, RowLoop
 from .cpu import SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants
 from .cpu import emit as emit_sequential
@@ -126,6 +133,17 @@ class CudaPrinter(NumbaPrinter):
     def _print_tanh(self, expr):
         return f"math.tanh({self._print(expr.args[0])})"  # tanhf / tanh from libdevice
 
+    def _print_Relational(self, expr):
+        # Index arithmetic stays in integers (2*h + u >= 1), never promoted to the float type.
+        if all(side.is_integer and not side.atoms(sp.Indexed) for side in (expr.lhs, expr.rhs)):
+            return f"{expr.lhs} {expr.rel_op} {expr.rhs}"
+        return super()._print_Relational(expr)
+
+    def _print_route(self, expr):
+        # route(m, j): the stored arg-max m (a float buffer) compared in the float type.
+        m, j = expr.args
+        return f"(ONE if {self._print(m)} == FT({j}) else ZERO)"
+
     # -- kernel arguments --------------------------------------------------------------
     def array_type(self, rank: int, dtype: str | None = None) -> str:
         return f"{dtype or self.float_type}[{', '.join([':'] * (rank - 1) + ['::1'])}]"
@@ -137,7 +155,9 @@ class CudaPrinter(NumbaPrinter):
         for e in exprs:
             inner = set()
             for ix in e.atoms(sp.Indexed):
-                arrays[self.array(ix.base)] = self.array_type(len(ix.indices))
+                shape = self.flat.get(str(ix.base.label)) if hasattr(self, "flat") else None
+                flat = shape is not None and len(ix.indices) == len(shape) + 1  # (batch, C·H·W)
+                arrays[self.array(ix.base)] = self.array_type(2 if flat else len(ix.indices))
                 inner |= ix.free_symbols
             for s in e.free_symbols - inner - local:
                 if s == N:
@@ -409,18 +429,7 @@ def gemm_source(name: str, ta: bool, tb: bool, guarded: bool) -> str:
     matrix, whichever way it is transposed; the shared tiles have a padding column so that
     those stores do not collide in one memory bank.
     """
-    # op(A)[r, s] for r < TILE, s < TILE_K, and op(B)[s, c]: e runs along the stored rows.
-    if ta:
-        load_a = ["s = e // TILE", "r = e % TILE", "sA[s, r] = A[k0 + s, r0 + r] if k0 + s < K and r0 + r < M else ZERO"]
-    else:
-        load_a = ["r = e // TILE_K", "s = e % TILE_K", "sA[s, r] = A[r0 + r, k0 + s] if r0 + r < M and k0 + s < K else ZERO"]
-    if tb:
-        load_b = ["c = e // TILE_K", "s = e % TILE_K", "sB[s, c] = B[c0 + c, k0 + s] if c0 + c < N and k0 + s < K else ZERO"]
-    else:
-        load_b = ["s = e // TILE", "c = e % TILE", "sB[s, c] = B[k0 + s, c0 + c] if k0 + s < K and c0 + c < N else ZERO"]
-    load_a, load_b = ("\n            ".join(lines) for lines in (load_a, load_b))
     op_a, op_b = ("Aᵀ" if ta else "A"), ("Bᵀ" if tb else "B")
-    guard = ("    if epoch[E_BAD] >= 0:  # a batch's loss was not finite: keep θ\n        return\n") if guarded else ""
     return f'''@cuda.jit(cache=True)
 def {name}({"epoch, " if guarded else ""}M, N, K, A, B, C, alpha, beta):
     """C[:M, :N] ← alpha·{op_a}·{op_b} + beta·C, op({op_a[0]}) being M×K; C is read only when beta ≠ 0.
@@ -429,7 +438,45 @@ def {name}({"epoch, " if guarded else ""}M, N, K, A, B, C, alpha, beta):
     entries of it (rows ty + i·SPAN, columns tx + j·SPAN: neighbouring threads, neighbouring
     columns), sweeping K in steps of TILE_K through shared memory.
     """
-{guard}    sA = cuda.shared.array((TILE_K, TILE_PAD), FT)  # sA[s, r] = op(A)[r0 + r, k0 + s]
+{_gemm_guard(guarded)}{_GEMM_SETUP}{_gemm_zero("    ")}{_gemm_sweep(ta, tb, "", "", "    ")}{_gemm_store("", "    ")}'''
+
+
+def block_gemm_source(name: str, ta: bool, tb: bool, guarded: bool, accumulate: bool) -> str:
+    """The tiled GEMM of :func:`gemm_source` over the samples of a batch (a :class:`BlockGemm`).
+
+    A, B, C are (samples, rows, cols) views; sample m reads A[m·sa] and B[m·sb] (sa, sb = 0:
+    one matrix for every sample, as a weight is).  Per sample (``accumulate`` False) the
+    grid's z axis strides over the samples, C[m] ← alpha·op(A[m·sa])·op(B[m·sb]) + beta·C[m];
+    summed, C[0] ← alpha·Σ_m op(A[m·sa])·op(B[m·sb]) + beta·C[0], each block sweeping every
+    sample in order (no atomics: the same sum every run).
+    """
+    op_a, op_b = ("A[m·sa]ᵀ" if ta else "A[m·sa]"), ("B[m·sb]ᵀ" if tb else "B[m·sb]")
+    args = f"{'epoch, ' if guarded else ''}nb, M, N, K, sa, sb, A, B, C, alpha, beta"
+    pick = "    ia = m * sa\n    ib = m * sb\n"
+    if accumulate:
+        what = f"C[0, :M, :N] ← alpha·Σ_(m < nb) {op_a}·{op_b} + beta·C[0]"
+        body = (_gemm_zero("    ") + "    for m in range(nb):\n" + textwrap.indent(pick, "    ")
+                + _gemm_sweep(ta, tb, "ia, ", "ib, ", "        ") + _gemm_store("0, ", "    "))
+    else:
+        what = f"C[m, :M, :N] ← alpha·{op_a}·{op_b} + beta·C[m] for every sample m < nb"
+        body = ("    for m in range(cuda.blockIdx.z, nb, cuda.gridDim.z):\n" + textwrap.indent(pick, "    ")
+                + _gemm_zero("        ")
+                + _gemm_sweep(ta, tb, "ia, ", "ib, ", "        ") + _gemm_store("m, ", "        "))
+    return f'''@cuda.jit(cache=True)
+def {name}({args}):
+    """{what}; C is read only when beta ≠ 0.
+
+    Tiles as in the plain GEMM kernels (TILE×TILE of C per block, MICRO×MICRO per thread,
+    K swept TILE_K at a time through shared memory).
+    """
+{_gemm_guard(guarded)}{_GEMM_SETUP}{body}'''
+
+
+def _gemm_guard(guarded: bool) -> str:
+    return "    if epoch[E_BAD] >= 0:  # a batch's loss was not finite: keep θ\n        return\n" if guarded else ""
+
+
+_GEMM_SETUP = """    sA = cuda.shared.array((TILE_K, TILE_PAD), FT)  # sA[s, r] = op(A)[r0 + r, k0 + s]
     sB = cuda.shared.array((TILE_K, TILE_PAD), FT)  # sB[s, c] = op(B)[k0 + s, c0 + c]
     acc = cuda.local.array((MICRO, MICRO), FT)
     a = cuda.local.array(MICRO, FT)
@@ -439,34 +486,56 @@ def {name}({"epoch, " if guarded else ""}M, N, K, A, B, C, alpha, beta):
     tx = tid % SPAN
     r0 = cuda.blockIdx.x * TILE
     c0 = cuda.blockIdx.y * TILE
-    for i in range(MICRO):
+"""
+
+
+def _gemm_zero(indent: str) -> str:
+    return textwrap.indent("for i in range(MICRO):\n    for j in range(MICRO):\n        acc[i, j] = ZERO\n", indent)
+
+
+def _gemm_sweep(ta: bool, tb: bool, at_a: str, at_b: str, indent: str) -> str:
+    """The sweep over K into ``acc``; ``at_a``/``at_b`` prefix the operands' indices (a sample)."""
+    # op(A)[r, s] for r < TILE, s < TILE_K, and op(B)[s, c]: e runs along the stored rows.
+    if ta:
+        load_a = ["s = e // TILE", "r = e % TILE", f"sA[s, r] = A[{at_a}k0 + s, r0 + r] if k0 + s < K and r0 + r < M else ZERO"]
+    else:
+        load_a = ["r = e // TILE_K", "s = e % TILE_K",
+                  f"sA[s, r] = A[{at_a}r0 + r, k0 + s] if r0 + r < M and k0 + s < K else ZERO"]
+    if tb:
+        load_b = ["c = e // TILE_K", "s = e % TILE_K",
+                  f"sB[s, c] = B[{at_b}c0 + c, k0 + s] if c0 + c < N and k0 + s < K else ZERO"]
+    else:
+        load_b = ["s = e // TILE", "c = e % TILE", f"sB[s, c] = B[{at_b}k0 + s, c0 + c] if k0 + s < K and c0 + c < N else ZERO"]
+    load_a, load_b = ("\n        ".join(lines) for lines in (load_a, load_b))
+    return textwrap.indent(f"""for k0 in range(0, K, TILE_K):
+    for e in range(tid, TILE * TILE_K, GEMM_THREADS):
+        {load_a}
+    for e in range(tid, TILE * TILE_K, GEMM_THREADS):
+        {load_b}
+    cuda.syncthreads()
+    for s in range(TILE_K):
+        for i in range(MICRO):
+            a[i] = sA[s, ty + i * SPAN]
         for j in range(MICRO):
-            acc[i, j] = ZERO
-    for k0 in range(0, K, TILE_K):
-        for e in range(tid, TILE * TILE_K, GEMM_THREADS):
-            {load_a}
-        for e in range(tid, TILE * TILE_K, GEMM_THREADS):
-            {load_b}
-        cuda.syncthreads()
-        for s in range(TILE_K):
-            for i in range(MICRO):
-                a[i] = sA[s, ty + i * SPAN]
+            b[j] = sB[s, tx + j * SPAN]
+        for i in range(MICRO):
             for j in range(MICRO):
-                b[j] = sB[s, tx + j * SPAN]
-            for i in range(MICRO):
-                for j in range(MICRO):
-                    acc[i, j] += a[i] * b[j]
-        cuda.syncthreads()
-    for i in range(MICRO):
-        r = r0 + ty + i * SPAN
-        for j in range(MICRO):
-            c = c0 + tx + j * SPAN
-            if r < M and c < N:
-                if beta == ZERO:
-                    C[r, c] = alpha * acc[i, j]
-                else:
-                    C[r, c] = alpha * acc[i, j] + beta * C[r, c]
-'''
+                acc[i, j] += a[i] * b[j]
+    cuda.syncthreads()
+""", indent)
+
+
+def _gemm_store(at_c: str, indent: str) -> str:
+    return textwrap.indent(f"""for i in range(MICRO):
+    r = r0 + ty + i * SPAN
+    for j in range(MICRO):
+        c = c0 + tx + j * SPAN
+        if r < M and c < N:
+            if beta == ZERO:
+                C[{at_c}r, c] = alpha * acc[i, j]
+            else:
+                C[{at_c}r, c] = alpha * acc[i, j] + beta * C[{at_c}r, c]
+""", indent)
 
 
 # -- cuBLAS through CuPy (optional) ----------------------------------------------------------
@@ -499,3 +568,263 @@ def cublas_gemm(ta: bool, tb: bool, M: int, N: int, K: int, A, B, C, alpha, beta
         fn(handle, op(tb), op(ta), N, M, K, a_ptr, ptr(B), B.shape[1], ptr(A), A.shape[1], b_ptr, ptr(C), C.shape[1])
     finally:
         cublas.setPointerMode(handle, mode)
+
+
+
+# -- loop nests for index formulas of any shape (image layers) ------------------------------
+from ..lower_image import BlockGemm, Nest, WindowArgmax  # noqa: E402
+from .cpu import _sum_loops  # noqa: E402
+
+
+def _nest_operands(printer: CudaPrinter, exprs: list, local: set) -> tuple[dict, dict, bool]:
+    """:meth:`CudaPrinter.operands` of expressions that may hold Sums (their dummies are
+    local); the flag says whether a Sum runs over the batch (its bound needs ``nb``)."""
+    plain, uses_nb, local = [], False, set(local)
+    for e in exprs:
+        for s_ in e.atoms(sp.Sum):
+            for sym, lo, hi in s_.limits:
+                local.add(sym)
+                uses_nb |= N in lo.free_symbols | hi.free_symbols
+        plain.append(e.replace(lambda x: isinstance(x, sp.Sum), lambda x: x.function))
+    arrays, scalars = printer.operands(plain, local)
+    return arrays, scalars, uses_nb
+
+
+def _gather(step: Nest) -> Nest | None:
+    """An accumulating scatter ``t[f(idx)] += e`` (col2im, a pooling layer's δ) as a gather
+    that one thread per entry of ``t`` can run without races: each index of ``t`` that is
+    ``c·x + rest`` with c = ±1 gives x = (o − rest)/c for a new output index o; the other
+    loop indices are summed, under the guard 0 ≤ x < extent (which :func:`_sum_loops`
+    turns into tight bounds).  None when ``t``'s indices do not have that form."""
+    if len(step.stmts) != 1:
+        return None
+    target, expr = step.stmts[0]
+    extent, order = dict(step.ranges), [idx for idx, _ in step.ranges]
+    tidx = [sp.expand(i) for i in target.indices]
+    out, solved, conds = [], {}, []
+    for pos, e in enumerate(tidx):
+        others = set().union(set(), *(o.free_symbols for k, o in enumerate(tidx) if k != pos))
+        if e in extent and e not in others:
+            out.append((e, extent[e]))
+            continue
+        syms = e.free_symbols
+        if not syms <= set(extent) or syms & others or not all(isinstance(extent[x], (int, sp.Integer)) for x in syms):
+            return None
+        coeff = {x: e.coeff(x) for x in syms}
+        const = sp.expand(e - sum(c_ * x for x, c_ in coeff.items()))
+        if not const.is_Integer or not all(c_.is_Integer for c_ in coeff.values()):
+            return None
+        picks = [x for x in reversed(order) if x in syms and abs(coeff[x]) == 1]
+        if not picks:
+            return None
+        x = max(picks, key=lambda x_: extent[x_])  # the longer range solved, the shorter one summed
+        o = sp.Symbol(f"o{pos}", integer=True, nonnegative=True)
+        solved[x] = sp.expand((o - (e - coeff[x] * x)) / coeff[x])
+        lo = const + sum(min(0, c_ * (extent[y] - 1)) for y, c_ in coeff.items())
+        hi = const + sum(max(0, c_ * (extent[y] - 1)) for y, c_ in coeff.items())
+        if lo < 0:
+            return None
+        out.append((o, int(hi) + 1))
+        conds += [sp.GreaterThan(solved[x], 0), sp.LessThan(solved[x], extent[x] - 1)]
+    free = {idx for idx, _ in out}
+    summed = [(x, 0, extent[x] - 1) for x in order if x not in solved and x not in free]
+    body = expr.xreplace(solved)
+    if conds:
+        body = sp.Piecewise((body, sp.And(*conds)), (0, True))
+    if summed:
+        body = sp.Sum(body, *summed)
+    new = target.base[tuple(idx for idx, _ in out)]
+    return Nest(out, [(new, new + body)], step.sum_ranges)
+
+
+def _scatter_in_order(step: Nest, printer: CudaPrinter) -> list[str]:
+    """An accumulating scatter that :func:`_gather` cannot invert: one thread per value of
+    the loop indices that index the target alone (no two threads meet), the other loops run
+    inside the thread in the CPU's order."""
+    targets = [t for t, _ in step.stmts]
+    alone = [idx for idx, _ in step.ranges
+             if all(sum(ix == idx for ix in t.indices) == 1
+                    and not any(ix != idx and idx in ix.free_symbols for ix in t.indices) for t in targets)]
+    parallel = [(idx, ext) for idx, ext in step.ranges if idx in alone] or [(sp.Symbol("one"), 1)]
+    serial = [(idx, ext) for idx, ext in step.ranges if idx not in alone]
+    indices = {idx for idx, _ in step.ranges}
+    arrays, scalars, uses_nb = _nest_operands(printer, targets + [e for _, e in step.stmts], indices)
+    written = [printer.array(t.base) for t in targets]
+    guard_params, guard = _guard(printer, set(written))
+    sizes = [("nb", "int64")] if uses_nb or any(e == N for _, e in step.ranges) else []
+    params = guard_params + sizes + sorted(arrays.items()) + sorted(scalars.items())
+    header, recover = _flat_loop(parallel, printer)
+    inner, indent = list(recover), ""
+    for idx, ext in serial:
+        inner.append(f"{indent}for {idx} in range({_extent(printer, ext)}):")
+        indent += "    "
+    inner += [f"{indent}{printer._print(t)} += {printer.doprint(e)}" for t, e in step.stmts]
+    doc = ("One thread per value of the indices that address the target alone, the rest in order:\n    "
+           + _statements_doc([(f"{t} +", e) for t, e in step.stmts]))
+    name = printer.kernel(f"{printer.stage}_{written[0]}", params, doc, guard + [header] + ["    " + x for x in inner])
+    count = " * ".join(_extent(printer, e) for _, e in parallel)
+    return [f"{name}[blocks({count}), THREADS]({_launch_args(params)})"]
+
+
+def _batch_sum(step: Nest) -> sp.Sum | None:
+    """The Sum of a Nest that reduces over the batch into a few entries (a bias or a directly
+    looped weight gradient: no ``n`` among the outputs, ``n`` summed, fixed bounds), or None."""
+    if step.accumulate or len(step.stmts) != 1 or any(e == N or isinstance(e, sp.Basic) and e.has(N)
+                                                       for _, e in step.ranges):
+        return None
+    sums = step.stmts[0][1].atoms(sp.Sum)
+    if len(sums) != 1:
+        return None
+    (s_,) = sums
+    outputs = {idx for idx, _ in step.ranges}
+    bounds_fixed = all(not ((lo.free_symbols | hi.free_symbols) - {N}) for _, lo, hi in s_.limits)
+    if not bounds_fixed or n not in {lim[0] for lim in s_.limits} or s_.function.has(sp.Sum) or not _scalars(s_) - {N} <= outputs:
+        return None
+    return s_
+
+
+def _scalars(expr: sp.Expr) -> set:
+    """The plain symbols ``expr`` reads (indices, sizes, hyperparameters), not array names."""
+    labels = {ix.base.label for ix in expr.atoms(sp.Indexed)}
+    return {x for x in expr.free_symbols if isinstance(x, sp.Symbol)} - labels
+
+
+def _block_sum_nest(step: Nest, s_: sp.Sum, printer: CudaPrinter) -> list[str]:
+    """A reduction over the batch: one block per output entry, its THREADS threads striding
+    over the summed indices (n outermost), the partial sums combined by a tree in a fixed
+    order (the same result every run, no atomics)."""
+    target, expr = step.stmts[0]
+    outputs = {idx for idx, _ in step.ranges}
+    arrays, scalars, _ = _nest_operands(printer, [target, expr], outputs)
+    written = printer.array(target.base)
+    guard_params, guard = _guard(printer, {written})
+    params = guard_params + [("nb", "int64")] + sorted(arrays.items()) + sorted(scalars.items())
+    limits = sorted(s_.limits, key=lambda lim: str(lim[0]) != "n")
+    inner = [(sym, hi - lo + 1) for sym, lo, hi in limits]
+    offsets = {sym: lo for sym, lo, _ in limits if lo != 0}
+    body = s_.function.xreplace({sym: sym + lo for sym, lo in offsets.items()})
+    if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].expr == 0:
+        test = " and ".join(f"({c_})" for c_ in sp.And.make_args(body.args[0].cond))
+        term = f"({printer.doprint(body.args[0].expr)} if {test} else ZERO)"
+    else:
+        term = printer.doprint(body)
+    count = " * ".join(_extent(printer, e) for _, e in step.ranges)
+    total = sp.Symbol("total_")
+    printer.names[total] = "red[0, 0]"
+    outer, recover = _flat_loop(step.ranges, printer)
+    sweep, sweep_recover = _flat_loop(inner, printer)
+    sweep, sweep_recover = sweep.replace("flat", "j_"), [x.replace("flat", "j_") for x in sweep_recover]
+    lines = [outer.replace("cuda.grid(1)", "cuda.blockIdx.x").replace("cuda.gridsize(1)", "cuda.gridDim.x")]
+    lines += ["    " + x for x in recover + ["part = ZERO",
+                                             sweep.replace("cuda.grid(1)", "cuda.threadIdx.x")
+                                             .replace("cuda.gridsize(1)", "THREADS")]]
+    lines += ["        " + x for x in sweep_recover + [f"part += {term}"]]
+    lines += ["    " + x for x in ["red[0, cuda.threadIdx.x] = part", "block_reduce(red)", "if cuda.threadIdx.x == 0:",
+                                   f"    {printer._print(target)} = {printer.doprint(expr.xreplace({s_: total}))}",
+                                   "cuda.syncthreads()  # red is reused by the next entry"]]
+    body_lines = guard + ["red = cuda.shared.array((1, THREADS), FT)"] + lines
+    doc = ("One block per output entry, its threads splitting the sum over the batch, combined in a\n"
+           "    fixed order:\n    " + _statements_doc(step.stmts))
+    name = printer.kernel(f"{printer.stage}_{written}", params, doc, body_lines)
+    return [f"{name}[min({count}, MAX_BLOCKS), THREADS]({_launch_args(params)})"]
+
+
+@emit.register
+def _(step: Nest, printer: CudaPrinter) -> list[str]:
+    # One thread per output entry; each Sum a per-thread accumulator over loops whose bounds
+    # the Sum's guard tightens (as on the CPU).  A scatter (accumulate) runs as a gather; a
+    # sum over the batch into a few entries (a bias gradient) takes a block per entry.
+    s_ = _batch_sum(step)
+    if s_ is not None:
+        return _block_sum_nest(step, s_, printer)
+    note = ""
+    if step.accumulate:
+        gathered = _gather(step)
+        if gathered is None:
+            return _scatter_in_order(step, printer)
+        step, note = gathered, " (a scatter, run as a gather: each thread owns its entry)"
+    indices = {idx for idx, _ in step.ranges}
+    targets, exprs = [t for t, _ in step.stmts], [e for _, e in step.stmts]
+    arrays, scalars, uses_nb = _nest_operands(printer, targets + exprs, indices)
+    written = [printer.array(t.base) for t in targets]
+    guard_params, guard = _guard(printer, set(written))
+    sizes = [("nb", "int64")] if uses_nb or any(e == N for _, e in step.ranges) else []
+    params = guard_params + sizes + sorted(arrays.items()) + sorted(scalars.items())
+    printer.counter = 0
+    header, inner = _flat_loop(step.ranges, printer)
+    ranges = {idx: (0, ext - 1) for idx, ext in step.ranges}
+    for target, expr in step.stmts:
+        pre, expr = _sum_loops(printer, expr, ranges)
+        inner += pre
+        if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].expr == 0:
+            test = " and ".join(f"({c_})" for c_ in sp.And.make_args(expr.args[0].cond))
+            value = f"({printer.doprint(expr.args[0].expr)} if {test} else ZERO)"
+        else:
+            value = printer.doprint(expr)
+        inner.append(f"{printer._print(target)} = {value}")
+    doc = f"One thread per output entry{note}, striding over the grid:\n    " + _statements_doc(step.stmts)
+    name = printer.kernel(f"{printer.stage}_{written[0]}", params, doc, guard + [header] + ["    " + x for x in inner])
+    count = " * ".join(_extent(printer, e) for _, e in step.ranges)
+    return [f"{name}[blocks({count}), THREADS]({_launch_args(params)})"]
+
+
+@emit.register
+def _(step: WindowArgmax, printer: CudaPrinter) -> list[str]:
+    indices = {idx for idx, _ in step.ranges} | {idx for idx, _ in step.window}
+    stores = [step.target] + ([step.maximum] if step.maximum is not None else [])
+    arrays, scalars = printer.operands(stores + [step.value], indices)
+    written = [printer.array(t.base) for t in stores]
+    sizes = [("nb", "int64")] if any(e == N for _, e in step.ranges) else []
+    params = sizes + sorted(arrays.items()) + sorted(scalars.items())
+    header, inner = _flat_loop(step.ranges, printer)
+    inner += ["best = NEG_INF", "arg = 0", "pos = 0"]
+    indent = ""
+    for idx, extent in step.window:
+        inner.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
+        indent += "    "
+    # Strictly greater: on ties the first maximum in row-major window order wins (PyTorch's rule).
+    inner += [f"{indent}val = {printer.doprint(step.value)}", f"{indent}if val > best:",
+              f"{indent}    best = val", f"{indent}    arg = pos", f"{indent}pos += 1",
+              f"{printer._print(step.target)} = arg"]
+    if step.maximum is not None:
+        inner.append(f"{printer._print(step.maximum)} = best")
+    window = ", ".join(f"{idx} < {ext}" for idx, ext in step.window)
+    doc = (f"One thread per output entry: {step.target} = the first position (row-major over {window})\n"
+           f"    of the window's maximum of {step.value}.")
+    name = printer.kernel(f"{printer.stage}_{written[0]}", params, doc, [header] + ["    " + x for x in inner])
+    count = " * ".join(_extent(printer, e) for _, e in step.ranges)
+    return [f"{name}[blocks({count}), THREADS]({_launch_args(params)})"]
+
+
+@emit.register
+def _(step: BlockGemm, printer: CudaPrinter) -> list[str]:
+    names = [printer.array(x_) for x_ in (step.a, step.b, step.out)]
+    (ra, ca), (rb, cb), (ro, co) = ((int(r_), int(c_)) for r_, c_ in step.shapes)
+    m, k = (ca, ra) if step.ta else (ra, ca)
+    n_ = rb if step.tb else cb
+    tile = getattr(printer, "tile", 1)
+    if -(-n_ // tile) > 65535:
+        raise ValueError(f"the CUDA target cannot launch the GEMM per sample of {step.formula}: its {n_} columns "
+                         f"need {-(-n_ // tile)} blocks of TILE = {tile} along the grid's y axis; CUDA allows 65535 "
+                         "(generate with a larger CudaConfig(tile=...))")
+    # (samples, rows, cols) views of the flat buffers; a weight is one matrix for every sample
+    views = [f"{x_}.reshape({x_}.shape[0], {r_}, {c_})" if per else f"{x_}.reshape(1, {r_}, {c_})"
+             for x_, per, (r_, c_) in zip(names, step.per_sample, ((ra, ca), (rb, cb), (ro, co)))]
+    alpha, beta = (printer.doprint(v) if v in (0, 1) else f"FT({printer.doprint(v)})" for v in (step.alpha, step.beta))
+    guarded = names[2] in printer.guarded
+    a, b, out = (f"{x_}[n]" if per else x_ for x_, per in zip(names, step.per_sample))
+    product = f"{a}{'ᵀ' if step.ta else ''}·{b}{'ᵀ' if step.tb else ''}"
+    scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
+    kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
+    how = f"Σ_n {scaled}" if step.accumulate else scaled
+    name = (f"bgemm_{'sum_' if step.accumulate else ''}{'t' if step.ta else 'n'}{'t' if step.tb else 'n'}"
+            + ("_guarded" if guarded else ""))
+    if name not in printer.kernels.sources:
+        arr, ft = printer.array_type(3), printer.float_type
+        sizes = ", ".join(["int64"] * 6)  # nb, M, N, K, sa, sb
+        signature = f"void({'float64[::1], ' if guarded else ''}{sizes}, {arr}, {arr}, {arr}, {ft}, {ft})"
+        printer.kernels.add(name, block_gemm_source(name, step.ta, step.tb, guarded, step.accumulate), signature)
+    grid = f"gemm_blocks({m}, {n_})" if step.accumulate else f"batch_gemm_blocks({m}, {n_}, nb)"
+    operands = f"nb, {m}, {n_}, {k}, {int(step.per_sample[0])}, {int(step.per_sample[1])}, {', '.join(views)}, {alpha}, {beta}"
+    return [f"# {out} ← {kept}{how}, per sample n (blocks as (rows, cols) matrices), from {step.formula}",
+            f"{name}[{grid}, GEMM_THREADS]({'epoch, ' if guarded else ''}{operands})"]
