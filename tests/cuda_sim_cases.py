@@ -89,6 +89,16 @@ def assert_close(a, b, tol, what=""):
     assert rel_err(a, b) <= tol, f"{what}: relative error {rel_err(a, b):.3g} > {tol:g}"
 
 
+def assert_same_loss_and_grads(cpu, gpu, X, y, tol=1e-10):
+    """The CUDA model's loss and every gradient equal the CPU model's (same parameters)."""
+    loss, grads = gpu.loss_and_grads(X, y)
+    ref_loss, ref = cpu.loss_and_grads(X, y)
+    assert_close(loss, ref_loss, tol, "loss")
+    assert set(grads) == set(ref)
+    for key in ref:
+        assert_close(grads[key], ref[key], tol, f"∂/∂{key}")
+
+
 # -- loss and gradients ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [*GRAD_NETS, *OUTPUT_ACT_NETS])
 def test_loss_and_grads_match_torch(name, cuda_compiled):
@@ -110,11 +120,7 @@ def test_same_results_as_cpu_target(name, compiled, cuda_compiled):
     spec = GRAD_NETS[name]
     cpu, gpu = twins(spec, compiled, cuda_compiled)
     X, y = make_data(spec, n=N_SAMPLES)
-    loss, grads = gpu.loss_and_grads(X, y)
-    ref_loss, ref = cpu.loss_and_grads(X, y)
-    assert_close(loss, ref_loss, 1e-10, "loss")
-    for key in ref:
-        assert_close(grads[key], ref[key], 1e-10, key)
+    assert_same_loss_and_grads(cpu, gpu, X, y)
     assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
     if spec.loss in ("ce", "bce"):
         np.testing.assert_array_equal(gpu.predict(X), cpu.predict(X))
@@ -147,11 +153,7 @@ def test_grid_striding_geometry(compiled, cuda_compiled):
     spec = GRAD_NETS["g8-swishsym-tanh-mse-l2"]
     cpu, gpu = twins(spec, compiled, cuda_compiled, config=config)
     X, y = make_data(spec, n=N_SAMPLES)
-    loss, grads = gpu.loss_and_grads(X, y)
-    ref_loss, ref = cpu.loss_and_grads(X, y)
-    assert_close(loss, ref_loss, 1e-10, "loss")
-    for key in ref:
-        assert_close(grads[key], ref[key], 1e-10, key)
+    assert_same_loss_and_grads(cpu, gpu, X, y)
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("numba_cuda", reason="the CUDA target needs numba-cuda (pip install 'symbp[cuda]')")
 
 from _support import cnn, perturb_params, rel_err  # noqa: E402
-from cuda_sim_cases import assert_close, cuda_compiled, twins  # noqa: E402, F401 - a fixture, and the simulator's fixes
+from cuda_sim_cases import assert_close, assert_same_loss_and_grads, cuda_compiled, twins  # noqa: E402, F401 - a fixture, and the simulator's fixes
 
 import symbp as sb  # noqa: E402
 
@@ -31,12 +31,7 @@ def cnn_data(net: sb.Network, n: int = CNN_SAMPLES, seed: int = 0):
 
 
 def assert_same_model_outputs(cpu, gpu, X, y):
-    loss, grads = gpu.loss_and_grads(X, y)
-    ref_loss, ref = cpu.loss_and_grads(X, y)
-    assert_close(loss, ref_loss, 1e-10, "loss")
-    assert set(grads) == set(ref)
-    for key in ref:
-        assert_close(grads[key], ref[key], 1e-10, f"∂/∂{key}")
+    assert_same_loss_and_grads(cpu, gpu, X, y)
     assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
     if cpu.network.loss.task == "multiclass":
         np.testing.assert_array_equal(gpu.predict(X), cpu.predict(X))
@@ -83,11 +78,7 @@ def test_cnn_samples_beyond_the_grid_z_cap(compiled, cuda_compiled, monkeypatch)
     cpu, gpu = twins(net, compiled, cuda_compiled)
     monkeypatch.setattr(gpu.kernels, "MAX_GRID_Z", 2)  # the module the launchers read it from
     X, y = cnn_data(net)
-    loss, grads = gpu.loss_and_grads(X, y)
-    ref_loss, ref = cpu.loss_and_grads(X, y)
-    assert_close(loss, ref_loss, 1e-10, "loss")
-    for key in ref:
-        assert_close(grads[key], ref[key], 1e-10, key)
+    assert_same_loss_and_grads(cpu, gpu, X, y)
 
 
 CNN_FIT_CASES = {

@@ -548,7 +548,12 @@ def _(step: WindowArgmax, printer: NumbaPrinter) -> list[str]:
     for idx, extent in step.ranges:
         out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
         indent += "    "
-    body = ["best = -np.inf", "arg = 0", "pos = 0"]
+    return out + [indent + line for line in window_scan(step, printer, "-np.inf")]
+
+
+def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) -> list[str]:
+    """The scan of one output entry's window (every target prints it this way)."""
+    body = [f"best = {minus_infinity}", "arg = 0", "pos = 0"]
     inner = ""
     for idx, extent in step.window:
         body.append(f"{inner}for {idx} in range({extent}):")
@@ -560,4 +565,4 @@ def _(step: WindowArgmax, printer: NumbaPrinter) -> list[str]:
              f"{printer._print(step.target)} = arg"]
     if step.maximum is not None:
         body.append(f"{printer._print(step.maximum)} = best")
-    return out + [indent + line for line in body]
+    return body

@@ -573,7 +573,7 @@ def cublas_gemm(ta: bool, tb: bool, M: int, N: int, K: int, A, B, C, alpha, beta
 
 # -- loop nests for index formulas of any shape (image layers) ------------------------------
 from ..lower_image import BlockGemm, Nest, WindowArgmax  # noqa: E402
-from .cpu import _sum_loops  # noqa: E402
+from .cpu import _sum_loops, window_scan  # noqa: E402
 
 
 def _nest_operands(printer: CudaPrinter, exprs: list, local: set) -> tuple[dict, dict, bool]:
@@ -777,17 +777,7 @@ def _(step: WindowArgmax, printer: CudaPrinter) -> list[str]:
     sizes = [("nb", "int64")] if any(e == N for _, e in step.ranges) else []
     params = sizes + sorted(arrays.items()) + sorted(scalars.items())
     header, inner = _flat_loop(step.ranges, printer)
-    inner += ["best = NEG_INF", "arg = 0", "pos = 0"]
-    indent = ""
-    for idx, extent in step.window:
-        inner.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
-        indent += "    "
-    # Strictly greater: on ties the first maximum in row-major window order wins (PyTorch's rule).
-    inner += [f"{indent}val = {printer.doprint(step.value)}", f"{indent}if val > best:",
-              f"{indent}    best = val", f"{indent}    arg = pos", f"{indent}pos += 1",
-              f"{printer._print(step.target)} = arg"]
-    if step.maximum is not None:
-        inner.append(f"{printer._print(step.maximum)} = best")
+    inner += window_scan(step, printer, "NEG_INF")
     window = ", ".join(f"{idx} < {ext}" for idx, ext in step.window)
     doc = (f"One thread per output entry: {step.target} = the first position (row-major over {window})\n"
            f"    of the window's maximum of {step.value}.")
