@@ -474,7 +474,9 @@ def _lane_sum(printer: NumbaPrinter, acc: sp.Symbol, limits: list, body: sp.Expr
     if printer.target != "CPU" or any(lo != 0 for _, lo, _ in limits) or not as_size(limits[-1][2]).is_Integer:
         return None
     limits = list(limits)
-    if len(limits) >= 2 and _reads_rows(printer, [body], limits[-2][0], limits[-1][0], limits[-1][2] + 1):
+    if (len(limits) >= 2 and as_size(limits[-2][2]).is_Integer
+            and (limits[-2][2] + 1) * (limits[-1][2] + 1) <= LANES_MAX
+            and _reads_rows(printer, [body], limits[-2][0], limits[-1][0], limits[-1][2] + 1)):
         (h_, _, hh), (w_, _, hw) = limits[-2:]
         limits[-2:] = [(w_, 0, (hh + 1) * (hw + 1) - 1)]
         body = body.xreplace({h_: 0})
