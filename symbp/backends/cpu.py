@@ -530,6 +530,12 @@ def _(step: Nest, printer: NumbaPrinter) -> list[str]:
     for idx, extent in step.ranges:
         out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
         indent += "    "
+    return out + [indent + line for line in nest_statements(step, printer)]
+
+
+def nest_statements(step: Nest, printer: NumbaPrinter) -> list[str]:
+    """The statements of one entry of a Nest (its Sums as accumulator loops, a zero-else
+    guard as a conditional expression), for every target's printer."""
     ranges = {idx: (0, ext - 1) for idx, ext in step.ranges}
     body = []
     for target, expr in step.stmts:
@@ -541,7 +547,7 @@ def _(step: Nest, printer: NumbaPrinter) -> list[str]:
         else:
             value = printer.doprint(expr)
         body.append(f"{printer._print(target)} {'+=' if step.accumulate else '='} {value}")
-    return out + [indent + line for line in body]
+    return body
 
 
 @emit.register

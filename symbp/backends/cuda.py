@@ -573,7 +573,7 @@ def cublas_gemm(ta: bool, tb: bool, M: int, N: int, K: int, A, B, C, alpha, beta
 
 # -- loop nests for index formulas of any shape (image layers) ------------------------------
 from ..lower_image import BlockGemm, Nest, WindowArgmax  # noqa: E402
-from .cpu import _sum_loops, window_scan  # noqa: E402
+from .cpu import nest_statements, window_scan  # noqa: E402
 
 
 def _nest_operands(printer: CudaPrinter, exprs: list, local: set) -> tuple[dict, dict, bool]:
@@ -752,16 +752,7 @@ def _(step: Nest, printer: CudaPrinter) -> list[str]:
     params = guard_params + sizes + sorted(arrays.items()) + sorted(scalars.items())
     printer.counter = 0
     header, inner = _flat_loop(step.ranges, printer)
-    ranges = {idx: (0, ext - 1) for idx, ext in step.ranges}
-    for target, expr in step.stmts:
-        pre, expr = _sum_loops(printer, expr, ranges)
-        inner += pre
-        if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].expr == 0:
-            test = " and ".join(f"({c_})" for c_ in sp.And.make_args(expr.args[0].cond))
-            value = f"({printer.doprint(expr.args[0].expr)} if {test} else ZERO)"
-        else:
-            value = printer.doprint(expr)
-        inner.append(f"{printer._print(target)} = {value}")
+    inner += nest_statements(step, printer)  # plain stores: a scatter became a gather above
     doc = f"One thread per output entry{note}, striding over the grid:\n    " + _statements_doc(step.stmts)
     name = printer.kernel(f"{printer.stage}_{written[0]}", params, doc, guard + [header] + ["    " + x for x in inner])
     count = " * ".join(_extent(printer, e) for _, e in step.ranges)
