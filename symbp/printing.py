@@ -235,6 +235,17 @@ def arrange(expr):
         return expr.func(*args)
 
 
+def _signed_sum(printer, first: str, rest) -> str:
+    """``first`` then each further term as ``+ t`` or ``- |t|`` (both printers write sums so)."""
+    out = [first]
+    for term in rest:
+        if _negative(term):
+            out.append("- " + printer.parenthesize(_negate(term), PRECEDENCE["Add"]))
+        else:
+            out.append("+ " + printer.parenthesize(term, PRECEDENCE["Add"], strict=True))
+    return " ".join(out)
+
+
 def _negate(term):
     """−term, keeping the arranged order of a product."""
     if term.is_Mul and term.args[0].is_Number:
@@ -340,13 +351,7 @@ class TextPrinter(StrPrinter):
 
     def _print_Add(self, expr, order=None):
         terms = list(expr.args)
-        out = [self.parenthesize(terms[0], PRECEDENCE["Add"], strict=True)]
-        for term in terms[1:]:
-            if _negative(term):
-                out.append("- " + self.parenthesize(_negate(term), PRECEDENCE["Add"]))
-            else:
-                out.append("+ " + self.parenthesize(term, PRECEDENCE["Add"], strict=True))
-        return " ".join(out)
+        return _signed_sum(self, self.parenthesize(terms[0], PRECEDENCE["Add"], strict=True), terms[1:])
 
     def _product(self, factors) -> str:
         scalars = [f for f in factors if not is_tensor(f)]
@@ -480,13 +485,7 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
 
     def _print_Add(self, expr, order=None):
         terms = list(expr.args)
-        out = [self._print(terms[0])]
-        for term in terms[1:]:
-            if _negative(term):
-                out.append("- " + self.parenthesize(_negate(term), PRECEDENCE["Add"]))
-            else:
-                out.append("+ " + self.parenthesize(term, PRECEDENCE["Add"], strict=True))
-        return " ".join(out)
+        return _signed_sum(self, self._print(terms[0]), terms[1:])
 
     def _product(self, factors) -> str:
         scalars = [f for f in factors if not is_tensor(f)]
