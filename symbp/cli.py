@@ -25,6 +25,17 @@ TRAIN_DEFAULTS = {"data": "digits", "epochs": 20, "batch_size": 32, "lr": 0.1, "
 WALKTHROUGH_KEYS = ("x", "t", "seed", "params")
 
 
+def _table(cfg: dict, name: str, known, path: Path) -> dict:
+    """The spec's ``[name]`` table (empty when absent); any key outside ``known`` is refused."""
+    table = cfg.get(name, {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [{name}] must be a table")
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} in [{name}] (known: {', '.join(known)})")
+    return table
+
+
 def load_spec(path: str | Path) -> dict:
     """Read a TOML spec; errors name the file and the problem."""
     path = Path(path)
@@ -35,18 +46,8 @@ def load_spec(path: str | Path) -> dict:
         raise ValueError(f"spec file {path} does not exist") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"spec file {path} is not valid TOML: {err}") from None
-    train = cfg.get("train", {})
-    if not isinstance(train, dict):
-        raise ValueError(f"{path}: [train] must be a table")
-    unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{path}: unknown key {unknown[0]!r} in [train] (known: {', '.join(TRAIN_DEFAULTS)})")
-    example = cfg.get("walkthrough", {})
-    if not isinstance(example, dict):
-        raise ValueError(f"{path}: [walkthrough] must be a table")
-    unknown = sorted(set(example) - set(WALKTHROUGH_KEYS))
-    if unknown:
-        raise ValueError(f"{path}: unknown key {unknown[0]!r} in [walkthrough] (known: {', '.join(WALKTHROUGH_KEYS)})")
+    _table(cfg, "train", TRAIN_DEFAULTS, path)
+    example = _table(cfg, "walkthrough", WALKTHROUGH_KEYS, path)
     if "params" in example and not isinstance(example["params"], dict):
         raise ValueError(f"{path}: [walkthrough] params must be a table such as params = {{ W1 = [[…]], b1 = […] }}")
     return cfg
