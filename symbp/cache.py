@@ -92,11 +92,7 @@ def write_module(path: Path, source: str) -> None:
     write_atomic(path, body + _CHECKSUM + _checksum(body) + "\n", "generated module")
 
 
-def stamp_of(path: Path) -> str | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
+def _stamp(text: str) -> str | None:
     _, sep, tail = text.rpartition(_STAMP)
     return tail.split("\n", 1)[0].strip() if sep else None
 
@@ -116,7 +112,7 @@ def prune(directory: str | os.PathLike | None = None, everything: bool = False, 
     symbp names (``*.py`` with a checksum line, ``__pycache__/*.nbi|nbc``) are touched.
     ``dry_run``: only report what would go."""
     root = cache_dir(directory)
-    removed, freed, kept = [], 0, 0
+    removed, freed, kept = {}, 0, 0  # removed: path -> None, in the order met
     current = generator_stamp()
 
     def drop(f: Path) -> None:
@@ -129,18 +125,20 @@ def prune(directory: str | os.PathLike | None = None, everything: bool = False, 
                 f.unlink()
         except FileNotFoundError:
             return
-        removed.append(f)
+        removed[f] = None
         freed += size
 
     if not root.is_dir():
         return PruneResult([], 0, 0)
     stems = set()
     for path in sorted(root.glob("*.py")):
-        text_ok = is_intact(path)
-        ours = text_ok or _CHECKSUM in path.read_text(encoding="utf-8", errors="ignore")
-        if not ours:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if _CHECKSUM not in text:
             continue  # not a file symbp wrote: leave it
-        if everything or not text_ok or stamp_of(path) != current:
+        if everything or not _intact(text) or _stamp(text) != current:
             _drop_numba_cache(path, drop)
             drop(path)
         else:
@@ -151,7 +149,7 @@ def prune(directory: str | os.PathLike | None = None, everything: bool = False, 
         for f in sorted(pycache.iterdir()):
             if f.suffix in (".nbi", ".nbc") and f.name.split(".", 1)[0] not in stems:
                 drop(f)
-    return PruneResult(removed, freed, kept)
+    return PruneResult(list(removed), freed, kept)
 
 
 def is_intact(path: Path) -> bool:
@@ -160,6 +158,10 @@ def is_intact(path: Path) -> bool:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
+    return _intact(text)
+
+
+def _intact(text: str) -> bool:
     body, sep, tail = text.rpartition(_CHECKSUM)
     return bool(sep) and tail.strip() == _checksum(body)
 
