@@ -89,6 +89,23 @@ def assert_close(a, b, tol, what=""):
     assert rel_err(a, b) <= tol, f"{what}: relative error {rel_err(a, b):.3g} > {tol:g}"
 
 
+def assert_same_model_outputs(cpu, gpu, X, y):
+    """Loss, gradients, logits, predictions (and probabilities for a classifier), evaluate
+    and score: the CUDA model's equal the CPU model's."""
+    assert_same_loss_and_grads(cpu, gpu, X, y)
+    assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
+    if cpu.network.loss.task in ("multiclass", "binary"):
+        np.testing.assert_array_equal(gpu.predict(X), cpu.predict(X))
+        assert_close(gpu.predict_proba(X), cpu.predict_proba(X), 1e-12, "probabilities")
+    else:
+        assert_close(gpu.predict(X), cpu.predict(X), 1e-12, "predictions")
+    g_loss, g_acc = gpu.evaluate(X, y)
+    c_loss, c_acc = cpu.evaluate(X, y)
+    assert_close(g_loss, c_loss, 1e-10, "evaluate")
+    assert g_acc == c_acc or (np.isnan(g_acc) and np.isnan(c_acc))
+    assert gpu.score(X, y) == pytest.approx(cpu.score(X, y), rel=1e-10)
+
+
 def assert_same_loss_and_grads(cpu, gpu, X, y, tol=1e-10):
     """The CUDA model's loss and every gradient equal the CPU model's (same parameters)."""
     loss, grads = gpu.loss_and_grads(X, y)
@@ -120,19 +137,7 @@ def test_same_results_as_cpu_target(name, compiled, cuda_compiled):
     spec = GRAD_NETS[name]
     cpu, gpu = twins(spec, compiled, cuda_compiled)
     X, y = make_data(spec, n=N_SAMPLES)
-    assert_same_loss_and_grads(cpu, gpu, X, y)
-    assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
-    if spec.loss in ("ce", "bce"):
-        np.testing.assert_array_equal(gpu.predict(X), cpu.predict(X))
-    else:
-        assert_close(gpu.predict(X), cpu.predict(X), 1e-12, "predictions")
-    g_loss, g_acc = gpu.evaluate(X, y)
-    c_loss, c_acc = cpu.evaluate(X, y)
-    assert_close(g_loss, c_loss, 1e-10, "evaluate")
-    assert g_acc == c_acc or (np.isnan(g_acc) and np.isnan(c_acc))
-    assert gpu.score(X, y) == pytest.approx(cpu.score(X, y), rel=1e-10)
-    if spec.loss in ("ce", "bce"):
-        assert_close(gpu.predict_proba(X), cpu.predict_proba(X), 1e-12, "probabilities")
+    assert_same_model_outputs(cpu, gpu, X, y)
 
 
 def test_evaluation_in_chunks(compiled, cuda_compiled, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("numba_cuda", reason="the CUDA target needs numba-cuda (pip install 'symbp[cuda]')")
 
 from _support import cnn, perturb_params, rel_err  # noqa: E402
-from cuda_sim_cases import assert_close, assert_same_loss_and_grads, cuda_compiled, twins  # noqa: E402, F401 - a fixture, and the simulator's fixes
+from cuda_sim_cases import assert_close, assert_same_loss_and_grads, assert_same_model_outputs, cuda_compiled, twins  # noqa: E402, F401 - a fixture, and the simulator's fixes
 
 import symbp as sb  # noqa: E402
 
@@ -28,19 +28,6 @@ def cnn_data(net: sb.Network, n: int = CNN_SAMPLES, seed: int = 0):
     X = rng.normal(size=(n, *net.input_shape))
     y = rng.integers(0, net.outputs, n) if net.loss.task == "multiclass" else rng.normal(size=(n, net.outputs))
     return X, y
-
-
-def assert_same_model_outputs(cpu, gpu, X, y):
-    assert_same_loss_and_grads(cpu, gpu, X, y)
-    assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
-    if cpu.network.loss.task == "multiclass":
-        np.testing.assert_array_equal(gpu.predict(X), cpu.predict(X))
-        assert_close(gpu.predict_proba(X), cpu.predict_proba(X), 1e-12, "probabilities")
-    g_loss, g_acc = gpu.evaluate(X, y)
-    c_loss, c_acc = cpu.evaluate(X, y)
-    assert_close(g_loss, c_loss, 1e-10, "evaluate")
-    assert g_acc == c_acc or (np.isnan(g_acc) and np.isnan(c_acc))
-    assert gpu.score(X, y) == pytest.approx(cpu.score(X, y), rel=1e-10)
 
 
 def test_cnn_same_results_as_cpu_target(compiled, cuda_compiled):

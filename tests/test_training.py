@@ -197,17 +197,23 @@ def test_full_batch_epoch_is_one_gradient_step(compiled, regression_data):
         np.testing.assert_allclose(model.params[key], expected[key], rtol=1e-12, atol=1e-14)
 
 
+def assert_epoch_is_sgd_steps(model, ref, X, t, lr, batch_size):
+    """One unshuffled epoch of ``model.fit`` equals plain steps θ ← θ − lr·∂C/∂θ taken on
+    ``ref`` (same start) with its own gradients, batch by batch, the last one ragged."""
+    for lo in range(0, len(X), batch_size):
+        _, grads = ref.loss_and_grads(X[lo:lo + batch_size], t[lo:lo + batch_size])
+        ref.params = {k: v - lr * grads[k] for k, v in ref.params.items()}
+    model.fit(X, t, optimizer=sb.SGD(lr=lr), batch_size=batch_size, epochs=1, shuffle=False, progress=False)
+    for key in ref.params:
+        np.testing.assert_allclose(model.params[key], ref.params[key], rtol=1e-12, atol=1e-14)
+
+
 def test_minibatch_epoch_is_a_sequence_of_steps(compiled, regression_data):
     """shuffle=False with a ragged last batch: steps on rows [0:64], [64:128], [128:180]."""
     X, t, _, _ = regression_data
     model = compiled(regression_net(), dtype="float64", seed=4)
     ref = compiled(regression_net(), dtype="float64", seed=4)
-    for lo, hi in [(0, 64), (64, 128), (128, 180)]:
-        _, grads = ref.loss_and_grads(X[lo:hi], t[lo:hi])
-        ref.params = {k: v - 0.1 * grads[k] for k, v in ref.params.items()}
-    model.fit(X, t, optimizer=sb.SGD(lr=0.1), batch_size=64, epochs=1, shuffle=False, progress=False)
-    for key in ref.params:
-        np.testing.assert_allclose(model.params[key], ref.params[key], rtol=1e-12, atol=1e-14)
+    assert_epoch_is_sgd_steps(model, ref, X, t, 0.1, 64)
 
 
 def test_sgd_step_with_activated_output_layer(compiled):
@@ -216,12 +222,7 @@ def test_sgd_step_with_activated_output_layer(compiled):
     spec = OUTPUT_ACT_NETS["o1-tanh-softplus-out-mse"]
     X, t = make_data(spec, n=16, seed=12)
     model, ref = compiled(spec, seed=2), compiled(spec, seed=2)
-    for lo, hi in [(0, 10), (10, 16)]:
-        _, grads = ref.loss_and_grads(X[lo:hi], t[lo:hi])
-        ref.params = {k: v - 0.2 * grads[k] for k, v in ref.params.items()}
-    model.fit(X, t, optimizer=sb.SGD(lr=0.2), batch_size=10, epochs=1, shuffle=False, progress=False)
-    for key in ref.params:
-        np.testing.assert_allclose(model.params[key], ref.params[key], rtol=1e-12, atol=1e-14)
+    assert_epoch_is_sgd_steps(model, ref, X, t, 0.2, 10)
 
 
 def test_large_data_sets_are_evaluated_in_chunks(compiled):
