@@ -109,9 +109,4 @@ def test_cnn_float32(compiled, cuda_compiled):
     gpu = cuda_compiled(net, "float32")
     gpu.params = cpu.params
     X, y = cnn_data(net)
-    loss, grads = gpu.loss_and_grads(X, y)
-    ref_loss, ref = cpu.loss_and_grads(X, y)
-    assert_close(loss, ref_loss, 1e-5, "loss")
-    for key in ref:
-        assert grads[key].dtype == np.float32
-        assert_close(grads[key], ref[key], 1e-4, key)
+    assert_same_loss_and_grads(cpu, gpu, X, y, tol=1e-4, loss_tol=1e-5)
