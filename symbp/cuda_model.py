@@ -385,7 +385,7 @@ class CudaModel(Model):
         return float(s[k.S_TOTAL] / n + s[k.S_PENALTY]), self._accuracy(n, s[k.S_CORRECT])
 
     # -- training ----------------------------------------------------------------------
-    def _train_kernels(self, opt: Optimizer):
+    def _load_train_kernels(self, opt: Optimizer):
         """The CUDA training module for ``opt``'s kind (generated on first use, then cached)."""
         key = cache.module_key(f"{self.network.fingerprint()}|{opt.key()}|{self.config.key()}|{_generator_key()}",
                                self.dtype.name, "cuda")

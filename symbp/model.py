@@ -73,6 +73,11 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.params = params
         self._buffers: dict[int, list[np.ndarray]] = {}
+        # Fixed by the generated kernels; every call checks the params against them.
+        self._param_shapes = tuple(net.param_shapes().values())
+        # Training modules by optimizer kind, once loaded: a fit call does not re-read and
+        # re-hash the file on disk (the code that runs is the code already imported).
+        self._train_modules: dict[str, object] = {}
         self._derivation = None
         self.optimizer: Optimizer | None = None
         self.schedule: Schedule | None = None
@@ -83,7 +88,7 @@ class Model:
     # -- plumbing ----------------------------------------------------------------------
     def _param_list(self) -> list[np.ndarray]:
         out = []
-        for name, shape in zip(self.kernels.PARAMS, self.network.param_shapes().values()):
+        for name, shape in zip(self.kernels.PARAMS, self._param_shapes):
             arr = self.params.get(name)
             if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != self.dtype or not arr.flags.c_contiguous:
                 # A user may have assigned a list or a float64 array: bring it back in line.
@@ -214,7 +219,15 @@ class Model:
         return float(r2.mean())
 
     def _train_kernels(self, opt: Optimizer):
-        """The training module for ``opt``'s kind (generated on first use, then cached)."""
+        """The training module for ``opt``'s kind (generated on first use, then cached on
+        disk and in this model)."""
+        kind = opt.key()
+        module = self._train_modules.get(kind)
+        if module is None:
+            module = self._train_modules[kind] = self._load_train_kernels(opt)
+        return module
+
+    def _load_train_kernels(self, opt: Optimizer):
         key = cache.module_key(self.network.fingerprint() + "|" + opt.key(), self.dtype.name, "cpu")
         slug = "".join(c if c.isalnum() else "-" for c in opt.name)
         path = self.source_path.parent / f"{self.network.name}-{self.dtype.name}-{slug}-{key}.py"
@@ -297,18 +310,22 @@ class Model:
                 ws = self._workspace(rows)
                 states = self._state_list(opt)  # created before the snapshot, so it covers them too
                 # Every batch loss so far was finite: if this epoch blows up, come back here.
-                snapshot = ({k: v.copy() for k, v in self.params.items()},
-                            {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
+                # The kernel stops before a bad batch's update, so a one-batch epoch (full-batch
+                # training) has nothing to undo and skips the copy of parameters and state.
+                snapshot = None if n <= batch_size else (
+                    {k: v.copy() for k, v in self.params.items()},
+                    {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
                 total, correct, done, bad = kernels.train_epoch(
                     X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *states, Xb, Tb)
                 opt.step += int(done)
                 if bad >= 0:
-                    params, state, opt.step = snapshot
-                    for k, v in params.items():
-                        self.params[k][...] = v
-                    for p, st in state.items():
-                        for k, v in st.items():
-                            opt.state[p][k][...] = v
+                    if snapshot is not None:
+                        params, state, opt.step = snapshot
+                        for k, v in params.items():
+                            self.params[k][...] = v
+                        for p, st in state.items():
+                            for k, v in st.items():
+                                opt.state[p][k][...] = v
                     raise FloatingPointError(diverged_message(epoch, bad, opt))
                 metrics = self._epoch_metrics(n, total, correct, None if val is None else lambda: self.evaluate(*val), opt)
                 stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)

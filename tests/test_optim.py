@@ -198,6 +198,26 @@ def test_nan_loss_stops_with_last_good_weights(compiled, data):
     assert model.history["loss"] and np.isfinite(model.history["loss"][-1])
 
 
+def test_nan_loss_in_full_batch_training_keeps_the_failing_epochs_start(compiled, data):
+    # One batch per epoch takes no snapshot: the kernel stops before the bad batch's update,
+    # so the model must hold exactly what an unbroken run of the good epochs gives.
+    X, _ = data
+    net = sb.Network(inputs=5, layers=[sb.Dense(4), sb.Dense(3)], loss="mse", name="diverge")
+    target = np.ones((len(X), 3))
+    model = compiled(net, "float64", seed=1)
+    opt = sb.SGD(lr=50.0, momentum=0.5)
+    with pytest.raises(FloatingPointError, match=r"epoch (\d+) \(0-based\), batch 0\b") as err:
+        model.fit(X, target, optimizer=opt, batch_size=len(X), epochs=500, progress=False)
+    bad_epoch = int(err.value.args[0].split("epoch ")[1].split(" ")[0])
+    assert model.epoch == bad_epoch > 1 and opt.step == bad_epoch
+    twin = compiled(net, "float64", seed=1)
+    twin_opt = sb.SGD(lr=50.0, momentum=0.5)
+    twin.fit(X, target, optimizer=twin_opt, batch_size=len(X), epochs=bad_epoch, progress=False)
+    for name, value in twin.params.items():
+        np.testing.assert_array_equal(model.params[name], value)
+        np.testing.assert_array_equal(opt.state[name]["momentum_buffer"], twin_opt.state[name]["momentum_buffer"])
+
+
 def test_save_and_resume_is_bit_for_bit(compiled, data, tmp_path):
     X, y = data
     opt_args = dict(lr=0.05, weight_decay=0.01)
