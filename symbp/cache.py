@@ -65,7 +65,7 @@ _GENERATOR_DIGEST = None
 
 def module_key(fingerprint: str, dtype: str, target: str) -> str:
     """The hash in a module's file name."""
-    parts = [fingerprint, dtype, target, generator_stamp()]
+    parts = [fingerprint, dtype, target, generator_stamp(target)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -73,22 +73,35 @@ def _checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def generator_stamp() -> str:
-    """What of the module key does not depend on the model: symbp's and Numba's versions and
-    the generator's source.  Written into each module so :func:`prune` can tell the files the
-    current symbp would never ask for again."""
+def generator_stamp(target: str = "cpu") -> str:
+    """What of the module key does not depend on the model: symbp's and Numba's versions,
+    the generator's source and, for the CUDA target, numba-cuda's version.  Written into
+    each module so :func:`prune` can tell the files the current symbp would never ask for
+    again."""
     global _GENERATOR_DIGEST
     if _GENERATOR_DIGEST is None:
         _GENERATOR_DIGEST = _generator_digest()
-    return f"symbp={__version__} numba={numba.__version__} generator={_GENERATOR_DIGEST[:16]}"
+    stamp = f"symbp={__version__} numba={numba.__version__} generator={_GENERATOR_DIGEST[:16]}"
+    if target == "cuda":
+        stamp += f" numba-cuda={_numba_cuda_version()}"
+    return stamp
 
 
-def write_module(path: Path, source: str) -> None:
-    """Write ``source``, the generator stamp and a checksum line atomically (a reader sees
-    all or nothing)."""
+def _numba_cuda_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("numba-cuda")
+    except PackageNotFoundError:
+        return "none"
+
+
+def write_module(path: Path, source: str, target: str = "cpu") -> None:
+    """Write ``source``, the target's generator stamp and a checksum line atomically (a
+    reader sees all or nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = source if source.endswith("\n") else source + "\n"
-    body += _STAMP + generator_stamp() + "\n"
+    body += _STAMP + generator_stamp(target) + "\n"
     write_atomic(path, body + _CHECKSUM + _checksum(body) + "\n", "generated module")
 
 
@@ -113,7 +126,7 @@ def prune(directory: str | os.PathLike | None = None, everything: bool = False, 
     ``dry_run``: only report what would go."""
     root = cache_dir(directory)
     removed, freed, kept = {}, 0, 0  # removed: path -> None, in the order met
-    current = generator_stamp()
+    current = {generator_stamp(target) for target in ("cpu", "cuda")}
 
     def drop(f: Path) -> None:
         nonlocal freed
@@ -138,7 +151,7 @@ def prune(directory: str | os.PathLike | None = None, everything: bool = False, 
             continue
         if _CHECKSUM not in text:
             continue  # not a file symbp wrote: leave it
-        if everything or not _intact(text) or _stamp(text) != current:
+        if everything or not _intact(text) or _stamp(text) not in current:
             _drop_numba_cache(path, drop)
             drop(path)
         else:
@@ -196,10 +209,10 @@ def import_module(path: Path) -> ModuleType:
     return module
 
 
-def load_or_generate(path: Path, generate) -> ModuleType:
+def load_or_generate(path: Path, generate, target: str = "cpu") -> ModuleType:
     """Import ``path``; (re)write it first from ``generate()`` if missing or damaged."""
     if not is_intact(path):
         if path.exists():
             _drop_numba_cache(path)
-        write_module(path, generate())
+        write_module(path, generate(), target)
     return import_module(path)

@@ -100,20 +100,6 @@ def _resolve_gemm(config: CudaConfig) -> CudaConfig:
     return config
 
 
-def _generator_key() -> str:
-    """What besides the network decides a CUDA module's text: numba-cuda's version and this
-    target's generator source (``symbp.cache`` hashes the shared generator files)."""
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        numba_cuda = version("numba-cuda")
-    except PackageNotFoundError:
-        numba_cuda = "?"
-    source = (Path(__file__).resolve().parent / "codegen_cuda.py").read_bytes()
-    return f"numba-cuda={numba_cuda}|{hashlib.sha256(source).hexdigest()[:16]}"
-
-
 def compile_cuda(
     net: Network,
     dtype: str = "float32",
@@ -146,7 +132,7 @@ def compile_cuda(
         raise TypeError(f"config must be a symbp.codegen_cuda.CudaConfig, got {type(config).__name__}")
     config = _resolve_gemm(config)
     _check_device(dtype, config)
-    key = cache.module_key(f"{net.fingerprint()}|{config.key()}|{_generator_key()}", dtype, "cuda")
+    key = cache.module_key(f"{net.fingerprint()}|{config.key()}", dtype, "cuda")
     path = cache.cache_dir(cache_dir) / f"{net.name}-{dtype}-cuda-{key}.py"
 
     def generate() -> str:
@@ -155,7 +141,7 @@ def compile_cuda(
 
         return generate_cuda_source(derive(net), dtype, config)
 
-    module = cache.load_or_generate(path, generate)
+    module = cache.load_or_generate(path, generate, "cuda")
     return CudaModel(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)), config)
 
 
@@ -387,7 +373,7 @@ class CudaModel(Model):
     # -- training ----------------------------------------------------------------------
     def _load_train_kernels(self, opt: Optimizer):
         """The CUDA training module for ``opt``'s kind (generated on first use, then cached)."""
-        key = cache.module_key(f"{self.network.fingerprint()}|{opt.key()}|{self.config.key()}|{_generator_key()}",
+        key = cache.module_key(f"{self.network.fingerprint()}|{opt.key()}|{self.config.key()}",
                                self.dtype.name, "cuda")
         slug = "".join(c if c.isalnum() else "-" for c in opt.name)
         path = self.source_path.parent / f"{self.network.name}-{self.dtype.name}-cuda-{slug}-{key}.py"
@@ -398,7 +384,7 @@ class CudaModel(Model):
             return generate_cuda_train_source(self.derivation, self.dtype.name, self.config, opt,
                                               cache.module_name(self.source_path))
 
-        return cache.load_or_generate(path, generate)
+        return cache.load_or_generate(path, generate, "cuda")
 
     def _host_states(self, opt: Optimizer) -> list[np.ndarray]:
         """The optimizer's state in kernel order as host arrays, created on first use."""

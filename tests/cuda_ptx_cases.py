@@ -63,12 +63,12 @@ def modules(tmp_path, name: str, dtype: str, optimizers, config: CudaConfig | No
     config = config or CudaConfig()
     d = derive(cnn() if name == "cnn" else GRAD_NETS[name].build())
     path = tmp_path / f"{name}-{dtype}-{config.gemm}.py"
-    model = cache.load_or_generate(path, lambda: generate_cuda_source(d, dtype, config))
+    model = cache.load_or_generate(path, lambda: generate_cuda_source(d, dtype, config), "cuda")
     out = [model]
     for k, opt in enumerate(optimizers):
         tpath = tmp_path / f"{name}-{dtype}-{config.gemm}-{k}.py"
         out.append(cache.load_or_generate(
-            tpath, lambda opt=opt: generate_cuda_train_source(d, dtype, config, opt, cache.module_name(path))))
+            tpath, lambda opt=opt: generate_cuda_train_source(d, dtype, config, opt, cache.module_name(path)), "cuda"))
     return out
 
 

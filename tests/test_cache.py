@@ -3,6 +3,7 @@ detection of damaged files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -218,11 +219,21 @@ def test_prune_removes_only_what_cannot_come_up_again(tmp_path, capsys):
     live = model.source_path
     compiled = sorted((tmp_path / "__pycache__").glob(f"{live.stem}.*"))
     assert compiled
+    source = live.read_text().rpartition("# symbp-generator: ")[0]
+
+    def stamped(name: str, stamp: str) -> Path:
+        """An intact module (its checksum matches) that carries ``stamp``."""
+        body = source + "# symbp-generator: " + stamp + "\n"
+        path = tmp_path / name
+        path.write_text(body + "# symbp-checksum: " + hashlib.sha256(body.encode()).hexdigest() + "\n")
+        assert cache.is_intact(path)
+        return path
+
     # a module an older generator wrote (its stamp differs), with compiled code of its own
-    old = tmp_path / f"{NAME}-float64-0123456789abcdef.py"
-    text = live.read_text().replace(cache.generator_stamp(), "symbp=0.0.1 numba=0.1 generator=0")
-    cache.write_module(old, text.rpartition("# symbp-generator: ")[0])
-    old.write_text(old.read_text().replace(cache.generator_stamp(), "symbp=0.0.1 numba=0.1 generator=0"))
+    old = stamped(f"{NAME}-float64-0123456789abcdef.py", "symbp=0.0.1 numba=0.1 generator=0")
+    # CUDA modules: one of the installed numba-cuda (kept), one of another version (stale)
+    cuda_live = stamped(f"{NAME}-float32-cuda-00112233.py", cache.generator_stamp("cuda"))
+    cuda_old = stamped(f"{NAME}-float32-cuda-44556677.py", cache.generator_stamp() + " numba-cuda=0.0.1")
     old_nbc = tmp_path / "__pycache__" / f"{old.stem}.predict-1.py311.1.nbc"
     old_nbc.write_bytes(b"x" * 100)
     # a damaged module, an orphaned compiled file, and a file symbp did not write
@@ -235,12 +246,12 @@ def test_prune_removes_only_what_cannot_come_up_again(tmp_path, capsys):
 
     assert main(["cache", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "1 current modules; 4 stale, damaged or orphaned files" in out and "--prune" in out
+    assert "2 current modules; 5 stale, damaged or orphaned files" in out and "--prune" in out
     assert old.is_file() and orphan.is_file()  # only reported
 
     result = cache.prune(tmp_path)
-    assert set(result.removed) == {old, old_nbc, damaged, orphan}
-    assert result.kept == 1 and result.freed > 100
+    assert set(result.removed) == {old, old_nbc, damaged, orphan, cuda_old}
+    assert result.kept == 2 and result.freed > 100 and cuda_live.is_file()
     assert live.is_file() and foreign.is_file() and all(f.is_file() for f in compiled)
     # what is left still loads without regenerating
     before = live.stat().st_mtime_ns
