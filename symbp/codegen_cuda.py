@@ -116,6 +116,8 @@ class CudaBuilder(_Builder):
         pr.extents = dict(self.extents)
         pr.flat = dict(getattr(self, "flat", {}))
         pr.tile = self.config.tile
+        # Symbolic widths -> numbers, for the launch limits checked while printing.
+        pr.sizes = {**{self.d.dims[l]: w for l, w in enumerate(self.d.network.widths)}, **self.d.sizes}
         return pr
 
     def launcher(self, name: str, args: list[str], steps: list, doc: str, kernels: Kernels,

@@ -358,6 +358,25 @@ def test_a_conv_gemm_beyond_the_grid_is_refused_when_generated(session_cache_dir
         compile_cuda(net, config=config, cache_dir=session_cache_dir)
 
 
+def test_a_dense_gemm_beyond_the_grid_is_refused_when_generated(session_cache_dir):
+    """dW1 = δ1ᵀ·X has 65536 columns: with one-wide tiles that is one block too many on y."""
+    net = sb.Network(inputs=65536, layers=[sb.Dense(2)], loss="mse", name="cuda-wide-dense")
+    config = CudaConfig(threads=8, max_blocks=2, cols=4, tile=1, tile_k=1, micro=1)
+    with pytest.raises(ValueError, match=r"GEMM of .*65536 columns need 65536 blocks of TILE = 1 along the grid's y"):
+        compile_cuda(net, config=config, cache_dir=session_cache_dir)
+
+
+def test_a_wide_feature_map_is_not_a_gemm_width(session_cache_dir):
+    """4 maps of 128×128 make a layer 65536 wide, but no GEMM has that many columns (the conv's
+    per sample has 16384, the Dense reads 4·64·64): the model is not refused at launch."""
+    net = sb.Network(inputs=(1, 130, 130), layers=[sb.Conv2D(4, 3), sb.MaxPool2D(2), sb.Flatten(), sb.Dense(2)],
+                     name="cuda-wide-maps")
+    config = CudaConfig(threads=8, max_blocks=2, cols=4, tile=1, tile_k=1, micro=1)
+    model = compile_cuda(net, config=config, cache_dir=session_cache_dir)
+    assert max(net.widths) == 65536
+    model._check_launch(4)
+
+
 def test_batch_beyond_launch_limits(cuda_compiled, monkeypatch):
     spec = GRAD_NETS["g1-tanh-sigmoid-ce"]
     model = cuda_compiled(spec)

@@ -392,6 +392,22 @@ def _(step: ColSum, printer: CudaPrinter) -> list[str]:
     return [f"{name}[col_blocks({cols}), THREADS]({_launch_args(params)})"]
 
 
+def _check_grid_y(printer: CudaPrinter, cols, formula, what: str) -> None:
+    """A GEMM's columns (never the batch) lie on the grid's y axis, which CUDA caps at
+    65535 blocks: a GEMM beyond it is refused when generated, not at launch."""
+    if hasattr(cols, "subs"):
+        cols = cols.subs(getattr(printer, "sizes", {}))
+    try:
+        cols = int(cols)
+    except TypeError:
+        return  # still symbolic: not a size this network fixes
+    tile = getattr(printer, "tile", 1)
+    if -(-cols // tile) > 65535:
+        raise ValueError(f"the CUDA target cannot launch the {what} of {formula}: its {cols} columns "
+                         f"need {-(-cols // tile)} blocks of TILE = {tile} along the grid's y axis; CUDA allows 65535 "
+                         "(generate with a larger CudaConfig(tile=...))")
+
+
 @emit.register
 def _(step: Gemm, printer: CudaPrinter) -> list[str]:
     a, b, out = printer.array(step.a), printer.array(step.b), printer.array(step.out)
@@ -401,6 +417,8 @@ def _(step: Gemm, printer: CudaPrinter) -> list[str]:
         raise NotImplementedError(f"the CUDA backend does not know the shape of {err.args[0]} (in {step.formula})") from None
     m, k = shape_a[::-1] if step.ta else shape_a
     n = shape_b[0] if step.tb else shape_b[1]
+    if printer.gemm_backend != "cublas":
+        _check_grid_y(printer, n, step.formula, "GEMM")
     m, n, k = (_extent(printer, e) for e in (m, n, k))
     alpha, beta = (printer.doprint(v) if v in (0, 1) else f"FT({printer.doprint(v)})" for v in (step.alpha, step.beta))
     guarded = out in printer.guarded
@@ -783,11 +801,7 @@ def _(step: BlockGemm, printer: CudaPrinter) -> list[str]:
     (ra, ca), (rb, cb), (ro, co) = ((int(r_), int(c_)) for r_, c_ in step.shapes)
     m, k = (ca, ra) if step.ta else (ra, ca)
     n_ = rb if step.tb else cb
-    tile = getattr(printer, "tile", 1)
-    if -(-n_ // tile) > 65535:
-        raise ValueError(f"the CUDA target cannot launch the GEMM per sample of {step.formula}: its {n_} columns "
-                         f"need {-(-n_ // tile)} blocks of TILE = {tile} along the grid's y axis; CUDA allows 65535 "
-                         "(generate with a larger CudaConfig(tile=...))")
+    _check_grid_y(printer, n_, step.formula, "GEMM per sample")
     # (samples, rows, cols) views of the flat buffers; a weight is one matrix for every sample
     views = [f"{x_}.reshape({x_}.shape[0], {r_}, {c_})" if per else f"{x_}.reshape(1, {r_}, {c_})"
              for x_, per, (r_, c_) in zip(names, step.per_sample, ((ra, ca), (rb, cb), (ro, co)))]
