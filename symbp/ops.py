@@ -111,15 +111,43 @@ def canonicalize(expr: sp.Expr) -> sp.Expr:
     return expr
 
 
+def _pairs(expr: sp.Expr, match, fold) -> sp.Expr:
+    """Replace, in every product, the first pair of factors ``match(f, factors)`` finds (it
+    returns the partner of ``f``, or None) by ``fold(f)``."""
+    def partner(e):
+        return next(((f, g) for f in e.args if (g := match(f, e.args)) is not None), None) if e.is_Mul else None
+
+    def value(e):
+        f, g = partner(e)
+        rest = list(e.args)
+        rest.remove(f)
+        rest.remove(g)
+        return sp.Mul(*rest) * fold(f)
+
+    return expr.replace(lambda e: partner(e) is not None, value)
+
+
+def fold_identities(expr: sp.Expr) -> sp.Expr:
+    """Two identities SymPy's ``simplify`` does not apply, so that a derivative reads the
+    textbook way: x·sign(x) = |x| (softsign's derivative becomes 1/(1 + |x|)²) and
+    eˣ·σ(−x) = σ(x) (Mish's), which also keeps the kernel off eˣ's overflow."""
+    expr = _pairs(expr, lambda f, fs: f.args[0] if isinstance(f, sp.sign) and f.args[0] in fs else None,
+                  lambda f: sp.Abs(f.args[0]))
+    return _pairs(expr, lambda f, fs: sigmoid(-f.args[0]) if isinstance(f, sp.exp) and sigmoid(-f.args[0]) in fs else None,
+                  lambda f: sigmoid(f.args[0]))
+
+
 def simplest(expr: sp.Expr) -> sp.Expr:
     """The shortest of a few equivalent forms: SymPy's ``simplify`` alone sometimes expands
     a textbook product (σ(1 − σ)) into something longer."""
-    candidates = [expr]
-    for transform in (sp.factor_terms, sp.simplify):
-        try:
-            candidates.append(canonicalize(transform(expr)))
-        except Exception:  # noqa: BLE001 - a failed simplification just leaves a candidate out
-            continue
+    tidy = fold_identities(canonicalize(expr))
+    candidates = [expr, tidy]
+    for start in (expr, tidy) if tidy != expr else (expr,):
+        for transform in (sp.factor_terms, sp.simplify, sp.together):
+            try:
+                candidates.append(fold_identities(canonicalize(transform(start))))
+            except Exception:  # noqa: BLE001 - a failed simplification just leaves a candidate out
+                continue
     # Ties go to the earliest candidate: SymPy's own derivative is usually the textbook form.
     return min(candidates, key=lambda e: sp.count_ops(e))
 

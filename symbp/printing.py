@@ -257,8 +257,9 @@ def _negate(term):
 
 
 def _mul_parts(expr) -> tuple[bool, list, list]:
-    """(negative, numerator factors, denominator factors) of a product, order kept."""
-    factors = list(expr.args)
+    """(negative, numerator factors, denominator factors) of a product, order kept.  A lone
+    power with a negative exponent (SymPy keeps 1/x² a Pow, not a Mul) is a one-factor product."""
+    factors = list(expr.args) if expr.is_Mul else [expr]
     negative = False
     if factors and factors[0].is_Number and factors[0] < 0:
         negative = True
@@ -393,6 +394,9 @@ class TextPrinter(StrPrinter):
 
     def _print_sigmoid(self, expr):
         return "σ(%s)" % self._print(expr.args[0])
+
+    def _print_Abs(self, expr):
+        return "|%s|" % self._print(expr.args[0])
 
     def _print_Heaviside(self, expr):
         return "H(%s)" % self._print(expr.args[0])
