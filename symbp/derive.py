@@ -257,8 +257,10 @@ class Derivation:
 
     def _derive_loss(self) -> LossDerivation:
         K = self.dims[-1]
-        y = sp.IndexedBase("y", shape=(N, K))
-        t = sp.IndexedBase("t", shape=(N, K))
+        # Real, as the scalar template's y and t are: otherwise SymPy differentiates |y − t|
+        # through re() and im() and an L1 loss has no kernel.
+        y = sp.IndexedBase("y", shape=(N, K), real=True)
+        t = sp.IndexedBase("t", shape=(N, K), real=True)
         per_sample = self.network.loss.per_sample(y, t, K)
         grad = resolve(sp.diff(per_sample, y[n, p]), {p: (0, K - 1), n: (0, N - 1)})
         definitions = {}

@@ -39,6 +39,7 @@ LOSSES: dict[str, str] = {
     "mse": "mse",
     "bce": "binary_cross_entropy",
     "logcosh": "log(cosh(y - t))",
+    "l1": "abs(y - t)",  # mean absolute error, a custom formula
 }
 
 
@@ -66,7 +67,7 @@ class NetSpec:
 
 
 # Every activation appears in a hidden layer of one net without l2 and one net with l2, and
-# every loss in one net of each kind: 8 networks cover activations x losses x {l2, no l2}.
+# every loss in one net of each kind: 10 networks cover activations x losses x {l2, no l2}.
 GRAD_NETS: dict[str, NetSpec] = {s.name: s for s in [
     NetSpec("g1-tanh-sigmoid-ce", 5, ((4, "tanh"), (5, "sigmoid"), (3, "identity")), "ce", 0.0),
     NetSpec("g2-relu-leaky-mse", 5, ((6, "relu"), (4, "leaky_relu"), (3, "identity")), "mse", 0.0),
@@ -76,6 +77,8 @@ GRAD_NETS: dict[str, NetSpec] = {s.name: s for s in [
     NetSpec("g6-leaky-elu-logcosh-l2", 5, ((5, "leaky_relu_default"), (4, "elu"), (3, "identity")), "logcosh", 0.3),
     NetSpec("g7-softplus-mish-ce-l2", 5, ((4, "softplus"), (5, "mish"), (3, "identity")), "ce", 0.3),
     NetSpec("g8-swishsym-tanh-mse-l2", 5, ((5, "swish_sympy"), (4, "tanh"), (3, "identity")), "mse", 0.3),
+    NetSpec("g9-tanh-l1", 5, ((4, "tanh"), (3, "identity")), "l1", 0.0),
+    NetSpec("g10-relu-l1-l2", 5, ((4, "relu"), (3, "identity")), "l1", 0.3),
 ]}
 
 
@@ -180,6 +183,8 @@ def _torch_loss(key: str, out, y):
         return F.binary_cross_entropy_with_logits(out, t)
     if key == "logcosh":
         return torch.log(torch.cosh(out - t)).mean()
+    if key == "l1":
+        return F.l1_loss(out, t)
     raise KeyError(key)
 
 
