@@ -389,7 +389,7 @@ class TextPrinter(StrPrinter):
         if e.is_Integer and 1 < int(e) < 10:
             return b + str(int(e)).translate(_SUP)
         if e == sp.S.Half:
-            return "√(%s)" % self._print(base)
+            return ("√%s" if base.is_Atom else "√(%s)") % self._print(base)
         return "%s^%s" % (b, self.parenthesize(e, PRECEDENCE["Pow"], strict=False))
 
     def _print_sigmoid(self, expr):
@@ -397,6 +397,9 @@ class TextPrinter(StrPrinter):
 
     def _print_Abs(self, expr):
         return "|%s|" % self._print(expr.args[0])
+
+    def _print_Pi(self, expr):
+        return "π"
 
     def _print_Heaviside(self, expr):
         return "H(%s)" % self._print(expr.args[0])

@@ -105,6 +105,7 @@ def test_sections_come_in_lecture_order(digits):
     ("z*sigmoid(z)", "f′(z) = σ(z)·(z·(1 - σ(z)) + 1)"),  # a custom formula, simplified
     ("z*tanh(log(1 + exp(z)))", "f′(z) = z·σ(z)/cosh(softplus(z))² + tanh(softplus(z))"),  # mish
     ("z/(1 + abs(z))", "f′(z) = 1/(|z| + 1)²"),  # softsign: z·sign(z) folds to |z|; a lone 1/x² prints as one
+    ("erf(z)", "f′(z) = 2·exp(-z²)/√π"),
 ])
 def test_activation_derivatives_read_the_textbook_way(activation, derivative):
     net = sb.Network(inputs=3, layers=[sb.Dense(2, activation=activation), sb.Dense(2)], loss="mse")
