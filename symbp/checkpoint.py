@@ -36,6 +36,9 @@ def _digest(meta: dict, arrays: dict[str, np.ndarray]) -> str:
 def save(model, path) -> Path:
     """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history)."""
     path = Path(path)
+    if path.is_dir():
+        # np.savez would write "<dir>.npz" beside it: not what a directory was given for.
+        raise ValueError(f"checkpoint path {path} is a directory: give a file name, e.g. {path / 'model.npz'}")
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     arrays = {f"param/{k}": v for k, v in model.params.items()}

@@ -292,6 +292,15 @@ def test_crash_mid_save_keeps_previous_checkpoint(compiled, data, tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]  # no temporary left behind
 
 
+def test_checkpoint_path_that_is_a_directory_is_refused(compiled, tmp_path):
+    model = compiled(NET, "float64")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match=r"runs is a directory: give a file name, e\.g\. .*runs/model\.npz"):
+        model.save(tmp_path / "runs")
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
+    assert model.save(tmp_path / "runs" / "m").name == "m.npz"  # a name without .npz gets it
+
+
 def test_history_plot_writes_png(compiled, data, tmp_path):
     pytest.importorskip("matplotlib")
     X, y = data
