@@ -98,9 +98,7 @@ def _train(args) -> int:
     start = time.perf_counter()
     net = network_from_spec(cfg)
     Xtr, Xte, ytr, yte = load_data(opts["data"], opts["seed"], opts["test_size"])
-    if args.optimizer is not None:
-        opts["optimizer"], opts["optimizer_params"] = parse_optimizer(args.optimizer)
-    optimizer = make_optimizer(opts["optimizer"], {"lr": opts["lr"], **opts["optimizer_params"]})
+    optimizer = spec_optimizer({"train": opts}, args.optimizer, always=True)
     model = sb.compile(net, dtype=opts["dtype"], seed=opts["seed"])
     history = model.fit(Xtr, ytr, optimizer=optimizer, batch_size=opts["batch_size"],
                         epochs=opts["epochs"], validation_data=(Xte, yte), seed=opts["seed"], progress=not args.quiet)
@@ -119,6 +117,17 @@ def _train(args) -> int:
     print(f"held-out score: {model.score(Xte, yte):.4f}  ({len(yte)} samples)")
     print(f"time: {elapsed:.1f} s (derive, generate, JIT and {opts['epochs']} epochs)")
     return 0
+
+
+def spec_optimizer(cfg: dict, text: str | None, always: bool = False):
+    """The optimizer ``symbp train`` runs for this spec: ``text`` (``--optimizer``) or the
+    [train] table's, with its lr; None when neither names one, unless ``always``."""
+    opts = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
+    if text is None and "optimizer" not in cfg.get("train", {}) and not always:
+        return None
+    if text is not None:
+        opts["optimizer"], opts["optimizer_params"] = parse_optimizer(text)
+    return make_optimizer(opts["optimizer"], {"lr": opts["lr"], **opts["optimizer_params"]})
 
 
 def make_optimizer(name: str, params: dict):
@@ -178,8 +187,9 @@ def _explain(args) -> int:
     import symbp as sb
     from symbp.explain import build
 
-    net = network_from_spec(load_spec(args.spec))
-    doc = build(sb.derive(net), scalar=args.scalar)
+    cfg = load_spec(args.spec)
+    net = network_from_spec(cfg)
+    doc = build(sb.derive(net), scalar=args.scalar, optimizer=spec_optimizer(cfg, args.optimizer))
     out = {"text": doc.text, "markdown": doc.markdown, "latex": lambda: doc.latex(args.standalone)}[args.format]()
     if args.output:
         from symbp._output import check_output_path, write_atomic
@@ -253,7 +263,8 @@ def _report(args) -> int:
     net = network_from_spec(cfg)
     output = args.output or f"{Path(args.spec).stem}.html"
     example = _example(cfg, args)
-    report(net, output, dtype=args.dtype, graph=False if args.no_graph else "auto", **example)
+    report(net, output, dtype=args.dtype, graph=False if args.no_graph else "auto",
+           optimizer=spec_optimizer(cfg, args.optimizer), **example)
     print(f"wrote {output}")
     return 0
 
@@ -306,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                "(layers of at most 10 units)")
     explain.add_argument("--standalone", action="store_true", help="LaTeX: a complete document")
     explain.add_argument("-o", "--output", help="write to this file instead of printing")
+    explain.add_argument("--optimizer", help='also its update rule, e.g. "adam" or "sgd:momentum=0.9" (lr from the '
+                                             "spec's [train] table); by default the [train] table's optimizer, if any")
     explain.set_defaults(func=_explain)
     walk = sub.add_parser("walkthrough", help="one sample's values, deltas and gradients, each checked against "
                                               "finite differences")
@@ -328,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("spec")
     rep.add_argument("-o", "--output", help="the page (.html); default: SPEC's name with .html, here")
     rep.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    rep.add_argument("--optimizer", help="also its update rule (as for explain)")
     rep.add_argument("--no-graph", dest="no_graph", action="store_true", help="leave the graph out")
     _add_example_flags(rep)
     rep.set_defaults(func=_report)

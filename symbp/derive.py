@@ -366,25 +366,26 @@ class Derivation:
         return resolve(upstream, rng).subs(q, p)
 
     # -- reading ---------------------------------------------------------------------
-    def explain(self, scalar: bool = False) -> str:
+    def explain(self, scalar: bool = False, optimizer=None) -> str:
         """Plain-text explanation: the forward pass, the loss, then from the output layer back
         each layer's local derivatives, δ and parameter gradients, with shapes; ``scalar=True``
-        adds every neuron's formulas with named weights (small networks)."""
+        adds every neuron's formulas with named weights (small networks); ``optimizer``
+        (``sb.Adam()``, …) adds its update rule, as the training kernels run it."""
         from .explain import build
 
-        return build(self, scalar).text()
+        return build(self, scalar, optimizer).text()
 
-    def latex(self, scalar: bool = False, standalone: bool = False) -> str:
+    def latex(self, scalar: bool = False, standalone: bool = False, optimizer=None) -> str:
         """The explanation as LaTeX (``align*`` blocks; ``standalone=True``: a full document)."""
         from .explain import build
 
-        return build(self, scalar).latex(standalone)
+        return build(self, scalar, optimizer).latex(standalone)
 
-    def markdown(self, scalar: bool = False) -> str:
+    def markdown(self, scalar: bool = False, optimizer=None) -> str:
         """The explanation as Markdown with ``$$`` LaTeX math blocks."""
         from .explain import build
 
-        return build(self, scalar).markdown()
+        return build(self, scalar, optimizer).markdown()
 
     def __repr__(self) -> str:
         return f"Derivation({self.network!r})"

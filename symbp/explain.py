@@ -51,7 +51,7 @@ def fmt(expr) -> str:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Equation:
-    """``parts[0] = parts[1] = …``, all SymPy expressions.
+    """``parts[0] = parts[1] = …`` (or ``parts[0] ← parts[1]``), all SymPy expressions.
 
     ``shape`` is the shape of the left-hand side as text (``"(N, 64)"``), ``note`` a short
     remark (Unicode; the LaTeX renderer translates its few math characters), ``quantity``
@@ -63,6 +63,7 @@ class Equation:
     shape: str | None = None
     note: str = ""
     quantity: tuple = ()
+    relation: str = "="  # between parts[0] and parts[1]: "←" for an update statement
 
 
 @dataclass
@@ -251,7 +252,7 @@ def _vector_eq(lhs, index_expr, free, shape, quantity, note="") -> Equation | No
     return None if vf is None else Equation([lhs, vf], shape, note, quantity)
 
 
-def build(d, scalar: bool = False) -> Explanation:
+def build(d, scalar: bool = False, optimizer=None) -> Explanation:
     """Lay out the derivation ``d`` for reading (see the module docstring).
 
     Parameters
@@ -260,11 +261,24 @@ def build(d, scalar: bool = False) -> Explanation:
     scalar : bool
         Add the scalar view (every unit and weight named); the network must have at most
         :data:`MAX_SCALAR_UNITS` units in its input and in every layer.
+    optimizer : Optimizer, optional
+        Add its update rule (the statements the training kernels fuse into the backward pass).
     """
     from .derive import Derivation
+    from .optim import Optimizer
 
     if not isinstance(d, Derivation):
         raise TypeError(f"expected a symbp Derivation (from sb.derive(net)), got {type(d).__name__}")
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a symbp optimizer such as sb.Adam(), got {type(optimizer).__name__}")
+    doc = _build(d, scalar)
+    if optimizer is not None:
+        doc.sections.append(_update_section(d, optimizer))
+        doc.legend.append("θ ← e replaces θ by the value of e; the statements of an update rule run in order.")
+    return doc
+
+
+def _build(d, scalar: bool) -> Explanation:
     net = d.network
     widths = net.widths
     L = len(d.layers)
@@ -430,6 +444,25 @@ def _l2_section(d) -> Section:
     block = Block("Its contribution to every weight gradient")
     block.equations.append(Equation([Partial(half_norm, W[p, q]), d.loss.l2_term], "like W",
                                     quantity=("l2",)))
+    sec.blocks.append(block)
+    return sec
+
+
+def _update_section(d, opt) -> Section:
+    """The optimizer's update statements: ``opt.formulas()``, the rules the training module's
+    kernels are generated from (there over each parameter's entries, here over θ and g)."""
+    names = ", ".join(d.network.param_shapes())
+    settings = ", ".join(f"{fmt(sp.Symbol(k))} = {v:g}" for k, v in opt.hyper.items())
+    state = ", ".join(fmt(sp.Symbol(s_)) for s_ in opt.state_names)
+    intro = (f"After the backward pass, every parameter θ ({names}) with its gradient g = ∂C/∂θ takes this step, "
+             f"fused into the same generated kernel; t counts the steps from 1. Settings: {settings}.")
+    if state:
+        intro += (f" State per parameter, shaped like it: {state} (opt.state[name]), starting at "
+                  + ", ".join(f"{opt.state_init(s_):g}" for s_ in opt.state_names) + ".")
+    sec = Section(f"Update rule: {opt.describe()}", anchor="update", intro=intro)
+    block = Block("One step, in order")
+    for target, value in opt.formulas():
+        block.equations.append(Equation([target, value], "like θ", quantity=("update", str(target)), relation="←"))
     sec.blocks.append(block)
     return sec
 
@@ -872,7 +905,7 @@ def _render_text(doc: Explanation) -> str:
         for block in section.blocks:
             out.append("  " + block.title)
             out += ["    " + line for line in block.lines]
-            lines = [" = ".join(fmt(part) for part in eq.parts) for eq in block.equations]
+            lines = [_joined(eq, fmt) for eq in block.equations]
             col = min(max((len(s) for s in lines), default=0), _TEXT_COLUMN)
             for s, eq in zip(lines, block.equations):
                 tail = "  ".join(x for x in (eq.shape or "", eq.note) if x)
@@ -884,6 +917,12 @@ def _render_text(doc: Explanation) -> str:
                     out += ["    " + s, "    " + " " * (col + 4) + tail]
     out += ["", "Notation"] + ["  " + line for line in doc.legend]
     return "\n".join(out)
+
+
+def _joined(eq: Equation, show) -> str:
+    """``lhs = rhs = …`` (or ``lhs ← rhs``) with each part printed by ``show``."""
+    parts = [show(part) for part in eq.parts]
+    return " ".join([parts[0], eq.relation, " = ".join(parts[1:])]) if len(parts) > 1 else parts[0]
 
 
 def explain_text(d, scalar: bool = False) -> str:
@@ -901,7 +940,8 @@ _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
 _TEX_MATH = {"≤": r"\le", "⌊": r"\lfloor", "⌋": r"\rfloor", "−": "-",
              "δ": r"\delta", "λ": r"\lambda", "∂": r"\partial", "Σ": r"\Sigma", "ℓ": r"\ell", "σ": r"\sigma",
              "ᵀ": r"^{\top}", "⊙": r"\odot", "→": r"\to", "‖": r"\|", "·": r"\cdot", "′": "'", "…": r"\dots",
-             "×": r"\times", "⁰": "^0", "¹": "^1", "²": "^2", **{chr(0x2080 + k): f"_{k}" for k in range(10)}}
+             "×": r"\times", "θ": r"\theta", "β": r"\beta", "α": r"\alpha", "γ": r"\gamma", "ε": r"\epsilon",
+             "←": r"\leftarrow", "√": r"\surd", "⁰": "^0", "¹": "^1", "²": "^2", **{chr(0x2080 + k): f"_{k}" for k in range(10)}}
 
 
 def _tex_text(s: str) -> str:
@@ -929,7 +969,7 @@ def latex_equation(eq: Equation, ascii_only: bool = True) -> str:
     ``ascii_only`` puts the note's math characters in math mode (for pdflatex); otherwise
     they stay Unicode, which MathJax and KaTeX show as they are (Markdown)."""
     parts = [latex(part) for part in eq.parts]
-    row = parts[0] + " &= " + " = ".join(parts[1:])
+    row = parts[0] + (r" &\leftarrow " if eq.relation == "←" else " &= ") + " = ".join(parts[1:])
     tail = ", ".join(x for x in (eq.shape, eq.note) if x)
     if tail:
         text = _tex_text(tail) if ascii_only else "".join(_TEX_SPECIAL.get(c, c) for c in tail)

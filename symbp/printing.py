@@ -286,11 +286,31 @@ _LAYERED = re.compile(r"^(delta|W|b|z|a|xpad|gxpad|gy|y|m|g)(\d+)$")
 _SUBSCRIPTED = re.compile(r"^([A-Za-z]+)_(\d+)$")
 _SUB = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 _SUP = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
-_UNICODE = {"delta": "δ", "lambda": "λ", "ell": "ℓ", "sigma": "σ", "eta": "η", "xpad": "x̃", "gxpad": "gx̃"}
-_LATEX = {"delta": r"\delta", "lambda": r"\lambda", "ell": r"\ell", "sigma": r"\sigma", "eta": r"\eta",
+_UNICODE = {"delta": "δ", "lambda": "λ", "ell": "ℓ", "sigma": "σ", "eta": "η", "xpad": "x̃", "gxpad": "gx̃",
+            "theta": "θ", "alpha": "α", "beta": "β", "gamma": "γ", "eps": "ε"}
+_LATEX = {"delta": r"\delta", "lambda": r"\lambda", "ell": r"\ell", "sigma": r"\sigma", "eta": r"\eta", "eps": r"\epsilon",
           "xpad": r"\tilde{x}", "gxpad": r"{g_{\tilde{x}}}", "gy": r"{g_{y}}",
           "softmax": r"\operatorname{softmax}", "tanh": r"\tanh"}
 _ACTIVATION_NAMES = {"sigmoid": "sigma"}  # activation name -> the letter its derivative reads with
+
+
+_GREEK_INDEXED = re.compile(r"^(theta|alpha|beta|gamma|eps)(\d+)$")  # an optimizer's beta1, beta2
+
+
+def word_parts(name: str) -> tuple[str, str, str] | None:
+    """How a multi-letter symbol name reads, as (head, separator, tail): ``beta1`` → β with
+    subscript 1 (``"_"``), ``exp_avg`` → one upright word (``"word"``), ``theta_decayed`` →
+    θ with the word ``decayed`` as subscript (``"_word"``); None for every other name (the
+    printers' own rules: ``d_1``, single letters, names SymPy knows)."""
+    m = _GREEK_INDEXED.match(name)
+    if m:
+        return _UNICODE[m.group(1)], "_", m.group(2)
+    head, sep, tail = name.partition("_")
+    if not sep or len(head) < 2 or tail.isdigit():
+        return None
+    if head in _UNICODE:
+        return head, "_word", tail
+    return name, "word", ""
 
 
 def split_label(label: str) -> tuple[str, int | None]:
@@ -334,6 +354,12 @@ class TextPrinter(StrPrinter):
         m = _SUBSCRIPTED.match(name)
         if m:
             return _UNICODE.get(m.group(1), m.group(1)) + m.group(2).translate(_SUB)
+        parts = word_parts(name)
+        if parts is not None:
+            head, kind, tail = parts
+            if kind == "_":
+                return head + tail.translate(_SUB)
+            return _UNICODE[head] + "_" + tail if kind == "_word" else head
         return name
 
     def _print_IndexedBase(self, expr):
@@ -400,6 +426,12 @@ class TextPrinter(StrPrinter):
 
     def _print_Pi(self, expr):
         return "π"
+
+    def _print_Max(self, expr):
+        return "max(%s)" % ", ".join(self._print(a) for a in expr.args)
+
+    def _print_Min(self, expr):
+        return "min(%s)" % ", ".join(self._print(a) for a in expr.args)
 
     def _print_Heaviside(self, expr):
         return "H(%s)" % self._print(expr.args[0])
@@ -488,6 +520,11 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
     def _print_Symbol(self, expr, style="plain"):
         if expr.name in _LATEX:
             return _LATEX[expr.name]
+        parts = word_parts(expr.name)
+        if parts is not None and parts[1] != "_":  # beta1: SymPy's own \beta_{1}
+            head, kind, tail = parts
+            word = r"\mathrm{%s}" % (tail if kind == "_word" else head).replace("_", r"\_")
+            return r"\%s_{%s}" % (head, word) if kind == "_word" else word
         return super()._print_Symbol(expr, style=style)
 
     def _print_Add(self, expr, order=None):
@@ -693,6 +730,14 @@ class MathMLPrinter(MathMLPresentationPrinter):
             return self._el("msub", self._name(m.group(1)), self._el("mn", text=m.group(2)))
         if sym.name in _UNICODE:
             return self._mi(_UNICODE[sym.name])
+        parts = word_parts(sym.name)
+        if parts is not None:
+            head, kind, tail = parts
+            if kind == "_":
+                return self._el("msub", self._mi(head), self._el("mn", text=tail))
+            if kind == "_word":
+                return self._el("msub", self._mi(_UNICODE[head]), self._mi(tail, mathvariant="normal"))
+            return self._mi(head, mathvariant="normal")
         return super()._print_Symbol(sym, style=style)
 
     def _print_IndexedBase(self, expr):

@@ -256,7 +256,8 @@ def _snippet_html(snippet: KernelSnippet, filename: str) -> str:
 def _math(eq: Equation, display: str = "block") -> str:
     pr = MathMLPrinter()
     parts = [pr.doprint(part) for part in eq.parts]
-    inner = '<mo>=</mo>'.join(parts)
+    inner = '<mo>=</mo>'.join(parts[1:])
+    inner = parts[0] + ("<mo>&#8592;</mo>" if eq.relation == "←" else "<mo>=</mo>") + inner if len(parts) > 1 else parts[0]
     return f'<math xmlns="http://www.w3.org/1998/Math/MathML" display="{display}"><mrow>{inner}</mrow></math>'
 
 
@@ -371,6 +372,7 @@ def report(
     seed: int | None = 0,
     graph: bool | str = "auto",
     cache_dir=None,
+    optimizer=None,
 ) -> str:
     """The HTML report of a network; written to ``path`` (atomically) when given.
 
@@ -387,6 +389,8 @@ def report(
     graph : bool or "auto"
         Include the computational graph (needs Graphviz's ``dot``); ``"auto"`` includes it
         when ``dot`` is installed and says on the page why it is missing otherwise.
+    optimizer : Optimizer, optional
+        Show its update rule; by default a trained model's own optimizer, if it has one.
 
     Returns
     -------
@@ -420,7 +424,7 @@ def report(
 
     dense = all(isinstance(layer, Dense) for layer in net.layers)
     scalar = dense and max(net.widths) <= MAX_SCALAR_UNITS
-    doc = build(d, scalar=scalar)
+    doc = build(d, scalar=scalar, optimizer=optimizer if optimizer is not None else getattr(model, "optimizer", None))
     source_text = model.source_path.read_text(encoding="utf-8")
     filename = f"{model.source_path.parent.name}/{model.source_path.name}"
     namespace = getattr(model, "kernels", None)

@@ -260,7 +260,7 @@ def test_latex_activation_derivative():
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (texlive-latex-base)")
 def test_standalone_latex_compiles(classic, tmp_path):
-    tex = classic.latex(scalar=True, standalone=True)
+    tex = classic.latex(scalar=True, standalone=True, optimizer=sb.AdamW(amsgrad=True))  # every optimizer symbol
     assert tex.startswith(r"\documentclass")
     (tmp_path / "doc.tex").write_text(tex, encoding="ascii")
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
@@ -281,6 +281,56 @@ def test_markdown_has_tables_headings_and_math_blocks(digits):
     blocks = re.findall(r"^\$\$\n\\begin\{aligned\}\n(.*?)\n\\end\{aligned\}\n\$\$$", md, re.M | re.S)
     assert len(blocks) == md.count("\\begin{aligned}") >= 8
     assert any(r"\delta^{(2)}_{np} &= \frac{1}{N} \frac{\partial \ell_{n}}{\partial y_{np}}" in b for b in blocks)
+
+
+@pytest.mark.parametrize("opt", [sb.Adam(lr=0.01, weight_decay=0.1, amsgrad=True),
+                                 sb.SGD(lr=0.1, momentum=0.9, nesterov=True),
+                                 sb.FormulaOptimizer("theta - lr*m", state={"m": "beta*m + g"}, lr=0.1, beta=0.9)])
+def test_explained_update_rule_is_the_step_the_kernels_take(compiled, opt):
+    """Evaluate the statements explain() prints on θ, g and the state, in order: they must give
+    the parameters and state of one fused training step (full batch, t = 1)."""
+    net = sb.Network(inputs=3, layers=[sb.Dense(4, activation="tanh"), sb.Dense(2)], loss="mse", name="upd")
+    model = compiled(net, "float64", seed=2)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    doc = build(sb.derive(net), optimizer=opt)
+    section = doc.sections[-1]
+    assert section.title == f"Update rule: {opt.describe()}" and section.anchor == "update"
+    statements = [(eq.parts[0], eq.parts[1]) for eq in section.blocks[0].equations]
+    assert statements == opt.formulas() and {eq.relation for eq in section.blocks[0].equations} == {"←"}
+    before = {k: v.copy() for k, v in model.params.items()}
+    _, grads = model.loss_and_grads(X, y)
+    model.fit(X, y, optimizer=opt, batch_size=len(X), epochs=1, shuffle=False, progress=False)
+    hyper = {sp.Symbol(k, real=True): v for k, v in opt.hyper.items()}
+    for name, theta in before.items():
+        values = {"theta": theta, "g": grads[name], "t": 1.0,
+                  **{s_: np.full(theta.shape, opt.state_init(s_)) for s_ in opt.state_names}}
+        for target, value in statements:
+            value = value.subs(hyper)
+            args = sorted(value.free_symbols, key=str)
+            values[str(target)] = sp.lambdify(args, value, "numpy")(*(values[str(a)] for a in args)) * np.ones(theta.shape)
+        np.testing.assert_allclose(values["theta"], model.params[name], rtol=1e-12, atol=1e-15)
+        for s_ in opt.state_names:
+            np.testing.assert_allclose(values[s_], opt.state[name][s_], rtol=1e-12, atol=1e-15)
+
+
+def test_update_rule_reads_in_text_latex_and_the_cli(classic, tmp_path, capsys):
+    text = classic.explain(optimizer=sb.Adam())
+    assert "Update rule: Adam()" in text
+    assert "exp_avg ← β₁·exp_avg + g·(1 - β₁)" in text and "θ ← θ - lr·exp_avg/((1 - β₁^t)·" in text
+    assert r"\mathrm{exp\_avg} &\leftarrow \beta_{1} \mathrm{exp\_avg}" in classic.latex(optimizer=sb.Adam())
+    assert "Update rule" not in classic.explain()
+    spec = tmp_path / "net.toml"
+    spec.write_text('inputs = 2\nloss = "mse"\n[[layers]]\nunits = 2\n[train]\nlr = 0.5\n')
+    assert cli(["explain", str(spec), "--optimizer", "sgd:momentum=0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "Update rule: SGD(lr=0.5, momentum=0.9)" in out and "momentum_buffer ← momentum·momentum_buffer + g" in out
+    assert cli(["explain", str(spec)]) == 0 and "Update rule" not in capsys.readouterr().out
+    spec.write_text(spec.read_text() + 'optimizer = "adagrad"\n')  # the [train] table's own optimizer
+    assert cli(["explain", str(spec)]) == 0 and "Update rule: Adagrad(lr=0.5)" in capsys.readouterr().out
+    assert cli(["explain", str(spec), "--optimizer", "adamx"]) == 2 and "unknown optimizer 'adamx'" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="optimizer must be a symbp optimizer"):
+        classic.explain(optimizer="adam")
 
 
 def test_derivation_methods_and_cli_formats(classic, tmp_path, capsys):

@@ -259,3 +259,14 @@ def test_cli_report(session_cache_dir, tmp_path, monkeypatch, capsys, page):
     assert cli(["report", str(bad), "-o", str(tmp_path / "bad.html")]) == 2
     assert "unknown layer type 'conv'" in capsys.readouterr().err
     assert not (tmp_path / "bad.html").exists()
+
+
+def test_report_shows_a_trained_models_update_rule(compiled):
+    model = compiled(swish_net(), "float64")
+    assert 'id="update"' not in report(model, graph=False)
+    x = [[0.5, -1.0], [1.0, 0.25]]
+    model.fit(x, [[0.1, 0.2], [0.0, 1.0]], optimizer=sb.RMSprop(lr=0.01, centered=True), epochs=1,
+              progress=False)
+    page = report(model, graph=False)
+    assert 'id="update"' in page and "Update rule: RMSprop(centered=True)" in page
+    assert page.count("<mo>&#8592;</mo>") == 3  # square_avg, grad_avg, θ
