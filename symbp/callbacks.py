@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .schedules import check_monitor
+
 
 class Callback:
     def on_epoch_end(self, model, epoch: int, metrics: dict) -> bool:
@@ -40,9 +42,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch = None
 
     def on_epoch_end(self, model, epoch: int, metrics: dict) -> bool:
-        if self.monitor not in metrics:
-            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this fit does not record "
-                             f"(it records {', '.join(metrics)}); pass validation_data for val_* metrics")
+        check_monitor(self, metrics)
         value = metrics[self.monitor]
         improved = self.best is None or (
             value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)

@@ -427,7 +427,7 @@ class CudaModel(Model):
         buffers and the optimizer state do not fit on the device (before anything changed).
         """
         opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
-                                                         initial_epoch, seed, validation_data)
+                                                         initial_epoch, seed, validation_data, callbacks)
         n = X.shape[0]
         rows = min(batch_size, n)
         self._check_launch(rows)

@@ -11,7 +11,7 @@ from . import cache
 from .data import as_inputs, as_targets, check_batch_size
 from .network import Network
 from .optim import SGD, Optimizer
-from .schedules import Schedule
+from .schedules import Schedule, check_monitor
 
 _EVAL_CHUNK = 1024  # rows per evaluation pass: bounds the work buffers for large data sets
 
@@ -293,7 +293,7 @@ class Model:
             and optimizer state are put back as they were at the start of that epoch.
         """
         opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
-                                                         initial_epoch, seed, validation_data)
+                                                         initial_epoch, seed, validation_data, callbacks)
         self._adopt(opt, schedule)
         kernels = self._train_kernels(opt)
         history = History()
@@ -339,7 +339,8 @@ class Model:
         return history
 
     # -- what every target's fit shares ------------------------------------------------------
-    def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data):
+    def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data,
+                       callbacks=()):
         """Check fit's arguments without changing the model: (optimizer, batch size, X, T, validation)."""
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
@@ -357,6 +358,14 @@ class Model:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             val = self._data(*validation_data, what="_val")
+        # A schedule or callback watching a metric this fit will not record is refused now,
+        # not after an epoch has already changed the parameters.
+        classes = self.network.loss.task != "regression"
+        recorded = ["loss"] + ["accuracy"] * classes
+        recorded += (["val_loss"] + ["val_accuracy"] * classes if val is not None else []) + ["lr"]
+        for watcher in (schedule or self.schedule, *callbacks):
+            if getattr(watcher, "monitor", None) is not None:
+                check_monitor(watcher, recorded)
         return optimizer or self.optimizer or SGD(), batch_size, X, T, val
 
     def _adopt(self, opt: Optimizer, schedule: Schedule | None) -> None:

@@ -19,6 +19,13 @@ def _positive(owner: str, name: str, value, *, integer: bool = False, allow_zero
     return int(value) if integer else float(value)
 
 
+
+def check_monitor(owner, recorded) -> None:
+    """``owner`` (a schedule or callback with a ``monitor``) watches a metric the fit records."""
+    if owner.monitor not in recorded:
+        raise ValueError(f"{type(owner).__name__} monitors {owner.monitor!r}, which this fit does not record "
+                         f"(it records {', '.join(recorded)}); pass validation_data for val_* metrics")
+
 class Schedule:
     """Base: ``lr(epoch, base_lr)`` gives the rate for a 0-based epoch."""
 
@@ -110,9 +117,7 @@ class ReduceLROnPlateau(Schedule):
         return value > self.best * (1 + self.threshold)
 
     def observe(self, epoch: int, metrics: dict) -> None:
-        if self.monitor not in metrics:
-            raise ValueError(f"ReduceLROnPlateau monitors {self.monitor!r}, which this fit does not record "
-                             f"(it records {', '.join(metrics)}); pass validation_data for val_* metrics")
+        check_monitor(self, metrics)
         value = metrics[self.monitor]
         if self._better(value):
             self.best, self.bad_epochs = value, 0

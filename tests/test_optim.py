@@ -163,13 +163,6 @@ def test_fit_applies_schedule_per_epoch(compiled, data):
     assert h["lr"] == [0.2, 0.2, 0.1, 0.1, 0.05]
 
 
-def test_reduce_on_plateau_needs_its_metric(compiled, data):
-    X, y = data
-    model = compiled(NET, "float64")
-    with pytest.raises(ValueError, match="val_loss"):
-        model.fit(X, y, schedule=sb.ReduceLROnPlateau(), epochs=1, progress=False)
-
-
 def test_early_stopping_restores_best_weights(compiled, data):
     X, y = data
     model = compiled(NET, "float64")
@@ -181,6 +174,26 @@ def test_early_stopping_restores_best_weights(compiled, data):
     best = int(np.argmin(h["val_loss"]))
     assert stopper.best_epoch == h.epoch[best]
     assert model.evaluate(X, y)[0] == pytest.approx(h["val_loss"][best], rel=1e-12)
+
+
+@pytest.mark.parametrize("watcher", ["schedule", "callback"])
+def test_a_monitor_the_fit_does_not_record_is_refused_before_training(compiled, data, watcher):
+    X, y = data
+    model = compiled(NET, "float64")
+    before = {k: v.copy() for k, v in model.params.items()}
+    kwargs = ({"schedule": sb.ReduceLROnPlateau(monitor="val_loss")} if watcher == "schedule"
+              else {"callbacks": [sb.EarlyStopping(monitor="val_accuracy")]})
+    name = "ReduceLROnPlateau" if watcher == "schedule" else "EarlyStopping"
+    with pytest.raises(ValueError, match=rf"{name} monitors 'val_\w+', which this fit does not record \(it records "
+                                         r"loss, accuracy, lr\); pass validation_data"):
+        model.fit(X, y, epochs=3, progress=False, **kwargs)
+    # nothing changed: no epoch ran, the schedule was not adopted, the next plain fit just works
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+    assert model.epoch == 0 and model.schedule is None and model.optimizer is None and not model.history.epoch
+    assert len(model.fit(X, y, epochs=1, progress=False).epoch) == 1
+    # with validation data the same watcher is fine
+    model.fit(X, y, epochs=2, validation_data=(X, y), progress=False, **kwargs)
 
 
 def test_nan_loss_stops_with_last_good_weights(compiled, data):
