@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from .schedules import check_monitor
 
@@ -67,10 +68,15 @@ class ModelCheckpoint(Callback):
     """Save the model after every epoch (or only when ``monitor`` improves)."""
 
     def __init__(self, path, monitor: str | None = None, mode: str = "min") -> None:
+        if Path(path).is_dir():  # refused here, not after the first epoch has trained
+            raise ValueError(f"ModelCheckpoint: {path} is a directory: give a file name, e.g. {Path(path) / 'model.npz'}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
         self.path, self.monitor, self.mode, self.best = path, monitor, mode, None
 
     def on_epoch_end(self, model, epoch: int, metrics: dict) -> bool:
         if self.monitor is not None:
+            check_monitor(self, metrics)
             value = metrics[self.monitor]
             if self.best is not None and not (value < self.best if self.mode == "min" else value > self.best):
                 return False

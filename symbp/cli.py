@@ -95,6 +95,15 @@ def _train(args) -> int:
     for key in ("epochs", "batch_size", "lr", "seed", "dtype"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
+    # Where the curves and the checkpoint go is checked before minutes of training, not after.
+    if args.plot:
+        from symbp._output import check_output_path
+        from symbp.plots import _pyplot
+
+        _pyplot()  # matplotlib is there
+        check_output_path(args.plot, (".png", ".svg", ".pdf"), "plot")
+    if args.save and Path(args.save).is_dir():
+        raise ValueError(f"checkpoint path {args.save} is a directory: give a file name, e.g. {Path(args.save) / 'model.npz'}")
     start = time.perf_counter()
     net = network_from_spec(cfg)
     Xtr, Xte, ytr, yte = load_data(opts["data"], opts["seed"], opts["test_size"])

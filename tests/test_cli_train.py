@@ -29,6 +29,19 @@ def test_parse_optimizer():
         parse_optimizer("sgd:momentum=lots")
 
 
+def test_train_refuses_bad_output_paths_before_training(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    spec = tmp_path / "net.toml"
+    spec.write_text(SPEC)
+    monkeypatch.setattr("symbp.cli.load_data", lambda *a: pytest.fail("training started"))
+    assert cli(["train", str(spec), "-q", "--plot", str(tmp_path / "missing" / "c.png")]) == 2
+    assert "the directory" in capsys.readouterr().err
+    assert cli(["train", str(spec), "-q", "--plot", str(tmp_path / "c.txt")]) == 2
+    assert "must end in .png, .svg, .pdf" in capsys.readouterr().err
+    assert cli(["train", str(spec), "-q", "--save", str(tmp_path)]) == 2
+    assert "is a directory: give a file name" in capsys.readouterr().err
+
+
 def test_train_with_optimizer_plot_and_checkpoint(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     spec = tmp_path / "net.toml"

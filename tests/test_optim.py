@@ -196,6 +196,18 @@ def test_a_monitor_the_fit_does_not_record_is_refused_before_training(compiled, 
     model.fit(X, y, epochs=2, validation_data=(X, y), progress=False, **kwargs)
 
 
+def test_model_checkpoint_arguments_are_checked_up_front(compiled, data, tmp_path):
+    X, y = data
+    with pytest.raises(ValueError, match="is a directory: give a file name"):
+        sb.ModelCheckpoint(tmp_path)
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        sb.ModelCheckpoint(tmp_path / "m.npz", mode="lowest")
+    model = compiled(NET, "float64")
+    with pytest.raises(ValueError, match="ModelCheckpoint monitors 'val_loss', which this fit does not record"):
+        model.fit(X, y, epochs=2, callbacks=[sb.ModelCheckpoint(tmp_path / "m.npz", monitor="val_loss")], progress=False)
+    assert model.epoch == 0 and not (tmp_path / "m.npz").exists()
+
+
 def test_nan_loss_stops_with_last_good_weights(compiled, data):
     X, _ = data
     # A linear regression with a far too large step diverges until the loss overflows.
