@@ -358,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     paths.add_argument("surface", help="rosenbrock, beale, saddle, himmelblau, or a formula in x and y")
     paths.add_argument("--optimizer", action="append", default=[], metavar="SPEC",
                        help='repeatable, e.g. --optimizer "adam:lr=0.05" --optimizer "sgd:lr=0.001,momentum=0.9"')
-    paths.add_argument("--start", nargs=2, type=float, metavar=("X", "Y"))
+    paths.add_argument("--start", nargs=2, type=float, metavar=("X", "Y"),
+                       help="where every path starts (default: the surface's classic start; for a formula the first "
+                            "of (-1.5, 1), (1, 1), (0.5, -1.5) where the gradient is not zero)")
     paths.add_argument("--steps", type=int, default=200)
     paths.add_argument("--auto-bounds", dest="auto_bounds", action="store_true", help="fit the view to the paths")
     paths.add_argument("-o", "--output", default="paths.png", help="the picture (PNG)")

@@ -48,6 +48,8 @@ def surface(formula: str | sp.Expr) -> tuple[sp.Expr, str]:
         return formula.subs({s: {"x": x_s, "y": y_s}[str(s)] for s in formula.free_symbols}), str(formula)
     if not isinstance(formula, str):
         raise TypeError(f"a surface is a name ({', '.join(SURFACES)}) or a formula in x and y, got {type(formula).__name__}")
+    if formula.strip().isidentifier() and formula.strip() not in ("x", "y"):
+        raise ValueError(f"unknown surface {formula.strip()!r}: use {', '.join(SURFACES)} or a formula in x and y")
     return parse_formula(formula, {"x": x_s, "y": y_s}, what="surface"), formula
 
 
@@ -84,7 +86,8 @@ def optimizer_paths(formula, optimizers: Sequence[Optimizer], start=None, steps:
     optimizers : list of Optimizer
         Each runs with its own update rules (the SymPy formulas the training kernels use).
     start : (x, y), optional
-        Defaults to the named surface's classic starting point.
+        Defaults to the named surface's classic starting point; for a formula, the first of
+        :data:`DEFAULT_STARTS` where f is finite and its gradient is not zero.
     path, gif : path, optional
         Write the contour plot with the paths as PNG, and an animation as GIF.
 
@@ -101,6 +104,21 @@ def optimizer_paths(formula, optimizers: Sequence[Optimizer], start=None, steps:
     return paths
 
 
+# Where a formula's paths start when no start is given: the first of these points with a finite
+# value and a gradient that is not zero (x² + 10y² has its minimum at the origin: starting
+# there, no optimizer would move).
+DEFAULT_STARTS = ((-1.5, 1.0), (1.0, 1.0), (0.5, -1.5), (0.0, 0.0))
+
+
+def _default_start(value, grad) -> tuple[float, float]:
+    with np.errstate(all="ignore"):
+        for point in DEFAULT_STARTS:
+            f0, g0 = np.asarray(value(*point), dtype=float), np.asarray(grad(*point), dtype=float)
+            if np.isfinite(f0).all() and np.isfinite(g0).all() and np.any(g0 != 0):
+                return point
+    return DEFAULT_STARTS[0]
+
+
 def run_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int = 200) -> tuple[list[Path], sp.Expr]:
     """The paths and the surface f(x, y), without drawing."""
     f, _ = surface(formula)
@@ -111,13 +129,13 @@ def run_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int =
             raise TypeError(f"optimizers must be symbp optimizers such as sb.Adam(lr=0.05), got {type(opt).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    grad = sp.lambdify((x_s, y_s), [sp.diff(f, x_s), sp.diff(f, y_s)], modules="numpy")
+    value = sp.lambdify((x_s, y_s), f, modules="numpy")
     if start is None:
-        start = SURFACES.get(str(formula).strip(), (None, (0.0, 0.0)))[1]
+        start = SURFACES[str(formula).strip()][1] if str(formula).strip() in SURFACES else _default_start(value, grad)
     start = np.asarray(start, dtype=float)
     if start.shape != (2,) or not np.isfinite(start).all():
         raise ValueError(f"start must be a finite point (x, y), got {start!r}")
-    grad = sp.lambdify((x_s, y_s), [sp.diff(f, x_s), sp.diff(f, y_s)], modules="numpy")
-    value = sp.lambdify((x_s, y_s), f, modules="numpy")
     paths = []
     for opt in optimizers:
         step, values = _stepper(opt)

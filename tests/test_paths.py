@@ -40,6 +40,15 @@ def test_divergent_path_stops_at_last_finite_point():
     assert np.isfinite(path.points).all() and len(path.points) < 2001
 
 
+def test_a_formula_starts_where_the_gradient_is_not_zero():
+    # x² + 10y² has its minimum at the origin: from there no optimizer would move.
+    (path,), _ = run_paths("x**2 + 10*y**2", [sb.Adam(lr=0.05)], steps=50)
+    assert tuple(path.points[0]) == (-1.5, 1.0) and path.values[-1] < path.values[0] / 10
+    # here the first candidate is the minimum itself, so the next one is taken
+    (path,), _ = run_paths("(x + 1.5)**2 + (y - 1)**2", [sb.SGD(lr=0.1)], steps=5)
+    assert tuple(path.points[0]) == (1.0, 1.0) and path.values[-1] < path.values[0]
+
+
 def test_png_and_gif_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     paths = sb.optimizer_paths("saddle", [sb.SGD(lr=0.05), sb.Adam(lr=0.05)], steps=40,
@@ -54,6 +63,7 @@ def test_png_and_gif_are_written(tmp_path):
     ("x**2 + z", "unknown symbol 'z'"),
     ("x**2 +", "does not parse"),
     ("__import__('os')", "unknown function"),
+    ("rosenbrok", "unknown surface 'rosenbrok': use rosenbrock, beale, saddle, himmelblau or a formula in x and y"),
 ])
 def test_bad_surface_is_refused(formula, match):
     with pytest.raises(ValueError, match=match):
