@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def _check_real(arr: np.ndarray, what: str) -> None:
+    """Real numbers (bool counts as 0/1); a complex array would lose its imaginary part."""
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{what} must hold numbers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+
+
 def as_inputs(X, width, dtype: np.dtype, what: str = "X") -> np.ndarray:
     """``X`` as a C-contiguous (N, width) array of ``dtype``; refuses bad shapes and NaN/inf.
 
@@ -29,8 +37,7 @@ def as_inputs(X, width, dtype: np.dtype, what: str = "X") -> np.ndarray:
         arr = np.asarray(X)
     except Exception as err:  # noqa: BLE001 - ragged lists and the like
         raise TypeError(f"{what} could not be read as an array: {err}") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise TypeError(f"{what} must hold numbers, got dtype {arr.dtype}")
+    _check_real(arr, what)
     if arr.ndim == 1 and width == arr.shape[0]:
         arr = arr[None, :]
     if arr.ndim != 2:
@@ -57,8 +64,7 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
         arr = np.asarray(y)
     except Exception as err:  # noqa: BLE001
         raise TypeError(f"{what} could not be read as an array: {err}") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise TypeError(f"{what} must hold numbers, got dtype {arr.dtype}")
+    _check_real(arr, what)
     if arr.shape[:1] != (n,):
         got = arr.shape[0] if arr.ndim else "a scalar"
         raise ValueError(f"X has {n} samples but {what} has {got}")

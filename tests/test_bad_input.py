@@ -409,3 +409,11 @@ def test_errors_leave_the_model_usable(clf):
     for key in before:
         np.testing.assert_array_equal(clf.params[key], before[key])
     assert all(math.isfinite(float(v.sum())) for v in clf.params.values())
+
+
+def test_complex_data_is_refused_not_cast(clf, reg):
+    X, y = good_clf_data()
+    with pytest.raises(TypeError, match="X must hold real numbers, got dtype complex128"):
+        clf.predict(X.astype(complex))
+    with pytest.raises(TypeError, match="y must hold real numbers, got dtype complex128"):
+        reg.fit(np.ones((3, 4)), np.ones((3, 2), complex), progress=False)
