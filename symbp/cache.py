@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
+import pickletools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,9 +212,39 @@ def import_module(path: Path) -> ModuleType:
 
 
 def load_or_generate(path: Path, generate, target: str = "cpu") -> ModuleType:
-    """Import ``path``; (re)write it first from ``generate()`` if missing or damaged."""
+    """Import ``path``; (re)write it first from ``generate()`` if missing or damaged.  Numba's
+    compiled files for it are dropped (and compiled again) if any of them is damaged."""
     if not is_intact(path):
         if path.exists():
             _drop_numba_cache(path)
         write_module(path, generate(), target)
+    elif not _numba_cache_intact(path):
+        _drop_numba_cache(path)
     return import_module(path)
+
+
+def _numba_cache_intact(path: Path) -> bool:
+    """Whether each of Numba's files for this module is whole: an index (``.nbi``) is two
+    pickles, a code file (``.nbc``) one.  Numba itself unpickles them without a check, so a
+    truncated file would fail the first call with an UnpicklingError.  The pickles are only
+    walked opcode by opcode (:func:`pickletools.genops`), never loaded: nothing is run."""
+    pycache = path.parent / "__pycache__"
+    if not pycache.is_dir():
+        return True
+    for f in pycache.glob(f"{path.stem}.*"):
+        count = {".nbi": 2, ".nbc": 1}.get(f.suffix)
+        if count is None:
+            continue
+        try:
+            data = f.read_bytes()
+            stream = io.BytesIO(data)
+            for _ in range(count):
+                for _op in pickletools.genops(stream):
+                    pass
+            if stream.tell() != len(data):
+                return False
+        except FileNotFoundError:
+            continue  # another process is replacing it
+        except Exception:  # noqa: BLE001 - any damage: truncated, garbage, unknown opcode
+            return False
+    return True

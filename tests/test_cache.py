@@ -209,6 +209,25 @@ def test_damaged_module_regenerated_in_new_process(first_process, project_root, 
         assert path.read_text() == original, damage
 
 
+@pytest.mark.parametrize("damage", ["code-truncated", "index-garbage"])
+def test_damaged_numba_cache_is_compiled_again(first_process, project_root, tmp_path, damage):
+    """Numba unpickles its cache files unchecked: a cut one would fail the first call."""
+    src_dir, first, _ = first_process
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(src_dir, cache_dir)
+    stem = Path(first["path"]).stem
+    suffix = ".nbc" if damage == "code-truncated" else ".nbi"
+    files = sorted((cache_dir / "__pycache__").glob(f"{stem}.*{suffix}"))
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[:20] if suffix == ".nbc" else b"garbage")
+    result = run_process(cache_dir, project_root)
+    assert result["loss"] == pytest.approx(expected_loss(), rel=1e-12)
+    assert result["misses"] >= 1  # compiled again, and cached again:
+    again = run_process(cache_dir, project_root)
+    assert again["misses"] == 0 and again["hits"] >= 1 and again["loss"] == result["loss"]
+
+
 # -- pruning ----------------------------------------------------------------------------------
 def test_prune_removes_only_what_cannot_come_up_again(tmp_path, capsys):
     from symbp import cache
