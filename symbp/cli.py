@@ -256,8 +256,11 @@ def _graph(args) -> int:
     from symbp.graph import graph
     from symbp.walkthrough import walkthrough
 
+    from symbp.walkthrough import refuse_image_layers
+
     cfg = load_spec(args.spec)
     net = network_from_spec(cfg)
+    refuse_image_layers(net, "the computational graph")  # drawn from the worked example: say which
     w = walkthrough(net, **_example(cfg, args))
     collapse = True if args.collapse else False if args.expand else None
     path = graph(w, collapse=collapse).save(args.output)

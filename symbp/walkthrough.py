@@ -283,7 +283,7 @@ def refuse_image_layers(net: Network, what: str) -> None:
 
     for pos, layer in enumerate(net.layers, 1):
         if not isinstance(layer, Dense):
-            raise ValueError(f"{what} evaluates dense networks unit by unit, and layer {pos} is {layer!r}; "
+            raise ValueError(f"{what} goes unit by unit through dense layers only, and layer {pos} is {layer!r}; "
                              "explain() and the report show image layers (formulas, shapes, kernels)")
 
 

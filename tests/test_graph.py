@@ -151,3 +151,20 @@ def test_cli_graph(tmp_path, capsys):
     assert "max" in (tmp_path / "g.svg").read_text()
     assert cli(["graph", str(spec), "-o", str(tmp_path / "g.gif")]) == 2
     assert "must end in .svg, .png, .dot" in capsys.readouterr().err
+
+
+def test_image_networks_are_refused_with_the_reason(tmp_path, capsys):
+    from symbp.cli import main as cli
+    from symbp.graph import graph
+    from symbp.walkthrough import walkthrough
+
+    net = sb.Network(inputs=(1, 4, 4), layers=[sb.Conv2D(2, 3), sb.Flatten(), sb.Dense(2)], loss="ce")
+    for what, call in (("the worked example", lambda: walkthrough(net)), ("the computational graph", lambda: graph(net))):
+        with pytest.raises(ValueError, match=rf"{what} goes unit by unit through dense layers only, and layer 1 is "
+                                             r"Conv2D\(2, .*explain\(\) and the report show image layers"):
+            call()
+    spec = tmp_path / "cnn.toml"
+    spec.write_text('inputs = [1, 4, 4]\nloss = "ce"\n[[layers]]\ntype = "conv2d"\nfilters = 2\nkernel = 3\n'
+                    '[[layers]]\ntype = "flatten"\n[[layers]]\nunits = 2\n')
+    assert cli(["graph", str(spec), "-o", str(tmp_path / "g.svg")]) == 2
+    assert "the computational graph goes unit by unit" in capsys.readouterr().err and not (tmp_path / "g.svg").exists()
