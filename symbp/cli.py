@@ -139,6 +139,21 @@ def spec_optimizer(cfg: dict, text: str | None, always: bool = False):
     return make_optimizer(opts["optimizer"], {"lr": opts["lr"], **opts["optimizer_params"]})
 
 
+def _versions() -> str:
+    """symbp's version and those of the libraries its generated code depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ._version import __version__
+
+    parts = [f"symbp {__version__}"]
+    for package in ("sympy", "numba", "numpy", "numba-cuda"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(parts)
+
+
 def make_optimizer(name: str, params: dict):
     """An optimizer from its name (sgd, adam, ...) and keyword arguments; errors name both."""
     import symbp as sb
@@ -291,6 +306,9 @@ def _cache(args) -> int:
         print(f"{root}: removed {len(result.removed)} files ({result.freed / 1e6:.1f} MB): {what}; "
               f"{result.kept} modules kept")
         return 0
+    if not root.is_dir():
+        print(f"{root}: no such directory (nothing cached there yet)")
+        return 0
     stale = cache.prune(root, dry_run=True)
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
     print(f"{root}: {stale.kept} current modules; {len(stale.removed)} stale, damaged or orphaned files "
@@ -309,6 +327,7 @@ def _add_example_flags(cmd) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="symbp", description="Backpropagation derived by SymPy, run as Numba kernels.")
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the network a TOML spec declares")
     train.add_argument("spec", help="path to the TOML spec")

@@ -280,3 +280,15 @@ def test_prune_removes_only_what_cannot_come_up_again(tmp_path, capsys):
     assert main(["cache", "--dir", str(tmp_path), "--clear"]) == 0
     assert "removed" in capsys.readouterr().out
     assert not live.exists() and not any((tmp_path / "__pycache__").iterdir()) and foreign.is_file()
+
+
+def test_cli_version_and_cache_of_a_missing_directory(tmp_path, capsys):
+    from symbp.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"symbp {sb.__version__}, sympy ") and "numba " in out
+    assert main(["cache", "--dir", str(tmp_path / "none")]) == 0
+    assert "no such directory" in capsys.readouterr().out and not (tmp_path / "none").exists()
