@@ -90,6 +90,8 @@ class Model:
         out = []
         for name, shape in zip(self.kernels.PARAMS, self._param_shapes):
             arr = self.params.get(name)
+            if arr is None:
+                raise ValueError(f"params[{name!r}] is missing: the model's parameters are {', '.join(self.kernels.PARAMS)}")
             if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != self.dtype or not arr.flags.c_contiguous:
                 # A user may have assigned a list or a float64 array: bring it back in line.
                 try:

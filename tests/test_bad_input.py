@@ -396,6 +396,9 @@ def test_bad_params_assignment(clf):
     model.params["W1"] = "zeros"
     with pytest.raises(TypeError, match="W1"):
         model.loss_and_grads(X, y)
+    del model.params["W1"]
+    with pytest.raises(ValueError, match=r"params\['W1'\] is missing: the model's parameters are W1, b1"):
+        model.predict(X)
 
 
 def test_errors_leave_the_model_usable(clf):
