@@ -143,9 +143,10 @@ def test_standalone_latex_compiles(cnn, strided, tmp_path):
 
 def test_walkthrough_and_graph_refuse_image_layers_clearly():
     net = sb.Network(inputs=(1, 4, 4), layers=[sb.Conv2D(2, 3), sb.Flatten(), sb.Dense(2)], loss="mse")
-    with pytest.raises(ValueError, match="worked example evaluates dense networks.*layer 1 is Conv2D"):
+    with pytest.raises(ValueError, match="worked example goes unit by unit through dense layers only.*layer 1 is Conv2D"):
         walkthrough(net)
-    with pytest.raises(ValueError, match="computational graph evaluates dense networks.*layer 1 is Conv2D"):
+    with pytest.raises(ValueError, match="computational graph goes unit by unit through dense layers only.*layer 1 is "
+                                         r"Conv2D.*explain\(\) and the report show image layers"):
         graph(net)
 
 

@@ -153,16 +153,9 @@ def test_cli_graph(tmp_path, capsys):
     assert "must end in .svg, .png, .dot" in capsys.readouterr().err
 
 
-def test_image_networks_are_refused_with_the_reason(tmp_path, capsys):
+def test_cli_graph_of_an_image_network_names_the_graph(tmp_path, capsys):
     from symbp.cli import main as cli
-    from symbp.graph import graph
-    from symbp.walkthrough import walkthrough
 
-    net = sb.Network(inputs=(1, 4, 4), layers=[sb.Conv2D(2, 3), sb.Flatten(), sb.Dense(2)], loss="ce")
-    for what, call in (("the worked example", lambda: walkthrough(net)), ("the computational graph", lambda: graph(net))):
-        with pytest.raises(ValueError, match=rf"{what} goes unit by unit through dense layers only, and layer 1 is "
-                                             r"Conv2D\(2, .*explain\(\) and the report show image layers"):
-            call()
     spec = tmp_path / "cnn.toml"
     spec.write_text('inputs = [1, 4, 4]\nloss = "ce"\n[[layers]]\ntype = "conv2d"\nfilters = 2\nkernel = 3\n'
                     '[[layers]]\ntype = "flatten"\n[[layers]]\nunits = 2\n')
