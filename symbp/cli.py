@@ -269,9 +269,7 @@ def _walkthrough(args) -> int:
 
 def _graph(args) -> int:
     from symbp.graph import graph
-    from symbp.walkthrough import walkthrough
-
-    from symbp.walkthrough import refuse_image_layers
+    from symbp.walkthrough import refuse_image_layers, walkthrough
 
     cfg = load_spec(args.spec)
     net = network_from_spec(cfg)

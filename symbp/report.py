@@ -21,6 +21,7 @@ import html
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import sympy as sp
 
@@ -66,9 +67,10 @@ def kernel_snippet(source: str, function: str, targets: tuple = (), sums: tuple 
     """The lines of ``function`` in the generated ``source`` that compute a formula.
 
     A line matches when it assigns one of ``targets`` (``Z1[n, i] = …``, ``db2[p] += …``,
-    ``total += …``) or is the comment naming one of ``sums`` (SymPy's ``str`` of a ``Sum``)
-    and the call that follows it.  Each match brings its enclosing ``for`` headers and the
-    statements before it in the same loop body (CSE temporaries, the z a line reads).
+    ``total += …``) or is the comment naming one of ``sums`` (SymPy's ``str`` of a ``Sum``) or
+    saying what a call assigns (``# W1 ← …``: SGD fused into a GEMM), and the call that
+    follows.  Each match brings its enclosing ``for`` headers and the statements before it in
+    the same loop body (CSE temporaries, the z a line reads).
     Returns None when the function is missing or nothing matches.
     """
     spans = _functions(source)
@@ -104,7 +106,8 @@ def kernel_snippet(source: str, function: str, targets: tuple = (), sums: tuple 
 
     for k in body:
         stripped = lines[k - 1].strip()
-        if stripped.startswith("#") and any(s in stripped for s in sums):
+        if stripped.startswith("#") and (any(s in stripped for s in sums)
+                                         or any(stripped.startswith(f"# {t.rstrip(' +')} ←") for t in targets)):
             keep[k] = True
             if k + 1 <= last:
                 keep[k + 1] = True
@@ -424,7 +427,15 @@ def report(
 
     dense = all(isinstance(layer, Dense) for layer in net.layers)
     scalar = dense and max(net.widths) <= MAX_SCALAR_UNITS
-    doc = build(d, scalar=scalar, optimizer=optimizer if optimizer is not None else getattr(model, "optimizer", None))
+    optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+    doc = build(d, scalar=scalar, optimizer=optimizer)
+    # The update rule runs in the training module: its lines for the first parameter stand
+    # beside the statements (CPU target; the CUDA modules are laid out differently).
+    update_code = None
+    if optimizer is not None and type(model) is Model:
+        train_path = Path(model._train_kernels(optimizer).__file__)
+        update_code = (train_path.read_text(encoding="utf-8"), f"{train_path.parent.name}/{train_path.name}",
+                       model.kernels.PARAMS[0], set(optimizer.state_names))
     source_text = model.source_path.read_text(encoding="utf-8")
     filename = f"{model.source_path.parent.name}/{model.source_path.name}"
     namespace = getattr(model, "kernels", None)
@@ -493,13 +504,21 @@ def report(
                 kernel = None
                 vector = any(isinstance(part, sp.Basic) and part.has(Vec) for part in eq.parts)
                 ref = None if in_scalar or vector else _kernel_ref(eq, d, workspace)
+                text_, file_ = source_text, filename
+                if eq.quantity[:1] == ("update",):
+                    ref = None
+                    if update_code is not None:
+                        text_, file_, first, states = update_code
+                        name = eq.quantity[1]
+                        array = f"{name}_{first}" if name in states else first if name == "theta" else None
+                        ref = None if array is None else ("backward_update", (array,), ())
                 if ref is not None:
-                    snippet = kernel_snippet(source_text, *ref)
+                    snippet = kernel_snippet(text_, *ref)
                     if snippet is None:
                         kernel = f'<p class="nomatch">No line of {_esc(ref[0])}() matched this formula.</p>'
                     else:
                         matched += 1
-                        kernel = _snippet_html(snippet, filename)
+                        kernel = _snippet_html(snippet, file_)
                 body.append(_equation_html(eq, kernel))
     if w is not None:
         body += ['<h2 id="example">Worked example</h2>', _walkthrough_html(w)]

@@ -270,3 +270,20 @@ def test_report_shows_a_trained_models_update_rule(compiled):
     page = report(model, graph=False)
     assert 'id="update"' in page and "Update rule: RMSprop(centered=True)" in page
     assert page.count("<mo>&#8592;</mo>") == 3  # square_avg, grad_avg, θ
+    # each statement beside the training module's lines that run it (for W1)
+    section = page[page.index('id="update"'):page.index('id="example"')]
+    train_file = Path(model._train_kernels(model.optimizer).__file__).name
+    assert section.count(f"{train_file} · backward_update()") == 3 and "nomatch" not in section
+    code = html.unescape(re.sub(r"<[^>]+>", "", section))
+    for line in ("square_avg_W1[p, q] = ", "grad_avg_W1[p, q] = ", "W1[p, q] = "):
+        assert line in code, line
+
+
+def test_report_finds_plain_sgd_in_its_gemm(compiled):
+    """Plain SGD has no update loop: it rides on the weight-gradient GEMM, found by its comment."""
+    model = compiled(swish_net(), "float64")
+    model.fit([[0.5, -1.0]], [[0.1, 0.2]], optimizer=sb.SGD(lr=0.1), epochs=1, progress=False)
+    section = report(model, graph=False)
+    section = html.unescape(re.sub(r"<[^>]+>", "", section[section.index('id="update"'):section.index('id="example"')]))
+    # the net's l2 = 0.01 rides along: W1 ← (1 − lr·λ)·W1 − lr·δᵀx
+    assert "# W1 ← (1 - h_lr/100)·W1 + (-h_lr)·dZ1ᵀ·X" in section and "gemm(dZ1, True, X, False, W1" in section
