@@ -57,3 +57,12 @@ def test_sgd_update_rides_on_the_gemm(tmp_path):
     # W ← (1 − lr·λ)·W − lr·δᵀa: one GEMM with α = −lr, β = 1 − lr·λ, no separate update loop.
     assert re.search(r"gemm\(dZ2, True, A1, False, W2, -h_lr, .*h_lr", text)
     assert "W2[p, q] = " not in text
+
+
+def test_cuda_helpers_are_the_cpu_helpers_as_device_functions():
+    from symbp.backends import cpu, cuda
+
+    assert set(cuda._HELPERS) == set(cpu._HELPERS) - {"tanh32"}
+    for name, text in cuda._HELPERS.items():
+        assert "@cuda.jit(device=True" in text and "@njit" not in text, name
+        assert text.split("\n", 2)[2] == cpu._HELPERS[name].split("\n", 2)[2], name  # same body

@@ -20,6 +20,8 @@ from ..lower import ColSum, Gemm, Loop, RowLoop
 
 # Helpers are written with ``ONE``/``ZERO``/``HALF`` so the same text is float32 in a float32
 # module and float64 in a float64 one (a bare 1.0 would promote float32 maths to float64).
+# The CUDA backend reuses their text under its own decorator (see HELPER_DECORATOR).
+HELPER_DECORATOR = '@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")'
 _HELPERS = {
     "sigmoid": '''
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -222,8 +224,10 @@ class NumbaPrinter(PythonCodePrinter):
         raise NotImplementedError(f"a Sum reached the scalar printer unlowered: {expr}")
 
 
-def helper_source(names: set[str]) -> str:
-    return "".join(_HELPERS[n] for n in sorted(names))
+def helper_source(names: set[str], helpers: dict | None = None) -> str:
+    """The source of the named helpers (this backend's unless ``helpers`` is given)."""
+    table = _HELPERS if helpers is None else helpers
+    return "".join(table[n] for n in sorted(names))
 
 
 def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], list[str]]:

@@ -42,45 +42,18 @@ import sympy as sp
 
 from ..indices import N, n
 from ..lower import ColSum, Gemm, Loop, RowLoop
-from .cpu import SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants
+from .cpu import _HELPERS as _CPU_HELPERS
+from .cpu import HELPER_DECORATOR, SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants
 from .cpu import emit as emit_sequential
+from .cpu import helper_source as _helper_source
 
 #: The slots of the ``stats`` device array; a running sum in a step must name one of them.
 STAT_SLOTS = ("total", "correct", "penalty")
 
-# Device versions of the CPU helpers: the same formulas, as device functions.
-_HELPERS = {
-    "sigmoid": '''
-@cuda.jit(device=True, inline="always")
-def sigmoid(x):
-    """σ(x) = 1/(1 + e^-x), evaluated so that e^x never overflows."""
-    if x >= ZERO:
-        return ONE / (ONE + math.exp(-x))
-    e = math.exp(x)
-    return e / (ONE + e)
-''',
-    "softplus": '''
-@cuda.jit(device=True, inline="always")
-def softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x."""
-    return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
-''',
-    "relu": '''
-@cuda.jit(device=True, inline="always")
-def relu(x):
-    return x if x > ZERO else ZERO
-''',
-    "leaky_relu": '''
-@cuda.jit(device=True, inline="always")
-def leaky_relu(x, slope):
-    return x if x > ZERO else slope * x
-''',
-    "elu": '''
-@cuda.jit(device=True, inline="always")
-def elu(x, alpha):
-    return x if x > ZERO else alpha * math.expm1(x)
-''',
-}
+# Device versions of the CPU helpers: the same text under a device decorator (tanh32 is
+# the CPU's float32 stand-in for math.tanh, which the device has natively).
+_HELPERS = {name: text.replace(HELPER_DECORATOR, '@cuda.jit(device=True, inline="always")')
+            for name, text in _CPU_HELPERS.items() if name != "tanh32"}
 
 #: Shared by every kernel with running sums; printed once into each module.
 BLOCK_REDUCE = '''
@@ -198,7 +171,7 @@ class Kernels:
 
 
 def helper_source(names: set[str]) -> str:
-    return "".join(_HELPERS[n] for n in sorted(names))
+    return _helper_source(names, _HELPERS)
 
 
 def _extent(printer: CudaPrinter, extent) -> str:
