@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from .schedules import check_monitor
 
@@ -68,8 +67,9 @@ class ModelCheckpoint(Callback):
     """Save the model after every epoch (or only when ``monitor`` improves)."""
 
     def __init__(self, path, monitor: str | None = None, mode: str = "min") -> None:
-        if Path(path).is_dir():  # refused here, not after the first epoch has trained
-            raise ValueError(f"ModelCheckpoint: {path} is a directory: give a file name, e.g. {Path(path) / 'model.npz'}")
+        from .checkpoint import checkpoint_path
+
+        checkpoint_path(path)  # a directory is refused here, not after the first epoch has trained
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
         self.path, self.monitor, self.mode, self.best = path, monitor, mode, None

@@ -33,14 +33,18 @@ def _digest(meta: dict, arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save(model, path) -> Path:
-    """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history)."""
+def checkpoint_path(path) -> Path:
+    """Where a checkpoint for ``path`` goes (``.npz`` added when missing); a directory is
+    refused, as np.savez would write "<dir>.npz" beside it."""
     path = Path(path)
     if path.is_dir():
-        # np.savez would write "<dir>.npz" beside it: not what a directory was given for.
         raise ValueError(f"checkpoint path {path} is a directory: give a file name, e.g. {path / 'model.npz'}")
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def save(model, path) -> Path:
+    """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history)."""
+    path = checkpoint_path(path)
     arrays = {f"param/{k}": v for k, v in model.params.items()}
     opt = model.optimizer
     if opt is not None:

@@ -102,8 +102,10 @@ def _train(args) -> int:
 
         _pyplot()  # matplotlib is there
         check_output_path(args.plot, (".png", ".svg", ".pdf"), "plot")
-    if args.save and Path(args.save).is_dir():
-        raise ValueError(f"checkpoint path {args.save} is a directory: give a file name, e.g. {Path(args.save) / 'model.npz'}")
+    if args.save:
+        from symbp.checkpoint import checkpoint_path
+
+        checkpoint_path(args.save)
     start = time.perf_counter()
     net = network_from_spec(cfg)
     Xtr, Xte, ytr, yte = load_data(opts["data"], opts["seed"], opts["test_size"])
