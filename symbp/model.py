@@ -362,9 +362,7 @@ class Model:
             val = self._data(*validation_data, what="_val")
         # A schedule or callback watching a metric this fit will not record is refused now,
         # not after an epoch has already changed the parameters.
-        classes = self.network.loss.task != "regression"
-        recorded = ["loss"] + ["accuracy"] * classes
-        recorded += (["val_loss"] + ["val_accuracy"] * classes if val is not None else []) + ["lr"]
+        recorded = self._metric_names(val is not None)
         for watcher in (schedule or self.schedule, *callbacks):
             if getattr(watcher, "monitor", None) is not None:
                 check_monitor(watcher, recorded)
@@ -384,17 +382,16 @@ class Model:
             opt.hyper["lr"] = self.schedule.lr(epoch, self.base_lr)
         return list(opt.hyper.values())
 
+    def _metric_names(self, validating: bool) -> list[str]:
+        """What each epoch of a fit records, in order (schedules and callbacks may watch these)."""
+        classes = self.network.loss.task != "regression"
+        return ["loss"] + ["accuracy"] * classes + (["val_loss"] + ["val_accuracy"] * classes) * validating + ["lr"]
+
     def _epoch_metrics(self, n: int, total: float, correct: int, validate, opt: Optimizer) -> dict:
-        metrics = {"loss": float(total) / n}
-        if self.network.loss.task != "regression":
-            metrics["accuracy"] = self._accuracy(n, correct)
+        values = {"loss": float(total) / n, "accuracy": self._accuracy(n, correct), "lr": opt.lr}
         if validate is not None:
-            val_loss, val_acc = validate()
-            metrics["val_loss"] = val_loss
-            if self.network.loss.task != "regression":
-                metrics["val_accuracy"] = val_acc
-        metrics["lr"] = opt.lr
-        return metrics
+            values["val_loss"], values["val_accuracy"] = validate()
+        return {name: values[name] for name in self._metric_names(validate is not None)}
 
     def _finish_epoch(self, history: History, epoch: int, metrics: dict, callbacks, bar) -> bool:
         """Record the epoch, step the schedule, run the callbacks; True when one says stop."""
