@@ -366,7 +366,7 @@ class Model:
         for watcher in (schedule or self.schedule, *callbacks):
             if getattr(watcher, "monitor", None) is not None:
                 check_monitor(watcher, recorded)
-        return optimizer or self.optimizer or SGD(), batch_size, X, T, val
+        return optimizer or self.optimizer or SGD(lr=0.01), batch_size, X, T, val
 
     def _adopt(self, opt: Optimizer, schedule: Schedule | None) -> None:
         """Make ``opt`` (and ``schedule``) the model's; a new optimizer's rate is the base rate."""

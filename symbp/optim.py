@@ -132,7 +132,7 @@ class SGD(Optimizer):
     Parameters
     ----------
     lr : float
-        Learning rate, > 0.
+        Learning rate, > 0 (1e-3 by default, as in torch.optim.SGD).
     momentum : float
         Heavy-ball momentum μ in [0, 1); 0 keeps no state.
     nesterov : bool
@@ -143,7 +143,7 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> None:
+    def __init__(self, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> None:
         super().__init__(
             lr=_number("lr", lr, low=0, low_open=True, owner="SGD"),
             momentum=_number("momentum", momentum, low=0, high=1, high_open=True, owner="SGD"),

@@ -37,6 +37,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"])
+def test_defaults_are_torch_optims(name):
+    """Every argument both constructors take has the same default (torch's SGD lr is 1e-3)."""
+    import inspect
+
+    torch = pytest.importorskip("torch")
+    ours = inspect.signature(getattr(sb, name)).parameters
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    shared = [k for k in ours if k in theirs]
+    assert "lr" in shared and len(shared) >= 3, shared
+    for k in shared:
+        assert ours[k].default == theirs[k].default, f"{name}({k}=…): ours {ours[k].default!r}, torch {theirs[k].default!r}"
+
+
 def torch_trajectory(torch, params, make_opt, X, y, steps, l2=0.0, act="tanh"):
     P = {k: torch.tensor(v.copy(), dtype=torch.float64, requires_grad=True) for k, v in params.items()}
     opt = make_opt(torch, list(P.values()))
