@@ -11,6 +11,7 @@ table with the worked example's ``x``, ``t``, ``seed`` and ``params`` (``W1 = [[
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+SPEC_HELP = "a TOML spec, or a checkpoint .npz (model.save, symbp train --save): the trained model"
+# The extra that installs each optional package a command may need (pyproject.toml).
+EXTRAS = {"matplotlib": "plots", "sklearn": "datasets", "skimage": "hog", "numba_cuda": "cuda", "cupy": "cublas"}
 TRAIN_DEFAULTS = {"data": "digits", "epochs": 20, "batch_size": 32, "lr": 0.1, "seed": 0,
                   "dtype": "float32", "test_size": 0.25, "optimizer": "sgd", "optimizer_params": {}}
 WALKTHROUGH_KEYS = ("x", "t", "seed", "params")
@@ -44,13 +48,31 @@ def load_spec(path: str | Path) -> dict:
             cfg = tomllib.load(fh)
     except FileNotFoundError:
         raise ValueError(f"spec file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"spec file {path} is a directory") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"spec file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        hint = " (explain, walkthrough, graph and report also read a checkpoint .npz)" if path.suffix != ".npz" else ""
+        raise ValueError(f"spec file {path} is not a TOML text file{hint}") from None
     _table(cfg, "train", TRAIN_DEFAULTS, path)
     example = _table(cfg, "walkthrough", WALKTHROUGH_KEYS, path)
     if "params" in example and not isinstance(example["params"], dict):
         raise ValueError(f"{path}: [walkthrough] params must be a table such as params = {{ W1 = [[…]], b1 = […] }}")
     return cfg
+
+
+def load_source(path: str | Path):
+    """``(cfg, net, model)`` for a command's SPEC argument: a TOML spec (model None), or a
+    checkpoint ``.npz`` from ``model.save`` / ``symbp train --save`` (cfg empty; the trained
+    model with its parameters and optimizer)."""
+    if Path(path).suffix == ".npz":
+        from .model import load
+
+        model = load(path)
+        return {}, model.network, model
+    cfg = load_spec(path)
+    return cfg, network_from_spec(cfg), None
 
 
 def network_from_spec(cfg: dict):
@@ -126,7 +148,8 @@ def _train(args) -> int:
     for key, values in history.history.items():
         print(f"final {key}: {values[-1]:.4f}")
     print(f"held-out score: {model.score(Xte, yte):.4f}  ({len(yte)} samples)")
-    print(f"time: {elapsed:.1f} s (derive, generate, JIT and {opts['epochs']} epochs)")
+    epochs = opts["epochs"]
+    print(f"time: {elapsed:.1f} s (derive, generate, JIT and {epochs} epoch{'' if epochs == 1 else 's'})")
     return 0
 
 
@@ -213,9 +236,16 @@ def _explain(args) -> int:
     import symbp as sb
     from symbp.explain import build
 
-    cfg = load_spec(args.spec)
-    net = network_from_spec(cfg)
-    doc = build(sb.derive(net), scalar=args.scalar, optimizer=spec_optimizer(cfg, args.optimizer))
+    if args.standalone and args.format != "latex":
+        raise ValueError("--standalone makes a complete LaTeX document: use it with --format latex")
+    cfg, net, model = load_source(args.spec)
+    optimizer = spec_optimizer(cfg, args.optimizer)
+    if model is not None:
+        d = model.derivation
+        optimizer = optimizer or model.optimizer  # a checkpoint's own rule unless --optimizer names one
+    else:
+        d = sb.derive(net)
+    doc = build(d, scalar=args.scalar, optimizer=optimizer)
     out = {"text": doc.text, "markdown": doc.markdown, "latex": lambda: doc.latex(args.standalone)}[args.format]()
     if args.output:
         from symbp._output import check_output_path, write_atomic
@@ -242,9 +272,12 @@ def _numbers(values, what: str):
     return out
 
 
-def _example(cfg: dict, args) -> dict:
-    """The worked example's x, t, params and seed: flags over the spec's [walkthrough] table."""
+def _example(cfg: dict, args, model=None) -> dict:
+    """The worked example's x, t, params and seed: flags over the spec's [walkthrough] table;
+    a checkpoint's ``model`` gives its trained parameters (in float64, like every example)."""
     table = cfg.get("walkthrough", {})
+    if model is not None:
+        table = {"params": {k: v.astype("float64") for k, v in model.params.items()}}
     seed = args.seed if args.seed is not None else table.get("seed", 0)
     x = _numbers(args.x, "--x") if args.x is not None else table.get("x")
     t = _numbers(args.t, "--t") if args.t is not None else table.get("t")
@@ -257,10 +290,9 @@ def _walkthrough(args) -> int:
     import symbp as sb
     from symbp.walkthrough import walkthrough
 
-    cfg = load_spec(args.spec)
-    net = network_from_spec(cfg)
+    cfg, net, model = load_source(args.spec)
     target = sb.compile(net, dtype="float64") if args.kernels else net
-    w = walkthrough(target, **_example(cfg, args))
+    w = walkthrough(target, **_example(cfg, args, model))
     w.max_rows = args.max_rows
     print(w.table("markdown" if args.markdown else "text"))
     if args.graph:
@@ -273,10 +305,9 @@ def _graph(args) -> int:
     from symbp.graph import graph
     from symbp.walkthrough import refuse_image_layers, walkthrough
 
-    cfg = load_spec(args.spec)
-    net = network_from_spec(cfg)
+    cfg, net, model = load_source(args.spec)
     refuse_image_layers(net, "the computational graph")  # drawn from the worked example: say which
-    w = walkthrough(net, **_example(cfg, args))
+    w = walkthrough(net, **_example(cfg, args, model))
     collapse = True if args.collapse else False if args.expand else None
     path = graph(w, collapse=collapse).save(args.output)
     print(f"wrote {path}")
@@ -286,11 +317,11 @@ def _graph(args) -> int:
 def _report(args) -> int:
     from symbp.report import report
 
-    cfg = load_spec(args.spec)
-    net = network_from_spec(cfg)
+    cfg, net, model = load_source(args.spec)
     output = args.output or f"{Path(args.spec).stem}.html"
     example = _example(cfg, args)
-    report(net, output, dtype=args.dtype, graph=False if args.no_graph else "auto",
+    # A checkpoint is reported as trained: its dtype, parameters and (unless --optimizer) optimizer.
+    report(model if model is not None else net, output, dtype=args.dtype, graph=False if args.no_graph else "auto",
            optimizer=spec_optimizer(cfg, args.optimizer), **example)
     print(f"wrote {output}")
     return 0
@@ -341,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--save", metavar="NPZ", help="write a checkpoint after training (sb.load reads it)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
-    explain = sub.add_parser("explain", help="print the derived formulas for a TOML spec")
-    explain.add_argument("spec")
+    explain = sub.add_parser("explain", help="print the derived formulas for a TOML spec (or a checkpoint .npz)")
+    explain.add_argument("spec", help=SPEC_HELP)
     explain.add_argument("--format", choices=["text", "latex", "markdown"], default="text")
     explain.add_argument("--scalar", action="store_true", help="also every neuron's formulas with named weights "
                                                                "(layers of at most 10 units)")
@@ -353,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     explain.set_defaults(func=_explain)
     walk = sub.add_parser("walkthrough", help="one sample's values, deltas and gradients, each checked against "
                                               "finite differences")
-    walk.add_argument("spec")
+    walk.add_argument("spec", help=SPEC_HELP)
     _add_example_flags(walk)
     walk.add_argument("--kernels", action="store_true", help="also compare with the generated kernels (compiles them)")
     walk.add_argument("--graph", metavar="FILE", help="also draw the computational graph (.svg, .png or .dot)")
@@ -361,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     walk.add_argument("--max-rows", dest="max_rows", type=int, default=16, help="rows per layer or parameter")
     walk.set_defaults(func=_walkthrough)
     gr = sub.add_parser("graph", help="draw one sample's computational graph with Graphviz")
-    gr.add_argument("spec")
+    gr.add_argument("spec", help=SPEC_HELP)
     gr.add_argument("-o", "--output", required=True, help="the picture: .svg, .png or .dot")
     _add_example_flags(gr)
     shape = gr.add_mutually_exclusive_group()
@@ -369,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--expand", action="store_true", help="one gate per unit (layers of at most 10 units)")
     gr.set_defaults(func=_graph)
     rep = sub.add_parser("report", help="a self-contained HTML page: formulas, kernels, graph, worked example")
-    rep.add_argument("spec")
+    rep.add_argument("spec", help=SPEC_HELP)
     rep.add_argument("-o", "--output", help="the page (.html); default: SPEC's name with .html, here")
     rep.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     rep.add_argument("--optimizer", help="also its update rule (as for explain)")
@@ -398,8 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`symbp explain … | head`): not an error of ours. Point stdout
+        # at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, RuntimeError, ImportError) as err:
-        print(f"symbp: error: {err}", file=sys.stderr)
+        message = str(err)
+        top = (getattr(err, "name", None) or "").split(".")[0]
+        if isinstance(err, ModuleNotFoundError) and top in EXTRAS:
+            message += f" (pip install 'symbp[{EXTRAS[top]}]')"
+        print(f"symbp: error: {message}", file=sys.stderr)
         return 2
 
 

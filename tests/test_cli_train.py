@@ -55,6 +55,51 @@ def test_train_with_optimizer_plot_and_checkpoint(tmp_path, capsys):
     model = sb.load(tmp_path / "ck.npz")
     assert isinstance(model.optimizer, sb.SGD) and model.optimizer.hyper["momentum"] == 0.9
     assert model.epoch == 2 and len(model.history["loss"]) == 2
+    # The checkpoint stands in for a spec: explain shows its own update rule, the worked
+    # example runs on its trained parameters.
+    assert cli(["explain", str(tmp_path / "ck.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "Update rule: SGD(lr=0.05, momentum=0.9)" in out and "momentum_buffer ←" in out
+    assert cli(["walkthrough", str(tmp_path / "ck.npz"), "--max-rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "all agree" in out
+    w1 = model.params["W1"].astype(np.float64)
+    assert f"{w1[0, 0]:.9g}" in out  # the trained weight, not a fresh initialisation
+
+
+def test_commands_name_what_is_wrong_with_their_input(tmp_path, capsys, monkeypatch):
+    spec = tmp_path / "net.toml"
+    spec.write_text(SPEC)
+    binary = tmp_path / "data.toml"
+    binary.write_bytes(b"PK\x03\x04\xf9\xff binary")
+    assert cli(["explain", str(binary)]) == 2
+    assert "is not a TOML text file" in capsys.readouterr().err
+    assert cli(["explain", str(tmp_path / "broken.npz")]) == 2
+    assert "broken.npz" in capsys.readouterr().err
+    assert cli(["explain", str(spec), "--standalone"]) == 2
+    assert "use it with --format latex" in capsys.readouterr().err
+
+    def no_matplotlib(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr("symbp.cli._paths", no_matplotlib)
+    assert cli(["paths", "beale"]) == 2
+    assert "pip install 'symbp[plots]'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    """``symbp explain SPEC | head -1``: the reader leaves before symbp writes."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "net.toml"
+    spec.write_text(SPEC)
+    proc = subprocess.Popen([sys.executable, "-m", "symbp", "explain", str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the child has derived anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
 
 
 def test_train_refuses_unknown_optimizer(tmp_path, capsys):

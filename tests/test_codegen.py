@@ -66,3 +66,21 @@ def test_cuda_helpers_are_the_cpu_helpers_as_device_functions():
     for name, text in cuda._HELPERS.items():
         assert "@cuda.jit(device=True" in text and "@njit" not in text, name
         assert text.split("\n", 2)[2] == cpu._HELPERS[name].split("\n", 2)[2], name  # same body
+
+
+def test_readme_kernel_excerpt_is_what_the_generator_writes():
+    """The README shows the digits MLP's fused backward + SGD function whole: it must be the
+    generator's current text, not a copy that drifted."""
+    from pathlib import Path
+
+    from symbp.codegen import generate_train_source
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"```python\n(def backward_update\(.*?)```", readme, re.S)
+    assert shown, "README has no backward_update excerpt"
+    net = sb.Network(inputs=64, layers=[sb.Dense(64, activation="tanh"), sb.Dense(10)],
+                     loss="softmax_cross_entropy", l2=1e-4, name="digits-mlp")
+    src = generate_train_source(sb.derive(net), "float32", sb.SGD(lr=0.1), "model_module")
+    body = src[src.index("def backward_update("):]
+    body = body[:body.index("    return penalty\n") + len("    return penalty\n")]
+    assert shown.group(1) == body
