@@ -31,7 +31,7 @@ import numpy as np
 
 from . import cache
 from .codegen_cuda import EPOCH_SLOTS, CudaConfig
-from .model import _EVAL_CHUNK, History, Model, _progress, diverged_message, epoch_order
+from .model import _EVAL_CHUNK, History, Model, _progress, all_finite, diverged_message, epoch_order
 from .network import Network
 from .optim import Optimizer
 from .schedules import Schedule
@@ -417,7 +417,7 @@ class CudaModel(Model):
         progress: bool = True,
         initial_epoch: int = 0,
         schedule: Schedule | None = None,
-        callbacks: list | tuple = (),
+        callbacks: list | tuple | None = (),
     ) -> History:
         """Train with mini-batches on the device; see :meth:`symbp.Model.fit` for the arguments.
 
@@ -426,6 +426,7 @@ class CudaModel(Model):
         state back at the start of the failing epoch), MemoryError when the data, the work
         buffers and the optimizer state do not fit on the device (before anything changed).
         """
+        callbacks = () if callbacks is None else tuple(callbacks)
         opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
                                                          initial_epoch, seed, validation_data, callbacks)
         n = X.shape[0]
@@ -471,10 +472,14 @@ class CudaModel(Model):
                                     dXb, dTb, stats, status)
                 result = status.copy_to_host()  # the epoch's one wait for the device
                 bad = int(result[E["bad"]])
-                if bad >= 0:
+                # As on the CPU: the last update of the epoch is checked here (one download of
+                # the parameters and state per epoch).
+                last_bad = bad < 0 and not all_finite(a.copy_to_host() for a in kept)
+                if bad >= 0 or last_bad:
                     for copy, live in zip(snapshot, kept):
                         live.copy_to_device(copy)
-                    raise FloatingPointError(diverged_message(epoch, bad, opt))
+                    batch = bad if bad >= 0 else -(-n // batch_size) - 1
+                    raise FloatingPointError(diverged_message(epoch, batch, opt, after_update=last_bad))
                 opt.step += int(result[E["done"]])
                 validate = None if dval is None else (lambda: self._evaluate_device(*dval, chunk=rows))  # training buffers
                 metrics = self._epoch_metrics(n, result[E["total"]], result[E["correct"]], validate, opt)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cache
+from .callbacks import Callback
 from .data import as_inputs, as_targets, check_batch_size
 from .network import Network
 from .optim import SGD, Optimizer
@@ -269,7 +270,7 @@ class Model:
         progress: bool = True,
         initial_epoch: int = 0,
         schedule: Schedule | None = None,
-        callbacks: list | tuple = (),
+        callbacks: list | tuple | None = (),
     ) -> History:
         """Train with mini-batches; returns the :class:`History` of the epochs run.
 
@@ -291,9 +292,11 @@ class Model:
         Raises
         ------
         FloatingPointError
-            When a batch's loss is NaN or infinite, naming the epoch and batch; the parameters
-            and optimizer state are put back as they were at the start of that epoch.
+            When a batch's loss is NaN or infinite, or the update of an epoch's last batch
+            leaves a parameter or optimizer state that is, naming the epoch and batch; the
+            parameters and optimizer state are put back as they were at the start of that epoch.
         """
+        callbacks = () if callbacks is None else tuple(callbacks)
         opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
                                                          initial_epoch, seed, validation_data, callbacks)
         self._adopt(opt, schedule)
@@ -311,24 +314,24 @@ class Model:
                 order = epoch_order(n, shuffle, seed, epoch)
                 ws = self._workspace(rows)
                 states = self._state_list(opt)  # created before the snapshot, so it covers them too
-                # Every batch loss so far was finite: if this epoch blows up, come back here.
-                # The kernel stops before a bad batch's update, so a one-batch epoch (full-batch
-                # training) has nothing to undo and skips the copy of parameters and state.
-                snapshot = None if n <= batch_size else (
-                    {k: v.copy() for k, v in self.params.items()},
-                    {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
+                # Every loss and parameter so far was finite: if this epoch blows up, come back here.
+                snapshot = ({k: v.copy() for k, v in self.params.items()},
+                            {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
                 total, correct, done, bad = kernels.train_epoch(
                     X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *states, Xb, Tb)
                 opt.step += int(done)
-                if bad >= 0:
-                    if snapshot is not None:
-                        params, state, opt.step = snapshot
-                        for k, v in params.items():
-                            self.params[k][...] = v
-                        for p, st in state.items():
-                            for k, v in st.items():
-                                opt.state[p][k][...] = v
-                    raise FloatingPointError(diverged_message(epoch, bad, opt))
+                # The kernel checks each batch's loss before that batch's update; the last
+                # update of the epoch is checked here (no loss of this epoch would see it).
+                last_bad = bad < 0 and not all_finite(self._param_list() + states)
+                if bad >= 0 or last_bad:
+                    params, state, opt.step = snapshot
+                    for k, v in params.items():
+                        self.params[k][...] = v
+                    for p, st in state.items():
+                        for k, v in st.items():
+                            opt.state[p][k][...] = v
+                    batch = bad if bad >= 0 else -(-n // batch_size) - 1
+                    raise FloatingPointError(diverged_message(epoch, batch, opt, after_update=last_bad))
                 metrics = self._epoch_metrics(n, total, correct, None if val is None else lambda: self.evaluate(*val), opt)
                 stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
                 if stop:
@@ -360,6 +363,10 @@ class Model:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             val = self._data(*validation_data, what="_val")
+        for cb in callbacks:
+            if not isinstance(cb, Callback) and not all(callable(getattr(cb, m, None))
+                                                        for m in ("on_epoch_end", "on_train_end")):
+                raise TypeError(f"callbacks must be symbp callbacks such as sb.EarlyStopping(), got {cb!r}")
         # A schedule or callback watching a metric this fit will not record is refused now,
         # not after an epoch has already changed the parameters.
         recorded = self._metric_names(val is not None)
@@ -426,10 +433,21 @@ def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int) -> np.ndarr
     return np.random.default_rng([seed, epoch] if seed is not None else None).permutation(n)
 
 
-def diverged_message(epoch: int, batch: int, opt: Optimizer) -> str:
-    return (f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {batch}; training stopped. "
-            f"The parameters and optimizer state are restored to the start of that epoch, the last point "
-            f"where every loss was finite. Try a smaller learning rate (lr={opt.lr:g}).")
+def diverged_message(epoch: int, batch: int, opt: Optimizer, after_update: bool = False) -> str:
+    """Why fit stopped: a batch's loss was not finite, or (``after_update``) the update of the
+    epoch's last batch left a parameter or optimizer state that is not (no later loss sees it)."""
+    what = (f"the update of batch {batch}, the last of epoch {epoch} (0-based), left parameters or optimizer "
+            f"state NaN or infinite" if after_update else
+            f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {batch}")
+    return (f"{what}; training stopped. The parameters and optimizer state are restored to the start of that "
+            f"epoch, the last point where every loss and parameter was finite. Try a smaller learning rate "
+            f"(lr={opt.lr:g}); a custom formula used outside its domain (log or sqrt of a negative number) or "
+            f"values too large for the model's dtype do the same.")
+
+
+def all_finite(arrays) -> bool:
+    """Whether every entry of every array is finite."""
+    return all(np.isfinite(a).all() for a in arrays)
 
 
 def _progress(epochs: int, enabled: bool):

@@ -247,6 +247,24 @@ def test_nonfinite_loss_restores_the_epoch_start(compiled, cuda_compiled):
         assert_close(g_state[key]["momentum_buffer"], c_state[key]["momentum_buffer"], 1e-10, f"momentum {key}")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_an_overflowing_last_update_is_caught_as_on_the_cpu(compiled, cuda_compiled):
+    """The last update of an epoch (seen by no loss) is checked after the epoch: same error,
+    same restored parameters as the CPU target."""
+    net = sb.Network(inputs=3, layers=[sb.Dense(2), sb.Dense(2)], loss="mse", name="cuda-diverge")
+    X = np.random.default_rng(1).normal(0.0, 1e3, (N_SAMPLES, 3))
+    target = np.ones((N_SAMPLES, 2))
+    results = []
+    for model in (compiled(net, "float64"), cuda_compiled(net, "float64")):
+        start = {k: np.array(v) for k, v in model.params.items()}
+        with pytest.raises(FloatingPointError, match=r"the update of batch 0, the last of epoch 0") as err:
+            model.fit(X, target, optimizer=sb.SGD(lr=1e306), batch_size=N_SAMPLES, epochs=2, progress=False)
+        results.append(str(err.value))
+        for key, value in start.items():
+            assert_close(model.params[key], value, 0.0, key)
+    assert results[0] == results[1]
+
+
 # -- parameters on the device ---------------------------------------------------------------------
 def test_params_are_host_copies(cuda_compiled):
     spec = GRAD_NETS["g1-tanh-sigmoid-ce"]

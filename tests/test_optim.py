@@ -238,8 +238,7 @@ def test_nan_loss_stops_with_last_good_weights(compiled, data):
 
 
 def test_nan_loss_in_full_batch_training_keeps_the_failing_epochs_start(compiled, data):
-    # One batch per epoch takes no snapshot: the kernel stops before the bad batch's update,
-    # so the model must hold exactly what an unbroken run of the good epochs gives.
+    # One batch per epoch: the model must hold exactly what an unbroken run of the good epochs gives.
     X, _ = data
     net = sb.Network(inputs=5, layers=[sb.Dense(4), sb.Dense(3)], loss="mse", name="diverge")
     target = np.ones((len(X), 3))
@@ -255,6 +254,31 @@ def test_nan_loss_in_full_batch_training_keeps_the_failing_epochs_start(compiled
     for name, value in twin.params.items():
         np.testing.assert_array_equal(model.params[name], value)
         np.testing.assert_array_equal(opt.state[name]["momentum_buffer"], twin_opt.state[name]["momentum_buffer"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_a_last_update_that_overflows_is_caught(compiled, data):
+    """No loss of the epoch sees its last update: fit checks the parameters after it, so a
+    run never returns normally with NaN or inf weights (nor restores to a broken start)."""
+    X, _ = data
+    X = X * 1e3  # gradients ~ 1e3 and more: an lr of 1e306 overflows the step, not the loss before it
+    y = np.ones((len(X), 3))
+    model = compiled(sb.Network(inputs=5, layers=[sb.Dense(4), sb.Dense(3)], loss="mse", name="diverge"), "float64")
+    start = {k: v.copy() for k, v in model.params.items()}
+    opt = sb.SGD(lr=1e306)
+    with pytest.raises(FloatingPointError, match=r"the update of batch 0, the last of epoch 0 \(0-based\)"):
+        model.fit(X, y, optimizer=opt, batch_size=len(X), epochs=1, progress=False)
+    assert model.epoch == 0 and opt.step == 0
+    for k, v in start.items():
+        np.testing.assert_array_equal(model.params[k], v)
+    # A later epoch: that epoch is the one named and undone, the good ones before it stay.
+    model.fit(X, y, optimizer=sb.SGD(lr=1e-6), batch_size=len(X), epochs=2, progress=False)
+    good = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(FloatingPointError, match=r"the update of batch 0, the last of epoch 2 \(0-based\)"):
+        model.fit(X, y, optimizer=sb.SGD(lr=1e306), batch_size=len(X), epochs=4, initial_epoch=2, progress=False)
+    assert model.epoch == 2
+    for k, v in good.items():
+        np.testing.assert_array_equal(model.params[k], v)
 
 
 def test_save_and_resume_is_bit_for_bit(compiled, data, tmp_path):
