@@ -101,7 +101,11 @@ def _numba_cuda_version() -> str:
 def write_module(path: Path, source: str, target: str = "cpu") -> None:
     """Write ``source``, the target's generator stamp and a checksum line atomically (a
     reader sees all or nothing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. SYMBP_CACHE_DIR names a file
+        raise ValueError(f"cannot use the cache directory {path.parent}: {err.strerror or err} "
+                         f"(set cache_dir= or SYMBP_CACHE_DIR to a directory)") from None
     body = source if source.endswith("\n") else source + "\n"
     body += _STAMP + generator_stamp(target) + "\n"
     write_atomic(path, body + _CHECKSUM + _checksum(body) + "\n", "generated module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -39,6 +40,15 @@ def checkpoint_path(path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint path {path} is a directory: give a file name, e.g. {path / 'model.npz'}")
+    # The nearest folder that exists must be one we can write in (save creates the rest):
+    # found here, before any training, not after the first epoch.
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write the checkpoint {path}: {folder} is a file, not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the checkpoint {path}: no permission to write in {folder}")
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
@@ -76,6 +86,8 @@ def save(model, path) -> Path:
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     """The verified metadata and arrays of a checkpoint; ValueError if it is damaged."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     try:

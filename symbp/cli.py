@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 try:
@@ -101,7 +102,7 @@ def load_data(name: str, seed: int, test_size: float):
         try:
             with np.load(name, allow_pickle=False) as f:
                 X, y = f["X"], f["y"]
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"cannot read data file {name}: {err}") from None
     else:
         raise ValueError(f"unknown data set {name!r}: use 'digits' or a path to an .npz with X and y")
@@ -434,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         # at /dev/null so that the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, RuntimeError, ImportError) as err:
-        message = str(err)
+    except (ValueError, TypeError, RuntimeError, ImportError, ArithmeticError, OSError, MemoryError) as err:
+        # ArithmeticError: training diverged (FloatingPointError) or a number overflowed;
+        # OSError: a path the user gave cannot be read or written; MemoryError: too big a net.
+        message = str(err) or type(err).__name__
         top = (getattr(err, "name", None) or "").split(".")[0]
         if isinstance(err, ModuleNotFoundError) and top in EXTRAS:
             message += f" (pip install 'symbp[{EXTRAS[top]}]')"

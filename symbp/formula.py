@@ -13,6 +13,7 @@ big-integer arithmetic.
 
 import ast
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
@@ -348,4 +349,11 @@ def parse_formula(text: str, variables: Mapping[str, sympy.Symbol],
         raise FormulaError(f"{quoted} is nested too deeply") from None
     if expr.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         raise FormulaError(f"{quoted} is undefined (division by zero or similar)")
+    for number in expr.atoms(sympy.Number):
+        try:
+            finite = math.isfinite(float(number))
+        except OverflowError:
+            finite = False
+        if not finite:  # exact in SymPy, but no kernel can hold it
+            raise FormulaError(f"{quoted}: the number {_short(number)} is beyond the largest float (about 1.8e308)")
     return expr

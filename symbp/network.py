@@ -136,7 +136,10 @@ class Network:
         if not isinstance(cfg, Mapping):
             raise TypeError(f"a network spec must be a table, got {type(cfg).__name__}")
         known = {"name", "inputs", "loss", "l2", "layers"}
-        unknown = sorted(set(cfg) - known - {"train", "data"})
+        unknown = sorted(set(cfg) - known - {"train"})
+        if "data" in unknown:  # a [train] key written above the table
+            raise ValueError("unknown key 'data' in network spec: the data set goes in the [train] table "
+                             "(write data = … below the [train] line)")
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} in network spec (known: {', '.join(sorted(known))})")
         if "inputs" not in cfg:

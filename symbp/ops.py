@@ -137,9 +137,17 @@ def fold_identities(expr: sp.Expr) -> sp.Expr:
                   lambda f: sigmoid(f.args[0]))
 
 
+def drop_point_masses(expr: sp.Expr) -> sp.Expr:
+    """``DiracDelta`` terms → 0.  SymPy differentiates sign(x) (and the step) to 2·δ(x), which
+    no kernel can evaluate; it is 0 everywhere but at 0, and PyTorch's sign backward is 0 there
+    too, so the gradient of sign is 0, as in every autograd library."""
+    return expr.replace(sp.DiracDelta, lambda *args: sp.S.Zero)
+
+
 def simplest(expr: sp.Expr) -> sp.Expr:
     """The shortest of a few equivalent forms: SymPy's ``simplify`` alone sometimes expands
     a textbook product (σ(1 − σ)) into something longer."""
+    expr = drop_point_masses(expr)
     tidy = fold_identities(canonicalize(expr))
     candidates = [expr, tidy]
     for start in (expr, tidy) if tidy != expr else (expr,):

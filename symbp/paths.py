@@ -15,7 +15,10 @@ import numpy as np
 import sympy as sp
 
 from .formula import parse_formula
+from .ops import drop_point_masses
 from .optim import Optimizer, g_s, t_s, theta_s
+
+MAX_STEPS = 100_000  # per path; more cannot be told apart on the picture and takes minutes
 
 SURFACES = {
     "rosenbrock": ("(1 - x)**2 + 100*(y - x**2)**2", (-1.5, 2.0), (-2.0, 2.0, -1.0, 3.0)),
@@ -127,9 +130,12 @@ def run_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int =
     for opt in optimizers:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"optimizers must be symbp optimizers such as sb.Adam(lr=0.05), got {type(opt).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    grad = sp.lambdify((x_s, y_s), [sp.diff(f, x_s), sp.diff(f, y_s)], modules="numpy")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    if not f.free_symbols & {x_s, y_s}:
+        raise ValueError(f"the surface {formula!r} is constant: it must depend on x or y")
+    # sign(x) differentiates to δ(x), which has no numeric value: 0, as in the kernels.
+    grad = sp.lambdify((x_s, y_s), [drop_point_masses(sp.diff(f, s)) for s in (x_s, y_s)], modules="numpy")
     value = sp.lambdify((x_s, y_s), f, modules="numpy")
     if start is None:
         start = SURFACES[str(formula).strip()][1] if str(formula).strip() in SURFACES else _default_start(value, grad)

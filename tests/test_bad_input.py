@@ -420,3 +420,46 @@ def test_complex_data_is_refused_not_cast(clf, reg):
         clf.predict(X.astype(complex))
     with pytest.raises(TypeError, match="y must hold real numbers, got dtype complex128"):
         reg.fit(np.ones((3, 4)), np.ones((3, 2), complex), progress=False)
+
+
+def test_callbacks_that_are_not_callbacks_are_refused_before_training(clf):
+    X, y = np.zeros((4, 64)), np.arange(4)
+    before = clf.params["W1"].copy()
+    with pytest.raises(TypeError, match="callbacks must be symbp callbacks such as sb.EarlyStopping"):
+        clf.fit(X, y, callbacks=["x"], progress=False)
+    np.testing.assert_array_equal(clf.params["W1"], before)  # nothing trained
+    with pytest.raises(TypeError, match="callbacks must be"):
+        clf.fit(X, y, callbacks=[object()], progress=False)
+
+
+@pytest.mark.parametrize("formula", ["1e400*z", "9**999*z", "z + 10**309"])
+def test_a_number_beyond_float_range_is_refused_at_declaration(formula):
+    with pytest.raises(ValueError, match="beyond the largest float"):
+        sb.Dense(3, activation=formula)
+
+
+def test_sign_differentiates_to_zero_as_in_torch():
+    """SymPy's derivative of sign is 2·δ(z), which no kernel can evaluate; like every autograd
+    library symbp takes it as 0, so sign(z) is a usable activation."""
+    act = sb.Dense(3, activation="sign(z) + z").activation
+    assert act.derivative == 1
+    assert sb.Dense(3, activation="sign(z)").activation.derivative == 0
+
+
+def test_data_above_the_train_table_is_named():
+    cfg = sb.Network(inputs=4, layers=[sb.Dense(2)], loss="mse").to_config()
+    with pytest.raises(ValueError, match=r"the data set goes in the \[train\] table"):
+        sb.Network.from_config({**cfg, "data": "my.npz"})
+
+
+def test_paths_and_files_that_cannot_be_used_are_named(tmp_path, clf):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ValueError, match="afile is a file, not a directory"):
+        clf.save(afile / "model.npz")
+    with pytest.raises(ValueError, match="is a directory, not a checkpoint file"):
+        sb.load(tmp_path)
+    net = sb.Network(inputs=2, layers=[sb.Dense(2)], loss="mse", name="bad-cache-dir")
+    with pytest.raises(ValueError, match="cannot use the cache directory .*afile"):
+        sb.compile(net, cache_dir=afile)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing half-written
