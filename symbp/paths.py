@@ -202,11 +202,11 @@ def plot_paths(paths: list[Path], f: sp.Expr, path=None, bounds=None, title: str
 
 
 def _animate(fig, lines, paths, gif) -> None:
-    import os
-    import tempfile
     from pathlib import Path as _P
 
     from matplotlib.animation import FuncAnimation, PillowWriter
+
+    from ._output import atomic_target
 
     frames = max(len(p.points) for p in paths)
     stride = max(1, math.ceil(frames / 120))  # at most ~120 frames keeps the GIF small
@@ -219,11 +219,5 @@ def _animate(fig, lines, paths, gif) -> None:
 
     anim = FuncAnimation(fig, update, frames=math.ceil(frames / stride), blit=False)
     gif = _P(gif)
-    fd, tmp = tempfile.mkstemp(dir=gif.parent, prefix=f".{gif.stem}.", suffix=".gif")
-    os.close(fd)
-    try:
+    with atomic_target(gif, ".gif") as tmp:
         anim.save(tmp, writer=PillowWriter(fps=20))
-        os.replace(tmp, gif)
-    except BaseException:
-        _P(tmp).unlink(missing_ok=True)
-        raise

@@ -1,5 +1,7 @@
 """The training-side command line: train with an optimizer, curves, checkpoints; paths."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -52,6 +54,9 @@ def test_train_with_optimizer_plot_and_checkpoint(tmp_path, capsys):
     assert code == 0, out
     assert "held-out score" in out
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "c.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     model = sb.load(tmp_path / "ck.npz")
     assert isinstance(model.optimizer, sb.SGD) and model.optimizer.hyper["momentum"] == 0.9
     assert model.epoch == 2 and len(model.history["loss"]) == 2
