@@ -429,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     cch.set_defaults(func=_cache)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except BrokenPipeError:
         # The reader went away (`symbp explain … | head`): not an error of ours. Point stdout
         # at /dev/null so that the interpreter's final flush does not fail again.
