@@ -25,6 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
 SPEC_HELP = "a TOML spec, or a checkpoint .npz (model.save, symbp train --save): the trained model"
 # The extra that installs each optional package a command may need (pyproject.toml).
 EXTRAS = {"matplotlib": "plots", "sklearn": "datasets", "skimage": "hog", "numba_cuda": "cuda", "cupy": "cublas"}
+BOOLEAN_OPTIONS = ("nesterov", "amsgrad", "centered")  # the optimizers' on/off switches
 TRAIN_DEFAULTS = {"data": "digits", "epochs": 20, "batch_size": 32, "lr": 0.1, "seed": 0,
                   "dtype": "float32", "test_size": 0.25, "optimizer": "sgd", "optimizer_params": {}}
 WALKTHROUGH_KEYS = ("x", "t", "seed", "params")
@@ -206,6 +207,8 @@ def parse_optimizer(text: str) -> tuple[str, dict]:
         low = value.strip().lower()
         if low in ("true", "false"):
             params[key.strip()] = low == "true"
+        elif key.strip() in BOOLEAN_OPTIONS:
+            raise ValueError(f"optimizer {text!r}: {key.strip()} must be true or false, got {value!r}")
         else:
             try:
                 params[key.strip()] = float(value)

@@ -463,3 +463,9 @@ def test_paths_and_files_that_cannot_be_used_are_named(tmp_path, clf):
     with pytest.raises(ValueError, match="cannot use the cache directory .*afile"):
         sb.compile(net, cache_dir=afile)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing half-written
+
+
+@pytest.mark.parametrize("lr", [0, -1.0])
+def test_formula_optimizer_needs_a_positive_lr(lr):
+    with pytest.raises(ValueError, match="learning rate lr must be > 0"):
+        sb.FormulaOptimizer("theta - lr*g", lr=lr)

@@ -29,6 +29,8 @@ def test_parse_optimizer():
     assert parse_optimizer("sgd") == ("sgd", {})
     with pytest.raises(ValueError, match="must be a number"):
         parse_optimizer("sgd:momentum=lots")
+    with pytest.raises(ValueError, match="amsgrad must be true or false, got '2'"):
+        parse_optimizer("adam:amsgrad=2")
 
 
 def test_train_refuses_bad_output_paths_before_training(tmp_path, capsys, monkeypatch):
