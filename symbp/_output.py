@@ -8,16 +8,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def check_output_path(path, suffixes: tuple[str, ...], what: str) -> Path:
+def check_output_path(path, suffixes: tuple[str, ...] | None, what: str) -> Path:
     """``path`` as a Path after checking that a ``what`` can be written there.
 
     Raises TypeError for a non-path, ValueError naming the problem otherwise: a suffix
-    outside ``suffixes``, a directory in the way, a missing or unwritable directory.
+    outside ``suffixes`` (None: any), a directory in the way, a missing or unwritable directory.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"the {what} path must be a string or a path, got {type(path).__name__}")
     path = Path(path)
-    if path.suffix.lower() not in suffixes:
+    if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ValueError(f"the {what} file must end in {', '.join(suffixes)}; got {str(path)!r}")
     if path.is_dir():
         raise ValueError(f"cannot write the {what} to {path}: it is a directory")

@@ -55,8 +55,8 @@ def load_spec(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"spec file {path} is not valid TOML: {err}") from None
     except UnicodeDecodeError:
-        hint = " (explain, walkthrough, graph and report also read a checkpoint .npz)" if path.suffix != ".npz" else ""
-        raise ValueError(f"spec file {path} is not a TOML text file{hint}") from None
+        raise ValueError(f"spec file {path} is not a TOML text file (explain, walkthrough, graph and report "
+                         f"also read a checkpoint .npz)") from None
     _table(cfg, "train", TRAIN_DEFAULTS, path)
     example = _table(cfg, "walkthrough", WALKTHROUGH_KEYS, path)
     if "params" in example and not isinstance(example["params"], dict):

@@ -474,12 +474,10 @@ class CudaModel(Model):
                 bad = int(result[E["bad"]])
                 # As on the CPU: the last update of the epoch is checked here (one download of
                 # the parameters and state per epoch).
-                last_bad = bad < 0 and not all_finite(a.copy_to_host() for a in kept)
-                if bad >= 0 or last_bad:
+                if bad >= 0 or not all_finite(a.copy_to_host() for a in kept):
                     for copy, live in zip(snapshot, kept):
                         live.copy_to_device(copy)
-                    batch = bad if bad >= 0 else -(-n // batch_size) - 1
-                    raise FloatingPointError(diverged_message(epoch, batch, opt, after_update=last_bad))
+                    raise FloatingPointError(diverged_message(epoch, bad, opt, -(-n // batch_size)))
                 opt.step += int(result[E["done"]])
                 validate = None if dval is None else (lambda: self._evaluate_device(*dval, chunk=rows))  # training buffers
                 metrics = self._epoch_metrics(n, result[E["total"]], result[E["correct"]], validate, opt)

@@ -322,16 +322,14 @@ class Model:
                 opt.step += int(done)
                 # The kernel checks each batch's loss before that batch's update; the last
                 # update of the epoch is checked here (no loss of this epoch would see it).
-                last_bad = bad < 0 and not all_finite(self._param_list() + states)
-                if bad >= 0 or last_bad:
+                if bad >= 0 or not all_finite(self._param_list() + states):
                     params, state, opt.step = snapshot
                     for k, v in params.items():
                         self.params[k][...] = v
                     for p, st in state.items():
                         for k, v in st.items():
                             opt.state[p][k][...] = v
-                    batch = bad if bad >= 0 else -(-n // batch_size) - 1
-                    raise FloatingPointError(diverged_message(epoch, batch, opt, after_update=last_bad))
+                    raise FloatingPointError(diverged_message(epoch, bad, opt, -(-n // batch_size)))
                 metrics = self._epoch_metrics(n, total, correct, None if val is None else lambda: self.evaluate(*val), opt)
                 stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
                 if stop:
@@ -433,12 +431,13 @@ def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int) -> np.ndarr
     return np.random.default_rng([seed, epoch] if seed is not None else None).permutation(n)
 
 
-def diverged_message(epoch: int, batch: int, opt: Optimizer, after_update: bool = False) -> str:
-    """Why fit stopped: a batch's loss was not finite, or (``after_update``) the update of the
-    epoch's last batch left a parameter or optimizer state that is not (no later loss sees it)."""
-    what = (f"the update of batch {batch}, the last of epoch {epoch} (0-based), left parameters or optimizer "
-            f"state NaN or infinite" if after_update else
-            f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {batch}")
+def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:
+    """Why fit stopped: batch ``bad``'s loss was not finite, or (``bad`` < 0) the update of the
+    epoch's last batch (of ``batches``) left a parameter or optimizer state that is not (no
+    later loss of the epoch sees it)."""
+    what = (f"the loss became NaN or infinite in epoch {epoch} (0-based), batch {bad}" if bad >= 0 else
+            f"the update of batch {batches - 1}, the last of epoch {epoch} (0-based), left parameters or "
+            f"optimizer state NaN or infinite")
     return (f"{what}; training stopped. The parameters and optimizer state are restored to the start of that "
             f"epoch, the last point where every loss and parameter was finite. Try a smaller learning rate "
             f"(lr={opt.lr:g}); a custom formula used outside its domain (log or sqrt of a negative number) or "

@@ -354,10 +354,10 @@ class FormulaOptimizer(Optimizer):
         for key in list(state) + list(hyper):
             if not str(key).isidentifier() or key in reserved:
                 raise ValueError(f"formula optimizer: {key!r} cannot be a state or hyper-parameter name")
+        owner = f"optimizer {name!r}"
         # lr > 0 as for the built-ins (and as the lr setter a schedule uses demands).
-        super().__init__(**{k: _number(k, v, owner=f"optimizer {name!r}", **({"low": 0, "low_open": True}
-                                                                            if k == "lr" else {}))
-                            for k, v in hyper.items()})
+        super().__init__(**{k: _number(k, v, low=0, low_open=True, owner=owner) if k == "lr" else
+                            _number(k, v, owner=owner) for k, v in hyper.items()})
         self.name = "formula-" + "".join(c if c.isalnum() else "-" for c in str(name))
         self.state_names = tuple(state)
         self._init = {}

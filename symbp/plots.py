@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._output import atomic_target
+from ._output import atomic_target, check_output_path
 
 
 def _pyplot():
@@ -20,11 +20,7 @@ def _pyplot():
 
 def save_figure(fig, path) -> Path:
     """Save atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory, give a file name")
+    path = check_output_path(path, None, "picture")  # any format matplotlib writes
     with atomic_target(path, path.suffix or ".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format=(path.suffix.lstrip(".") or "png"))
     return path
