@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import sympy as sp
 
-from .formula import parse_formula
+from .formula import FormulaError, constant_problem, parse_formula
 from .ops import FORMULA_FUNCTIONS, canonicalize, elu, leaky_relu, relu, sigmoid, simplest, softplus
 
 z = sp.Symbol("z", real=True)
@@ -125,13 +125,16 @@ def _custom_expr(spec: object) -> sp.Expr:
     if isinstance(spec, str):
         if spec.strip().isidentifier() and spec.strip() != "z":
             known = ", ".join(sorted(_BUILTINS))
-            raise ValueError(f"unknown activation {spec!r}; known: {known}, or a formula in z")
+            raise FormulaError(f"unknown activation {spec!r}; known: {known}, or a formula in z")
         return parse_formula(spec, {"z": z}, FORMULA_FUNCTIONS, what="custom activation")
     if isinstance(spec, sp.Expr):
         free = sorted(spec.free_symbols, key=str)
         if len(free) != 1:
             names = ", ".join(map(str, free)) or "none"
             raise ValueError(f"custom activation {spec}: needs exactly one free symbol, got {names}")
+        problem = constant_problem(spec)
+        if problem:
+            raise FormulaError(f"custom activation {spec}: {problem}")
         return spec.subs(free[0], z)
     raise TypeError(f"activation must be a name, a formula string or a SymPy expression, got {type(spec).__name__}")
 

@@ -25,6 +25,7 @@ from .conv import Stage, image_dims
 from .indices import N, i, j, k, n, nonnegative_gap, p, q, r, s, width
 from .layers import Dense
 from .network import Network
+from .ops import drop_point_masses
 
 
 @dataclass
@@ -86,12 +87,48 @@ def resolve(expr: sp.Expr, ranges: dict | None = None) -> sp.Expr:
     border of a zero padding) stays, as the guard it really is.
     """
     ranges = dict(ranges or {})
+    # A point mass (d/dx sign(x) = 2·δ(x)) is zero almost everywhere, and no kernel has it.
+    expr = sum_deltas(drop_point_masses(expr), ranges)
     for _ in range(20):
         new = prune_guards(expr.doit(), ranges)
         if new == expr:
             return new
         expr = new
     return expr
+
+
+def _common_delta(e) -> sp.KroneckerDelta | None:
+    """A Kronecker δ that is a factor of every term of every non-zero branch of a Piecewise."""
+    if not isinstance(e, sp.Piecewise) or not e.has(sp.KroneckerDelta):
+        return None
+    common = None
+    for arg in e.args:
+        for term in sp.Add.make_args(sp.expand_mul(arg.expr)) if arg.expr != 0 else ():
+            factors = {f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta)}
+            common = factors if common is None else common & factors
+    return min(common, key=str) if common else None
+
+
+def sum_deltas(expr: sp.Expr, ranges: dict) -> sp.Expr:
+    """Σ_k Piecewise((δ(k, p)·u, c), (δ(k, p)·v, True)) → Piecewise((u, c), (v, True)) at k = p.
+
+    d/dy of a piecewise function (leaky_relu, elu, max) puts the δ into each branch, where
+    ``Sum.doit`` does not look (and SymPy folds any factor pulled out straight back in).
+    Done only where the ranges say that p lies within the sum's limits."""
+    def collapsed(e):
+        if not isinstance(e, sp.Sum) or len(e.limits) != 1:
+            return None
+        k, lo, hi = e.limits[0]
+        delta = _common_delta(e.function)
+        if delta is None or k not in delta.args:
+            return None
+        other = delta.args[1] if delta.args[0] == k else delta.args[0]
+        if other.has(k) or not (implied(lo <= other, ranges) and implied(other <= hi, ranges)):
+            return None
+        return sp.Piecewise(*[(arg.expr.xreplace({delta: sp.S.One}).xreplace({k: other}), arg.cond.xreplace({k: other}))
+                              for arg in e.function.args])
+
+    return expr.replace(lambda e: collapsed(e) is not None, collapsed)
 
 
 def _is_guard(e) -> bool:
@@ -177,7 +214,7 @@ class Derivation:
         #: symbol -> number for every size the formulas keep symbolic (not the Dense widths)
         self.sizes: dict = {}
         in_dims = self._shape_symbols(0)
-        x_prev = sp.IndexedBase("x", shape=(N, *in_dims))
+        x_prev = sp.IndexedBase("x", shape=(N, *in_dims), real=True)
         self.x = x_prev
         self.layers: list[LayerDerivation] = []
         for l, layer in enumerate(net.layers, 1):
@@ -203,11 +240,11 @@ class Derivation:
         return syms
 
     def _dense(self, l, layer, x_prev, dims) -> LayerDerivation:
-        W = sp.IndexedBase(f"W{l}", shape=(dims[l], dims[l - 1]))
-        b = sp.IndexedBase(f"b{l}", shape=(dims[l],))
-        z = sp.IndexedBase(f"z{l}", shape=(N, dims[l]))
-        a = sp.IndexedBase(f"a{l}", shape=(N, dims[l]))
-        delta = sp.IndexedBase(f"delta{l}", shape=(N, dims[l]))
+        W = sp.IndexedBase(f"W{l}", shape=(dims[l], dims[l - 1]), real=True)
+        b = sp.IndexedBase(f"b{l}", shape=(dims[l],), real=True)
+        z = sp.IndexedBase(f"z{l}", shape=(N, dims[l]), real=True)
+        a = sp.IndexedBase(f"a{l}", shape=(N, dims[l]), real=True)
+        delta = sp.IndexedBase(f"delta{l}", shape=(N, dims[l]), real=True)
         fwd = layer.forward_formula(x_prev, W, b, dims[l - 1])
         ranges = {n: (0, N - 1), i: (0, dims[l] - 1), p: (0, dims[l] - 1), q: (0, dims[l - 1] - 1)}
         local = {
@@ -233,8 +270,8 @@ class Derivation:
             out_dims = form.stages[-1].dims
         zst = form.stages[-1]
         z = zst.target
-        a = sp.IndexedBase(f"a{l}")
-        delta = sp.IndexedBase(f"delta{l}")
+        a = sp.IndexedBase(f"a{l}", real=True)
+        delta = sp.IndexedBase(f"delta{l}", real=True)
         out_idx = zst.idx
         delta_idx = (p, r, s) if len(out_idx) == 3 else (p,)
         ranges = {n: (0, N - 1)}
@@ -265,7 +302,7 @@ class Derivation:
         grad = resolve(sp.diff(per_sample, y[n, p]), {p: (0, K - 1), n: (0, N - 1)})
         definitions = {}
         if self.network.loss.is_softmax:
-            softmax = sp.IndexedBase("softmax", shape=(N, K))
+            softmax = sp.IndexedBase("softmax", shape=(N, K), real=True)
             definition = sp.exp(y[n, p]) / sp.Sum(sp.exp(y[n, j]), (j, 0, K - 1))
             named = grad.subs(definition, softmax[n, p])
             if named != grad:

@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 import sympy
 
-__all__ = ["DEFAULT_FUNCTIONS", "FormulaError", "parse_formula"]
+__all__ = ["DEFAULT_FUNCTIONS", "FormulaError", "constant_problem", "constant_value", "parse_formula"]
 
 MAX_LENGTH = 2000
 MAX_DEPTH = 100
@@ -349,11 +349,73 @@ def parse_formula(text: str, variables: Mapping[str, sympy.Symbol],
         raise FormulaError(f"{quoted} is nested too deeply") from None
     if expr.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         raise FormulaError(f"{quoted} is undefined (division by zero or similar)")
+    problem = constant_problem(expr)
+    if problem:
+        raise FormulaError(f"{quoted}: {problem}")
+    return expr
+
+
+def constant_value(expr: sympy.Expr) -> complex:
+    """The value of a constant subexpression to 30 digits, as Python's complex (infinite
+    components where it is beyond the float range)."""
+    value = expr.evalf(30)
+    re, im = value.as_real_imag()
+
+    def part(x: sympy.Expr) -> float:
+        try:
+            return float(x)
+        except OverflowError:
+            return math.copysign(math.inf, float(sympy.sign(x)))
+        except TypeError:  # not a number at all (zoo, nan)
+            return math.nan
+
+    return complex(part(re), part(im))
+
+
+def _constant_parts(expr: sympy.Basic):
+    """The largest subexpressions without a variable (a product's or sum's constant factor
+    or term taken together: I·π, not I and π), outermost first."""
+    if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.Rational):
+        return
+    if expr.is_number:
+        yield expr
+        return
+    if isinstance(expr, (sympy.Add, sympy.Mul)):
+        const, _ = expr.as_independent(*expr.free_symbols, as_Add=isinstance(expr, sympy.Add))
+        if const.is_number and not isinstance(const, sympy.Rational):
+            yield const
+    for arg in expr.args:
+        if not (isinstance(arg, sympy.Expr) and arg.is_number):
+            yield from _constant_parts(arg)
+        elif not isinstance(expr, (sympy.Add, sympy.Mul)):
+            yield arg
+
+
+def constant_problem(expr: sympy.Expr) -> str | None:
+    """Why a constant part of ``expr`` cannot be a float, or None.
+
+    Every subexpression without a variable (``sin(10**300)``, ``sqrt(2)``, ``log(-1)``) is
+    evaluated by SymPy exactly, as the kernels print it (one correctly rounded literal), so it
+    must be a real number within the float range: ``sqrt(-1)``, ``log(-1)`` and
+    ``(-8)**(1/3)`` (SymPy's principal root, 1 + 1.73i) are complex, ``exp(710)`` overflows.
+    """
+    for node in _constant_parts(expr):
+        try:
+            value = constant_value(node)
+        except (ValueError, TypeError, ArithmeticError, RecursionError):
+            return f"the constant {_short(node)} cannot be evaluated to a number"
+        if value.imag != 0 and not math.isnan(value.imag):
+            return (f"the constant {_short(node)} is not a real number (it is {value.real:.6g}"
+                    f"{'+' if value.imag >= 0 else '-'}{abs(value.imag):.6g}i)")
+        if math.isnan(value.real) or math.isnan(value.imag):
+            return f"the constant {_short(node)} is undefined"
+        if not math.isfinite(value.real):
+            return f"the constant {_short(node)} is beyond the largest float (about 1.8e308)"
     for number in expr.atoms(sympy.Number):
         try:
             finite = math.isfinite(float(number))
         except OverflowError:
             finite = False
         if not finite:  # exact in SymPy, but no kernel can hold it
-            raise FormulaError(f"{quoted}: the number {_short(number)} is beyond the largest float (about 1.8e308)")
-    return expr
+            return f"the number {_short(number)} is beyond the largest float (about 1.8e308)"
+    return None

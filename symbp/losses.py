@@ -13,7 +13,7 @@ import functools
 
 import sympy as sp
 
-from .formula import parse_formula
+from .formula import FormulaError, constant_problem, parse_formula
 from .indices import j, k, n
 from .ops import FORMULA_FUNCTIONS, canonicalize, simplest, softplus
 
@@ -81,12 +81,15 @@ class Loss:
 def _custom_expr(spec: object) -> sp.Expr:
     if isinstance(spec, str):
         if spec.strip().isidentifier() and spec.strip() not in ("y", "t"):
-            raise ValueError(f"unknown loss {spec!r}; known: {', '.join(_BUILTINS)}, or a formula in y and t")
+            raise FormulaError(f"unknown loss {spec!r}; known: {', '.join(_BUILTINS)}, or a formula in y and t")
         return parse_formula(spec, {"y": y_s, "t": t_s}, FORMULA_FUNCTIONS, what="custom loss")
     if isinstance(spec, sp.Expr):
         by_name = {s.name: s for s in spec.free_symbols}
         extra = sorted(set(by_name) - {"y", "t"})
         if extra:
             raise ValueError(f"custom loss {spec}: free symbols may only be y and t, got {', '.join(extra)}")
+        problem = constant_problem(spec)
+        if problem:
+            raise FormulaError(f"custom loss {spec}: {problem}")
         return spec.subs({s: {"y": y_s, "t": t_s}[name] for name, s in by_name.items()})
     raise TypeError(f"loss must be a name, a formula string or a SymPy expression, got {type(spec).__name__}")

@@ -22,6 +22,15 @@ if str(ROOT) not in sys.path:  # lets a bare `pytest` (not only `python -m pytes
 
 from _support import NetSpec  # noqa: E402
 
+try:  # the differential fuzzers (tests/test_formula_fuzz.py): fixed seed, bounded in CI
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, print_blob=True)
+    settings.register_profile("long", max_examples=400, deadline=None, print_blob=True)
+    settings.load_profile("ci")  # `pytest --hypothesis-profile=long` replaces it
+except ImportError:
+    pass
+
 import symbp as sb  # noqa: E402
 
 

@@ -9,12 +9,14 @@ generation time, naming it.
 from __future__ import annotations
 
 import functools
+import math
 import textwrap
 
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import ops
+from ..formula import constant_value
 from ..indices import as_size
 from ..lower import ColSum, Gemm, Loop, RowLoop
 
@@ -100,6 +102,9 @@ SCALAR_OPS = {
 }
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class NumbaPrinter(PythonCodePrinter):
     """SymPy → Numba scalar code, with literals in the module's float type.
 
@@ -117,8 +122,24 @@ class NumbaPrinter(PythonCodePrinter):
         self.counter = 0  # numbers the hoisted loop invariants
 
     def lit(self, value) -> str:
-        text = repr(float(value))
+        number = float(value)
+        if self.dtype == "float32" and math.isfinite(number) and abs(number) > FLOAT32_MAX:
+            shown = str(value) if len(str(value)) <= 24 else f"{number:.6g}"
+            raise ValueError(f"the constant {shown} is beyond the float32 range (about 3.4e38): "
+                             f"compile the model with dtype='float64'")
+        text = repr(number)
         return f"np.float32({text})" if self.dtype == "float32" else text
+
+    def _print(self, expr, **kwargs):
+        # A constant formula (sin(10**300), sqrt(2)/2, exp(-1)) is one literal, the value
+        # SymPy computes to 30 digits, correctly rounded: the kernel then evaluates the very
+        # formula a user prints, not sin of the nearest double of 10**300.
+        if isinstance(expr, sp.Expr) and not expr.is_Atom and expr.is_number:
+            value = constant_value(expr)
+            if value.imag != 0 or not math.isfinite(value.real):
+                raise ValueError(f"the constant {expr} is not a finite real number ({value})")
+            return self.lit(value.real)
+        return super()._print(expr, **kwargs)
 
     def _print_Integer(self, expr):
         return self.lit(int(expr))
@@ -172,9 +193,14 @@ class NumbaPrinter(PythonCodePrinter):
         return "%s ** %s" % (self.parenthesize(base, 100), self.parenthesize(e, 100))
 
     def _print_Heaviside(self, expr):
-        # Heaviside(z, 0): the step is 0 at z = 0, as PyTorch's relu gradient is.
+        # H(x) is 1 above 0 and 0 below; at 0 it is its second argument: 0 for relu (as
+        # PyTorch's relu gradient), ½ from SymPy's d/dx max(x, y) (PyTorch's maximum splits
+        # a tie evenly).  Only the exact 0 takes that value.
+        x = self._print(expr.args[0])
         at0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
-        return f"(ONE if {self._print(expr.args[0])} > ZERO else {self._print(at0)})"
+        if at0 == 0:
+            return f"(ONE if {x} > ZERO else ZERO)"
+        return f"(ONE if {x} > ZERO else ({self._print(at0)} if {x} == ZERO else ZERO))"
 
     def _print_Piecewise(self, expr):
         out = self._print(expr.args[-1].expr)
@@ -230,14 +256,39 @@ def helper_source(names: set[str], helpers: dict | None = None) -> str:
     return "".join(table[n] for n in sorted(names))
 
 
-def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], list[str]]:
-    """Print ``exprs`` sharing common subexpressions as named temporaries."""
-    temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t"))
+def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], list[str], list[sp.Expr]]:
+    """Print ``exprs`` sharing common subexpressions as named temporaries; also returns
+    the reduced expressions (what each printed text reads after the temporaries)."""
+    # Real temporaries, as every value in a kernel is: SymPy rebuilds each expression around
+    # them, and a function of an argument of unknown sign asks its real and imaginary parts
+    # at every level (tanh nested 9 deep: 22 s to rebuild, against milliseconds).
+    temps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("t", real=True))
     lines = []
     for sym, value in temps:
         printer.names[sym] = str(sym)
         lines.append(f"{sym} = {printer.doprint(value)}")
-    return lines, [printer.doprint(e) for e in reduced]
+    return lines, [printer.doprint(e) for e in reduced], reduced
+
+
+def store_lines(printer: NumbaPrinter, stored: list, printed: list[str], reduced: list[sp.Expr]) -> list[str]:
+    """``target = value`` for each stored statement of a loop nest, in order.
+
+    Every value is a formula in memory as it was when the nest began.  A store that a later
+    value still reads (Dense writes z = x·Wᵀ + b into the GEMM's own buffer, and a = f(z)
+    reads that buffer: SymPy may distribute 2·(Z + b) into 2·Z + 2·b, so the read of Z
+    survives CSE) first goes to a local and is written after the last value is computed;
+    written at once it would be read back with b counted twice."""
+    arrays = [{str(x.base.label) for x in e.atoms(sp.Indexed)} for e in reduced]
+    lines, late = [], []
+    for pos, ((target, _), text) in enumerate(zip(stored, printed)):
+        label = str(target.base.label)
+        if any(label in later for later in arrays[pos + 1:]):
+            local = f"v{pos}"
+            lines.append(f"{local} = {text}")
+            late.append(f"{printer._print(target)} = {local}")
+        else:
+            lines.append(f"{printer._print(target)} = {text}")
+    return lines + late
 
 
 @functools.singledispatch
@@ -277,7 +328,7 @@ def _hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter)
         hoistable = isinstance(e, sp.Expr) and not isinstance(e, sp.logic.boolalg.Boolean)
         if hoistable and not (e.free_symbols & indices) and not e.atoms(sp.Indexed):
             if e not in found:
-                found[e] = sp.Symbol(f"c{printer.counter}")
+                found[e] = sp.Symbol(f"c{printer.counter}", real=True)
                 printer.counter += 1
             return found[e]
         return e.func(*[visit(arg) for arg in e.args])
@@ -302,12 +353,11 @@ def _(step: Loop, printer: NumbaPrinter) -> list[str]:
             stored.append((target, expr))
     indices = {idx for idx, _ in step.ranges}
     hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
-    lines, printed = _cse_lines(printer, exprs)
+    lines, printed, reduced = _cse_lines(printer, exprs)
     body = list(lines)
     for (acc, _), text in zip(step.sums, printed):
         body.append(f"{acc} += {text}")
-    for (target, _), text in zip(stored, printed[len(step.sums):]):
-        body.append(f"{printer._print(target)} = {text}")
+    body += store_lines(printer, stored, printed[len(step.sums):], reduced[len(step.sums):])
     out, indent = list(hoisted), ""
     for pos, (idx, extent) in enumerate(step.ranges):
         loop = "prange" if step.parallel and pos == 0 else "range"

@@ -43,7 +43,7 @@ import sympy as sp
 from ..indices import N, n
 from ..lower import ColSum, Gemm, Loop, RowLoop
 from .cpu import _HELPERS as _CPU_HELPERS
-from .cpu import HELPER_DECORATOR, SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants
+from .cpu import HELPER_DECORATOR, SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants, store_lines
 from .cpu import emit as emit_sequential
 from .cpu import helper_source as _helper_source
 
@@ -267,7 +267,7 @@ def _(step: Loop, printer: CudaPrinter) -> list[str]:
         [(f"{acc} +", e) for acc, (_, e) in zip(accs, step.sums)] + stored)
     printer.counter = 0
     hoisted, exprs = _hoist_invariants(exprs, indices, printer)
-    temps, printed = _cse_lines(printer, exprs)
+    temps, printed, reduced = _cse_lines(printer, exprs)
     header, recover = _flat_loop(step.ranges, printer)
     body = list(guard)
     if accs:
@@ -275,7 +275,7 @@ def _(step: Loop, printer: CudaPrinter) -> list[str]:
     body += hoisted + [f"{acc} = 0.0" for acc in accs] + [header]
     inner = recover + temps
     inner += [f"{acc} += {text}" for acc, text in zip(accs, printed)]
-    inner += [f"{printer._print(t)} = {text}" for (t, _), text in zip(stored, printed[len(accs):])]
+    inner += store_lines(printer, stored, printed[len(accs):], reduced[len(accs):])
     body += ["    " + line for line in inner]
     if accs:
         body += _reduce_lines(accs)
