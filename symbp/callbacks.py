@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .schedules import check_monitor
 
 
@@ -34,6 +36,8 @@ class EarlyStopping(Callback):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
         self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, float(min_delta), mode
+        if not isinstance(restore_best_weights, (bool, np.bool_)):  # bool("false") is True: refuse, never guess
+            raise ValueError(f"EarlyStopping: restore_best_weights must be true or false, got {restore_best_weights!r}")
         self.restore_best_weights = bool(restore_best_weights)
         self.best = None
         self.best_epoch = None

@@ -40,6 +40,38 @@ T_STEP = sp.Symbol("t", positive=True, integer=True)  # the update's step number
 PARALLEL_UPDATE_MIN = 1 << 18
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: its line breaks shown as ``\\n`` (a user's formula may hold some)."""
+    return text.replace("\r\n", "\\n").replace("\r", "\\r").replace("\n", "\\n")
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\r": "\\r"}
+
+
+def docstring(text: str) -> str:
+    """``text`` as a triple-quoted string literal whose value is exactly ``text``, whatever it
+    holds (it carries users' formulas into generated modules' docstrings).
+
+    A backslash is doubled (``\\x``, ``\\N{…}``, ``\\u12`` or a trailing ``\\`` would otherwise be
+    an escape, often a SyntaxError); a quote before another quote or the end is escaped, so
+    no ``\"\"\"`` closes the literal early; characters that are not printable (NUL, lone
+    surrogates, other line separators) are written as escapes.  Printable text, newlines
+    and single quotes stay as they are, readable in the source.
+    """
+    out = []
+    for pos, ch in enumerate(text):
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == '"':
+            out.append('\\"' if pos + 1 == len(text) or text[pos + 1] == '"' else ch)
+        elif ch == "\n" or ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return '"""' + "".join(out) + '"""'
+
+
 @dataclass
 class ModuleLayout:
     """What a model needs to call the generated functions."""
@@ -301,8 +333,8 @@ class _Builder:
         names["STATES"] = ", ".join(states) + ("," if states else "")
         consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
         src = "\n".join([
-            f'"""symbp-generated training step for {self.d.network.name} ({self.dtype}) with {opt!r}.',
-            "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
+            docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
+                      "\n\nUpdate rule (SymPy), for each parameter theta with gradient g, at step t:\n" + rules + "\n"),
             "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
@@ -316,7 +348,8 @@ class _Builder:
         lines = [f"symbp-generated module for {d.network.name} ({self.dtype}); symbp {__version__}.",
                  "Do not edit: regenerated from the network spec when it changes.", "", "Formulas (SymPy):"]
         for ld in d.layers:
-            lines += [f"  layer {ld.index} ({ld.layer.kind}, {ld.layer.activation.describe()}):",
+            # describe() of a custom activation is the user's text, comments included.
+            lines += [f"  layer {ld.index} ({ld.layer.kind}, {one_line(ld.layer.activation.describe())}):",
                       f"    z{ld.index}[n, i] = {ld.forward}", f"    a{ld.index}[n, i] = {ld.output}",
                       f"    delta{ld.index}[n, p] = {ld.delta_formula}"]
             for key, g in ld.grads.items():
@@ -325,7 +358,7 @@ class _Builder:
         for base, definition in d.loss.definitions.items():
             lines.append(f"    where {base}[n, p] = {definition}")
         lines.append(f"  l2: lambda = {d.network.l2}")
-        return '"""' + "\n".join(lines).replace('"""', "'''") + '\n"""'
+        return docstring("\n".join(lines) + "\n")
 
 
 _GLUE = '''

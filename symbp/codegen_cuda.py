@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import sympy as sp
 
 from .backends.cuda import BLOCK_REDUCE, STAT_SLOTS, CudaPrinter, Kernels, emit, helper_source
-from .codegen import _Builder
+from .codegen import _Builder, docstring, one_line
 from .derive import Derivation
 from .indices import N
 from .layers import Dense
@@ -222,8 +222,9 @@ class CudaBuilder(_Builder):
         }
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         src = [
-            f'"""symbp-generated CUDA training step for {self.d.network.name} ({self.dtype}) with {opt!r}.',
-            "", "Update rule (SymPy), for each parameter theta with gradient g, at step t:", rules, '"""',
+            docstring(f"symbp-generated CUDA training step for {self.d.network.name} ({self.dtype}) with "
+                      f"{one_line(repr(opt))}.\n\nUpdate rule (SymPy), for each parameter theta with gradient g, "
+                      "at step t:\n" + rules + "\n"),
             "import math", "", "import numpy as np", "from numba import cuda", "",
             *_import_lines(model_module, _SHARED_NAMES + [f"d{l}" for l in range(L + 1)]),
             *filter(None, [self._cublas_imports(train=True)]), "",

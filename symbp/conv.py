@@ -26,6 +26,7 @@ dropped (PyTorch's default, ``ceil_mode=False``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,7 +105,7 @@ class _ImageLayer:
         return {}
 
     def param_count(self, in_shape: tuple) -> int:
-        return sum(int(np.prod(sh)) for sh in self.param_shapes(in_shape).values())
+        return sum(math.prod(sh) for sh in self.param_shapes(in_shape).values())
 
 
 def _out_size(axis: str, size: int, kernel: int, stride: int, pad: int, owner: str) -> int:
@@ -144,6 +145,8 @@ class Conv2D(_ImageLayer):
         self.kernel = _pair(kernel, "kernel", "Conv2D")
         self.stride = _pair(stride, "stride", "Conv2D")
         self.padding = _pair(padding, "padding", "Conv2D", low=0)
+        if not isinstance(exact, (bool, np.bool_)):  # bool("false") is True: refuse, never guess
+            raise ValueError(f"Conv2D exact must be true or false, got {exact!r}")
         self.exact = bool(exact)
         self.activation = activations.get(activation, **activation_params)
         self.activation_params = dict(self.activation.params)
@@ -277,7 +280,7 @@ class Flatten(_ImageLayer):
     kind = "Flatten"
 
     def output_shape(self, in_shape: tuple) -> tuple[int]:
-        return (int(np.prod(in_shape)),)
+        return (math.prod(in_shape),)  # Python ints: no int64 wrap-around
 
     def symbolic(self, l, x, in_dims, out_shape, in_shape) -> LayerForm:
         z = sp.IndexedBase(f"z{l}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -24,6 +26,10 @@ def gradcheck(model, X, y, eps: float = 1e-5, max_entries: int = 64, seed: int =
         max over probed entries of |analytic − numeric| / max(|analytic| + |numeric|, floor),
         floor = 1e-4 · max(1, |loss|): an entry far smaller than the loss itself is judged
         against that scale, where rounding in the loss, not the gradient, dominates.
+        ``inf`` — a failure, never a pass — when the loss, any loss probed for the
+        differences, any analytic gradient entry or any numeric derivative is not finite
+        (NaN or ±inf): NaN would otherwise compare false and vanish from the maximum, so
+        ``assert gradcheck(...) < 1e-6`` fails as it should.
     """
     from .model import Model
     from .model import compile as compile_model
@@ -34,6 +40,8 @@ def gradcheck(model, X, y, eps: float = 1e-5, max_entries: int = 64, seed: int =
         m64 = compile_model(model.network, dtype="float64", cache_dir=model.source_path.parent)
         m64.params = {k: np.asarray(v, np.float64).copy() for k, v in model.params.items()}
     loss, grads = m64.loss_and_grads(X, y)
+    if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in grads.values()):
+        return math.inf
     floor = 1e-4 * max(1.0, abs(loss))
     rng = np.random.default_rng(seed)
     worst = 0.0
@@ -49,5 +57,8 @@ def gradcheck(model, X, y, eps: float = 1e-5, max_entries: int = 64, seed: int =
             flat[k] = old
             numeric = (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12 * eps)
             analytic = grads[name].reshape(-1)[k]
-            worst = max(worst, abs(analytic - numeric) / max(abs(analytic) + abs(numeric), floor))
+            error = abs(analytic - numeric) / max(abs(analytic) + abs(numeric), floor)
+            if not (math.isfinite(numeric) and math.isfinite(error)):
+                return math.inf  # a non-finite probe (NaN is never below a bound, nor the maximum)
+            worst = max(worst, float(error))
     return worst

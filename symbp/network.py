@@ -13,6 +13,18 @@ import numpy as np
 from .layers import LAYER_TYPES, Dense
 from .losses import Loss
 
+# The most values one sample may have at the input, after any layer, or in one parameter
+# array: sizes are Python ints here (exact), but the kernels index with 64-bit integers and
+# allocate per batch, so a larger declaration is a typo (or would overflow), never a network.
+MAX_VALUES = 2**31 - 1
+
+
+def _check_size(shape: tuple, what: str) -> None:
+    """Refuse more than MAX_VALUES values; ``what`` names the shape in the message."""
+    count = math.prod(shape)  # Python ints: exact, where np.prod wraps around in int64
+    if count > MAX_VALUES:
+        raise ValueError(f"{what} has {count:,} values; the limit is {MAX_VALUES:,} (2**31 - 1)")
+
 
 class Network:
     """A feed-forward network declared symbolically.
@@ -51,6 +63,7 @@ class Network:
             if min(inputs) < 1:
                 raise ValueError(f"inputs shape must be positive, got {tuple(inputs)}")
             inputs = tuple(int(d) for d in inputs)
+            _check_size(inputs, f"inputs shape {inputs}: one sample")
         else:
             if isinstance(inputs, bool) or not isinstance(inputs, (int, np.integer)):
                 raise TypeError(f"inputs must be an int (the width of one sample) or a shape (C, H, W), "
@@ -58,6 +71,7 @@ class Network:
             if inputs < 1:
                 raise ValueError(f"inputs must be positive, got {inputs}")
             inputs = int(inputs)
+            _check_size((inputs,), f"inputs width {inputs}: one sample")
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) == 0:
             raise ValueError("layers must be a non-empty list of layers, e.g. [sb.Dense(10)]")
         for pos, layer in enumerate(layers, 1):
@@ -70,9 +84,12 @@ class Network:
         self.shapes = [self.input_shape]
         for pos, layer in enumerate(self.layers, 1):
             try:
-                self.shapes.append(tuple(layer.output_shape(self.shapes[-1])))
+                self.shapes.append(tuple(int(d) for d in layer.output_shape(self.shapes[-1])))
             except ValueError as err:
                 raise ValueError(f"layer {pos}: {err}") from None
+            _check_size(self.shapes[-1], f"layer {pos} ({layer!r}): its output {self.shapes[-1]} per sample")
+            for key, shape in layer.param_shapes(self.fan_in(pos)).items():
+                _check_size(shape, f"layer {pos} ({layer!r}): its parameter {key}{pos} of shape {tuple(shape)}")
         self.loss = Loss(loss)
         self.l2 = float(l2)
         dense_only = all(isinstance(layer, Dense) for layer in self.layers)
@@ -89,7 +106,7 @@ class Network:
     @property
     def widths(self) -> list[int]:
         """Values per sample at the input and after each layer (C·H·W for images)."""
-        return [int(np.prod(shape)) for shape in self.shapes]
+        return [math.prod(shape) for shape in self.shapes]
 
     def fan_in(self, pos: int):
         """What layer ``pos`` (1-based) gets to size its parameters: the width for Dense,
@@ -99,7 +116,7 @@ class Network:
 
     def param_counts(self) -> list[int]:
         """Number of parameters of each layer (Conv2D: (F·F·C + 1)·K)."""
-        return [sum(int(np.prod(sh)) for sh in layer.param_shapes(self.fan_in(pos)).values())
+        return [sum(math.prod(sh) for sh in layer.param_shapes(self.fan_in(pos)).values())
                 for pos, layer in enumerate(self.layers, 1)]
 
     @property

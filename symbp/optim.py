@@ -19,13 +19,16 @@ generated code.  State lives in NumPy arrays, ``optimizer.state[param][name]``.
 
 from __future__ import annotations
 
+import keyword
 import math
+import re
+import unicodedata
 from collections.abc import Mapping
 
 import numpy as np
 import sympy as sp
 
-from .formula import parse_formula
+from .formula import FormulaError, constant_problem, parse_formula
 
 theta_s = sp.Symbol("theta", real=True)
 g_s = sp.Symbol("g", real=True)
@@ -43,6 +46,57 @@ def _number(name: str, value, *, low=None, high=None, low_open=False, high_open=
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{owner}: {name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
     return value
+
+
+def _flag(name: str, value, owner: str) -> bool:
+    """A validated on/off option: only a real boolean (``bool`` or ``numpy.bool_``).
+
+    ``bool("false")`` is True, so a string (from a TOML file, a form, a command line) or a
+    number is refused rather than read as "on"; the error names the owner and the option.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: {name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+# Names the generated update code uses itself: hyper-parameter k is the local ``h_k`` and
+# state s of parameter W1 the array ``s_W1`` (parameters are a letter and a layer number).
+_PARAM_NAME = re.compile(r"[A-Za-z]+[0-9]+")
+
+
+def _check_names(state: Mapping, hyper: Mapping, owner: str) -> None:
+    """Refuse state and hyper-parameter names that formulas cannot name or that collide in
+    the generated code: non-strings, non-identifiers, keywords, the reserved theta/g/t,
+    a name used twice, names equal after NFKC normalisation (Python reads ``ｍ`` as ``m``,
+    in the formulas and in the generated code alike), and a state ``h`` beside a
+    hyper-parameter named like a parameter (both ``h_W1``)."""
+    reserved = {"theta", "g", "t"}
+    named = [(kind, key) for kind, names in (("state", state), ("hyper-parameter", hyper)) for key in names]
+    for _, key in named:
+        why = ("it is not a Python identifier" if not isinstance(key, str) or not key.isidentifier() else
+               "it is a Python keyword" if keyword.iskeyword(key) else
+               "reserved: theta, g and t are the update's own" if key in reserved else None)
+        if why:
+            raise ValueError(f"{owner}: {key!r} cannot be a state or hyper-parameter name ({why})")
+    seen: dict[str, tuple[str, str]] = {}  # NFKC form -> (kind, name as given)
+    for kind, key in named:  # first every pair of colliding names, each named ...
+        normal = unicodedata.normalize("NFKC", key)
+        if normal in seen:
+            other_kind, other = seen[normal]
+            same = "the same name" if other == key else \
+                f"the same name {normal!r} as Python reads them (Unicode NFKC normalisation)"
+            raise ValueError(f"{owner}: {other_kind} name {other!r} and {kind} name {key!r} are {same}; rename one")
+        seen[normal] = (kind, key)
+    for kind, key in named:  # ... then a lone name that formulas could not spell
+        normal = unicodedata.normalize("NFKC", key)
+        if normal != key:
+            raise ValueError(f"{owner}: {kind} name {key!r} reads as {normal!r} in Python "
+                             f"(Unicode NFKC normalisation): write {normal!r}")
+    if "h" in state:
+        clash = next((k for k in hyper if _PARAM_NAME.fullmatch(k)), None)
+        if clash is not None:
+            raise ValueError(f"{owner}: state name 'h' and hyper-parameter name {clash!r} would both be named "
+                             f"h_{clash} in the generated code; rename one")
 
 
 class Optimizer:
@@ -149,9 +203,9 @@ class SGD(Optimizer):
             momentum=_number("momentum", momentum, low=0, high=1, high_open=True, owner="SGD"),
             weight_decay=_number("weight_decay", weight_decay, low=0, owner="SGD"),
         )
-        if nesterov and self.hyper["momentum"] == 0:
+        self.nesterov = _flag("nesterov", nesterov, "SGD")
+        if self.nesterov and self.hyper["momentum"] == 0:
             raise ValueError("SGD: nesterov momentum needs momentum > 0")
-        self.nesterov = bool(nesterov)
         self.state_names = ("momentum_buffer",) if self.hyper["momentum"] else ()
 
     def options(self) -> dict:
@@ -221,8 +275,8 @@ class RMSprop(Optimizer):
             weight_decay=_number("weight_decay", weight_decay, low=0, owner="RMSprop"),
             momentum=_number("momentum", momentum, low=0, high=1, high_open=True, owner="RMSprop"),
         )
-        self.centered = bool(centered)
-        self.state_names = ("square_avg",) + (("grad_avg",) if centered else ()) + (
+        self.centered = _flag("centered", centered, "RMSprop")
+        self.state_names = ("square_avg",) + (("grad_avg",) if self.centered else ()) + (
             ("momentum_buffer",) if self.hyper["momentum"] else ())
 
     def options(self) -> dict:
@@ -273,8 +327,8 @@ class Adam(Optimizer):
             eps=_number("eps", eps, low=0, owner=owner),
             weight_decay=_number("weight_decay", weight_decay, low=0, owner=owner),
         )
-        self.amsgrad = bool(amsgrad)
-        self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        self.amsgrad = _flag("amsgrad", amsgrad, owner)
+        self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
     def options(self) -> dict:
         return {"amsgrad": self.amsgrad}
@@ -349,12 +403,9 @@ class FormulaOptimizer(Optimizer):
     def __init__(self, update, state: Mapping | None = None, name: str = "custom", **hyper: float) -> None:
         if "lr" not in hyper:
             raise ValueError("a formula optimizer needs an 'lr' hyper-parameter")
-        reserved = {"theta", "g", "t"}
         state = dict(state or {})
-        for key in list(state) + list(hyper):
-            if not str(key).isidentifier() or key in reserved:
-                raise ValueError(f"formula optimizer: {key!r} cannot be a state or hyper-parameter name")
         owner = f"optimizer {name!r}"
+        _check_names(state, hyper, owner)
         # lr > 0 as for the built-ins (and as the lr setter a schedule uses demands).
         super().__init__(**{k: _number(k, v, low=0, low_open=True, owner=owner) if k == "lr" else
                             _number(k, v, owner=owner) for k, v in hyper.items()})
@@ -378,6 +429,9 @@ class FormulaOptimizer(Optimizer):
             unknown = sorted(str(s) for s in text.free_symbols if str(s) not in variables)
             if unknown:
                 raise ValueError(f"optimizer {what} {text}: unknown symbol {unknown[0]!r}")
+            problem = constant_problem(text)
+            if problem:
+                raise FormulaError(f"optimizer {what} {text}: {problem}")
             return text.subs({s: variables[str(s)] for s in text.free_symbols})
         return parse_formula(text, variables, what=f"optimizer {what}")
 
