@@ -6,17 +6,21 @@ is never regenerated and a changed one never reuses stale code.  Its last line i
 checksum of the rest: a truncated or edited file is detected, regenerated and never run.
 Importing by path under a stable module name lets Numba's ``cache=True`` keep the compiled
 machine code beside the file, so a second process skips compilation too.
+
+Numba loads its files (``__pycache__/<stem>.<function>-….nbi|nbc``) without any check, and
+one flipped byte in machine code crashes the process.  So each file's sha256 is recorded, as
+Numba writes it, in a manifest ``__pycache__/<stem>.nbsum`` (``sha256sum``'s format), and a file whose digest is not
+recorded there is deleted before Numba would read it: the function is compiled again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
-import io
 import os
-import pickletools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +33,8 @@ ENV_VAR = "SYMBP_CACHE_DIR"
 _CHECKSUM = "# symbp-checksum: "
 _STAMP = "# symbp-generator: "
 _PKG_DIR = Path(__file__).resolve().parent
+_NUMBA_SUFFIXES = (".nbi", ".nbc")  # Numba's index and code files
+_MANIFEST_SUFFIX = ".nbsum"  # ours: their digests
 
 
 def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -121,17 +127,19 @@ class PruneResult:
     removed: list  # paths of removed files (modules and Numba's files beside them)
     freed: int  # bytes
     kept: int  # modules left
+    damaged_code: list = field(default_factory=list)  # of removed: Numba files of kept modules, digest unrecorded
 
 
 def prune(directory: str | os.PathLike | None = None, everything: bool = False, dry_run: bool = False) -> PruneResult:
     """Delete the generated modules the running symbp would never load again: damaged files,
     and files written by another symbp or Numba version or another generator source (their
     hash can no longer come up).  ``everything``: delete every module.  Numba's compiled
-    files go with their module, and so do compiled files whose module is gone.  Only files
-    symbp names (``*.py`` with a checksum line, ``__pycache__/*.nbi|nbc``) are touched.
+    files go with their module, and so do compiled files whose module is gone and those whose
+    digest the module's manifest does not record (damaged).  Only files symbp names (``*.py``
+    with a checksum line, ``__pycache__/*.nbi|nbc|nbsum``) are touched.
     ``dry_run``: only report what would go."""
     root = cache_dir(directory)
-    removed, freed, kept = {}, 0, 0  # removed: path -> None, in the order met
+    removed, freed, kept, damaged_code = {}, 0, 0, []  # removed: path -> None, in the order met
     current = {generator_stamp(target) for target in ("cpu", "cuda")}
 
     def drop(f: Path) -> None:
@@ -157,18 +165,21 @@ def prune(directory: str | os.PathLike | None = None, everything: bool = False, 
             continue
         if _CHECKSUM not in text:
             continue  # not a file symbp wrote: leave it
-        if everything or not _intact(text) or _stamp(text) not in current:
+        if everything or not _intact(text) or _stamp(text) not in current or not _parses(text, path):
             _drop_numba_cache(path, drop)
             drop(path)
         else:
             stems.add(path.stem)
             kept += 1
+            for f in damaged_numba_files(path):
+                drop(f)
+                damaged_code.append(f)
     pycache = root / "__pycache__"
     if pycache.is_dir():
         for f in sorted(pycache.iterdir()):
-            if f.suffix in (".nbi", ".nbc") and f.name.split(".", 1)[0] not in stems:
+            if f.suffix in (*_NUMBA_SUFFIXES, _MANIFEST_SUFFIX) and f.name.split(".", 1)[0] not in stems:
                 drop(f)
-    return PruneResult(list(removed), freed, kept)
+    return PruneResult(list(removed), freed, kept, damaged_code)
 
 
 def is_intact(path: Path) -> bool:
@@ -185,8 +196,19 @@ def _intact(text: str) -> bool:
     return bool(sep) and tail.strip() == _checksum(body)
 
 
+def _parses(text: str, path: Path) -> bool:
+    """Whether Python can compile the module's text (an intact file may still not: see
+    :func:`load_or_generate`)."""
+    try:
+        compile(text, str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
 def _drop_numba_cache(path: Path, unlink=lambda f: f.unlink(missing_ok=True)) -> None:
-    """Numba's compiled files for a module (``__pycache__/<stem>.<function>-…``)."""
+    """Numba's compiled files for a module (``__pycache__/<stem>.<function>-…``) and their
+    manifest."""
     pycache = path.parent / "__pycache__"
     if pycache.is_dir():
         for f in pycache.glob(f"{path.stem}.*"):
@@ -217,38 +239,182 @@ def import_module(path: Path) -> ModuleType:
 
 def load_or_generate(path: Path, generate, target: str = "cpu") -> ModuleType:
     """Import ``path``; (re)write it first from ``generate()`` if missing or damaged.  Numba's
-    compiled files for it are dropped (and compiled again) if any of them is damaged."""
+    compiled files for it whose digest is not recorded are dropped (and compiled again).
+
+    A module that is intact but does not import (SyntaxError, ImportError) is written again
+    from ``generate()`` once; if that text does not import either, RuntimeError names the
+    file and the error."""
     if not is_intact(path):
         if path.exists():
             _drop_numba_cache(path)
         write_module(path, generate(), target)
-    elif not _numba_cache_intact(path):
+    else:
+        _drop_damaged_numba_files(path.parent / "__pycache__", path.stem)
+    try:
+        module = import_module(path)
+    except (SyntaxError, ImportError) as err:
+        if _outside_dependency(err):
+            raise
         _drop_numba_cache(path)
-    return import_module(path)
+        write_module(path, generate(), target)
+        try:
+            module = import_module(path)
+        except (SyntaxError, ImportError) as err:
+            if _outside_dependency(err):
+                raise
+            raise RuntimeError(f"the generated module {path} cannot be imported: {_describe(err)}") from None
+    guard_numba_cache(module, path)
+    return module
 
 
-def _numba_cache_intact(path: Path) -> bool:
-    """Whether each of Numba's files for this module is whole: an index (``.nbi``) is two
-    pickles, a code file (``.nbc``) one.  Numba itself unpickles them without a check, so a
-    truncated file would fail the first call with an UnpicklingError.  The pickles are only
-    walked opcode by opcode (:func:`pickletools.genops`), never loaded: nothing is run."""
-    pycache = path.parent / "__pycache__"
-    if not pycache.is_dir():
-        return True
-    for f in pycache.glob(f"{path.stem}.*"):
-        count = {".nbi": 2, ".nbc": 1}.get(f.suffix)
-        if count is None:
+def _outside_dependency(err: BaseException) -> bool:
+    """A package the module imports is missing (e.g. numba-cuda): not the file's fault."""
+    return isinstance(err, ModuleNotFoundError) and not (err.name or "").startswith("symbp_gen_")
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SyntaxError):
+        return f"{type(err).__name__}: {err.msg} (line {err.lineno})"
+    return f"{type(err).__name__}: {err}"
+
+
+# -- checksums of Numba's files ----------------------------------------------------------------
+def _numba_files(pycache: Path, stem: str, base: str | None = None) -> list[Path]:
+    """Numba's index and code files of module ``stem`` in ``pycache``, or only those of one
+    function (``base``: Numba's ``<stem>.<function>-<line>.pyXY``)."""
+    try:
+        names = sorted(os.listdir(pycache))
+    except OSError:
+        return []
+    prefix = (base if base is not None else stem) + "."
+    return [pycache / n for n in names if n.startswith(prefix) and n.endswith(_NUMBA_SUFFIXES)]
+
+
+def _manifest_path(pycache: Path, stem: str) -> Path:
+    return pycache / f"{stem}{_MANIFEST_SUFFIX}"
+
+
+def _read_manifest(manifest: Path) -> dict[str, str]:
+    """File name -> sha256 of Numba's files as recorded.  The manifest is ``sha256sum``'s
+    format (``<sha256>  <name>`` a line; ``sha256sum -c`` checks it in ``__pycache__``): a
+    damaged line only unrecords its own file, a missing manifest every file."""
+    try:
+        text = manifest.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    files = {}
+    for line in text.splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) and name:
+            files[name] = digest
+    return files
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:  # gone (another process replaces or drops it): not damage
+        return None
+
+
+def _damaged(pycache: Path, stem: str, base: str | None = None) -> list[Path]:
+    recorded = _read_manifest(_manifest_path(pycache, stem))
+    out = []
+    for f in _numba_files(pycache, stem, base):
+        digest = _sha256(f)
+        if digest is not None and recorded.get(f.name) != digest:
+            out.append(f)
+    return out
+
+
+def damaged_numba_files(path: Path) -> list[Path]:
+    """Numba's files beside the module ``path`` whose sha256 its manifest does not record:
+    changed since Numba wrote them, or written when no digest was recorded."""
+    return _damaged(path.parent / "__pycache__", path.stem)
+
+
+def _drop_damaged_numba_files(pycache: Path, stem: str, base: str | None = None) -> None:
+    for f in _damaged(pycache, stem, base):
+        f.unlink(missing_ok=True)
+
+
+def _record(pycache: Path, stem: str, name: str) -> None:
+    """Record the digest of ``name`` as it is now in the module's manifest (read, updated and
+    written atomically, under a lock on the directory where the OS has ``flock``; entries of
+    files gone are forgotten).  The file hashed is the one on disk, so when two processes
+    write it the digest recorded last is that of the file left there."""
+    manifest = _manifest_path(pycache, stem)
+    with _locked(pycache):
+        digest = _sha256(pycache / name)
+        if digest is None:
+            return  # dropped meanwhile: nothing to record
+        files = _read_manifest(manifest)
+        files[name] = digest
+        files = {n: d for n, d in files.items() if (pycache / n).is_file()}
+        try:
+            write_atomic(manifest, "".join(f"{d}  {n}\n" for n, d in sorted(files.items())), "Numba cache manifest")
+        except (OSError, ValueError):
+            pass  # not recorded: the file is compiled again next time
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive ``flock`` on ``directory`` (none where there is no ``fcntl``, or it fails:
+    then two processes may lose one manifest entry, which costs a compilation, nothing worse)."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def guard_numba_cache(module: ModuleType, path: Path) -> None:
+    """Make each ``cache=True`` function of ``module`` record the digest of every file Numba
+    writes for it, and check the function's files against the manifest each time before
+    Numba reads them.  Hooks Numba's ``IndexDataCacheFile`` (CPU and numba-cuda share its
+    shape); a function whose cache lacks the hooks has its files compiled anew each process
+    (they stay unrecorded), never loaded unchecked."""
+    stem = path.stem
+    for obj in list(vars(module).values()):
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        if cache_file is None or getattr(getattr(obj, "py_func", None), "__module__", None) != module.__name__:
+            continue  # not a cached function, or one imported from another module
+        if getattr(cache_file, "_symbp_guarded", False):
             continue
         try:
-            data = f.read_bytes()
-            stream = io.BytesIO(data)
-            for _ in range(count):
-                for _op in pickletools.genops(stream):
-                    pass
-            if stream.tell() != len(data):
-                return False
-        except FileNotFoundError:
-            continue  # another process is replacing it
-        except Exception:  # noqa: BLE001 - any damage: truncated, garbage, unknown opcode
-            return False
-    return True
+            pycache = Path(cache_file._cache_path)
+            base = cache_file._index_name[: -len(".nbi")]
+            open_for_write, load = cache_file._open_for_write, cache_file.load
+        except AttributeError:
+            continue
+        cache_file._open_for_write = _recording(open_for_write, pycache, stem)
+        cache_file.load = _checking(load, pycache, stem, base)
+        cache_file._symbp_guarded = True
+
+
+def _recording(open_for_write, pycache: Path, stem: str):
+    @contextlib.contextmanager
+    def recording(filepath):
+        with open_for_write(filepath) as fh:
+            yield fh
+        _record(pycache, stem, os.path.basename(filepath))  # written whole and renamed into place
+
+    return recording
+
+
+def _checking(load, pycache: Path, stem: str, base: str):
+    def checked_load(key):
+        _drop_damaged_numba_files(pycache, stem, base)
+        return load(key)
+
+    return checked_load

@@ -348,6 +348,9 @@ def _cache(args) -> int:
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
     print(f"{root}: {stale.kept} current modules; {len(stale.removed)} stale, damaged or orphaned files "
           f"({stale.freed / 1e6:.1f} MB of {size / 1e6:.1f} MB)")
+    if stale.damaged_code:
+        names = ", ".join(f.name for f in stale.damaged_code[:3]) + (", …" if len(stale.damaged_code) > 3 else "")
+        print(f"  {len(stale.damaged_code)} of them compiled code whose checksum does not match (damaged): {names}")
     if stale.removed:
         print("  'symbp cache --prune' deletes them")
     return 0
@@ -440,10 +443,15 @@ def main(argv: list[str] | None = None) -> int:
         # at /dev/null so that the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, RuntimeError, ImportError, ArithmeticError, OSError, MemoryError) as err:
+    except (ValueError, TypeError, RuntimeError, ImportError, ArithmeticError, OSError, MemoryError,
+            SyntaxError) as err:
         # ArithmeticError: training diverged (FloatingPointError) or a number overflowed;
-        # OSError: a path the user gave cannot be read or written; MemoryError: too big a net.
+        # OSError: a path the user gave cannot be read or written; MemoryError: too big a net;
+        # SyntaxError: generated code Python cannot parse (the cache names the module instead
+        # when it imports one).
         message = str(err) or type(err).__name__
+        if isinstance(err, SyntaxError):
+            message = f"{type(err).__name__}: {message}"
         top = (getattr(err, "name", None) or "").split(".")[0]
         if isinstance(err, ModuleNotFoundError) and top in EXTRAS:
             message += f" (pip install 'symbp[{EXTRAS[top]}]')"
