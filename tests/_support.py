@@ -31,6 +31,10 @@ ACTIVATIONS: dict[str, dict] = {
     "mish": {"activation": "z*tanh(log(1 + exp(z)))"},  # custom formula string
     "swish": {"activation": "z*sigmoid(z)"},  # custom formula string using a helper
     "swish_sympy": {"activation": _u / (1 + sp.exp(-_u))},  # custom SymPy expression
+    # Constant multiples of z (issue 12: the bias was counted twice in 2·(x·Wᵀ + b)), and a
+    # max whose gradient is 0.1 (not ½) below the kink.
+    "gelu_tanh": {"activation": "0.5*z*(1+tanh(0.7978845608*(z+0.044715*z**3)))"},
+    "max_leaky": {"activation": "max(z, 0.1*z)"},
 }
 
 # key -> sb loss spec
@@ -79,6 +83,7 @@ GRAD_NETS: dict[str, NetSpec] = {s.name: s for s in [
     NetSpec("g8-swishsym-tanh-mse-l2", 5, ((5, "swish_sympy"), (4, "tanh"), (3, "identity")), "mse", 0.3),
     NetSpec("g9-tanh-l1", 5, ((4, "tanh"), (3, "identity")), "l1", 0.0),
     NetSpec("g10-relu-l1-l2", 5, ((4, "relu"), (3, "identity")), "l1", 0.3),
+    NetSpec("g11-gelu-maxleaky-mse-l2", 5, ((4, "gelu_tanh"), (5, "max_leaky"), (3, "identity")), "mse", 0.1),
 ]}
 
 
@@ -165,6 +170,10 @@ def _torch_activation(key: str, z):
         return z * torch.tanh(F.softplus(z))
     if key in ("swish", "swish_sympy"):
         return z * torch.sigmoid(z)
+    if key == "gelu_tanh":
+        return 0.5 * z * (1 + torch.tanh(0.7978845608 * (z + 0.044715 * z**3)))
+    if key == "max_leaky":
+        return torch.maximum(z, 0.1 * z)
     raise KeyError(key)
 
 

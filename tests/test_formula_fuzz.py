@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import symbp as sb  # noqa: E402
@@ -128,11 +128,21 @@ def finite_and_tame(*tensors) -> bool:
 
 
 def parse_or_refuse(build):
-    """The object ``build()`` makes, or None when the parser refused with its own error."""
+    """The object ``build()`` makes, or None when the parser refused with its own error.
+    (``--hypothesis-show-statistics`` counts the outcomes.)"""
     try:
-        return build()
+        made = build()
     except FormulaError:
+        event("refused by the parser")
         return None
+    event("accepted")
+    return made
+
+
+def finite_reference(*tensors) -> None:
+    if not finite_and_tame(*tensors):
+        event("skipped: the reference is not finite (or beyond 1e8) there")
+    assume(finite_and_tame(*tensors))
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +191,15 @@ def test_custom_activation_matches_torch(tree, cache):
     a1 = a1.expand_as(z1) if a1.dim() == 0 or a1.shape != z1.shape else a1
     y = a1 @ P["W2"].T + P["b2"]
     loss = ((y - torch.tensor(T)) ** 2).mean()
-    assume(finite_and_tame(loss, y))
+    finite_reference(loss, y)
     ref = _torch_grads(loss, P)
-    assume(finite_and_tame(*ref.values()))
+    finite_reference(*ref.values())
     ours_loss, ours_grads = model.loss_and_grads(X, T)
     close(model.decision_function(X), y.detach().numpy(), f"predictions of {formula!r}")
     close(ours_loss, loss.item(), f"loss of {formula!r}")
     for k in P:
         close(ours_grads[k], ref[k].numpy(), f"∂C/∂{k} of {formula!r}")
+    event("compared: matches PyTorch")
 
 
 # -- losses ---------------------------------------------------------------------------------
@@ -205,13 +216,14 @@ def test_custom_loss_matches_torch(tree, cache):
     y = torch.tensor(X) @ P["W1"].T + P["b1"]
     e = torch_eval(tree, {"y": y, "t": torch.tensor(T)})
     loss = e.expand_as(y).mean() if e.dim() == 0 or e.shape != y.shape else e.mean()
-    assume(finite_and_tame(loss))
+    finite_reference(loss)
     ref = _torch_grads(loss, P)
-    assume(finite_and_tame(*ref.values()))
+    finite_reference(*ref.values())
     ours_loss, ours_grads = model.loss_and_grads(X, T)
     close(ours_loss, loss.item(), f"loss {formula!r}")
     for k in P:
         close(ours_grads[k], ref[k].numpy(), f"∂C/∂{k} of loss {formula!r}")
+    event("compared: matches PyTorch")
     # Five-point differences too, where no kink lies within their reach.
     assume(not any(f in formula for f in ("sign", "abs", "max", "min", "relu", "elu")))
     assert sb.gradcheck(model, X, T) < 1e-5, formula
@@ -236,10 +248,11 @@ def test_formula_optimizer_matches_numpy(state, update, cache):
                "lr": torch.tensor(0.1, dtype=torch.float64), "beta": torch.tensor(0.9, dtype=torch.float64)}
         env["m"] = torch_eval(state, env).expand_as(env["theta"])
         expected[k] = torch_eval(update, env).expand_as(env["theta"])
-    assume(finite_and_tame(*expected.values()))
+    finite_reference(*expected.values())
     model.fit(X, T, optimizer=opt, batch_size=len(X), epochs=1, shuffle=False, progress=False)
     for k in before:
         close(model.params[k], expected[k].numpy(), f"{k} after θ ← {text(update)!r}, m ← {text(state)!r}")
+    event("compared: matches PyTorch")
 
 
 # -- the cases this file was written for, pinned -----------------------------------------------

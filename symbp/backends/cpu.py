@@ -270,22 +270,41 @@ def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], 
     return lines, [printer.doprint(e) for e in reduced], reduced
 
 
-def store_lines(printer: NumbaPrinter, stored: list, printed: list[str], reduced: list[sp.Expr]) -> list[str]:
-    """``target = value`` for each stored statement of a loop nest, in order.
+def bind_statements(stmts: list) -> list[tuple]:
+    """The stored statements of a loop nest as ``(target, value, local)``.
 
-    Every value is a formula in memory as it was when the nest began.  A store that a later
-    value still reads (Dense writes z = x·Wᵀ + b into the GEMM's own buffer, and a = f(z)
-    reads that buffer: SymPy may distribute 2·(Z + b) into 2·Z + 2·b, so the read of Z
-    survives CSE) first goes to a local and is written after the last value is computed;
-    written at once it would be read back with b counted twice."""
+    Every value is a formula in memory as it was when the nest began (running sums see old
+    values, as an update's penalty must).  A later statement that reads an earlier target
+    reads its new value through a local named for it (``v0``): Dense stores z = Z + b in the
+    GEMM's own buffer Z, and a = tanh(2·v0) then computes Z + b once — substituted as a
+    formula, SymPy distributed 2·(Z + b) into 2·Z + 2·b, and Z read after the store counted b
+    twice.  Targets that are plain symbols are named intermediates: inlined, never stored.
+    """
+    value_of, stored = {}, []
+    for pos, (target, expr) in enumerate(stmts):
+        expr = expr.xreplace(value_of)
+        if not isinstance(target, sp.Indexed):
+            value_of[target] = expr
+            continue
+        read_later = any(later.has(target) for _, later in stmts[pos + 1:])
+        local = sp.Symbol(f"v{len(stored)}", real=True) if read_later else None
+        value_of[target] = expr if local is None else local
+        stored.append((target, expr, local))
+    return stored
+
+
+def store_lines(printer: NumbaPrinter, stored: list, printed: list[str], reduced: list[sp.Expr]) -> list[str]:
+    """The lines of the stored statements (from :func:`bind_statements`), in order: each value
+    a later one reads goes to its local first, and every array is written only after the
+    last value that reads it (an entry of the same array elsewhere) has been computed."""
     arrays = [{str(x.base.label) for x in e.atoms(sp.Indexed)} for e in reduced]
     lines, late = [], []
-    for pos, ((target, _), text) in enumerate(zip(stored, printed)):
+    for pos, ((target, _, local), text) in enumerate(zip(stored, printed)):
         label = str(target.base.label)
-        if any(label in later for later in arrays[pos + 1:]):
-            local = f"v{pos}"
-            lines.append(f"{local} = {text}")
-            late.append(f"{printer._print(target)} = {local}")
+        if local is not None or any(label in later for later in arrays[pos + 1:]):
+            name = f"v{pos}"
+            lines.append(f"{name} = {text}")
+            late.append(f"{printer._print(target)} = {name}")
         else:
             lines.append(f"{printer._print(target)} = {text}")
     return lines + late
@@ -340,19 +359,10 @@ def _hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter)
 
 @emit.register
 def _(step: Loop, printer: NumbaPrinter) -> list[str]:
-    # A later statement that reads an earlier target sees that target's expression, so CSE
-    # shares it (z = t + b; a = tanh(z) computes t + b once) and memory is read only as it
-    # was when the nest began: running sums see old values, as an update's penalty must.
-    # Targets that are plain symbols are named intermediates: inlined, never stored.
-    value_of = {}
-    stored = []
-    for target, expr in step.stmts:
-        expr = expr.xreplace(value_of)
-        value_of[target] = expr
-        if isinstance(target, sp.Indexed):
-            stored.append((target, expr))
-    indices = {idx for idx, _ in step.ranges}
-    hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
+    stored = bind_statements(step.stmts)
+    # (the locals vary with the loop indices: never hoisted)
+    indices = {idx for idx, _ in step.ranges} | {local for _, _, local in stored if local is not None}
+    hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e, _ in stored], indices, printer)
     lines, printed, reduced = _cse_lines(printer, exprs)
     body = list(lines)
     for (acc, _), text in zip(step.sums, printed):
