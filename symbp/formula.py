@@ -49,6 +49,13 @@ def _short(value: sympy.Expr) -> str:
 
 
 def _power(base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:
+    if base.is_number and not exponent.is_number and not _bits(base) > MAX_NUMBER_BITS:
+        value = constant_value(base) if base.is_real is not False else complex(0, 1)
+        if value.imag == 0 and value.real <= 0:
+            # (−2)**z is complex for any z not an integer (PyTorch: NaN), and 0**z has the
+            # derivative 0**z·log(0): neither is a real, differentiable function.
+            raise _Reject(f"({_short(base)})**({_short(exponent)}): a zero or negative base to a variable "
+                          f"power is not a real, differentiable function")
     if exponent.is_number:
         try:
             magnitude = float(abs(exponent))
@@ -253,7 +260,9 @@ class _Builder:
         args = [self.build(arg, depth + 1) for arg in node.args]
         try:
             result = fn(*args)
-        except TypeError as exc:
+        except _Reject:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. Max of a non-comparable number
             raise _Reject(f"{name}() rejected its arguments: {exc}") from exc
         if not isinstance(result, sympy.Basic):
             raise TypeError(f"function {name!r} returned {type(result).__name__}, not a SymPy expression")

@@ -131,7 +131,10 @@ def row_reductions(exprs: list[sp.Expr], row: sp.Symbol) -> tuple[list, list[sp.
             acc = sp.Symbol(f"sum{pos}", real=True)
             reductions.append((acc, "sum", body, dummy, hi + 1))
             subs[s] = acc
-    out = [sp.powsimp(sp.expand_log(e.xreplace(subs), force=True)) for e in exprs]
+    # log(exp(m)) is m by itself (m is real); exp(y_p)/exp(m) combines into exp(y_p − m).
+    # Nothing more general: expand_log(force=True) split a user's log(−y) into log(y) + iπ,
+    # and combining bases (√x·√y → √(xy)) would be wrong for negative x and y.
+    out = [sp.powsimp(e.xreplace(subs), combine="exp") for e in exprs]
     return reductions, out
 
 

@@ -13,10 +13,20 @@ from __future__ import annotations
 import sympy as sp
 
 
+def _numbers(*args) -> bool:
+    """Whether every argument is a real number SymPy can compare with 0 (then the ops below
+    evaluate to their defining formula: max(z, elu(1, 0.01)) needs elu(1, 0.01) = 1)."""
+    return all(a.is_number and a.is_comparable for a in args)
+
+
 class sigmoid(sp.Function):  # noqa: N801 - SymPy function classes print by class name
     """σ(z) = 1 / (1 + e^(-z)); σ′ = σ(1 − σ)."""
 
     nargs = 1
+
+    @classmethod
+    def eval(cls, z):
+        return 1 / (1 + sp.exp(-z)) if _numbers(z) else None
 
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
@@ -37,6 +47,10 @@ class softplus(sp.Function):  # noqa: N801
 
     nargs = 1
 
+    @classmethod
+    def eval(cls, z):
+        return sp.log(1 + sp.exp(z)) if _numbers(z) else None
+
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
@@ -49,6 +63,10 @@ class relu(sp.Function):  # noqa: N801
 
     nargs = 1
 
+    @classmethod
+    def eval(cls, z):
+        return (z if z > 0 else sp.S.Zero) if _numbers(z) else None
+
     def fdiff(self, argindex=1):
         return sp.Heaviside(self.args[0], 0)
 
@@ -60,6 +78,10 @@ class leaky_relu(sp.Function):  # noqa: N801
     """leaky_relu(z, s) = z for z > 0, s·z otherwise; derivative 1 or s."""
 
     nargs = 2
+
+    @classmethod
+    def eval(cls, z, s):
+        return (z if z > 0 else s * z) if _numbers(z) else None
 
     def fdiff(self, argindex=1):
         z, s = self.args
@@ -75,6 +97,10 @@ class elu(sp.Function):  # noqa: N801
     """elu(z, α) = z for z > 0, α(e^z − 1) otherwise; derivative 1 or α·e^z."""
 
     nargs = 2
+
+    @classmethod
+    def eval(cls, z, alpha):
+        return (z if z > 0 else alpha * (sp.exp(z) - 1)) if _numbers(z) else None
 
     def fdiff(self, argindex=1):
         z, alpha = self.args
