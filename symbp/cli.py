@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 try:
@@ -100,11 +99,10 @@ def load_data(name: str, seed: int, test_size: float):
         X, y = load_digits(return_X_y=True)
         X = X / 16.0
     elif str(name).endswith(".npz"):
-        try:
-            with np.load(name, allow_pickle=False) as f:
-                X, y = f["X"], f["y"]
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"cannot read data file {name}: {err}") from None
+        from symbp.data import load_npz
+
+        # Member sizes are checked against their headers before anything is inflated.
+        X, y = load_npz(name, ("X", "y"))
     else:
         raise ValueError(f"unknown data set {name!r}: use 'digits' or a path to an .npz with X and y")
     stratify = y if y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else None

@@ -1,8 +1,29 @@
-"""Input checks: every problem with user data becomes a ValueError/TypeError naming it."""
+"""Input checks: every problem with user data becomes a ValueError/TypeError naming it.
+
+Also the one reader of ``.npz`` files (data sets and checkpoints): :func:`load_npz`.  Unlike
+``np.load``, which inflates a member whole before anything can look at it, it reads each
+member's size from the zip's central directory and its shape and dtype from the ``.npy``
+header (the first bytes of the member), refuses a member whose two sizes disagree, which
+does not fit in the memory available, or which inflates like a decompression bomb, and then
+reads exactly the declared bytes into an array allocated up front: a lying header or
+directory cannot make it read, or allocate, more.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+
 import numpy as np
+
+try:  # zipfile reads LZMA members when Python has lzma
+    from lzma import LZMAError
+except ImportError:  # pragma: no cover - a Python built without lzma
+    LZMAError = OSError
 
 
 def _check_real(arr: np.ndarray, what: str) -> None:
@@ -98,3 +119,184 @@ def check_batch_size(batch_size) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     return int(batch_size)
+
+
+# -- .npz files ------------------------------------------------------------------------------
+class NpzError(ValueError):
+    """A problem with an ``.npz`` file; the message says what, the caller says which file."""
+
+
+# What zipfile, zlib and numpy's header parser raise on a damaged file (a flipped
+# compression-method bit: NotImplementedError; an encryption bit: RuntimeError).
+NPZ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError,
+              NotImplementedError, RuntimeError, zlib.error, struct.error, OverflowError, LZMAError, MemoryError)
+BOMB_RATIO = 500  # a member larger than BOMB_SIZE inflating more than this many times is refused
+BOMB_SIZE = 2**28  # 256 MiB: a real array this large does not shrink 500 times (1 GiB of zeros: 1000 times)
+_CHUNK = 2**22  # bytes inflated per read
+
+
+@dataclass(frozen=True)
+class NpyMember:
+    """One ``.npy`` member of an ``.npz``, from its header: nothing of its data read yet."""
+
+    key: str  # the name np.load gives it (".npy" dropped)
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    header: int  # bytes of the .npy header before the data
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"member {self.info.filename!r} (shape {self.shape}, dtype {self.dtype}, {format_bytes(self.nbytes)})"
+
+
+class _Counting:
+    """A read-only stream that counts the bytes read through it (the .npy header's length)."""
+
+    def __init__(self, fp) -> None:
+        self.fp, self.pos = fp, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fp.read(size)
+        self.pos += len(data)
+        return data
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get (MemAvailable, capped by a cgroup limit);
+    None when the system does not say."""
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    try:  # a container's limit (cgroup v2) may be far below the machine's memory
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            limit = fh.read().strip()
+        if limit.isdigit():
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
+                avail = min(avail, max(0, int(limit) - int(fh.read().strip())))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def npz_index(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The members by the names np.load gives them; two members of one name are refused."""
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if key in out:
+            raise NpzError(f"it holds two members named {info.filename!r}")
+        out[key] = info
+    return out
+
+
+def npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> NpyMember:
+    """Shape, dtype and header length of a member, from the first bytes it inflates to; refused
+    when they disagree with the size the zip directory declares for it."""
+    name = info.filename
+    key = name[:-4] if name.endswith(".npy") else name
+    if info.flag_bits & 0x1:
+        raise NpzError(f"member {name!r} is encrypted")
+    fmt = np.lib.format
+    try:
+        with zf.open(info) as raw:
+            fp = _Counting(raw)
+            version = fmt.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+            else:
+                raise NpzError(f"member {name!r} is in .npy format version {version}, which is not read")
+    except NpzError:
+        raise
+    except NPZ_ERRORS as err:
+        raise NpzError(f"member {name!r} is not a readable .npy array ({err})") from None
+    if dtype.hasobject:
+        raise NpzError(f"member {name!r} holds Python objects, which are never read (allow_pickle=False)")
+    if dtype.itemsize == 0 or dtype.shape != ():
+        raise NpzError(f"member {name!r} has an unsupported dtype {dtype}")
+    member = NpyMember(key, info, tuple(int(d) for d in shape), dtype, bool(fortran), fp.pos)
+    if info.file_size != member.header + member.nbytes:
+        raise NpzError(f"member {name!r} declares {info.file_size} bytes uncompressed in the zip directory, but its "
+                       f"header describes shape {member.shape} of dtype {dtype}: "
+                       f"{member.header + member.nbytes} bytes with the header")
+    return member
+
+
+def check_sizes(members, limit: int | None = None) -> None:
+    """Refuse ``members`` whose data would not fit in ``limit`` bytes (by default, the memory
+    available now), and any large member that inflates like a decompression bomb."""
+    members = list(members)
+    total = sum(m.nbytes for m in members)
+    if limit is None:
+        limit = available_memory()
+    if limit is not None and total > limit:
+        biggest = max(members, key=lambda m: m.nbytes)
+        raise NpzError(f"its arrays need {format_bytes(total)} uncompressed, more than the {format_bytes(limit)} of "
+                       f"memory available; the largest is {biggest.describe()}")
+    for m in members:
+        packed = max(m.info.compress_size, 1)
+        if m.nbytes > BOMB_SIZE and m.nbytes > BOMB_RATIO * packed:
+            raise NpzError(f"{m.describe()} would inflate from {format_bytes(packed)} to {format_bytes(m.nbytes)} "
+                           f"({m.nbytes // packed}×): a decompression bomb, not data (if it is real data, "
+                           f"save it with np.savez, uncompressed)")
+
+
+def read_npy(zf: zipfile.ZipFile, member: NpyMember) -> np.ndarray:
+    """The member's array: its declared bytes, read into an array allocated up front; a stream
+    that ends early or goes on past them is refused (and zipfile checks its CRC at the end)."""
+    name = member.info.filename
+    flat = np.empty(math.prod(member.shape), member.dtype)
+    raw = memoryview(flat.view(np.uint8))
+    with zf.open(member.info) as fp:
+        if len(fp.read(member.header)) != member.header:
+            raise NpzError(f"member {name!r} ends inside its header")
+        pos = 0
+        while pos < len(raw):
+            got = fp.readinto(raw[pos:pos + _CHUNK])
+            if not got:
+                raise NpzError(f"member {name!r} ends after {pos} of its {len(raw)} bytes of data")
+            pos += got
+        if fp.read(1):
+            raise NpzError(f"member {name!r} holds more bytes than its header describes")
+    return flat.reshape(member.shape[::-1]).transpose() if member.fortran else flat.reshape(member.shape)
+
+
+def load_npz(path, keys, what: str = "data file") -> tuple[np.ndarray, ...]:
+    """The arrays ``keys`` of the ``.npz`` at ``path``, in that order, read safely (see the
+    module's docstring); ValueError ``cannot read <what> <path>: <problem>`` otherwise."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            index = npz_index(zf)
+            missing = [k for k in keys if k not in index]
+            if missing:
+                raise NpzError(f"it has no array {missing[0]!r} (it holds: {', '.join(sorted(index)) or 'nothing'})")
+            members = [npy_header(zf, index[k]) for k in keys]
+            check_sizes(members)
+            return tuple(read_npy(zf, m) for m in members)
+    except NPZ_ERRORS as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None

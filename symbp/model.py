@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,13 @@ _EVAL_CHUNK = 1024  # rows per evaluation pass: bounds the work buffers for larg
 
 class History:
     """Per-epoch metrics of :meth:`Model.fit`: ``history["loss"]``, ``["accuracy"]``, and
-    ``val_loss``/``val_accuracy`` when validation data is given."""
+    ``val_loss``/``val_accuracy`` when validation data is given.
+
+    Every list has one entry per epoch in ``epoch``, in the same order (as Keras's, so
+    ``pandas.DataFrame(h.history, index=h.epoch)`` lines them up): an epoch that did not
+    measure a metric holds NaN there, e.g. ``val_loss`` of the epochs of a fit run without
+    validation data.
+    """
 
     def __init__(self) -> None:
         self.epoch: list[int] = []
@@ -29,7 +36,8 @@ class History:
         """Forget epochs from ``epoch`` on (a resumed run records them again)."""
         keep = [i for i, e in enumerate(self.epoch) if e < epoch]
         self.epoch = [self.epoch[i] for i in keep]
-        self.history = {k: [v[i] for i in keep] for k, v in self.history.items()}
+        # A list shorter than ``epoch`` (assigned by hand) is padded, never indexed past its end.
+        self.history = {k: [v[i] if i < len(v) else math.nan for i in keep] for k, v in self.history.items()}
 
     def plot(self, path=None, title: str | None = None):
         """Loss and accuracy per epoch, train and validation (matplotlib).
@@ -41,9 +49,14 @@ class History:
         return plot_history(self, path, title)
 
     def record(self, epoch: int, **metrics: float) -> None:
-        self.epoch.append(epoch)
-        for key, value in metrics.items():
-            self.history.setdefault(key, []).append(value)
+        """Add ``epoch`` with its ``metrics``; NaN for a metric known from other epochs but not
+        measured in this one, and NaN in the earlier epochs for a metric new in this one."""
+        for key in metrics:
+            if key not in self.history:
+                self.history[key] = [math.nan] * len(self.epoch)
+        self.epoch.append(int(epoch))
+        for key, values in self.history.items():
+            values.append(float(metrics[key]) if key in metrics else math.nan)
 
     def __getitem__(self, key: str) -> list[float]:
         return self.history[key]
@@ -503,36 +516,23 @@ def compile(  # noqa: A001 - the public name the API promises
 
 def load(path, cache_dir: str | os.PathLike | None = None) -> Model:
     """Rebuild a model saved with :meth:`Model.save`: spec, parameters, optimizer and its
-    state, schedule, epoch counter and history.  A damaged file is refused (ValueError)."""
+    state, schedule, epoch counter and history.  A damaged, truncated or forged file is
+    refused (ValueError naming it and the problem; see :mod:`symbp.checkpoint`)."""
     from . import checkpoint
-    from .optim import optimizer_from_config
-    from .schedules import schedule_from_config
 
-    meta, arrays = checkpoint.read(path)
-    try:
-        net = Network.from_config(meta["network"])
-        model = compile(net, dtype=meta["dtype"], seed=None, cache_dir=cache_dir)
-        for name, shape in net.param_shapes().items():
-            arr = arrays[f"param/{name}"]
-            if arr.shape != shape:
-                raise ValueError(f"parameter {name} has shape {arr.shape}, the spec needs {shape}")
-            model.params[name] = np.ascontiguousarray(arr, dtype=model.dtype)
-        if meta["optimizer"] is not None:
-            opt_cfg = dict(meta["optimizer"])
-            step = int(opt_cfg.pop("step"))
-            opt = optimizer_from_config(opt_cfg)
-            opt.step = step
-            for key, arr in arrays.items():
-                if key.startswith("state/"):
-                    _, pname, sname = key.split("/", 2)
-                    opt.state.setdefault(pname, {})[sname] = np.ascontiguousarray(arr, dtype=model.dtype)
-            model.optimizer = opt
-        if meta["schedule"] is not None:
-            model.schedule = schedule_from_config(meta["schedule"])
-        model.base_lr = meta["base_lr"]
-        model.epoch = int(meta["epoch"])
-        model.history.epoch = list(meta["history"]["epoch"])
-        model.history.history = {k: list(v) for k, v in meta["history"]["metrics"].items()}
-    except KeyError as err:
-        raise ValueError(f"checkpoint {path} lacks {err}") from None
+    found = checkpoint.contents(path)  # every field and array checked against the spec
+    meta = found.meta
+    model = compile(found.network, dtype=meta["dtype"], seed=None, cache_dir=cache_dir)
+    model.params = {name: np.ascontiguousarray(found.arrays[f"param/{name}"], dtype=model.dtype)
+                    for name in found.network.param_shapes()}
+    if found.optimizer is not None:
+        for states in found.optimizer.state.values():
+            for sname, arr in states.items():
+                states[sname] = np.ascontiguousarray(arr, dtype=model.dtype)
+    model.optimizer = found.optimizer
+    model.schedule = found.schedule
+    model.base_lr = meta["base_lr"]
+    model.epoch = meta["epoch"]
+    model.history.epoch = list(meta["history"]["epoch"])
+    model.history.history = {k: [float(v) for v in values] for k, values in meta["history"]["metrics"].items()}
     return model
