@@ -186,7 +186,7 @@ class Conv2D(_ImageLayer):
         Wt = sp.IndexedBase(f"W{l}", shape=(K, C, kh, kw))
         b = sp.IndexedBase(f"b{l}", shape=(K,))
         xp = sp.IndexedBase(f"xpad{l}", shape=(sp.Symbol("N"), C, H + 2 * P, W_ + 2 * P2))
-        z = sp.IndexedBase(f"z{l}")
+        z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
         # x̃ as a sum over deltas: SymPy resolves it to x[n, c, h − P, w − P] with the range
         # test that makes the border zero.
         pad = sp.Sum(sp.KroneckerDelta(h, u + P) * sp.KroneckerDelta(w, v + P2) * x[n, c, u, v],
@@ -253,7 +253,7 @@ class MaxPool2D(_Pool2D):
         kh, kw, S, S2, sizes = self._window(l, in_dims)
         out = (in_dims[0], *image_dims(l)[1:])  # pooling keeps the channels
         m = sp.IndexedBase(f"m{l}")
-        z = sp.IndexedBase(f"z{l}")
+        z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
         val = x[n, k, S * h + u, S2 * w + v]
         stages = [Stage(m, (k, h, w), window_argmax(val, sp.Tuple(u, 0, kh - 1), sp.Tuple(v, 0, kw - 1)), out),
                   Stage(z, (k, h, w), sp.Sum(route(m[n, k, h, w], u * kw + v) * val, (u, 0, kh - 1), (v, 0, kw - 1)), out)]
@@ -268,7 +268,7 @@ class AvgPool2D(_Pool2D):
 
     def symbolic(self, l, x, in_dims, out_shape, in_shape) -> LayerForm:
         kh, kw, S, S2, sizes = self._window(l, in_dims)
-        z = sp.IndexedBase(f"z{l}")
+        z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
         mean = sp.Sum(x[n, k, S * h + u, S2 * w + v], (u, 0, kh - 1), (v, 0, kw - 1)) / (kh * kw)
         out = (in_dims[0], *image_dims(l)[1:])
         return LayerForm({}, {}, {}, [Stage(z, (k, h, w), mean, out)], (q, r, s), sizes)
@@ -283,7 +283,7 @@ class Flatten(_ImageLayer):
         return (math.prod(in_shape),)  # Python ints: no int64 wrap-around
 
     def symbolic(self, l, x, in_dims, out_shape, in_shape) -> LayerForm:
-        z = sp.IndexedBase(f"z{l}")
+        z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
         if len(in_dims) == 1:  # already flat: the identity
             return LayerForm({}, {}, {}, [Stage(z, (i,), x[n, i], (_size("d", l),))], (q,), {})
         C, H, W_ = in_dims
@@ -330,7 +330,7 @@ class Maxout(_ImageLayer):
         pieces, units = _size("pieces", l), _size("d", l)
         Wt = sp.IndexedBase(f"W{l}", shape=(units * pieces, fan_in))
         b = sp.IndexedBase(f"b{l}", shape=(units * pieces,))
-        y, g, z = sp.IndexedBase(f"y{l}"), sp.IndexedBase(f"g{l}"), sp.IndexedBase(f"z{l}")
+        y, g, z = sp.IndexedBase(f"y{l}"), sp.IndexedBase(f"g{l}"), sp.IndexedBase(f"z{l}", real=True)
         affine = sp.Sum(Wt[i, j] * x[n, j], (j, 0, fan_in - 1)) + b[i]
         piece = y[n, i * pieces + e]
         stages = [Stage(y, (i,), affine, (units * pieces,)),

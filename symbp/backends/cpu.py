@@ -583,7 +583,7 @@ def _reads_rows(printer: NumbaPrinter, exprs: list, h_, w_, ew) -> bool:
             return False
     # (the accesses become a fresh symbol, not 0: a guard or Sum around them must not
     # simplify away and hide its own use of h, w)
-    bare = [x_.xreplace({t: sp.Dummy() for t in accesses}) for x_ in exprs]
+    bare = [x_.xreplace({t: sp.Dummy(real=True) for t in accesses}) for x_ in exprs]
     return not any(x_.has(sp.Sum, sp.Piecewise) or b_.has(h_, w_) for x_, b_ in zip(exprs, bare))
 
 
