@@ -274,22 +274,20 @@ def bind_statements(stmts: list) -> list[tuple]:
     """The stored statements of a loop nest as ``(target, value, local)``.
 
     Every value is a formula in memory as it was when the nest began (running sums see old
-    values, as an update's penalty must).  A later statement that reads an earlier target
-    reads its new value through a local named for it (``v0``): Dense stores z = Z + b in the
-    GEMM's own buffer Z, and a = tanh(2·v0) then computes Z + b once — substituted as a
-    formula, SymPy distributed 2·(Z + b) into 2·Z + 2·b, and Z read after the store counted b
-    twice.  Targets that are plain symbols are named intermediates: inlined, never stored.
+    values, as an update's penalty must): a later statement that reads an earlier target sees
+    that target's formula (CSE shares it), and :func:`store_lines` writes each array only after
+    the last value that reads it.  (Dense stores z = Z + b in the GEMM's own buffer Z; SymPy
+    may distribute 2·(Z + b) into 2·Z + 2·b, and Z read after the store counted b twice.)
+    ``local`` is None: a named local read by a CSE temporary would be printed after it (the
+    long fuzz run found ``t0 = elu(v0, ONE)`` before ``v0``).  Targets that are plain
+    symbols are named intermediates: inlined, never stored.
     """
     value_of, stored = {}, []
-    for pos, (target, expr) in enumerate(stmts):
+    for target, expr in stmts:
         expr = expr.xreplace(value_of)
-        if not isinstance(target, sp.Indexed):
-            value_of[target] = expr
-            continue
-        read_later = any(later.has(target) for _, later in stmts[pos + 1:])
-        local = sp.Symbol(f"v{len(stored)}", real=True) if read_later else None
-        value_of[target] = expr if local is None else local
-        stored.append((target, expr, local))
+        value_of[target] = expr
+        if isinstance(target, sp.Indexed):
+            stored.append((target, expr, None))
     return stored
 
 
