@@ -271,15 +271,15 @@ def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], 
 
 
 def bind_statements(stmts: list) -> list[tuple]:
-    """The stored statements of a loop nest as ``(target, value, local)``.
+    """The stored statements of a loop nest as ``(target, value)``.
 
     Every value is a formula in memory as it was when the nest began (running sums see old
     values, as an update's penalty must): a later statement that reads an earlier target sees
     that target's formula (CSE shares it), and :func:`store_lines` writes each array only after
     the last value that reads it.  (Dense stores z = Z + b in the GEMM's own buffer Z; SymPy
     may distribute 2·(Z + b) into 2·Z + 2·b, and Z read after the store counted b twice.)
-    ``local`` is None: a named local read by a CSE temporary would be printed after it (the
-    long fuzz run found ``t0 = elu(v0, ONE)`` before ``v0``).  Targets that are plain
+    (No named local for a read target: one read by a CSE temporary would be printed after it —
+    the long fuzz run found ``t0 = elu(v0, ONE)`` before ``v0``.)  Targets that are plain
     symbols are named intermediates: inlined, never stored.
     """
     value_of, stored = {}, []
@@ -287,7 +287,7 @@ def bind_statements(stmts: list) -> list[tuple]:
         expr = expr.xreplace(value_of)
         value_of[target] = expr
         if isinstance(target, sp.Indexed):
-            stored.append((target, expr, None))
+            stored.append((target, expr))
     return stored
 
 
@@ -297,9 +297,9 @@ def store_lines(printer: NumbaPrinter, stored: list, printed: list[str], reduced
     last value that reads it (an entry of the same array elsewhere) has been computed."""
     arrays = [{str(x.base.label) for x in e.atoms(sp.Indexed)} for e in reduced]
     lines, late = [], []
-    for pos, ((target, _, local), text) in enumerate(zip(stored, printed)):
+    for pos, ((target, _), text) in enumerate(zip(stored, printed)):
         label = str(target.base.label)
-        if local is not None or any(label in later for later in arrays[pos + 1:]):
+        if any(label in later for later in arrays[pos + 1:]):
             name = f"v{pos}"
             lines.append(f"{name} = {text}")
             late.append(f"{printer._print(target)} = {name}")
@@ -358,9 +358,8 @@ def _hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter)
 @emit.register
 def _(step: Loop, printer: NumbaPrinter) -> list[str]:
     stored = bind_statements(step.stmts)
-    # (the locals vary with the loop indices: never hoisted)
-    indices = {idx for idx, _ in step.ranges} | {local for _, _, local in stored if local is not None}
-    hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e, _ in stored], indices, printer)
+    indices = {idx for idx, _ in step.ranges}
+    hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
     lines, printed, reduced = _cse_lines(printer, exprs)
     body = list(lines)
     for (acc, _), text in zip(step.sums, printed):

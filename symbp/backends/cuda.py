@@ -239,12 +239,11 @@ def _(step: Loop, printer: CudaPrinter) -> list[str]:
     # As on the CPU (see bind_statements): memory is read as it was when the step began, a
     # later statement reads an earlier target's new value through its local.
     stored = bind_statements(step.stmts)
-    locals_ = {local: expr for _, expr, local in stored if local is not None}
-    indices = {idx for idx, _ in step.ranges} | set(locals_)
+    indices = {idx for idx, _ in step.ranges}
     accs = [_stat_name(acc) for acc, _ in step.sums]
-    exprs = [e for _, e in step.sums] + [e for _, e, _ in stored]
-    arrays, scalars = printer.operands([t for t, _, _ in stored] + exprs, indices)
-    written = [printer.array(t.base) for t, _, _ in stored]
+    exprs = [e for _, e in step.sums] + [e for _, e in stored]
+    arrays, scalars = printer.operands([t for t, _ in stored] + exprs, indices)
+    written = [printer.array(t.base) for t, _ in stored]
     guard_params, guard = _guard(printer, set(written))
     sizes = [("nb", "int64")] if any(e == N for _, e in step.ranges) else []
     params = (guard_params + sizes + sorted(arrays.items()) + sorted(scalars.items())
@@ -259,7 +258,7 @@ def _(step: Loop, printer: CudaPrinter) -> list[str]:
     else:
         name = f"{accs[0]}_{min(arrays, default='sum')}"
     doc = "One thread per index, striding over the grid:\n    " + _statements_doc(
-        [(f"{acc} +", e) for acc, (_, e) in zip(accs, step.sums)] + [(t, e.xreplace(locals_)) for t, e, _ in stored])
+        [(f"{acc} +", e) for acc, (_, e) in zip(accs, step.sums)] + stored)
     printer.counter = 0
     hoisted, exprs = _hoist_invariants(exprs, indices, printer)
     temps, printed, reduced = _cse_lines(printer, exprs)
