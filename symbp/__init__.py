@@ -10,11 +10,10 @@ from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's li
 from ._version import __version__
 from .activations import Activation
 from .callbacks import EarlyStopping, ModelCheckpoint
-from .conv import AvgPool2D, Conv2D, Flatten, Maxout, MaxPool2D
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
 from .graph import graph
-from .layers import Dense
+from .layers import AvgPool2D, Conv2D, Dense, Flatten, Maxout, MaxPool2D
 from .losses import Loss
 from .model import History, Model, compile, load
 from .network import Network

@@ -15,6 +15,7 @@ recorded there is deleted before Numba would read it: the function is compiled a
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import importlib.util
@@ -52,19 +53,60 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 # The modules whose text decides what code is generated; editing any other file (the CLI,
 # the explanations) leaves the cache valid.
-_GENERATOR_FILES = ("activations.py", "codegen.py", "codegen_cuda.py", "codegen_image.py", "lower_image.py",
-                    "conv.py", "derive.py", "formula.py", "indices.py", "layers.py",
-                    "losses.py", "lower.py", "ops.py", "optim.py", "backends")
+#: The modules that write generated code, and the one generated code imports; with everything
+#: they import from symbp (found by reading their import statements, so a new dependency is
+#: never missed) they make up the generator whose source goes into every module key.  The
+#: package's own ``__init__`` only re-exports: a ``from . import x`` does not pull it in.
+_GENERATORS = ("symbp.codegen", "symbp.codegen_cuda", "symbp.backends.blas")
+
+
+def _module_path(name: str) -> Path | None:
+    """The source file of symbp module ``name`` (a package's ``__init__.py``), or None."""
+    rel = Path(*name.split(".")[1:])
+    for path in (_PKG_DIR / rel / "__init__.py", (_PKG_DIR / rel).with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _symbp_imports(name: str, path: Path) -> set[str]:
+    """The symbp modules the file of module ``name`` imports (at any depth in the file)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("symbp.")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            if base == "symbp" or base.startswith("symbp."):
+                found.add(base)
+                found |= {f"{base}.{alias.name}" for alias in node.names}  # a submodule, when it is one
+    return found
+
+
+def generator_files() -> list[Path]:
+    """The source files of the generator: :data:`_GENERATORS` and what they import, transitively."""
+    seen, todo, files = set(), list(_GENERATORS), {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "symbp":
+            continue
+        seen.add(name)
+        path = _module_path(name)
+        if path is not None:
+            files[name] = path
+            todo += sorted(_symbp_imports(name, path) - seen)
+    return [files[name] for name in sorted(files)]
 
 
 def _generator_digest() -> str:
     h = hashlib.sha256()
-    for name in _GENERATOR_FILES:
-        target = _PKG_DIR / name
-        for path in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
-            if path.is_file():
-                h.update(path.name.encode())
-                h.update(path.read_bytes())
+    for path in generator_files():
+        h.update(path.relative_to(_PKG_DIR).as_posix().encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 

@@ -24,10 +24,9 @@ import sympy as sp
 from . import codegen_image
 from ._version import __version__
 from .backends.cpu import NumbaPrinter, emit, helper_source
-from .derive import Derivation, l2
-from .indices import N, i, n, p, q
-from .layers import Dense
-from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions, split_sums
+from .derive import Derivation
+from .indices import N, l2, n, p
+from .lower import Gemm, Loop, RowLoop, fuse_update, row_reductions
 
 T_STEP = sp.Symbol("t", positive=True, integer=True)  # the update's step number, from 1
 
@@ -88,33 +87,36 @@ class _Builder:
         net = d.network
         self.l2_value = sp.nsimplify(net.l2, rational=True) if net.l2 else sp.Integer(0)
         names: dict = {"x": "X", "t": "T", N: "nbf"}
-        extents: dict = {N: "nb"}
+        # Widths keep their names in loop bounds (``for i in range(d1)``): module constants.
+        extents: dict = {N: "nb", **{d.dims[l]: f"d{l}" for l in range(len(net.widths))}}
         self.params, self.workspace = [], []
+        #: work buffer -> its role: "activation" (written by the forward pass, read by the
+        #: backward one), "delta" (∂C/∂ of an activation or stage), "gradient" (∂C/∂θ)
+        self.roles: dict[str, str] = {}
         self.names, self.flat = names, {}  # flat: label -> (C, H, W) of a buffer stored (batch, C·H·W)
+        self.extents = extents
         if len(net.shapes[0]) == 3:
             self.flat["x"] = net.shapes[0]
         for ld in d.layers:
-            lid = ld.index
-            extents[d.dims[lid]] = f"d{lid}"
-            if not isinstance(ld.layer, Dense):
-                codegen_image.setup(self, ld)
-                continue
-            names[f"W{lid}"], names[f"b{lid}"] = f"W{lid}", f"b{lid}"
-            names[f"z{lid}"], names[f"delta{lid}"] = f"Z{lid}", f"dZ{lid}"
-            names[f"a{lid}"] = f"Z{lid}" if ld.layer.activation.is_identity else f"A{lid}"
-            self.params += [f"W{lid}", f"b{lid}"]
-            self.workspace.append((f"Z{lid}", ("batch", net.widths[lid])))
-            if not ld.layer.activation.is_identity:
-                self.workspace.append((f"A{lid}", ("batch", net.widths[lid])))
-            self.workspace.append((f"dZ{lid}", ("batch", net.widths[lid])))
+            codegen_image.setup(self, ld)
         shapes = net.param_shapes()
         for ld in d.layers:
             lid = ld.index
             for key in ld.params:
-                self.workspace.append((f"d{key}{lid}", shapes[f"{key}{lid}"]))
+                self.buffer(f"d{key}{lid}", shapes[f"{key}{lid}"], "gradient")
                 names[f"g{key}{lid}"] = f"d{key}{lid}"
-        extents[d.dims[0]] = "d0"
-        self.names, self.extents = names, extents
+
+    def buffer(self, name: str, shape: tuple, role: str) -> None:
+        """Add a work buffer (``"batch"`` in ``shape`` stands for the batch size)."""
+        self.workspace.append((name, shape))
+        self.roles[name] = role
+
+    def extent(self, dim) -> sp.Expr | int:
+        """A loop extent: a width keeps its symbol (printed as its module constant), any
+        other size becomes its number."""
+        if dim in self.extents:
+            return dim
+        return int(self.value(dim) if isinstance(dim, sp.Basic) else dim)
 
     @staticmethod
     def grad_base(ld, key: str) -> sp.IndexedBase:
@@ -136,13 +138,7 @@ class _Builder:
 
     # -- steps -------------------------------------------------------------------------
     def forward_steps(self, ld) -> list:
-        if not isinstance(ld.layer, Dense):
-            return codegen_image.forward_steps(self, ld)
-        steps, expr = split_sums(ld.forward, ld.z, (n, i), lambda s: ld.z)
-        stmts = [(self.value(ld.z[n, i]), self.value(expr))]
-        if not ld.layer.activation.is_identity:
-            stmts.append((self.value(ld.a[n, i]), self.value(ld.output)))
-        return steps + [Loop([(n, N), (i, self.d.dims[ld.index])], stmts)]
+        return codegen_image.forward_steps(self, ld)
 
     def loss_step(self) -> RowLoop:
         d, out = self.d, self.d.layers[-1]
@@ -172,9 +168,8 @@ class _Builder:
         for s_ in opt.state_names:
             self.names[f"{s_}_{name}"] = f"{s_}_{name}"
         stmts = opt.rules(theta, g_expr, state, self.hyper_symbols, T_STEP)
-        ranges = [(sym, ext if isinstance(ld.layer, Dense) else self.value(ext))
-                  for sym, ext in zip(ld.param_idx[key], ld.param_dims[key])]
-        penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * theta**2))] if key == "W" and self.l2_value else []
+        ranges = [(sym, self.extent(ext)) for sym, ext in zip(ld.param_idx[key], ld.param_dims[key])]
+        penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * theta**2))] if key in ld.decay and self.l2_value else []
         temp = self.grad_base(ld, key)[idx]
         if len(stmts) == 1 and gemm_steps and isinstance(gemm_steps[0], Gemm):
             fused = fuse_update(gemm_steps[0], stmts[0][1], theta, temp)
@@ -185,25 +180,12 @@ class _Builder:
         return gemm_steps, [Loop(ranges, stmts, penalty, parallel=size >= PARALLEL_UPDATE_MIN)]
 
     def grad_steps(self, ld, opt=None) -> tuple[list, list]:
-        """Steps for ∂C/∂W_l and ∂C/∂b_l; with an optimizer, also its update steps (second
-        list: they run after δ_{l-1} has used the old W_l)."""
-        if not isinstance(ld.layer, Dense):
-            return codegen_image.grad_steps(self, ld, opt, ld.index == 1)
-        gW, gb = self.grad_base(ld, "W"), self.grad_base(ld, "b")
-        w_gemm, w_expr = split_sums(self.value(ld.grads["W"]), gW, (p, q), lambda s: gW)
-        b_sum, b_expr = split_sums(self.value(ld.grads["b"]), gb, (p,), lambda s: gb, {p: self.d.dims[ld.index]})
-        if opt is None:
-            w_loop = [Loop([(p, self.d.dims[ld.index]), (q, self.d.dims[ld.index - 1])], [(gW[p, q], w_expr)])]
-            return w_gemm + (w_loop if w_expr != gW[p, q] else []) + b_sum, []
-        w_now, w_later = self.update_steps(ld, "W", w_gemm, w_expr, opt)
-        b_now, b_later = self.update_steps(ld, "b", [], b_expr, opt)
-        return w_now + b_sum + b_now, w_later + b_later
+        """Steps for ∂C/∂θ of layer ``ld``; with an optimizer, also its update steps (second
+        list: they run after δ_{l-1} has used the old parameters)."""
+        return codegen_image.grad_steps(self, ld, opt, ld.index == 1)
 
     def delta_steps(self, ld) -> list:
-        if not isinstance(ld.layer, Dense):
-            return codegen_image.delta_steps(self, ld)
-        steps, expr = split_sums(ld.delta_formula, ld.delta, (n, p), lambda s: ld.delta)
-        return steps + [Loop([(n, N), (p, self.d.dims[ld.index])], [(self.value(ld.delta[n, p]), self.value(expr))])]
+        return codegen_image.delta_steps(self, ld)
 
     def backward_steps(self, opt=None) -> list:
         steps = []
@@ -220,10 +202,9 @@ class _Builder:
         if not self.l2_value:
             return []
         return [
-            Loop([(sym, ext if isinstance(ld.layer, Dense) else self.value(ext))
-                  for sym, ext in zip(ld.param_idx["W"], ld.param_dims["W"])], [],
-                 [(sp.Symbol("penalty"), self.value(l2 / 2 * ld.params["W"][ld.param_idx["W"]] ** 2))])
-            for ld in self.d.layers if "W" in ld.params
+            Loop([(sym, self.extent(ext)) for sym, ext in zip(ld.param_idx[key], ld.param_dims[key])], [],
+                 [(sp.Symbol("penalty"), self.value(l2 / 2 * ld.params[key][ld.param_idx[key]] ** 2))])
+            for ld in self.d.layers for key in ld.decay
         ]
 
     # -- printing ----------------------------------------------------------------------
@@ -245,9 +226,9 @@ class _Builder:
         last = self.names[f"a{len(self.d.layers)}"]
         return {
             "P": self.params, "WS": ws,
-            "acts": [w for w in ws if w.startswith(("Z", "A"))],
-            "deltas": [w for w in ws if w.startswith("dZ")],
-            "grads": [w for w in ws if w.startswith(("dW", "db"))],
+            "acts": [w for w in ws if self.roles[w] == "activation"],
+            "deltas": [w for w in ws if self.roles[w] == "delta"],
+            "grads": [w for w in ws if self.roles[w] == "gradient"],
             "last": [last],
             # δ_L may read z_L as well as a_L (relu′, a custom f′): pass both when they differ.
             "out": sorted({f"Z{len(self.d.layers)}", last}),
@@ -298,6 +279,7 @@ class _Builder:
             "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",
             f"PARAMS = {tuple(P)!r}",
             f"WORKSPACE = {tuple(self.workspace)!r}",
+            f"ROLES = {self.roles!r}",
             f"DTYPE = {self.dtype!r}", "", helper_source(self.helpers), *fns,
         ])
         return ModuleLayout(P, self.workspace, src)
@@ -349,9 +331,9 @@ class _Builder:
                  "Do not edit: regenerated from the network spec when it changes.", "", "Formulas (SymPy):"]
         for ld in d.layers:
             # describe() of a custom activation is the user's text, comments included.
-            lines += [f"  layer {ld.index} ({ld.layer.kind}, {one_line(ld.layer.activation.describe())}):",
-                      f"    z{ld.index}[n, i] = {ld.forward}", f"    a{ld.index}[n, i] = {ld.output}",
-                      f"    delta{ld.index}[n, p] = {ld.delta_formula}"]
+            lines.append(f"  layer {ld.index} ({ld.layer.kind}, {one_line(ld.layer.activation.describe())}):")
+            lines += [f"    {st.target[(n, *st.idx)]} = {st.formula}" for st in ld.stages]
+            lines += [f"    {ld.a[(n, *ld.out_idx)]} = {ld.output}", f"    {ld.delta[(n, *ld.delta_idx)]} = {ld.delta_formula}"]
             for key, g in ld.grads.items():
                 lines.append(f"    dC/d{key}{ld.index} = {g}")
         lines += [f"  loss per sample: {d.loss.per_sample}", f"  dloss/dy[n, p] = {d.loss.grad}"]

@@ -25,7 +25,6 @@ from .backends.cuda import BLOCK_REDUCE, STAT_SLOTS, CudaPrinter, Kernels, emit,
 from .codegen import _Builder, docstring, one_line
 from .derive import Derivation
 from .indices import N
-from .layers import Dense
 
 #: The slots of the per-epoch status array ``epoch`` of the training module.
 EPOCH_SLOTS = ("total", "correct", "bad", "done")
@@ -96,12 +95,13 @@ class CudaBuilder(_Builder):
         self.config = config
         # Array label -> symbolic shape, for the sizes of each GEMM.
         self.shapes = {}
+        # A matrix whose symbolic shape is in widths (N, d_l) keeps it, printed as the
+        # module's width constants; any other array is sized by the numbers below.
         for ld in d.layers:
-            if not isinstance(ld.layer, Dense):
-                continue
             for base in (ld.x, ld.z, ld.a, ld.delta, *ld.params.values()):
-                if base.shape is not None:
-                    self.shapes[str(base.label)] = base.shape
+                shape = base.shape
+                if shape is not None and len(shape) == 2 and all(sym in self.extents for sym in sp.Tuple(*shape).free_symbols):
+                    self.shapes[str(base.label)] = shape
         # The image layers' arrays (parameters, activations, stages and their gradients) as the
         # matrices a Gemm reads: (batch, C·H·W) buffers, weights (rows, the rest).
         matrices = {name: (N if shape[0] == "batch" else shape[0], math.prod(shape[1:]))
@@ -186,7 +186,8 @@ class CudaBuilder(_Builder):
             head, "import math", "", "import numpy as np", "from numba import cuda", "",
             *self.constants(), "",
             "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",
-            f"PARAMS = {tuple(P)!r}", f"WORKSPACE = {tuple(self.workspace)!r}", f"DTYPE = {self.dtype!r}",
+            f"PARAMS = {tuple(P)!r}", f"WORKSPACE = {tuple(self.workspace)!r}", f"ROLES = {self.roles!r}",
+            f"DTYPE = {self.dtype!r}",
             "# Which work buffers the launchers take: activations, loss inputs, the output.",
             f"ACTS = {tuple(acts)!r}", f"OUT = {tuple(out)!r}", f"LAST = {B['last'][0]!r}", f"DELTA_L = {deltas[-1]!r}",
             _HOST_HELPERS, *filter(None, [self._cublas_imports(), helper_source(self.helpers)]), BLOCK_REDUCE,

@@ -1,7 +1,9 @@
-"""Code generation for the image layers (Conv2D, pooling, Flatten, Maxout).
+"""Planning: each layer's derived stages become kernel steps, whatever layer declared them.
 
-Called by :class:`symbp.codegen._Builder` for every layer that is not Dense.  Activations,
-deltas and stage buffers of an image layer are stored flat, ``(batch, C·H·W)`` in C, H, W
+Called by :class:`symbp.codegen._Builder` for every layer.  A contraction over one index
+becomes a GEMM (Dense, Maxout's pieces), one over a window an im2col + GEMM (Conv2D), a
+window arg-max a scan, the rest fused loop nests.  Activations, deltas and stage buffers
+of an image are stored flat, ``(batch, C·H·W)`` in C, H, W
 order, so Flatten costs nothing (it renames the buffer) and a Dense layer after it reads
 that buffer as its input.  Stages that only re-index (the zero padding x̃) are inlined
 where they are read; the others get a buffer.
@@ -11,10 +13,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .conv import Conv2D, Flatten
-from .derive import resolve
+from .index_sums import resolve
 from .indices import N, n
-from .lower import Loop, split_sums
+from .lower import Gemm, Loop, split_sums
 from .lower_image import BlockGemm, Nest, WindowArgmax, match_conv, numeric
 from .ops import window_argmax
 
@@ -24,12 +25,12 @@ def setup(builder, ld) -> None:
     names, net = builder.names, builder.d.network
     lid = ld.index
     prev_a = names["x"] if lid == 1 else names[f"a{lid - 1}"]
-    if isinstance(ld.layer, Flatten):
+    if ld.view:  # a reshape (Flatten): the input's buffers, read flat
         prev_z = names["x"] if lid == 1 else names[f"z{lid - 1}"]
         names[f"z{lid}"], names[f"a{lid}"] = prev_z, prev_a
         names[f"delta{lid}"] = "dZflat" if lid == 1 else names[f"delta{lid - 1}"]
         if lid == 1:
-            builder.workspace.append(("dZflat", ("batch", net.widths[lid])))
+            builder.buffer("dZflat", ("batch", net.widths[lid]), "delta")
         return
     shape = net.shapes[lid]
     for key in ld.params:
@@ -47,7 +48,7 @@ def setup(builder, ld) -> None:
             continue
         size = _numbers(builder, st.dims)
         names[label] = f"A{label}"  # A…: written by forward, read by backward
-        builder.workspace.append((f"A{label}", ("batch", int(sp.prod(size)))))
+        builder.buffer(f"A{label}", ("batch", int(sp.prod(size))), "activation")
         if len(size) == 3:
             builder.flat[label] = size
     conv = _conv(builder, ld)
@@ -55,11 +56,11 @@ def setup(builder, ld) -> None:
         C, kh, kw = conv.extents
         cols = (C, kh, kw, *shape[1:])
         names[f"col{lid}"] = f"Acol{lid}"
-        builder.workspace.append((f"Acol{lid}", ("batch", int(sp.prod(cols)))))
+        builder.buffer(f"Acol{lid}", ("batch", int(sp.prod(cols))), "activation")
         builder.flat[f"col{lid}"] = cols
         if lid > 1:
             names[f"gcol{lid}"] = f"dZcol{lid}"
-            builder.workspace.append((f"dZcol{lid}", ("batch", int(sp.prod(cols)))))
+            builder.buffer(f"dZcol{lid}", ("batch", int(sp.prod(cols))), "delta")
             builder.flat[f"gcol{lid}"] = cols
     for label, (gb, _free, _) in ld.stage_grads.items():
         st = next(st for st in ld.stages if str(st.target.label) == label)
@@ -67,13 +68,13 @@ def setup(builder, ld) -> None:
             continue  # ∂C/∂x̃ of the first layer is never needed
         size = _numbers(builder, st.dims)
         names[str(gb.label)] = f"dZ{gb.label}"
-        builder.workspace.append((f"dZ{gb.label}", ("batch", int(sp.prod(size)))))
+        builder.buffer(f"dZ{gb.label}", ("batch", int(sp.prod(size))), "delta")
         if len(size) == 3:
             builder.flat[str(gb.label)] = size
-    builder.workspace.append((f"Z{lid}", ("batch", net.widths[lid])))
+    builder.buffer(f"Z{lid}", ("batch", net.widths[lid]), "activation")
     if not ld.layer.activation.is_identity:
-        builder.workspace.append((f"A{lid}", ("batch", net.widths[lid])))
-    builder.workspace.append((f"dZ{lid}", ("batch", net.widths[lid])))
+        builder.buffer(f"A{lid}", ("batch", net.widths[lid]), "activation")
+    builder.buffer(f"dZ{lid}", ("batch", net.widths[lid]), "delta")
 
 
 def _numbers(builder, dims) -> tuple:
@@ -99,23 +100,23 @@ def _inline(builder, ld, expr: sp.Expr) -> sp.Expr:
 
 
 def _ranges(builder, idx, dims) -> list:
-    return [(n, N)] + [(sym, _size(builder, d_)) for sym, d_ in zip(idx, dims)]
+    return [(n, N)] + [(sym, builder.extent(d_)) for sym, d_ in zip(idx, dims)]
 
 
 def _fix(builder, ld, expr, ranges) -> sp.Expr:
     return numeric(builder.value(_inline(builder, ld, expr)), builder.d.sizes,
-                   {sym: (0, ext - 1) for sym, ext in ranges if sym is not n})
+                   {sym: (0, _size(builder, ext) - 1) for sym, ext in ranges if sym is not n})
 
 
 def forward_steps(builder, ld) -> list:
-    if isinstance(ld.layer, Flatten):
+    if ld.view:
         return []
     steps = []
     for st in ld.stages:
         if _inlined(st):
             continue
         ranges = _ranges(builder, st.idx, st.dims)
-        target = st.target[(n, *st.idx)]
+        target = builder.value(st.target[(n, *st.idx)])
         if isinstance(st.formula, window_argmax):
             value, *window = st.formula.args
             win = [(sym, int(builder.value(hi)) + 1) for sym, _, hi in window]
@@ -127,19 +128,20 @@ def forward_steps(builder, ld) -> list:
             continue
         expr = _fix(builder, ld, st.formula, ranges)
         if len(st.idx) == 1:
-            try:  # a dense map (Maxout's pieces): a GEMM and a fused loop
+            try:  # a dense map (Dense, Maxout's pieces): a GEMM and a fused loop
                 pre, fused = split_sums(expr, st.target, (n, st.idx[0]), lambda s_, t_=st.target: t_)
+                _symbolic_comment(pre, st.formula)
                 if all(not isinstance(x_, Nest) for x_ in pre):
-                    stmts = [(target, fused)]
+                    stmts = [(target, builder.value(fused))]
                     if st is ld.stages[-1] and not ld.layer.activation.is_identity:
-                        stmts.append((ld.a[(n, *st.idx)], builder.value(ld.output)))
+                        stmts.append((builder.value(ld.a[(n, *st.idx)]), builder.value(ld.output)))
                     steps += pre + [Loop(ranges, stmts)]
                     continue
             except NotImplementedError:
                 pass
         stmts = [(target, expr)]
         if st is ld.stages[-1] and not ld.layer.activation.is_identity:
-            stmts.append((ld.a[(n, *st.idx)], builder.value(ld.output)))
+            stmts.append((builder.value(ld.a[(n, *st.idx)]), builder.value(ld.output)))
         steps.append(Nest(ranges, stmts))
     return steps
 
@@ -163,7 +165,7 @@ def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
         g = builder.grad_base(ld, key)
         idx = ld.param_idx[key]
         expr = builder.value(ld.grads[key])
-        extents = {sym: _size(builder, d_) for sym, d_ in zip(idx, ld.param_dims[key])}
+        extents = {sym: builder.extent(d_) for sym, d_ in zip(idx, ld.param_dims[key])}
         conv = _conv(builder, ld) if key == "W" else None
         im2col = _conv_weight_grad(builder, ld, conv, expr, g) if conv is not None else None
         try:
@@ -178,7 +180,7 @@ def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
             gsteps = [Nest(prange, [(g[idx], fixed)])]
             g_expr = g[idx] + (expr - data)
         if opt is None:
-            prange = [(sym, _size(builder, d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
+            prange = [(sym, builder.extent(d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
             now += gsteps + ([Loop(prange, [(g[idx], g_expr)])] if g_expr != g[idx] else [])
         else:
             a_, b_ = builder.update_steps(ld, key, gsteps, g_expr, opt)
@@ -189,7 +191,7 @@ def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
 
 def delta_steps(builder, ld) -> list:
     """δ of image layer ``ld`` from what the layer after it sent back."""
-    if isinstance(ld.layer, Flatten) and ld.index == 1:
+    if ld.view and ld.index == 1:
         return []
     idx = (n, *ld.delta_idx)
     ranges = _ranges(builder, ld.delta_idx, ld.out_dims)
@@ -197,16 +199,26 @@ def delta_steps(builder, ld) -> list:
     if scatter is not None:
         return scatter
     expr = _fix(builder, ld, ld.delta_formula, ranges)
-    target = ld.delta[idx]
+    target = builder.value(ld.delta[idx])
     if isinstance(expr, sp.Indexed) and builder.names.get(str(expr.base.label)) == builder.names[f"delta{ld.index}"]:
         return []  # the layer after is a Flatten: the same memory, nothing to do
     if len(ld.delta_idx) == 1:
         try:
             pre, fused = split_sums(expr, ld.delta, idx, lambda s_: ld.delta)
-            return pre + [Loop(ranges, [(target, fused)])]
+            _symbolic_comment(pre, ld.delta_formula)
+            return pre + [Loop(ranges, [(target, builder.value(fused))])]
         except NotImplementedError:
             pass
     return [Nest(ranges, [(target, expr)])]
+
+
+def _symbolic_comment(steps: list, formula: sp.Expr) -> None:
+    """Show a GEMM's sum as derived, widths as symbols (``(j, 0, d_0 - 1)``), in the comment
+    above its call: the numbers are in the call's arguments, and the source of a network
+    then differs from a wider one's only where the widths are defined."""
+    sums = formula.atoms(sp.Sum)
+    if len(steps) == 1 and len(sums) == 1 and isinstance(steps[0], Gemm):
+        steps[0].formula = next(iter(sums))
 
 
 def _window_scatter(builder, ld, ranges):
@@ -220,7 +232,7 @@ def _window_scatter(builder, ld, ranges):
     if ld.index >= len(layers) or len(ld.delta_idx) != 3:
         return None
     nxt = layers[ld.index]
-    if isinstance(nxt.layer, (Conv2D, Flatten)) or "W" in nxt.params:
+    if nxt.view or nxt.params:
         return None
     st = nxt.stages[-1]
     formula = builder.value(st.formula)
@@ -274,10 +286,8 @@ def _conv(builder, ld):
     loops).  Read from the derived forward formula, decided once per layer from its shapes."""
     cache = builder.__dict__.setdefault("_im2col", {})
     if ld.index not in cache:
-        conv = None
-        if isinstance(ld.layer, Conv2D):
-            st = ld.stages[-1]
-            conv = match_conv(builder.value(st.formula), st.idx)
+        st = ld.stages[-1]
+        conv = match_conv(builder.value(st.formula), st.idx) if len(st.idx) == 3 else None
         if conv is not None:
             C, kh, kw = (int(x_) for x_ in conv.extents)
             K, Ho, Wo = _numbers(builder, st.dims)
@@ -305,10 +315,10 @@ def _conv_forward(builder, ld, st, conv, ranges) -> list:
     col, col_ranges, (rows, cols) = _col_ranges(builder, ld, conv)
     K = _size(builder, st.dims[0])
     entry = col[(n, *conv.dummies, *st.idx[1:])]
-    target = st.target[(n, *st.idx)]
+    target = builder.value(st.target[(n, *st.idx)])
     stmts = [(target, target + _fix(builder, ld, builder.value(st.formula) - conv.sum, ranges))]
     if not ld.layer.activation.is_identity:
-        stmts.append((ld.a[(n, *st.idx)], builder.value(ld.output)))
+        stmts.append((builder.value(ld.a[(n, *st.idx)]), builder.value(ld.output)))
     return [Nest(col_ranges, [(entry, _fix(builder, ld, conv.source, col_ranges))]),
             BlockGemm(st.target, conv.weight, False, col, False, conv.sum,
                       shapes=((K, rows), (rows, cols), (K, cols)), per_sample=(False, True, True)),

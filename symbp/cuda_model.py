@@ -326,7 +326,7 @@ class CudaModel(Model):
         self.kernels.loss_and_grads(nb, dX, dT, *self._param_list(), *ws, stats)
         s = stats.copy_to_host()
         k = self.kernels
-        grads = {name[1:]: buf.copy_to_host() for name, buf in self._named(ws).items() if name.startswith(("dW", "db"))}
+        grads = {name[1:]: buf.copy_to_host() for name, buf in self._named(ws).items() if k.ROLES[name] == "gradient"}
         return float(s[k.S_TOTAL] / nb + s[k.S_PENALTY]), grads
 
     def decision_function(self, X) -> np.ndarray:

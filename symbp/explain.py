@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from . import indices
-from .derive import l2 as l2_symbol
-from .derive import resolve
+from .index_sums import resolve
+from .indices import l2 as l2_symbol
 from .indices import N, as_size, i, j, n, p, q
 from .layers import Dense
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
@@ -264,10 +264,10 @@ def build(d, scalar: bool = False, optimizer=None) -> Explanation:
     optimizer : Optimizer, optional
         Add its update rule (the statements the training kernels fuse into the backward pass).
     """
-    from .derive import Derivation
     from .optim import Optimizer
 
-    if not isinstance(d, Derivation):
+    # A Derivation (not imported: derive's reading methods call this module)
+    if not all(hasattr(d, attr) for attr in ("network", "layers", "loss", "dims")):
         raise TypeError(f"expected a symbp Derivation (from sb.derive(net)), got {type(d).__name__}")
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a symbp optimizer such as sb.Adam(), got {type(optimizer).__name__}")
@@ -615,7 +615,7 @@ def _image_backward_blocks(d, ld) -> list[Block]:
         if key == "da/dz":
             continue
         top, wrt = key.split("/")
-        st = stage_of[top[1:]]
+        st = ld.stages[-1] if top == "dz" else stage_of[top[1:]]
         wrt = wrt[1:]
         if wrt in ld.params:
             base, idx = ld.params[wrt], ld.param_idx[wrt]
@@ -666,7 +666,7 @@ def _image_backward_blocks(d, ld) -> list[Block]:
             st = next(x for x in ld.stages if x.formula.has(base))
             g = ld.delta if st.target is ld.z else ld.stage_grads[str(st.target.label)][0]
             limits = [(x, 0, ext - 1) for x, ext in zip(st.idx, st.dims)]
-            chain = sp.Sum(g[(n, *st.idx)] * ld.local[f"d{st.target.label}/d{key}"], *limits, (n, 0, N - 1))
+            chain = sp.Sum(g[(n, *st.idx)] * ld.local[ld.local_key(st, key)], *limits, (n, 0, N - 1))
             data = sp.Add(*[t for t in sp.Add.make_args(ld.grads[key]) if t.has(sp.Sum)])
             parts = [Partial(C, base[idx]), chain + (ld.grads[key] - data), ld.grads[key]]
             shape = _shape(*d.network.param_shapes()[f"{key}{l}"])

@@ -9,6 +9,8 @@ import sympy as sp
 
 n, i, j, k, p, q = sp.symbols("n i j k p q", integer=True, nonnegative=True)
 N = sp.Symbol("N", integer=True, positive=True)
+#: λ, the l2 coefficient: C = (1/N) Σ_n ℓ_n + (λ/2) Σ ‖W‖²
+l2 = sp.Symbol("lambda", nonnegative=True)
 
 
 def width(layer: int) -> sp.Symbol:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .derive import prune_guards
+from .index_sums import prune_guards
 from .indices import n
 from .lower import Gemm
 

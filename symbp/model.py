@@ -158,7 +158,7 @@ class Model:
         loss, _ = self.kernels.loss_and_grads(X, T, *self._param_list(), *ws)
         grads = {}
         for (name, _), buf in zip(self.kernels.WORKSPACE, ws):
-            if name.startswith(("dW", "db")):
+            if self.kernels.ROLES[name] == "gradient":  # d<parameter>
                 grads[name[1:]] = buf.copy()
         return float(loss), grads
 
@@ -170,7 +170,7 @@ class Model:
         for start in range(0, X.shape[0], _EVAL_CHUNK):
             chunk = X[start : start + _EVAL_CHUNK]
             ws = [w for w, (name, _) in zip(self._sized(len(chunk)), self.kernels.WORKSPACE)
-                  if name.startswith(("Z", "A"))]
+                  if self.kernels.ROLES[name] == "activation"]
             out[start : start + len(chunk)] = self.kernels.logits(chunk, *params, *ws)
         return out
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .layers import LAYER_TYPES, Dense
+from .layers import LAYERS, Layer
 from .losses import Loss
 
 # The most values one sample may have at the input, after any layer, or in one parameter
@@ -52,7 +52,7 @@ class Network:
     def __init__(
         self,
         inputs: int | tuple[int, int, int],
-        layers: Sequence[Dense],
+        layers: Sequence[Layer],
         loss: str | object = "softmax_cross_entropy",
         l2: float = 0.0,
         name: str | None = None,
@@ -75,8 +75,8 @@ class Network:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) == 0:
             raise ValueError("layers must be a non-empty list of layers, e.g. [sb.Dense(10)]")
         for pos, layer in enumerate(layers, 1):
-            if not isinstance(layer, tuple(LAYER_TYPES.values())):
-                raise TypeError(f"layer {pos} is a {type(layer).__name__}, not a symbp layer (known: {', '.join(LAYER_TYPES)})")
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layer {pos} is a {type(layer).__name__}, not a symbp layer (known: {', '.join(LAYERS)})")
         if isinstance(l2, bool) or not isinstance(l2, (int, float, np.floating, np.integer)) or not math.isfinite(l2) or l2 < 0:
             raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
         self.inputs = inputs
@@ -88,12 +88,14 @@ class Network:
             except ValueError as err:
                 raise ValueError(f"layer {pos}: {err}") from None
             _check_size(self.shapes[-1], f"layer {pos} ({layer!r}): its output {self.shapes[-1]} per sample")
-            for key, shape in layer.param_shapes(self.fan_in(pos)).items():
+            for key, shape in layer.param_shapes(self.shapes[pos - 1]).items():
                 _check_size(shape, f"layer {pos} ({layer!r}): its parameter {key}{pos} of shape {tuple(shape)}")
         self.loss = Loss(loss)
         self.l2 = float(l2)
-        dense_only = all(isinstance(layer, Dense) for layer in self.layers)
-        self.name = _safe_name(name or ("mlp-" if dense_only else "net-") + "-".join(map(str, self.widths)))
+        # "mlp-" for a network of flat vectors, "net-" when it reads images: the default file
+        # name in generated/ then says which kind of model it holds.
+        mlp = all(len(shape) == 1 for shape in self.shapes)
+        self.name = _safe_name(name or ("mlp-" if mlp else "net-") + "-".join(map(str, self.widths)))
         if self.loss.task == "multiclass" and self.widths[-1] < 2:
             raise ValueError("softmax_cross_entropy needs at least 2 output units, the last layer has 1")
 
@@ -108,15 +110,9 @@ class Network:
         """Values per sample at the input and after each layer (C·H·W for images)."""
         return [math.prod(shape) for shape in self.shapes]
 
-    def fan_in(self, pos: int):
-        """What layer ``pos`` (1-based) gets to size its parameters: the width for Dense,
-        the input shape for the image layers."""
-        layer = self.layers[pos - 1]
-        return self.widths[pos - 1] if isinstance(layer, Dense) else self.shapes[pos - 1]
-
     def param_counts(self) -> list[int]:
         """Number of parameters of each layer (Conv2D: (F·F·C + 1)·K)."""
-        return [sum(math.prod(sh) for sh in layer.param_shapes(self.fan_in(pos)).values())
+        return [sum(math.prod(sh) for sh in layer.param_shapes(self.shapes[pos - 1]).values())
                 for pos, layer in enumerate(self.layers, 1)]
 
     @property
@@ -126,7 +122,7 @@ class Network:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for pos, layer in enumerate(self.layers, 1):
-            for key, shape in layer.param_shapes(self.fan_in(pos)).items():
+            for key, shape in layer.param_shapes(self.shapes[pos - 1]).items():
                 shapes[f"{key}{pos}"] = shape
         return shapes
 
@@ -134,7 +130,7 @@ class Network:
         rng = np.random.default_rng(seed)
         params = {}
         for pos, layer in enumerate(self.layers, 1):
-            for key, value in layer.init(rng, self.fan_in(pos), dtype).items():
+            for key, value in layer.init(rng, self.shapes[pos - 1], dtype).items():
                 params[f"{key}{pos}"] = np.ascontiguousarray(value)
         return params
 
@@ -170,22 +166,9 @@ class Network:
                 raise ValueError(f"layer {pos} must be a table, got {lc!r}")
             lc = dict(lc)
             kind = str(lc.pop("type", "dense")).lower()
-            if kind not in LAYER_TYPES:
-                raise ValueError(f"layer {pos}: unknown layer type {kind!r} (known: {', '.join(LAYER_TYPES)})")
-            params = lc.pop("activation_params", {}) or {}
-            if kind != "dense":
-                layers.append(_image_layer(pos, kind, lc, params))
-                continue
-            if "units" not in lc:
-                raise ValueError(f"layer {pos}: needs 'units'")
-            allowed = {"units", "activation"}
-            extra = sorted(set(lc) - allowed)
-            if extra:
-                raise ValueError(f"layer {pos}: unknown key {extra[0]!r} (known: type, units, activation, activation_params)")
-            try:
-                layers.append(LAYER_TYPES[kind](lc["units"], lc.get("activation"), **params))
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"layer {pos}: {err}") from None
+            if kind not in LAYERS:
+                raise ValueError(f"layer {pos}: unknown layer type {kind!r} (known: {', '.join(LAYERS)})")
+            layers.append(LAYERS[kind].from_config(lc, f"layer {pos}"))
         inputs = cfg["inputs"]
         if isinstance(inputs, list):
             inputs = tuple(inputs)
@@ -204,33 +187,6 @@ class Network:
 
     def __repr__(self) -> str:
         return f"Network(inputs={self.inputs}, layers={self.layers}, loss={self.loss.name!r}, l2={self.l2})"
-
-
-_IMAGE_KEYS = {
-    "conv2d": ("filters", "kernel", "stride", "padding", "activation", "exact"),
-    "maxpool2d": ("size", "stride"),
-    "avgpool2d": ("size", "stride"),
-    "flatten": (),
-    "maxout": ("units", "pieces"),
-}
-_REQUIRED = {"conv2d": ("filters", "kernel"), "maxpool2d": ("size",), "avgpool2d": ("size",), "maxout": ("units", "pieces")}
-
-
-def _image_layer(pos: int, kind: str, lc: dict, params: dict):
-    """An image layer from its TOML table (keys as the constructor's arguments)."""
-    known = _IMAGE_KEYS[kind]
-    extra = sorted(set(lc) - set(known))
-    if extra or (params and kind != "conv2d"):
-        bad = extra[0] if extra else "activation_params"
-        raise ValueError(f"layer {pos}: unknown key {bad!r} for {kind} (known: type, {', '.join(known) or 'no others'})")
-    missing = [key for key in _REQUIRED.get(kind, ()) if key not in lc]
-    if missing:
-        raise ValueError(f"layer {pos}: {kind} needs {missing[0]!r}")
-    args = {key: tuple(val) if isinstance(val, list) else val for key, val in lc.items()}
-    try:
-        return LAYER_TYPES[kind](**args, **params)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"layer {pos}: {err}") from None
 
 
 def _safe_name(name: str) -> str:

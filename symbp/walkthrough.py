@@ -21,7 +21,7 @@ import numpy as np
 import sympy as sp
 
 from .derive import Derivation, derive
-from .derive import l2 as l2_symbol
+from .indices import l2 as l2_symbol
 from .indices import N, i, n, p, q
 from .network import Network
 

@@ -1,18 +1,17 @@
-"""Layers: each states its forward formula in index notation and how it initialises its
-parameters.  Their gradients are not written here: :mod:`symbp.derive` differentiates the
-index formula with SymPy and chains the results.
-"""
+"""Dense: ``z[n, i] = Σ_j W[i, j]·x[n, j] + b[i]``, ``a = f(z)``, as PyTorch's ``Linear``."""
 
 from __future__ import annotations
 
 import numpy as np
 import sympy as sp
 
-from . import activations
-from .indices import i, j, n
+from .. import activations
+from ..indices import N, i, j, n, p, q, width
+from .base import Layer, LayerForm, Stage, register
 
 
-class Dense:
+@register
+class Dense(Layer):
     """Fully connected layer ``z = x Wᵀ + b``, ``a = f(z)``, as PyTorch's ``Linear``.
 
     Parameters
@@ -25,6 +24,11 @@ class Dense:
         ``slope`` for leaky_relu, ``alpha`` for elu.
     """
 
+    type_name = "dense"
+    kind = "Dense"
+    config_keys = ("units", "activation")
+    required = ("units",)
+
     def __init__(self, units: int, activation: object = None, **activation_params: float) -> None:
         if isinstance(units, bool) or not isinstance(units, (int, np.integer)):
             raise TypeError(f"Dense units must be an int, got {type(units).__name__} {units!r}")
@@ -34,27 +38,31 @@ class Dense:
         self.activation = activations.get(activation, **activation_params)
         self.activation_params = dict(self.activation.params)
 
-    kind = "Dense"
-
-    def param_shapes(self, fan_in: int) -> dict[str, tuple[int, ...]]:
-        return {"W": (self.units, fan_in), "b": (self.units,)}
-
     def output_shape(self, in_shape: tuple) -> tuple[int]:
         if len(in_shape) != 1:
             raise ValueError(f"Dense({self.units}) takes a flat input but gets shape {tuple(in_shape)}: "
                              f"put sb.Flatten() before it (giving {int(np.prod(in_shape))} features)")
         return (self.units,)
 
-    def forward_formula(self, x: sp.IndexedBase, W: sp.IndexedBase, b: sp.IndexedBase, fan_in: sp.Expr) -> sp.Expr:
-        """z[n, i] = Σ_j W[i, j] x[n, j] + b[i]."""
-        return sp.Sum(W[i, j] * x[n, j], (j, 0, fan_in - 1)) + b[i]
+    def param_shapes(self, in_shape: tuple) -> dict[str, tuple[int, ...]]:
+        return {"W": (self.units, in_shape[0]), "b": (self.units,)}
 
-    def init(self, rng: np.random.Generator, fan_in: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+    def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        """z_l[n, i] = Σ_j W_l[i, j]·x[n, j] + b_l[i], widths d_{l-1} → d_l kept symbolic."""
+        (fan_in,), fan_out = in_dims, width(l)
+        W = sp.IndexedBase(f"W{l}", shape=(fan_out, fan_in), real=True)
+        b = sp.IndexedBase(f"b{l}", shape=(fan_out,), real=True)
+        z = sp.IndexedBase(f"z{l}", shape=(N, fan_out), real=True)
+        stage = Stage(z, (i,), sp.Sum(W[i, j] * x[n, j], (j, 0, fan_in - 1)) + b[i], (fan_out,))
+        return LayerForm({"W": W, "b": b}, {"W": (p, q), "b": (p,)}, {"W": (fan_out, fan_in), "b": (fan_out,)},
+                         [stage], decay=("W",))
+
+    def init(self, rng: np.random.Generator, in_shape: tuple, dtype: np.dtype) -> dict[str, np.ndarray]:
         # PyTorch's Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b, so a user
         # comparing the two starts from the same distribution.
-        bound = 1.0 / np.sqrt(fan_in)
+        bound = 1.0 / np.sqrt(in_shape[0])
         return {
-            "W": rng.uniform(-bound, bound, (self.units, fan_in)).astype(dtype),
+            "W": rng.uniform(-bound, bound, (self.units, in_shape[0])).astype(dtype),
             "b": rng.uniform(-bound, bound, (self.units,)).astype(dtype),
         }
 
@@ -63,10 +71,3 @@ class Dense:
 
     def __repr__(self) -> str:
         return f"Dense({self.units}, activation={self.activation.describe()!r})"
-
-
-LAYER_TYPES = {"dense": Dense}
-
-from .conv import IMAGE_LAYERS  # noqa: E402 - conv's layers register beside Dense
-
-LAYER_TYPES.update(IMAGE_LAYERS)

@@ -1,0 +1,15 @@
+"""Layers, one file each: what comes in is a user's declaration (``sb.Dense(32, …)``, a
+TOML table); what goes out is a :class:`~symbp.layers.base.LayerForm` of index-formula
+stages that :mod:`symbp.derive` differentiates.  ``LAYERS`` maps each TOML ``type`` to its
+class; importing a layer's file registers it.
+"""
+
+from .base import LAYERS, Layer, LayerForm, Stage, image_dims, register
+from .conv2d import Conv2D
+from .dense import Dense
+from .flatten import Flatten
+from .maxout import Maxout
+from .pooling import AvgPool2D, MaxPool2D
+
+__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "Layer", "LayerForm", "MaxPool2D", "Maxout",
+           "Stage", "image_dims", "register"]

@@ -1,0 +1,145 @@
+"""What every layer states, and the one registry of layer types.
+
+A layer is a declaration, not a code path: its parameters, its forward pass as SymPy index
+formulas (*stages*, the last of which is its pre-activation ``z``), its initialisation and
+its TOML round trip.  :mod:`symbp.derive` differentiates the stages and chains them; the
+planner and the backends read only what the stages say (a contraction becomes a GEMM, a
+window arg-max an arg-max scan, the rest fused loops), never which class declared them.
+
+Adding a layer type is one file: subclass :class:`Layer`, decorate it with
+:func:`register`, import the file in ``symbp/layers/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy as sp
+
+from .. import activations
+
+
+@dataclass
+class Stage:
+    """One index formula of a layer's forward pass: ``target[n, *idx] = formula``."""
+
+    target: sp.IndexedBase
+    idx: tuple
+    formula: sp.Expr
+    dims: tuple  # symbolic extents of idx
+
+
+@dataclass
+class LayerForm:
+    """What a layer states symbolically; :mod:`symbp.derive` differentiates it."""
+
+    params: dict  # key -> IndexedBase
+    param_idx: dict  # key -> free index tuple of ∂C/∂θ
+    param_dims: dict  # key -> symbolic extents of those indices
+    stages: list  # [Stage], the last one is z
+    sizes: dict = field(default_factory=dict)  # size symbol -> int (kernel, stride, padding, shapes)
+    #: the parameters the network's l2 term applies to (weights; never biases or a norm's γ)
+    decay: tuple = ()
+    #: z holds the input's values in C order, unchanged (a reshape): the kernels give z the
+    #: input's buffer instead of copying it
+    view: bool = False
+
+
+def size_symbol(name: str, l: int) -> sp.Symbol:
+    """A positive integer size of layer l (``kh_1``, ``S_2``, ``d_3``), fixed by the planner."""
+    return sp.Symbol(f"{name}_{l}", integer=True, positive=True)
+
+
+def image_dims(l: int) -> tuple[sp.Symbol, sp.Symbol, sp.Symbol]:
+    """The symbolic output shape (C_l, H_l, W_l) of layer l (l = 0: the input)."""
+    return size_symbol("C", l), size_symbol("H", l), size_symbol("W", l)
+
+
+def positive_int(value, what: str, owner: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner} {what} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{owner} {what} must be >= {low}, got {value}")
+    return int(value)
+
+
+def int_pair(value, what: str, owner: str, low: int = 1) -> tuple[int, int]:
+    """An int or a pair (rows, cols) of ints ≥ ``low``, as a pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{owner} {what} must be an int or a pair (rows, cols), got {value!r}")
+        return positive_int(value[0], what, owner, low), positive_int(value[1], what, owner, low)
+    one = positive_int(value, what, owner, low)
+    return one, one
+
+
+def config_pair(pair):
+    """A pair as the TOML spec writes it: one int when both agree."""
+    return pair[0] if pair[0] == pair[1] else list(pair)
+
+
+class Layer:
+    """The interface every layer implements (defaults: no parameters, no activation).
+
+    ``type_name`` is its TOML ``type``; ``config_keys`` the other keys its table may have
+    (the constructor's arguments), ``required`` those it must have.
+    """
+
+    type_name = ""
+    kind = "Layer"
+    config_keys: tuple = ()
+    required: tuple = ()
+    activation = activations.get(None)
+    activation_params: dict = {}
+
+    def output_shape(self, in_shape: tuple) -> tuple:
+        raise NotImplementedError
+
+    def param_shapes(self, in_shape: tuple) -> dict:
+        return {}
+
+    def init(self, rng: np.random.Generator, in_shape: tuple, dtype) -> dict:
+        return {}
+
+    def param_count(self, in_shape: tuple) -> int:
+        return sum(math.prod(sh) for sh in self.param_shapes(in_shape).values())
+
+    def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        """The stages of layer ``l`` reading ``x[n, *in]`` of symbolic extents ``in_dims``."""
+        raise NotImplementedError
+
+    def to_config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str):
+        """The layer a TOML table (without its ``type``) declares; ``where`` prefixes errors."""
+        cfg = dict(cfg)
+        params = cfg.pop("activation_params", None)
+        known = cls.config_keys + (("activation_params",) if "activation" in cls.config_keys else ())
+        extra = sorted(set(cfg) - set(known)) or (["activation_params"] if params and "activation" not in cls.config_keys else [])
+        if extra:
+            raise ValueError(f"{where}: unknown key {extra[0]!r} for {cls.type_name} "
+                             f"(known: type, {', '.join(known) or 'no others'})")
+        missing = [key for key in cls.required if key not in cfg]
+        if missing:
+            raise ValueError(f"{where}: {cls.type_name} needs {missing[0]!r}")
+        args = {key: tuple(val) if isinstance(val, list) else val for key, val in cfg.items()}
+        try:
+            return cls(**args, **(params or {}))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+
+
+#: TOML ``type`` -> layer class: the one list of layer types.
+LAYERS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a layer type known to specs and checkpoints by its ``type_name``."""
+    if not cls.type_name or cls.type_name in LAYERS:
+        raise ValueError(f"layer type {cls.type_name!r} is empty or registered twice")
+    LAYERS[cls.type_name] = cls
+    return cls

@@ -1,0 +1,40 @@
+"""Flatten: (C, H, W) → C·H·W in PyTorch's order.
+
+    z[n,i] = Σ_{c,h,w} δ(i, (c·H+h)·W+w)·x[n,c,h,w]
+
+A reshape: its form says ``view``, so the kernels give z the input's buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from ..indices import c, h, i, n, w
+from .base import Layer, LayerForm, Stage, register, size_symbol
+
+
+@register
+class Flatten(Layer):
+    """(C, H, W) → C·H·W in PyTorch's order: entry (c, h, w) goes to (c·H + h)·W + w."""
+
+    type_name = "flatten"
+    kind = "Flatten"
+
+    def output_shape(self, in_shape: tuple) -> tuple[int]:
+        return (math.prod(in_shape),)  # Python ints: no int64 wrap-around
+
+    def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
+        if len(in_dims) == 1:  # already flat: the identity
+            return LayerForm({}, {}, {}, [Stage(z, (i,), x[n, i], (size_symbol("d", l),))], view=True)
+        C, H, W_ = in_dims
+        flat = sp.Sum(sp.KroneckerDelta(i, (c * H + h) * W_ + w) * x[n, c, h, w], (c, 0, C - 1), (h, 0, H - 1), (w, 0, W_ - 1))
+        return LayerForm({}, {}, {}, [Stage(z, (i,), flat, (C * H * W_,))], view=True)
+
+    def to_config(self) -> dict:
+        return {"type": "flatten"}
+
+    def __repr__(self) -> str:
+        return "Flatten()"
