@@ -292,3 +292,17 @@ def test_cli_version_and_cache_of_a_missing_directory(tmp_path, capsys):
     assert out.startswith(f"symbp {sb.__version__}, sympy ") and "numba " in out
     assert main(["cache", "--dir", str(tmp_path / "none")]) == 0
     assert "no such directory" in capsys.readouterr().out and not (tmp_path / "none").exists()
+
+
+def test_the_generator_key_covers_every_module_generation_reads():
+    """The module key hashes the generator's source, found by following its imports: the
+    network spec, every layer file and the BLAS binding the generated code imports are in it,
+    the readers that only print formulas and the training loop are not."""
+    from symbp import cache
+
+    names = {path.relative_to(cache._PKG_DIR).as_posix() for path in cache.generator_files()}
+    for needed in ("network.py", "derive.py", "codegen.py", "codegen_cuda.py", "layers/dense.py",
+                   "layers/conv2d.py", "layers/base.py", "backends/blas.py", "backends/cpu.py", "optim.py"):
+        assert needed in names, needed
+    for reader in ("model.py", "cli.py", "report.py", "walkthrough.py", "__init__.py"):
+        assert reader not in names, reader
