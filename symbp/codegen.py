@@ -17,6 +17,7 @@ the module's header lists them.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import sympy as sp
@@ -69,6 +70,19 @@ def docstring(text: str) -> str:
             code = ord(ch)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return '"""' + "".join(out) + '"""'
+
+
+_EMPTY_ARG = re.compile(r"(?<=[(,]) ?,|, (?=\))|\( (?=\w)")
+
+
+def tidy_args(src: str) -> str:
+    """The glue templates with an empty group of names (no parameters: a fixed feature
+    extractor) left no ``f(X, , Z1)``: each empty slot and its comma removed."""
+    while True:
+        new = _EMPTY_ARG.sub(lambda m: "(" if m.group(0).startswith("(") else "", src)
+        if new == src:
+            return src
+        src = new
 
 
 @dataclass
@@ -231,7 +245,8 @@ class _Builder:
             "grads": [w for w in ws if self.roles[w] == "gradient"],
             "last": [last],
             # δ_L may read z_L as well as a_L (relu′, a custom f′): pass both when they differ.
-            "out": sorted({f"Z{len(self.d.layers)}", last}),
+            "out": sorted({self.names[f"z{len(self.d.layers)}"], last}),
+            "dl": [self.names[f"delta{len(self.d.layers)}"]],  # δ_L, which loss_rows writes
         }
 
     def _blas_import(self) -> str:
@@ -255,7 +270,7 @@ class _Builder:
             self.function("forward", ["X"] + P + acts, self._prelude(),
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
                           "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."),
-            self.function("loss_rows", out + ["T", deltas[-1]],
+            self.function("loss_rows", out + ["T", B["dl"][0]],
                           [f"nb = {B['last'][0]}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
                           [self.loss_step()], ["return total, correct"],
                           "Σ_n ℓ_n over the batch and δ_L = ∂C/∂z_L; counts correct predictions for classifiers."),
@@ -264,7 +279,7 @@ class _Builder:
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
                           "(λ/2) Σ_l ‖W_l‖²."),
         ]
-        fns.append(_GLUE.format(**self._glue_names(B)))
+        fns.append(tidy_args(_GLUE.format(**self._glue_names(B))))
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             self.header(), "import math", "", "import numpy as np", "from numba import njit", "",
@@ -280,6 +295,7 @@ class _Builder:
             f"PARAMS = {tuple(P)!r}",
             f"WORKSPACE = {tuple(self.workspace)!r}",
             f"ROLES = {self.roles!r}",
+            f"LAST = {B['last'][0]!r}  # the buffer that holds the network's output after forward()",
             f"DTYPE = {self.dtype!r}", "", helper_source(self.helpers), *fns,
         ])
         return ModuleLayout(P, self.workspace, src)
@@ -291,7 +307,7 @@ class _Builder:
 
         return {
             "P": join(B["P"]), "WS": join(B["WS"]), "ACTS": join(B["acts"]), "DELTAS": join(B["deltas"]),
-            "GRADS": join(B["grads"]), "LAST": B["last"][0], "DL": B["deltas"][-1], "OUT": join(B["out"]),
+            "GRADS": join(B["grads"]), "LAST": B["last"][0], "DL": B["dl"][0], "OUT": join(B["out"]),
             "OUT_SLICED": join(B["out"], True), "ACTS_SLICED": join(B["acts"], True),
             "SLICED": join(B["acts"] + B["deltas"], True),
         }
@@ -321,7 +337,7 @@ class _Builder:
             self._blas_import(),
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
-            helper_source(self.helpers), update, _TRAIN.format(**names),
+            helper_source(self.helpers), update, tidy_args(_TRAIN.format(**names)),
         ])
         return src
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import sympy as sp
 
 from .backends.cuda import BLOCK_REDUCE, STAT_SLOTS, CudaPrinter, Kernels, emit, helper_source
-from .codegen import _Builder, docstring, one_line
+from .codegen import _Builder, docstring, one_line, tidy_args
 from .derive import Derivation
 from .indices import N
 
@@ -172,14 +172,14 @@ class CudaBuilder(_Builder):
             self.launcher("forward", ["nb", "X"] + P + acts,
                           [s for ld in self.d.layers for s in self.forward_steps(ld)],
                           "Forward pass over the first nb rows; fills Z (pre-activations) and A (outputs).", kernels),
-            self.launcher("loss_rows", ["nb"] + out + ["T", deltas[-1], "stats"], [self.loss_step()],
+            self.launcher("loss_rows", ["nb"] + out + ["T", B["dl"][0], "stats"], [self.loss_step()],
                           "Σ_n ℓ_n and the hits into stats[S_TOTAL], stats[S_CORRECT]; δ_L = ∂C/∂z_L.", kernels),
             self.launcher("backward", ["nb", "X"] + P + acts + deltas + grads, self.backward_steps(),
                           "∂C/∂θ for every parameter, given δ_L from loss_rows.", kernels),
             self.launcher("penalty", P + ["stats"], self.penalty_steps(),
                           "(λ/2) Σ_l ‖W_l‖² into stats[S_PENALTY].", kernels),
-            _GLUE.format(P=", ".join(P), WS=", ".join(w for w, _ in self.workspace), ACTS=", ".join(acts),
-                         OUT=", ".join(out), DL=deltas[-1], DELTAS=", ".join(deltas), GRADS=", ".join(grads)),
+            tidy_args(_GLUE.format(P=", ".join(P), WS=", ".join(w for w, _ in self.workspace), ACTS=", ".join(acts),
+                                   OUT=", ".join(out), DL=B["dl"][0], DELTAS=", ".join(deltas), GRADS=", ".join(grads))),
         ]
         head = self.header().replace("symbp-generated module", "symbp-generated CUDA module", 1)
         src = [
@@ -189,7 +189,7 @@ class CudaBuilder(_Builder):
             f"PARAMS = {tuple(P)!r}", f"WORKSPACE = {tuple(self.workspace)!r}", f"ROLES = {self.roles!r}",
             f"DTYPE = {self.dtype!r}",
             "# Which work buffers the launchers take: activations, loss inputs, the output.",
-            f"ACTS = {tuple(acts)!r}", f"OUT = {tuple(out)!r}", f"LAST = {B['last'][0]!r}", f"DELTA_L = {deltas[-1]!r}",
+            f"ACTS = {tuple(acts)!r}", f"OUT = {tuple(out)!r}", f"LAST = {B['last'][0]!r}", f"DELTA_L = {B['dl'][0]!r}",
             _HOST_HELPERS, *filter(None, [self._cublas_imports(), helper_source(self.helpers)]), BLOCK_REDUCE,
             *(f"\n{text}" for text in kernels.sources.values()),
             *(f"\n{text}" for text in launchers),
@@ -216,7 +216,7 @@ class CudaBuilder(_Builder):
         L = len(self.d.layers)
         names = {
             "P": ", ".join(P), "WS": ", ".join(w for w, _ in self.workspace), "ACTS": ", ".join(acts),
-            "OUT": ", ".join(out), "DL": deltas[-1], "DELTAS": ", ".join(deltas), "GRADS": ", ".join(grads),
+            "OUT": ", ".join(out), "DL": B["dl"][0], "DELTAS": ", ".join(deltas), "GRADS": ", ".join(grads),
             "STATES": "".join(f"{s}, " for s in states), "HYPER": "".join(f"{h}, " for h in hyper),
             "READ_HYPER": "\n".join(f"    {h} = FT(hyper[{i}])" for i, h in enumerate(hyper)),
             "DL_WIDTH": f"d{L}",
@@ -232,7 +232,7 @@ class CudaBuilder(_Builder):
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
             *filter(None, [helper_source(self.helpers)]), _TRAIN_KERNELS.format(**names),
             *(f"\n{text}" for text in kernels.sources.values()),
-            f"\n{update}", _TRAIN.format(**names),
+            f"\n{update}", tidy_args(_TRAIN.format(**names)),
             _signatures({**self._train_signatures(), **kernels.signatures}),
         ]
         return "\n".join(src)

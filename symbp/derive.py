@@ -132,8 +132,11 @@ class Derivation:
             self.sizes[self.dims[l]] = self.network.widths[l]
             out_dims = (self.dims[l],)
         z = zst.target
-        a = sp.IndexedBase(f"a{l}", shape=(N, *out_dims), real=True)
-        delta = sp.IndexedBase(f"delta{l}", shape=(N, *out_dims), real=True)
+        # A flat output is a matrix (N, d_l); an image's stays unshaped, since the loss (or a
+        # Flatten) may read it flat, a[n, p], as the kernels store it.
+        shaped = {"shape": (N, *out_dims)} if len(out_dims) == 1 else {}
+        a = sp.IndexedBase(f"a{l}", real=True, **shaped)
+        delta = sp.IndexedBase(f"delta{l}", real=True, **shaped)
         out_idx = zst.idx
         delta_idx = (p, r, s) if len(out_idx) == 3 else (p,)
         ranges = {n: (0, N - 1)}

@@ -358,6 +358,10 @@ class Model:
     def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data,
                        callbacks=()):
         """Check fit's arguments without changing the model: (optimizer, batch size, X, T, validation)."""
+        if not self.params:
+            raise ValueError(f"{self.network.name} has no parameters to train (its layers are "
+                             f"{', '.join(layer.kind for layer in self.network.layers)}): it is a fixed "
+                             "function; use predict() or decision_function()")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
         if schedule is not None and not isinstance(schedule, Schedule):
