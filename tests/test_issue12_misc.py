@@ -187,3 +187,19 @@ def test_layer_output_and_parameter_too_large_name_the_layer():
     net = sb.Network(inputs=(3, 2**10, 2**10), layers=[sb.Flatten(), sb.Dense(2)], loss="mse")
     assert net.widths == [3 * 2**20, 3 * 2**20, 2] and all(type(w) is int for w in net.widths)
     assert sb.Network(inputs=2**31 - 1, layers=[sb.Dense(1)], loss="mse").param_counts() == [2**31]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_sympy_float_in_an_activation_keeps_its_value(compiled, dtype):
+    """A Float in a SymPy activation (0.3*z**2 + z, a Piecewise threshold 0.5) is printed as
+    its value: it was printed as int(0.3) = 0, so the model computed z, without an error."""
+    import sympy
+
+    z = sympy.Symbol("z")
+    act = sympy.Float(0.3) * z**2 + sympy.Piecewise((z, z > sympy.Float(0.5)), (sympy.Float(0.25) * z, True))
+    model = compiled(sb.Network(inputs=1, layers=[sb.Dense(1, activation=act)], loss="mse"), dtype)
+    model.params["W1"][...] = 1.0
+    model.params["b1"][...] = 0.0
+    x = np.array([[-1.0], [0.25], [0.75], [2.0]])
+    expected = 0.3 * x**2 + np.where(x > 0.5, x, 0.25 * x)
+    np.testing.assert_allclose(model.decision_function(x), expected, rtol=1e-6)

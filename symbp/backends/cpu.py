@@ -144,7 +144,9 @@ class NumbaPrinter(PythonCodePrinter):
     def _print_Integer(self, expr):
         return self.lit(int(expr))
 
-    _print_Float = _print_Integer
+    def _print_Float(self, expr):
+        # A Float a user wrote into a SymPy activation (0.3*z**2): its value, never int(0.3).
+        return self.lit(float(expr))
 
     def _print_Rational(self, expr):
         return self.lit(float(expr))
