@@ -57,7 +57,7 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 #: they import from symbp (found by reading their import statements, so a new dependency is
 #: never missed) they make up the generator whose source goes into every module key.  The
 #: package's own ``__init__`` only re-exports: a ``from . import x`` does not pull it in.
-_GENERATORS = ("symbp.codegen", "symbp.codegen_cuda", "symbp.backends.blas")
+_GENERATORS = ("symbp.backends.cpu.module", "symbp.backends.cuda.module", "symbp.backends.cpu.blas")
 
 
 def _module_path(name: str) -> Path | None:

@@ -249,7 +249,7 @@ class Model:
         path = self.source_path.parent / f"{self.network.name}-{self.dtype.name}-{slug}-{key}.py"
 
         def generate() -> str:
-            from .codegen import generate_train_source
+            from .backends.cpu.module import generate_train_source
 
             return generate_train_source(self.derivation, self.dtype.name, opt, cache.module_name(self.source_path))
 
@@ -497,7 +497,7 @@ def compile(  # noqa: A001 - the public name the API promises
     if not isinstance(net, Network):
         raise TypeError(f"compile() takes a symbp.Network, got {type(net).__name__}")
     if target == "cuda":
-        from .cuda_model import compile_cuda
+        from .backends.cuda.model import compile_cuda
 
         return compile_cuda(net, dtype=dtype, seed=seed, cache_dir=cache_dir)
     if target != "cpu":
@@ -509,7 +509,7 @@ def compile(  # noqa: A001 - the public name the API promises
     path = cache.cache_dir(cache_dir) / f"{net.name}-{dtype}-{key}.py"
 
     def generate() -> str:
-        from .codegen import generate_source
+        from .backends.cpu.module import generate_source
         from .derive import derive
 
         return generate_source(derive(net), dtype)

@@ -20,7 +20,7 @@ from _support import GRAD_NETS, cnn  # noqa: E402
 
 import symbp as sb  # noqa: E402
 from symbp import cache  # noqa: E402
-from symbp.codegen_cuda import CudaConfig, generate_cuda_source, generate_cuda_train_source  # noqa: E402
+from symbp.backends.cuda.module import CudaConfig, generate_cuda_source, generate_cuda_train_source  # noqa: E402
 from symbp.derive import derive  # noqa: E402
 
 CC = (8, 0)
@@ -113,7 +113,7 @@ def test_cublas_variant_compiles(tmp_path, ptx_of):
 
 
 def test_simulator_geometry_compiles(tmp_path, ptx_of):
-    from symbp.cuda_model import SIMULATOR_CONFIG
+    from symbp.backends.cuda.model import SIMULATOR_CONFIG
 
     check(ptx_of, modules(tmp_path, "g1-tanh-sigmoid-ce", "float64", [sb.Adam()], SIMULATOR_CONFIG), "float64")
 

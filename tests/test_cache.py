@@ -71,12 +71,12 @@ def test_compile_again_reuses_file(tmp_path, monkeypatch):
     first = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path).source_path
     before = first.stat().st_mtime_ns, first.read_bytes()
 
-    import symbp.codegen
+    import symbp.backends.cpu.module
 
     def no_codegen(*args, **kwargs):
         raise AssertionError("the module was generated again although an intact one exists")
 
-    monkeypatch.setattr(symbp.codegen, "generate_source", no_codegen)
+    monkeypatch.setattr(symbp.backends.cpu.module, "generate_source", no_codegen)
     again = sb.compile(cache_net(), dtype="float64", cache_dir=tmp_path).source_path  # a new, equal Network
     assert again == first
     assert (again.stat().st_mtime_ns, again.read_bytes()) == before
@@ -301,8 +301,8 @@ def test_the_generator_key_covers_every_module_generation_reads():
     from symbp import cache
 
     names = {path.relative_to(cache._PKG_DIR).as_posix() for path in cache.generator_files()}
-    for needed in ("network.py", "derive.py", "codegen.py", "codegen_cuda.py", "layers/dense.py",
-                   "layers/conv2d.py", "layers/base.py", "backends/blas.py", "backends/cpu.py", "optim.py"):
+    for needed in ("network.py", "derive.py", "lower/plan.py", "lower/stages.py", "layers/dense.py", "layers/conv2d.py",
+                   "layers/base.py", "backends/cpu/blas.py", "backends/cpu/emit.py", "backends/cuda/module.py", "optim.py"):
         assert needed in names, needed
     for reader in ("model.py", "cli.py", "report.py", "walkthrough.py", "__init__.py"):
         assert reader not in names, reader

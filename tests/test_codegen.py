@@ -6,7 +6,7 @@ import time
 import sympy as sp
 
 import symbp as sb
-from symbp.codegen import generate_source
+from symbp.backends.cpu.module import generate_source
 
 
 def _net(width: int, act: str = "tanh") -> sb.Network:
@@ -60,12 +60,13 @@ def test_sgd_update_rides_on_the_gemm(tmp_path):
 
 
 def test_cuda_helpers_are_the_cpu_helpers_as_device_functions():
-    from symbp.backends import cpu, cuda
+    from symbp.backends import common
+    from symbp.backends.cuda import emit as cuda
 
-    assert set(cuda._HELPERS) == set(cpu._HELPERS) - {"tanh32"}
+    assert set(cuda._HELPERS) == set(common.HELPERS) - {"tanh32"}
     for name, text in cuda._HELPERS.items():
         assert "@cuda.jit(device=True" in text and "@njit" not in text, name
-        assert text.split("\n", 2)[2] == cpu._HELPERS[name].split("\n", 2)[2], name  # same body
+        assert text.split("\n", 2)[2] == common.HELPERS[name].split("\n", 2)[2], name  # same body
 
 
 def test_readme_kernel_excerpt_is_what_the_generator_writes():
@@ -73,7 +74,7 @@ def test_readme_kernel_excerpt_is_what_the_generator_writes():
     generator's current text, not a copy that drifted."""
     from pathlib import Path
 
-    from symbp.codegen import generate_train_source
+    from symbp.backends.cpu.module import generate_train_source
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     shown = re.search(r"```python\n(def backward_update\(.*?)```", readme, re.S)

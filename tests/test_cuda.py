@@ -81,7 +81,7 @@ def test_missing_numba_cuda_is_named(monkeypatch):
     import importlib.util
 
     import symbp as sb
-    from symbp import cuda_model
+    from symbp.backends.cuda import model as cuda_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba_cuda" else real(name, *a))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import symbp as sb
-from symbp.codegen import generate_train_source
+from symbp.backends.cpu.module import generate_train_source
 from symbp.derive import derive
 
 torch = pytest.importorskip("torch", reason="PyTorch is the reference for the forward pass")

@@ -14,8 +14,8 @@ import tomllib
 
 import symbp as sb
 from symbp.cli import spec_optimizer
-from symbp.codegen import docstring, generate_source, generate_train_source
-from symbp.codegen_cuda import CudaConfig, generate_cuda_source, generate_cuda_train_source
+from symbp.backends.cpu.module import docstring, generate_source, generate_train_source
+from symbp.backends.cuda.module import CudaConfig, generate_cuda_source, generate_cuda_train_source
 from symbp.optim import optimizer_from_config
 
 # -- 1. gradcheck: NaN or inf anywhere is a failure, never 0.0 --------------------------------

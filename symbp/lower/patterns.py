@@ -1,68 +1,19 @@
-"""Lowering: derived index expressions become kernel steps (contractions and fused loops).
+"""Patterns: where a derived formula holds a contraction, a column sum or a per-row reduction.
 
-The steps are a tiny IR the backends print (:mod:`symbp.backends.cpu`):
-
-* :class:`Gemm` — ``out[r, c] = Σ_s A[r, s] B[s, c]``, found by pattern-matching a SymPy
-  ``Sum`` of a product of two indexed factors; which operand is transposed follows from
-  where the summed index sits.
-* :class:`Loop` — one loop nest over a target's indices evaluating several assignments at
-  once (bias, activation and its derivative fused), optional running sums.
-* :class:`ColSum` — ``out[p] = Σ_n src[n, p]`` (bias gradients), read row by row.
-* :class:`RowLoop` — per-sample reductions (log-sum-exp, sums over output units) followed
-  by a loop over the units: the loss and its gradient in one pass.
-
-Nothing here knows about particular layers or losses: it reads the expressions that
-:mod:`symbp.derive` produced.
+A ``Sum`` of a product of two indexed factors is a :class:`~symbp.lower.ir.Gemm` (which
+operand is transposed follows from where the summed index sits); a sum over the batch of
+one array a :class:`~symbp.lower.ir.ColSum`; sums over a sample's units in a loss become
+per-row reductions (a stable log-sum-exp for a sum of exponentials).  Nothing here knows a
+particular layer or loss: it reads the expressions :mod:`symbp.derive` produced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import sympy as sp
 
-
-@dataclass
-class Gemm:
-    """out ← alpha·op(a)·op(b) + beta·out."""
-
-    out: sp.IndexedBase
-    a: sp.IndexedBase
-    ta: bool
-    b: sp.IndexedBase
-    tb: bool
-    formula: sp.Expr = None  # the Sum it implements, for the comment above the call
-    alpha: sp.Expr = sp.Integer(1)
-    beta: sp.Expr = sp.Integer(0)
-
-
-@dataclass
-class Loop:
-    ranges: list  # [(index symbol, extent expr)]
-    stmts: list  # [(target Indexed, expr)], in order; later ones may read earlier targets
-    sums: list = field(default_factory=list)  # [(scalar Symbol, expr)] accumulated over the nest
-    parallel: bool = False  # split the outermost loop across threads (prange)
-
-
-@dataclass
-class ColSum:
-    out: sp.IndexedBase
-    src: sp.IndexedBase
-    rows: sp.Expr
-    cols: sp.Expr
-
-
-@dataclass
-class RowLoop:
-    row: sp.Symbol
-    rows: sp.Expr
-    reductions: list  # [(scalar Symbol, "logsumexp" | "sum", body expr, index, extent)]
-    row_sums: list  # [(scalar Symbol, expr)] accumulated over rows (e.g. the loss)
-    col: sp.Symbol
-    cols: sp.Expr
-    stmts: list  # [(target Indexed, expr)] per unit
-    argmax_match: tuple | None = None  # (logits base, targets base): count rows whose argmaxes agree
-    threshold_match: tuple | None = None  # (logits, targets): count units where y > 0 ⇔ t > 1/2
+from .ir import ColSum, Gemm
 
 
 def _indexed_factors(expr: sp.Expr) -> list[sp.Indexed] | None:

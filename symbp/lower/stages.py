@@ -1,6 +1,6 @@
 """Planning: each layer's derived stages become kernel steps, whatever layer declared them.
 
-Called by :class:`symbp.codegen._Builder` for every layer.  A contraction over one index
+Called by :class:`symbp.lower.plan.Plan` for every layer.  A contraction over one index
 becomes a GEMM (Dense, Maxout's pieces), one over a window an im2col + GEMM (Conv2D), a
 window arg-max a scan, the rest fused loop nests.  Activations, deltas and stage buffers
 of an image are stored flat, ``(batch, C·H·W)`` in C, H, W
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .index_sums import resolve
-from .indices import N, n
-from .lower import Gemm, Loop, split_sums
-from .lower_image import BlockGemm, Nest, WindowArgmax, match_conv, numeric
-from .ops import window_argmax
+from ..index_sums import resolve
+from ..indices import N, n
+from ..ops import window_argmax
+from .ir import BlockGemm, Gemm, Loop, Nest, WindowArgmax
+from .patterns import split_sums
+from .windows import match_conv, numeric
 
 
 def setup(builder, ld) -> None:

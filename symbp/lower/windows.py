@@ -1,43 +1,21 @@
-"""Lowering for index formulas of any shape (the image layers): loop nests.
+"""Patterns of index formulas with windows: loop bounds from guards, and convolutions.
 
-* :class:`Nest` — ``target[n, *idx] = expr`` over a loop nest, where ``expr`` may hold Sums
-  (each becomes an accumulator and inner loops).  A Sum whose body is a guard
-  ``Piecewise((e, cond), (0, True))`` gets its loop bounds tightened from the linear
-  conditions on its own index (the strided-window test ``0 ≤ r − S·h ≤ kh − 1`` becomes
-  ``h in range(ceil((r − kh + 1)/S), r//S + 1)``): a transposed convolution or pooling
-  backward pass costs what the forward pass costs, not that times the image size.
-* :class:`WindowArgmax` — the arg-max stage of max pooling / Maxout: a scan over the window
-  that keeps the *first* maximum, stored for the backward pass.
-
-Both read what :mod:`symbp.derive` produced; nothing here knows a particular layer.
+A Sum whose body is a guard ``Piecewise((e, cond), (0, True))`` gets its loop bounds
+tightened from the linear conditions on its own index (the strided-window test
+``0 ≤ r − S·h ≤ kh − 1`` becomes ``h in range(ceil((r − kh + 1)/S), r//S + 1)``): a
+transposed convolution or pooling backward pass costs what the forward pass costs, not
+that times the image size.  :func:`match_conv` finds ``Σ_{c,u,v} W[k,c,u,v]·x̃[…]`` (im2col +
+GEMM).  Nothing here knows a particular layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy as sp
 
-from .index_sums import prune_guards
-from .indices import n
-from .lower import Gemm
-
-
-@dataclass
-class Nest:
-    ranges: list  # [(index symbol, extent)]
-    stmts: list  # [(target Indexed, expr)]; later ones may read earlier targets
-    sum_ranges: dict = field(default_factory=dict)  # index -> (lo, hi) for guard pruning
-    accumulate: bool = False  # target += expr
-
-
-@dataclass
-class WindowArgmax:
-    ranges: list  # [(index symbol, extent)] of the output
-    target: sp.Indexed  # where the window-local position of the maximum goes
-    value: sp.Expr  # the window entry, in the window's indices
-    window: list  # [(index symbol, extent)], scanned in this order (row-major)
-    maximum: sp.Indexed | None = None  # also store the maximum itself here
+from ..index_sums import prune_guards
+from ..indices import n
 
 
 def linear_bounds(sym: sp.Symbol, lo, hi, cond) -> tuple:
@@ -74,19 +52,6 @@ def linear_bounds(sym: sp.Symbol, lo, hi, cond) -> tuple:
 def numeric(expr: sp.Expr, sizes: dict, ranges: dict) -> sp.Expr:
     """Sizes fixed to numbers, then the guards those numbers make redundant dropped."""
     return prune_guards(expr.xreplace(sizes), {k: (lo, hi) for k, (lo, hi) in ranges.items()})
-
-
-@dataclass
-class BlockGemm(Gemm):
-    """A GEMM per sample: for each n, ``out[n] ← α·op(a[n])·op(b[n]) + β·out[n]``, where an
-    operand marked per sample is the (rows × cols) block of sample n of a flat buffer and
-    the others are whole arrays read as one matrix (a conv weight (K, C, kh, kw) is a
-    (K, C·kh·kw) matrix).  ``accumulate``: ``out`` is not per sample and sums over n (β
-    applies at n = 0 only), as a weight gradient does."""
-
-    shapes: tuple = ()  # (rows, cols) of a, b, out, as stored (before op)
-    per_sample: tuple = (False, False, False)  # a, b, out
-    accumulate: bool = False
 
 
 @dataclass

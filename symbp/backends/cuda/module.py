@@ -1,7 +1,7 @@
 """Code generation for the CUDA target: a :class:`~symbp.derive.Derivation` becomes a module
 of ``numba.cuda`` kernels and the host functions that launch them.
 
-The steps are the CPU target's (:class:`symbp.codegen._Builder` lowers them, image layers
+The steps are the CPU target's (:class:`symbp.lower.plan.Plan` lowers them, image layers
 included: forward, loss, backward, penalty, the optimizer's fused update); only their
 printing differs (:mod:`symbp.backends.cuda`: one kernel per step).  The model module holds
 
@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 
 import sympy as sp
 
-from .backends.cuda import BLOCK_REDUCE, STAT_SLOTS, CudaPrinter, Kernels, emit, helper_source
-from .codegen import _Builder, docstring, one_line, tidy_args
-from .derive import Derivation
-from .indices import N
+from ...derive import Derivation
+from ...indices import N
+from ...lower.plan import Plan
+from ..common import docstring, module_header, one_line, tidy_args
+from .emit import BLOCK_REDUCE, STAT_SLOTS, CudaPrinter, Kernels, emit, helper_source
 
 #: The slots of the per-epoch status array ``epoch`` of the training module.
 EPOCH_SLOTS = ("total", "correct", "bad", "done")
@@ -85,13 +86,13 @@ class CudaConfig:
         return ",".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
-class CudaBuilder(_Builder):
+class CudaBuilder(Plan):
     """Prints the CPU builder's steps as CUDA kernels and their launchers."""
 
     def __init__(self, d: Derivation, dtype: str, config: CudaConfig) -> None:
         super().__init__(d, dtype)
         if config.gemm == "auto":
-            raise ValueError("resolve gemm='auto' before generating (see symbp.cuda_model.compile_cuda)")
+            raise ValueError("resolve gemm='auto' before generating (see symbp.backends.cuda.model.compile_cuda)")
         self.config = config
         # Array label -> symbolic shape, for the sizes of each GEMM.
         self.shapes = {}
@@ -141,7 +142,7 @@ class CudaBuilder(_Builder):
         return [
             f"FT = {ft}", "ONE = FT(1.0)", "ZERO = FT(0.0)", "HALF = FT(0.5)", "NEG_INF = FT(-np.inf)",
             *(f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)), "",
-            "# Launch geometry, chosen by the generator (symbp.codegen_cuda.CudaConfig).",
+            "# Launch geometry, chosen by the generator (symbp.backends.cuda.module.CudaConfig).",
             f"THREADS = {c.threads}  # threads per block of the elementwise, per-sample and column-sum kernels",
             f"MAX_BLOCKS = {c.max_blocks}  # their grid cap: they stride over larger index spaces",
             f"COLS = {c.cols}  # columns per block of a column sum,",
@@ -165,7 +166,7 @@ class CudaBuilder(_Builder):
     def build(self) -> str:
         """The model module: forward, loss, gradients, penalty."""
         self.helpers: set[str] = set()
-        B = self._buffers()
+        B = self.buffers()
         P, acts, deltas, grads, out = B["P"], B["acts"], B["deltas"], B["grads"], B["out"]
         kernels = Kernels(reserved=_MODEL_NAMES)
         launchers = [
@@ -181,7 +182,7 @@ class CudaBuilder(_Builder):
             tidy_args(_GLUE.format(P=", ".join(P), WS=", ".join(w for w, _ in self.workspace), ACTS=", ".join(acts),
                                    OUT=", ".join(out), DL=B["dl"][0], DELTAS=", ".join(deltas), GRADS=", ".join(grads))),
         ]
-        head = self.header().replace("symbp-generated module", "symbp-generated CUDA module", 1)
+        head = module_header(self).replace("symbp-generated module", "symbp-generated CUDA module", 1)
         src = [
             head, "import math", "", "import numpy as np", "from numba import cuda", "",
             *self.constants(), "",
@@ -201,9 +202,8 @@ class CudaBuilder(_Builder):
         """The training module for one optimizer (see the module docstring); it imports the
         forward pass and the loss from the model module ``model_module``."""
         self.helpers = set()
-        B = self._buffers()
+        B = self.buffers()
         P, acts, deltas, grads, out = B["P"], B["acts"], B["deltas"], B["grads"], B["out"]
-        self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
         steps = self.backward_steps(opt)  # registers the state arrays' names
         states = [f"{s_}_{name}" for name in P for s_ in opt.state_names]
         hyper = [f"h_{k}" for k in opt.hyper]
@@ -308,7 +308,7 @@ def batch_gemm_blocks(rows, cols, nb):
 '''
 
 _CUBLAS = '''
-from symbp.backends.cuda import cublas_gemm
+from symbp.backends.cuda.emit import cublas_gemm
 
 
 def gemm(ta, tb, epoch, M, N, K, A, B, C, alpha, beta):
@@ -317,7 +317,7 @@ def gemm(ta, tb, epoch, M, N, K, A, B, C, alpha, beta):
 '''
 
 _CUBLAS_TRAIN = '''
-from symbp.backends.cuda import cublas_gemm
+from symbp.backends.cuda.emit import cublas_gemm
 
 _SCALARS = {}  # dtype -> the device array (alpha, beta) of a guarded update
 

@@ -30,7 +30,7 @@ Kernels never synchronise with the host.  Scalars a step produces (loss, hits, p
 to a float64 device array ``stats``; kernels that write parameters or optimizer state during
 training take the epoch's status array and do nothing once a batch's loss was not finite.
 The launch geometry (``THREADS``, ``TILE``, …) is a set of constants of the generated module,
-chosen by the generator (:class:`symbp.codegen_cuda.CudaConfig`).
+chosen by the generator (:class:`symbp.backends.cuda.module.CudaConfig`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,22 @@ import textwrap
 
 import sympy as sp
 
-from ..indices import N, n
-from ..lower import ColSum, Gemm, Loop, RowLoop
-from .cpu import _HELPERS as _CPU_HELPERS
-from .cpu import HELPER_DECORATOR, SCALAR_OPS, NumbaPrinter, _cse_lines, _hoist_invariants, bind_statements, store_lines
-from .cpu import emit as emit_sequential
-from .cpu import helper_source as _helper_source
+from ...indices import N, n
+from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, WindowArgmax
+from ..common import (
+    HELPER_DECORATOR,
+    SCALAR_OPS,
+    NumbaPrinter,
+    bind_statements,
+    cse_lines,
+    hoist_invariants,
+    loop_lines,
+    nest_statements,
+    store_lines,
+    window_scan,
+)
+from ..common import HELPERS as _CPU_HELPERS
+from ..common import helper_source as _helper_source
 
 #: The slots of the ``stats`` device array; a running sum in a step must name one of them.
 STAT_SLOTS = ("total", "correct", "penalty")
@@ -260,8 +270,8 @@ def _(step: Loop, printer: CudaPrinter) -> list[str]:
     doc = "One thread per index, striding over the grid:\n    " + _statements_doc(
         [(f"{acc} +", e) for acc, (_, e) in zip(accs, step.sums)] + stored)
     printer.counter = 0
-    hoisted, exprs = _hoist_invariants(exprs, indices, printer)
-    temps, printed, reduced = _cse_lines(printer, exprs)
+    hoisted, exprs = hoist_invariants(exprs, indices, printer)
+    temps, printed, reduced = cse_lines(printer, exprs)
     header, recover = _flat_loop(step.ranges, printer)
     body = list(guard)
     if accs:
@@ -318,7 +328,7 @@ def _(step: RowLoop, printer: CudaPrinter) -> list[str]:
                  f"    if ({y}[{row}, {col}] > ZERO) == ({t}[{row}, {col}] > HALF):", "        correct += 1.0"]
     # The row's units, one after another inside the thread (hoisting and CSE as on the CPU).
     printer.counter = 0
-    body += emit_sequential(Loop([(col, step.cols)], step.stmts), printer)
+    body += loop_lines(Loop([(col, step.cols)], step.stmts), printer)
     lines = [f"red = cuda.shared.array(({len(accs)}, THREADS), np.float64)"] + [f"{acc} = 0.0" for acc in accs]
     lines += [f"for {row} in range(cuda.grid(1), nb, cuda.gridsize(1)):"]
     lines += textwrap.indent("\n".join(body), "    ").split("\n") + _reduce_lines(accs)
@@ -528,7 +538,7 @@ def cublas_gemm(ta: bool, tb: bool, M: int, N: int, K: int, A, B, C, alpha, beta
     """C[:M, :N] ← alpha·op(A)·op(B) + beta·C with cuBLAS (CuPy), on numba device arrays.
 
     cuBLAS is column-major, where a C-ordered matrix is its own transpose, so this computes
-    Cᵀ = op(B)ᵀ·op(A)ᵀ, as :mod:`symbp.backends.blas` does on the CPU.  ``scalars``, a device
+    Cᵀ = op(B)ᵀ·op(A)ᵀ, as :mod:`symbp.backends.cpu.blas` does on the CPU.  ``scalars``, a device
     array (alpha, beta), switches cuBLAS to read them from the device (the guarded update
     sets them there).  Not exercised without a GPU: CuPy needs a real device.
     """
@@ -557,8 +567,6 @@ def cublas_gemm(ta: bool, tb: bool, M: int, N: int, K: int, A, B, C, alpha, beta
 
 
 # -- loop nests for index formulas of any shape (image layers) ------------------------------
-from ..lower_image import BlockGemm, Nest, WindowArgmax  # noqa: E402
-from .cpu import nest_statements, window_scan  # noqa: E402
 
 
 def _nest_operands(printer: CudaPrinter, exprs: list, local: set) -> tuple[dict, dict, bool]:
@@ -747,7 +755,7 @@ def _(step: Nest, printer: CudaPrinter) -> list[str]:
 @emit.register
 def _(step: WindowArgmax, printer: CudaPrinter) -> list[str]:
     indices = {idx for idx, _ in step.ranges} | {idx for idx, _ in step.window}
-    stores = [step.target] + ([step.maximum] if step.maximum is not None else [])
+    stores = [step.target]
     arrays, scalars = printer.operands(stores + [step.value], indices)
     written = [printer.array(t.base) for t in stores]
     sizes = [("nb", "int64")] if any(e == N for _, e in step.ranges) else []

@@ -1,30 +1,95 @@
-"""CPU backend: prints the lowered steps as Numba (``@njit``) Python source.
-
-Two tables live here, one entry per op: ``SCALAR_OPS`` says how each scalar function is
-evaluated (a ``math`` call, or a small helper emitted once into the module), and ``emit``
-(a ``functools.singledispatch``) prints each IR step.  An op or step with no entry fails at
-generation time, naming it.
-"""
+"""What both Numba backends print alike: the SymPy → Numba printer, the table of scalar ops
+and their helper functions, statements shared by CSE and stored in a safe order, loop
+nests with accumulators and window scans, text made safe for generated source, and the
+module header that lists the formulas a module was generated from.  Each backend's
+``emit`` registers one printer per IR step and calls these for the parts they share."""
 
 from __future__ import annotations
 
 import functools
 import math
-import textwrap
+import re
 
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import ops
+from .._version import __version__
 from ..formula import constant_value
-from ..indices import as_size
-from ..lower import ColSum, Gemm, Loop, RowLoop
+from ..indices import as_size, n
+from ..lower.ir import Loop, Nest, WindowArgmax
+from ..lower.windows import linear_bounds, numeric
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its line breaks shown as ``\\n`` (a user's formula may hold some)."""
+    return text.replace("\r\n", "\\n").replace("\r", "\\r").replace("\n", "\\n")
+
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\r": "\\r"}
+
+
+def docstring(text: str) -> str:
+    """``text`` as a triple-quoted string literal whose value is exactly ``text``, whatever it
+    holds (it carries users' formulas into generated modules' docstrings).
+
+    A backslash is doubled (``\\x``, ``\\N{…}``, ``\\u12`` or a trailing ``\\`` would otherwise be
+    an escape, often a SyntaxError); a quote before another quote or the end is escaped, so
+    no ``\"\"\"`` closes the literal early; characters that are not printable (NUL, lone
+    surrogates, other line separators) are written as escapes.  Printable text, newlines
+    and single quotes stay as they are, readable in the source.
+    """
+    out = []
+    for pos, ch in enumerate(text):
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == '"':
+            out.append('\\"' if pos + 1 == len(text) or text[pos + 1] == '"' else ch)
+        elif ch == "\n" or ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return '"""' + "".join(out) + '"""'
+
+
+_EMPTY_ARG = re.compile(r"(?<=[(,]) ?,|, (?=\))|\( (?=\w)")
+
+
+def tidy_args(src: str) -> str:
+    """The glue templates with an empty group of names (no parameters: a fixed feature
+    extractor) left no ``f(X, , Z1)``: each empty slot and its comma removed."""
+    while True:
+        new = _EMPTY_ARG.sub(lambda m: "(" if m.group(0).startswith("(") else "", src)
+        if new == src:
+            return src
+        src = new
+
+
+def module_header(plan) -> str:
+    """The docstring that opens a generated module: the formulas (SymPy) it was generated from."""
+    d = plan.d
+    lines = [f"symbp-generated module for {d.network.name} ({plan.dtype}); symbp {__version__}.",
+             "Do not edit: regenerated from the network spec when it changes.", "", "Formulas (SymPy):"]
+    for ld in d.layers:
+        # describe() of a custom activation is the user's text, comments included.
+        lines.append(f"  layer {ld.index} ({ld.layer.kind}, {one_line(ld.layer.activation.describe())}):")
+        lines += [f"    {st.target[(n, *st.idx)]} = {st.formula}" for st in ld.stages]
+        lines += [f"    {ld.a[(n, *ld.out_idx)]} = {ld.output}", f"    {ld.delta[(n, *ld.delta_idx)]} = {ld.delta_formula}"]
+        for key, g in ld.grads.items():
+            lines.append(f"    dC/d{key}{ld.index} = {g}")
+    lines += [f"  loss per sample: {d.loss.per_sample}", f"  dloss/dy[n, p] = {d.loss.grad}"]
+    for base, definition in d.loss.definitions.items():
+        lines.append(f"    where {base}[n, p] = {definition}")
+    lines.append(f"  l2: lambda = {d.network.l2}")
+    return docstring("\n".join(lines) + "\n")
+
 
 # Helpers are written with ``ONE``/``ZERO``/``HALF`` so the same text is float32 in a float32
 # module and float64 in a float64 one (a bare 1.0 would promote float32 maths to float64).
 # The CUDA backend reuses their text under its own decorator (see HELPER_DECORATOR).
 HELPER_DECORATOR = '@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")'
-_HELPERS = {
+HELPERS = {
     "sigmoid": '''
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def sigmoid(x):
@@ -180,7 +245,15 @@ class NumbaPrinter(PythonCodePrinter):
         return self.names.get(str(base.label), str(base.label))
 
     def _print_Indexed(self, expr):
+        # Buffers of images are stored (batch, C·H·W): x[n, c, h, w] reads X[n, (c·H + h)·W + w].
+        flat = _flat_index(self, expr)
+        if flat is not None:
+            return flat
         return "%s[%s]" % (self.array(expr.base), ", ".join(str(i) for i in expr.indices))
+
+    def _print_route(self, expr):
+        m, j = expr.args
+        return f"(ONE if {self._print(m)} == {j} else ZERO)"
 
     def _print_Pow(self, expr, rational=False):
         base, e = expr.args
@@ -220,7 +293,7 @@ class NumbaPrinter(PythonCodePrinter):
         return functools.reduce(lambda a, b: f"min({a}, {b})", map(self._print, expr.args))
 
     target = "CPU"
-    helpers = _HELPERS  # the helper functions this target can emit, by name
+    helpers = HELPERS  # the helper functions this target can emit, by name
 
     def function_name(self, func) -> str | None:
         """The code name of a SymPy function on this target, or None."""
@@ -254,11 +327,11 @@ class NumbaPrinter(PythonCodePrinter):
 
 def helper_source(names: set[str], helpers: dict | None = None) -> str:
     """The source of the named helpers (this backend's unless ``helpers`` is given)."""
-    table = _HELPERS if helpers is None else helpers
+    table = HELPERS if helpers is None else helpers
     return "".join(table[n] for n in sorted(names))
 
 
-def _cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], list[str], list[sp.Expr]]:
+def cse_lines(printer: NumbaPrinter, exprs: list[sp.Expr]) -> tuple[list[str], list[str], list[sp.Expr]]:
     """Print ``exprs`` sharing common subexpressions as named temporaries; also returns
     the reduced expressions (what each printed text reads after the temporaries)."""
     # Real temporaries, as every value in a kernel is: SymPy rebuilds each expression around
@@ -310,30 +383,12 @@ def store_lines(printer: NumbaPrinter, stored: list, printed: list[str], reduced
     return lines + late
 
 
-@functools.singledispatch
-def emit(step, printer: NumbaPrinter) -> list[str]:
-    raise NotImplementedError(f"the CPU backend has no emitter for {type(step).__name__}")
-
-
-@emit.register
-def _(step: Gemm, printer: NumbaPrinter) -> list[str]:
-    a, b, out = printer.array(step.a), printer.array(step.b), printer.array(step.out)
-    alpha, beta = printer.doprint(step.alpha), printer.doprint(step.beta)
-    product = f"{a}{'ᵀ' if step.ta else ''}·{b}{'ᵀ' if step.tb else ''}"
-    scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
-    kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
-    return [
-        f"# {out} ← {kept}{scaled}, from {step.formula}",
-        f"gemm({a}, {step.ta}, {b}, {step.tb}, {out}, {alpha}, {beta}, scal)",
-    ]
-
-
-def _extent(printer: NumbaPrinter, extent: sp.Expr) -> str:
+def extent_text(printer: NumbaPrinter, extent: sp.Expr) -> str:
     """A loop bound: a width constant (D1), the batch size (nb) or a number."""
     return printer.extents.get(extent, str(extent))
 
 
-def _hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter) -> tuple[list[str], list[sp.Expr]]:
+def hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter) -> tuple[list[str], list[sp.Expr]]:
     """Move the loop-invariant parts (lr/(1 − β₁ᵗ), …) out of a loop nest.
 
     Each maximal subexpression that reads no array and no loop index is computed once,
@@ -357,12 +412,13 @@ def _hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter)
     return [f"{sym} = {ft}({printer.doprint(e)})" for e, sym in found.items()], out
 
 
-@emit.register
-def _(step: Loop, printer: NumbaPrinter) -> list[str]:
+def loop_lines(step: Loop, printer: NumbaPrinter) -> list[str]:
+    """A :class:`~symbp.lower.ir.Loop` as sequential loops (``prange`` outermost when the step
+    asks for threads): its statements bound, hoisted, shared by CSE and stored in order."""
     stored = bind_statements(step.stmts)
     indices = {idx for idx, _ in step.ranges}
-    hoisted, exprs = _hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
-    lines, printed, reduced = _cse_lines(printer, exprs)
+    hoisted, exprs = hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
+    lines, printed, reduced = cse_lines(printer, exprs)
     body = list(lines)
     for (acc, _), text in zip(step.sums, printed):
         body.append(f"{acc} += {text}")
@@ -370,84 +426,9 @@ def _(step: Loop, printer: NumbaPrinter) -> list[str]:
     out, indent = list(hoisted), ""
     for pos, (idx, extent) in enumerate(step.ranges):
         loop = "prange" if step.parallel and pos == 0 else "range"
-        out.append(f"{indent}for {idx} in {loop}({_extent(printer, extent)}):")
+        out.append(f"{indent}for {idx} in {loop}({extent_text(printer, extent)}):")
         indent += "    "
     return out + [indent + line for line in body]
-
-
-@emit.register
-def _(step: ColSum, printer: NumbaPrinter) -> list[str]:
-    out, src = printer.array(step.out), printer.array(step.src)
-    # Row by row, so the source is read in memory order.
-    return [
-        f"{out}[:] = ZERO",
-        f"for n in range({_extent(printer, step.rows)}):",
-        f"    for p in range({_extent(printer, step.cols)}):",
-        f"        {out}[p] += {src}[n, p]",
-    ]
-
-
-@emit.register
-def _(step: RowLoop, printer: NumbaPrinter) -> list[str]:
-    lines = [f"for {step.row} in range({_extent(printer, step.rows)}):"]
-    body = []
-    for acc, kind, expr, k, extent in step.reductions:
-        printer.names[acc] = str(acc)
-        term = printer.doprint(expr)
-        ext = _extent(printer, extent)
-        if kind == "logsumexp":
-            # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
-            body += [
-                "m = -np.inf",
-                f"for {k} in range({ext}):",
-                f"    m = max(m, {term})",
-                f"{acc} = ZERO",
-                f"for {k} in range({ext}):",
-                f"    {acc} += math.exp({term} - m)",
-                f"{acc} = m + math.log({acc})",
-            ]
-        else:
-            body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
-    for acc, expr in step.row_sums:
-        body.append(f"{acc} += {printer.doprint(expr)}")
-    if step.argmax_match is not None:
-        y, t = (printer.array(b) for b in step.argmax_match)
-        body.append(f"if np.argmax({y}[{step.row}]) == np.argmax({t}[{step.row}]):")
-        body.append("    correct += 1")
-    if step.threshold_match is not None:
-        # Binary outputs: a unit is right when logit > 0 agrees with target > 1/2.
-        y, t = (printer.array(b) for b in step.threshold_match)
-        body.append(f"for {step.col} in range({_extent(printer, step.cols)}):")
-        body.append(f"    if ({y}[{step.row}, {step.col}] > ZERO) == ({t}[{step.row}, {step.col}] > HALF):")
-        body.append("        correct += 1")
-    inner = emit(Loop([(step.col, step.cols)], step.stmts), printer)
-    body += inner
-    return lines + textwrap.indent("\n".join(body), "    ").split("\n")
-
-
-# -- loop nests for index formulas of any shape (image layers) ------------------------------
-from ..lower_image import BlockGemm, Nest, WindowArgmax, linear_bounds  # noqa: E402
-
-
-@emit.register
-def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
-    names = [printer.array(x_) for x_ in (step.a, step.b, step.out)]
-    a, b, out = (f"{x_}[n]" if per else x_ for x_, per in zip(names, step.per_sample))
-    alpha, beta = printer.doprint(step.alpha), printer.doprint(step.beta)
-    if step.accumulate and step.beta != 1:
-        beta = f"({beta} if n == 0 else ONE)"  # Σ over the samples: β once, then add
-    product = f"{a}{'ᵀ' if step.ta else ''}·{b}{'ᵀ' if step.tb else ''}"
-    scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
-    kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
-    how = f"Σ_n {scaled}" if step.accumulate else scaled
-    args = []
-    for name, per, (rows, cols), flag in zip(names, step.per_sample, step.shapes, (step.ta, step.tb, None)):
-        args.append(f"{name}, {'n' if per else 0}, {rows}, {cols}" + ("" if flag is None else f", {flag}"))
-    return [
-        f"# {out} ← {kept}{how}, per sample n (blocks as (rows, cols) matrices), from {step.formula}",
-        "for n in range(nb):",
-        f"    gemm_block({', '.join(args)}, {alpha}, {beta}, scal)",
-    ]
 
 
 def _flat_index(printer: NumbaPrinter, expr: sp.Indexed):
@@ -461,28 +442,11 @@ def _flat_index(printer: NumbaPrinter, expr: sp.Indexed):
     return "%s[%s, %s]" % (printer.array(expr.base), expr.indices[0], sp.expand(flat))
 
 
-def _print_indexed_flat(self, expr):
-    flat = _flat_index(self, expr)
-    if flat is not None:
-        return flat
-    return "%s[%s]" % (self.array(expr.base), ", ".join(str(i) for i in expr.indices))
-
-
-def _print_route(self, expr):
-    m, j = expr.args
-    return f"(ONE if {self._print(m)} == {j} else ZERO)"
-
-
-NumbaPrinter._print_Indexed = _print_indexed_flat
-NumbaPrinter._print_route = _print_route
-
-
 LANES_MAX = 4096  # the most partial sums one accumulator keeps (a row of a large image)
 
 
 def _sum_loops(printer: NumbaPrinter, expr: sp.Expr, ranges: dict) -> tuple[list[str], sp.Expr]:
     """Each Sum of ``expr`` as an accumulator filled by loops (guards tighten the bounds)."""
-    from ..lower_image import numeric
 
     lines = []
     outer = [s_ for s_ in expr.atoms(sp.Sum) if not any(s_ != o and o.has(s_) for o in expr.atoms(sp.Sum))]
@@ -539,7 +503,7 @@ def _lane_sum(printer: NumbaPrinter, acc: sp.Symbol, limits: list, body: sp.Expr
     limits = list(limits)
     if (len(limits) >= 2 and as_size(limits[-2][2]).is_Integer
             and (limits[-2][2] + 1) * (limits[-1][2] + 1) <= LANES_MAX
-            and _reads_rows(printer, [body], limits[-2][0], limits[-1][0], limits[-1][2] + 1)):
+            and reads_rows(printer, [body], limits[-2][0], limits[-1][0], limits[-1][2] + 1)):
         (h_, _, hh), (w_, _, hw) = limits[-2:]
         limits[-2:] = [(w_, 0, (hh + 1) * (hw + 1) - 1)]
         body = body.xreplace({h_: 0})
@@ -556,21 +520,7 @@ def _lane_sum(printer: NumbaPrinter, acc: sp.Symbol, limits: list, body: sp.Expr
     return out + [f"{indent}{vec}[{sym}] += {printer.doprint(body)}", f"{acc} = {vec}.sum()"]
 
 
-def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
-    """Fuse the two innermost loops (h, w) into one over H·W when every access reads them as
-    H·h + w of a flat buffer (bias + activation over a (K, H, W) block, a δ ⊙ f′ pass): one
-    long contiguous loop vectorizes, where a nest of short ones measured ~10× slower."""
-    ranges, stmts = list(step.ranges), list(step.stmts)
-    while len(ranges) >= 3:
-        (h_, eh), (w_, ew) = ranges[-2], ranges[-1]
-        if not _reads_rows(printer, [x_ for st in stmts for x_ in st], h_, w_, ew):
-            break
-        ranges[-2:] = [(w_, eh * ew)]
-        stmts = [(t_.xreplace({h_: 0}), x_.xreplace({h_: 0})) for t_, x_ in stmts]
-    return Nest(ranges, stmts, step.sum_ranges, step.accumulate)
-
-
-def _reads_rows(printer: NumbaPrinter, exprs: list, h_, w_, ew) -> bool:
+def reads_rows(printer: NumbaPrinter, exprs: list, h_, w_, ew) -> bool:
     """Whether ``exprs`` use h, w only as the last two indices ``[…, h, w]`` of flat buffers
     with rows of ``ew`` entries, so that the pair can run as one index over H·W."""
     accesses = set().union(*(x_.atoms(sp.Indexed) for x_ in exprs))
@@ -584,16 +534,6 @@ def _reads_rows(printer: NumbaPrinter, exprs: list, h_, w_, ew) -> bool:
     # simplify away and hide its own use of h, w)
     bare = [x_.xreplace({t: sp.Dummy(real=True) for t in accesses}) for x_ in exprs]
     return not any(x_.has(sp.Sum, sp.Piecewise) or b_.has(h_, w_) for x_, b_ in zip(exprs, bare))
-
-
-@emit.register
-def _(step: Nest, printer: NumbaPrinter) -> list[str]:
-    step = _merge_inner_loops(step, printer)
-    out, indent = [], ""
-    for idx, extent in step.ranges:
-        out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
-        indent += "    "
-    return out + [indent + line for line in nest_statements(step, printer)]
 
 
 def nest_statements(step: Nest, printer: NumbaPrinter) -> list[str]:
@@ -613,15 +553,6 @@ def nest_statements(step: Nest, printer: NumbaPrinter) -> list[str]:
     return body
 
 
-@emit.register
-def _(step: WindowArgmax, printer: NumbaPrinter) -> list[str]:
-    out, indent = [], ""
-    for idx, extent in step.ranges:
-        out.append(f"{indent}for {idx} in range({_extent(printer, extent)}):")
-        indent += "    "
-    return out + [indent + line for line in window_scan(step, printer, "-np.inf")]
-
-
 def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) -> list[str]:
     """The scan of one output entry's window (every target prints it this way)."""
     body = [f"best = {minus_infinity}", "arg = 0", "pos = 0"]
@@ -634,6 +565,4 @@ def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) 
     body += [f"{inner}val = {printer.doprint(step.value)}", f"{inner}if val > best:",
              f"{inner}    best = val", f"{inner}    arg = pos", f"{inner}pos += 1",
              f"{printer._print(step.target)} = arg"]
-    if step.maximum is not None:
-        body.append(f"{printer._print(step.maximum)} = best")
     return body

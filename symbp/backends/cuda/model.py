@@ -1,5 +1,5 @@
 """The CUDA target: a :class:`~symbp.model.Model` whose parameters, optimizer state and
-batches live on the GPU, run by the kernels of :mod:`symbp.codegen_cuda`.
+batches live on the GPU, run by the kernels of :mod:`symbp.backends.cuda.module`.
 
 ``sb.compile(net, target="cuda")`` lands here (:func:`compile_cuda`).  The API is the CPU
 model's.  What differs:
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cache
-from .codegen_cuda import EPOCH_SLOTS, CudaConfig
-from .model import _EVAL_CHUNK, History, Model, _progress, all_finite, diverged_message, epoch_order
-from .network import Network
-from .optim import Optimizer
-from .schedules import Schedule
+from ... import cache
+from ...model import _EVAL_CHUNK, History, Model, _progress, all_finite, diverged_message, epoch_order
+from ...network import Network
+from ...optim import Optimizer
+from ...schedules import Schedule
+from .module import EPOCH_SLOTS, CudaConfig
 
 #: A small launch geometry for the simulator, where every CUDA thread is a Python thread.
 SIMULATOR_CONFIG = CudaConfig(threads=8, max_blocks=2, cols=4, tile=4, tile_k=4, micro=2)
@@ -110,7 +110,7 @@ def compile_cuda(
     """Generate (or reuse) the CUDA kernels for ``net`` and return a :class:`CudaModel`.
 
     ``sb.compile(net, target="cuda", …)`` calls this; ``config`` (the launch geometry and the
-    GEMM choice) defaults to :class:`~symbp.codegen_cuda.CudaConfig`'s defaults on a GPU and to
+    GEMM choice) defaults to :class:`~symbp.backends.cuda.module.CudaConfig`'s defaults on a GPU and to
     :data:`SIMULATOR_CONFIG` on the simulator.
 
     Raises
@@ -129,15 +129,15 @@ def compile_cuda(
     if config is None:
         config = SIMULATOR_CONFIG if simulated() else CudaConfig()
     if not isinstance(config, CudaConfig):
-        raise TypeError(f"config must be a symbp.codegen_cuda.CudaConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a symbp.backends.cuda.module.CudaConfig, got {type(config).__name__}")
     config = _resolve_gemm(config)
     _check_device(dtype, config)
     key = cache.module_key(f"{net.fingerprint()}|{config.key()}", dtype, "cuda")
     path = cache.cache_dir(cache_dir) / f"{net.name}-{dtype}-cuda-{key}.py"
 
     def generate() -> str:
-        from .codegen_cuda import generate_cuda_source
-        from .derive import derive
+        from ...derive import derive
+        from .module import generate_cuda_source
 
         return generate_cuda_source(derive(net), dtype, config)
 
@@ -178,7 +178,7 @@ class _HostParams(dict):
 class CudaModel(Model):
     """A network compiled for the CUDA target; create with ``sb.compile(net, target="cuda")``.
 
-    The API is :class:`~symbp.model.Model`'s; see :mod:`symbp.cuda_model` for what differs.
+    The API is :class:`~symbp.model.Model`'s; see :mod:`symbp.backends.cuda.model` for what differs.
 
     Attributes
     ----------
@@ -377,7 +377,7 @@ class CudaModel(Model):
         path = self.source_path.parent / f"{self.network.name}-{self.dtype.name}-cuda-{slug}-{key}.py"
 
         def generate() -> str:
-            from .codegen_cuda import generate_cuda_train_source
+            from .module import generate_cuda_train_source
 
             return generate_cuda_train_source(self.derivation, self.dtype.name, self.config, opt,
                                               cache.module_name(self.source_path))

@@ -1,0 +1,215 @@
+"""The CPU module: a plan's steps printed as ``@njit`` functions in one readable Python file.
+
+The model module holds, as ``@njit(cache=True)`` functions:
+
+``forward``          z_l = a_{l-1} W_lᵀ + b_l and a_l = f(z_l), layer by layer
+``loss_rows``        the per-sample loss and δ_L (the loss gradient at the logits) in one pass
+``backward``         every ∂C/∂θ and the δ recurrence
+``loss_and_grads``, ``evaluate``, ``logits``   the glue a model calls
+
+and, per optimizer, a training module (:meth:`CpuModule.build_train`) with the backward pass
+and that optimizer's update rule fused in, and the epoch loop.  Every formula the functions
+evaluate is printed from the derivation's SymPy expressions; the module's header lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...derive import Derivation
+from ...lower.plan import Plan
+from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
+from .emit import emit
+
+
+@dataclass
+class ModuleLayout:
+    """What a model needs to call the generated functions."""
+
+    params: list[str]  # argument order of the parameters
+    workspace: list[tuple[str, tuple]]  # (name, shape); "batch" stands for the batch size
+    source: str
+
+
+class CpuModule(Plan):
+    """Prints a :class:`~symbp.lower.plan.Plan` as the CPU target's modules."""
+
+    def printer(self) -> NumbaPrinter:
+        pr = NumbaPrinter(self.dtype, dict(self.names))
+        pr.extents = dict(self.extents)
+        pr.flat = dict(self.flat)
+        return pr
+
+    def function(self, name: str, args: list[str], prologue: list[str], steps: list, epilogue: list[str], doc: str) -> str:
+        pr = self.printer()
+        body = list(prologue)
+        for step in steps:
+            body += emit(step, pr)
+        body += epilogue
+        self.helpers |= pr.helpers_used
+        parallel = any(getattr(step, "parallel", False) for step in steps)
+        flags = 'cache=True, fastmath=FASTMATH, error_model="numpy"' + (", parallel=True" if parallel else "")
+        lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
+        lines += ["    " + line if line else "" for line in body]
+        return "\n".join(lines) + "\n"
+
+    def _blas_import(self) -> str:
+        kind = "s" if self.dtype == "float32" else "d"
+        return f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block"
+
+    @property
+    def float_type(self) -> str:
+        return "np.float32" if self.dtype == "float32" else "np.float64"
+
+    def _prelude(self) -> list[str]:
+        return ["nb = X.shape[0]", f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+
+    def build(self) -> ModuleLayout:
+        """The model module: forward, loss, gradients, evaluation."""
+        self.helpers: set[str] = set()
+        B = self.buffers()
+        P, acts, deltas, grads, out = B["P"], B["acts"], B["deltas"], B["grads"], B["out"]
+        ft = self.float_type
+        fns = [
+            self.function("forward", ["X"] + P + acts, self._prelude(),
+                          [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
+                          "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."),
+            self.function("loss_rows", out + ["T", B["dl"][0]],
+                          [f"nb = {B['last'][0]}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
+                          [self.loss_step()], ["return total, correct"],
+                          "Σ_n ℓ_n over the batch and δ_L = ∂C/∂z_L; counts correct predictions for classifiers."),
+            self.function("backward", ["X"] + P + acts + deltas + grads, self._prelude(), self.backward_steps(), [],
+                          "∂C/∂θ for every parameter, given δ_L from loss_rows."),
+            self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
+                          "(λ/2) Σ_l ‖W_l‖²."),
+        ]
+        fns.append(tidy_args(_GLUE.format(**self._glue_names(B))))
+        consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
+        src = "\n".join([
+            module_header(self), "import math", "", "import numpy as np", "from numba import njit", "",
+            self._blas_import(), "",
+            f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
+            "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
+            "# (the NaN checks must stay) nor reassociation (sums keep their order).  The kernels",
+            "# use error_model='numpy': x/0 gives inf as in NumPy (caught by the NaN check) instead",
+            "# of a per-division ZeroDivisionError test that stops loops from vectorizing.",
+            'FASTMATH = {"contract", "arcp", "nsz"}',
+            *consts, "",
+            "# What the model passes in: its parameters, then the work buffers (\"batch\" = batch size).",
+            f"PARAMS = {tuple(P)!r}",
+            f"WORKSPACE = {tuple(self.workspace)!r}",
+            f"ROLES = {self.roles!r}",
+            f"LAST = {B['last'][0]!r}  # the buffer that holds the network's output after forward()",
+            f"DTYPE = {self.dtype!r}", "", helper_source(self.helpers), *fns,
+        ])
+        return ModuleLayout(P, self.workspace, src)
+
+    @staticmethod
+    def _glue_names(B: dict) -> dict:
+        def join(names, sliced=False):
+            return ", ".join(f"{w}[:nb]" if sliced else w for w in names)
+
+        return {
+            "P": join(B["P"]), "WS": join(B["WS"]), "ACTS": join(B["acts"]), "DELTAS": join(B["deltas"]),
+            "GRADS": join(B["grads"]), "LAST": B["last"][0], "DL": B["dl"][0], "OUT": join(B["out"]),
+            "OUT_SLICED": join(B["out"], True), "ACTS_SLICED": join(B["acts"], True),
+            "SLICED": join(B["acts"] + B["deltas"], True),
+        }
+
+    def build_train(self, opt, model_module: str) -> str:
+        """The training module for one optimizer: the backward pass with its update rule
+        fused in, and the epoch loop.  It imports the forward pass and loss from the model
+        module (``model_module``, already imported under that name)."""
+        self.helpers = set()
+        B = self.buffers()
+        states = [f"{s_}_{name}" for name in B["P"] for s_ in opt.state_names]
+        ft = self.float_type
+        read_hyper = [f"h_{k} = {ft}(hyper[{i}])" for i, k in enumerate(opt.hyper)]
+        update = self.function(
+            "backward_update", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"] + states + ["hyper", "t"],
+            self._prelude() + read_hyper + ["penalty = 0.0"], self.backward_steps(opt), ["return penalty"],
+            f"Backward pass with the {opt.name} update fused in (step t); returns the l2 penalty before the step.")
+        rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
+        names = self._glue_names(B)
+        names["STATES"] = ", ".join(states) + ("," if states else "")
+        consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
+        src = "\n".join([
+            docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
+                      "\n\nUpdate rule (SymPy), for each parameter theta with gradient g, at step t:\n" + rules + "\n"),
+            "import math", "", "import numpy as np", "from numba import njit, prange", "",
+            self._blas_import(),
+            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
+            f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
+            helper_source(self.helpers), update, tidy_args(_TRAIN.format(**names)),
+        ])
+        return src
+
+
+_GLUE = '''
+@njit(cache=True)
+def loss_and_grads(X, T, {P}, {WS}):
+    """Mean loss over the batch plus the l2 penalty, and all gradients."""
+    forward(X, {P}, {ACTS})
+    total, correct = loss_rows({OUT}, T, {DL})
+    backward(X, {P}, {ACTS}, {DELTAS}, {GRADS})
+    return total / X.shape[0] + penalty({P}), correct
+
+
+@njit(cache=True)
+def evaluate(X, T, {P}, {WS}, chunk):
+    """Σ_n ℓ_n and argmax hits over a data set, in chunks of the workspace's size."""
+    total, correct = 0.0, 0
+    for start in range(0, X.shape[0], chunk):
+        stop = min(start + chunk, X.shape[0])
+        nb = stop - start
+        forward(X[start:stop], {P}, {ACTS_SLICED})
+        t, c = loss_rows({OUT_SLICED}, T[start:stop], {DL}[:nb])
+        total += t
+        correct += c
+    return total, correct
+
+
+@njit(cache=True)
+def logits(X, {P}, {ACTS}):
+    forward(X, {P}, {ACTS})
+    return {LAST}
+'''
+
+
+_TRAIN = '''
+@njit(cache=True)
+def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES} Xb, Tb):
+    """One epoch of mini-batch training over ``order``.
+
+    Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
+    not finite or -1).  A non-finite batch stops the epoch before its update, so the
+    parameters are the last good ones.
+    """
+    total, correct = 0.0, 0
+    t = step0
+    for start in range(0, X.shape[0], batch_size):
+        stop = min(start + batch_size, X.shape[0])
+        nb = stop - start
+        for r in range(nb):
+            Xb[r] = X[order[start + r]]
+            Tb[r] = T[order[start + r]]
+        forward(Xb[:nb], {P}, {ACTS_SLICED})
+        loss, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
+        if not np.isfinite(loss):
+            return total, correct, t - step0, start // batch_size
+        t += 1
+        pen = backward_update(Xb[:nb], {P}, {SLICED}, {GRADS}, {STATES} hyper, t)
+        total += loss + pen * nb
+        correct += c
+    return total, correct, t - step0, -1
+'''
+
+
+def generate_train_source(derivation: Derivation, dtype: str, optimizer, model_module: str) -> str:
+    """The training module text for ``optimizer`` (see :meth:`_Builder.build_train`)."""
+    return CpuModule(derivation, dtype).build_train(optimizer, model_module)
+
+
+def generate_source(derivation: Derivation, dtype: str) -> str:
+    """The model module text for a derivation (see the module docstring)."""
+    return CpuModule(derivation, dtype).build().source

@@ -1,0 +1,1 @@
+"""The CUDA target (numba-cuda): the same plan as kernels and launches, arrays on the device."""
