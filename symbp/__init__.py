@@ -13,6 +13,7 @@ from .callbacks import EarlyStopping, ModelCheckpoint
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
 from .graph import graph
+from .interop.torch_weights import from_torch  # torch is imported when called
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Maxout, MaxPool2D
 from .losses import Loss
 from .model import History, Model, compile, load
@@ -26,7 +27,7 @@ from .walkthrough import Walkthrough, walkthrough
 __all__ = [
     "Activation", "Adagrad", "Adam", "AdamW", "AvgPool2D", "Conv2D", "CosineDecay", "Dense", "Flatten",
     "MaxPool2D", "Maxout", "Derivation", "EarlyStopping",
-    "ExponentialDecay", "FormulaOptimizer", "History", "Loss", "Model", "ModelCheckpoint", "Network",
+    "ExponentialDecay", "FormulaOptimizer", "from_torch", "History", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",
     "gradcheck", "graph", "load", "optimizer_paths", "report", "walkthrough", "Walkthrough",
 ]

@@ -1,5 +1,5 @@
 """Command line: ``symbp train | explain | walkthrough | graph | report SPEC.toml``, ``symbp paths``,
-``symbp cache``.
+``symbp cache``, ``symbp export SOURCE -o model.onnx`` (or ``--kernels -o DIR``).
 
 The TOML spec mirrors the Python API (see README): top-level ``inputs``, ``loss``, ``l2``,
 ``name``; ``[[layers]]`` tables with ``type``, ``units``, ``activation`` and optionally
@@ -354,6 +354,45 @@ def _cache(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """``symbp export SOURCE -o OUT``: an ONNX file (the format from OUT's suffix or
+    ``--format``), or with ``--kernels`` a folder holding a NumPy + Numba module and the weights."""
+    fmt = "kernels" if args.kernels else args.format
+    if args.kernels and args.format not in (None, "kernels"):
+        raise ValueError(f"--kernels writes a folder of kernels, not --format {args.format}: give one of them")
+    if fmt is None:
+        suffix = Path(args.output).suffix.lower()
+        if suffix != ".onnx":
+            raise ValueError(f"cannot tell the format from {args.output!r}: name an .onnx file, give --format onnx, "
+                             f"or --kernels with a folder")
+        fmt = "onnx"
+    if fmt == "onnx":  # a bad path is refused before any compiling
+        from symbp._output import check_output_path
+
+        check_output_path(args.output, (".onnx",), "ONNX model")
+        from symbp.interop.onnx_export import _onnx
+
+        _onnx()  # the onnx package is there
+    cfg, net, model = load_source(args.source)
+    if model is None:
+        import symbp as sb
+
+        train = cfg.get("train", {})
+        seed = args.seed if args.seed is not None else train.get("seed", 0)
+        model = sb.compile(net, dtype=train.get("dtype", "float32"), seed=seed)
+        print(f"note: {args.source} is a spec, so the weights are the untrained initial ones (seed {seed}); "
+              f"export a checkpoint (symbp train … --save run.npz) for trained ones")
+    if fmt == "kernels":
+        from symbp.interop.kernels import export_kernels
+
+        print(f"wrote {export_kernels(model, args.output)}")
+        return 0
+    path = model.to_onnx(args.output, opset=args.opset)
+    shape = ", ".join(map(str, ("N", *net.input_shape)))
+    print(f"wrote {path}: ONNX opset {args.opset}, input X ({shape}) float32 -> output logits (N, {net.outputs})")
+    return 0
+
+
 def _add_example_flags(cmd) -> None:
     cmd.add_argument("--x", nargs="+", metavar="X", help="the sample's inputs (default: the spec's [walkthrough] x, "
                                                          "else random)")
@@ -431,6 +470,18 @@ def main(argv: list[str] | None = None) -> int:
                                                           "generator sources, damaged ones, and orphaned compiled code")
     act.add_argument("--clear", action="store_true", help="delete every generated module")
     cch.set_defaults(func=_cache)
+    exp = sub.add_parser("export", help="write a model for serving: an ONNX file, or (--kernels) a folder with a "
+                                         "standalone NumPy + Numba module")
+    exp.add_argument("source", help="a checkpoint .npz (the trained weights) or a TOML spec (untrained initial weights)")
+    exp.add_argument("-o", "--output", required=True, help="the .onnx file, or with --kernels the folder to write")
+    exp.add_argument("--format", choices=["onnx", "kernels"], help="what to write (default: from the output's suffix; "
+                                                                  "kernels is the same as --kernels)")
+    exp.add_argument("--kernels", action="store_true", help="write a folder with a module that needs only NumPy and "
+                                                            "Numba (predict and a training step) and the weights")
+    exp.add_argument("--opset", type=int, default=17, help="the ONNX operator set version (default 17)")
+    exp.add_argument("--seed", type=int, help="for a spec: seed of the initial weights (default: its [train] seed, "
+                                              "else 0)")
+    exp.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:
         code = args.func(args)

@@ -27,12 +27,13 @@ import sympy as sp
 
 from . import indices
 from .index_sums import resolve
-from .indices import l2 as l2_symbol
 from .indices import N, as_size, i, j, n, p, q
+from .indices import l2 as l2_symbol
 from .layers import Dense
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
 MAX_SCALAR_UNITS = 10  #: the scalar view names every unit of layers up to this width
+_STEP_NOTE = "H(z) is the unit step with H(0) = 0 (the derivative of relu at 0, as PyTorch takes it)."
 
 C = sp.Symbol("C")
 ELL = sp.IndexedBase("ell")
@@ -272,6 +273,9 @@ def build(d, scalar: bool = False, optimizer=None) -> Explanation:
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a symbp optimizer such as sb.Adam(), got {type(optimizer).__name__}")
     doc = _build(d, scalar)
+    if not any(isinstance(part, sp.Basic) and part.has(sp.Heaviside) for _, _, eq in doc.equations() for part in eq.parts):
+        # The unit step is relu's (or a custom max's) derivative: a tanh net never shows one.
+        doc.legend = [line for line in doc.legend if line != _STEP_NOTE]
     if optimizer is not None:
         doc.sections.append(_update_section(d, optimizer))
         doc.legend.append("θ ← e replaces θ by the value of e; the statements of an update rule run in order.")
@@ -310,7 +314,7 @@ def _build(d, scalar: bool) -> Explanation:
         f"δl[n,p] = ∂C/∂zl[n,p] is layer l's error signal; the output layer is layer {L}.",
         "In the vector form x, z, a, δ are one sample's column vectors, ᵀ transposes and ⊙ is the "
         "elementwise product.",
-        "H(z) is the unit step with H(0) = 0 (the derivative of relu at 0, as PyTorch takes it).",
+        _STEP_NOTE,
     ]
     return Explanation(f"Backpropagation in {net.name}", summary, shapes, total, sections, legend)
 
@@ -718,7 +722,7 @@ def _build_image(d) -> Explanation:
         "at the arg-max m.",
         "δ_ip (two index letters) and δ(a, b) are the Kronecker delta: 1 if the two are equal, else 0.",
         f"δl = ∂C/∂zl is layer l's error signal; the output layer is layer {L}.",
-        "H(z) is the unit step with H(0) = 0 (the derivative of relu at 0, as PyTorch takes it).",
+        _STEP_NOTE,
     ]
     return Explanation(f"Backpropagation in {net.name}", summary, shapes, total, sections, legend)
 

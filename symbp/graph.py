@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class Graph:
         """The picture as SVG text (no XML prolog: ready to inline in HTML)."""
         out = _run_dot(self.dot, "svg").decode("utf-8")
         start = out.find("<svg")
-        return out[start:] if start >= 0 else out
+        return _keep_edge_spaces(out[start:] if start >= 0 else out)
 
     def png(self, dpi: int = 144) -> bytes:
         """The picture as PNG bytes."""
@@ -126,8 +127,45 @@ class Graph:
         data = self.dot if suffix == ".dot" else self.svg() if suffix == ".svg" else self.png(dpi)
         return write_atomic(path, data, "graph")
 
-    def _repr_svg_(self):  # Jupyter
-        return self.svg()
+    def _repr_svg_(self) -> str | None:
+        """Jupyter's rich display: the picture, inline; None without Graphviz (see _repr_html_)."""
+        return self.svg() if shutil.which("dot") else None
+
+    def _repr_html_(self) -> str | None:
+        """Without Graphviz's ``dot``, Jupyter shows this instead of a picture: a notice saying
+        so, every node with its value and gradient as a table, and the DOT source."""
+        if shutil.which("dot"):
+            return None  # the SVG is shown
+        rows = "".join(f"<tr><td>{_esc(node.label)}</td><td>{_esc(node.caption)}</td>"
+                       f'<td class="num">{_esc(_num(node.value))}</td><td class="num">{_esc(_num(node.grad))}</td></tr>'
+                       for node in self.nodes.values())
+        body = ("<p>No picture: Graphviz's <code>dot</code> is not installed (apt-get install graphviz, brew install "
+                "graphviz or conda install graphviz). The nodes, from the inputs to the cost:</p>"
+                '<table class="grid"><tr><th>node</th><th>computes</th><th>value</th><th>∂C/∂value</th></tr>'
+                f"{rows}</table><details><summary>DOT source</summary><pre>{_esc(self.dot)}</pre></details>")
+        from .report import notebook_html
+
+        return notebook_html(self.title, body)
+
+
+_TEXT_ELEMENT = re.compile(r"(<text\b[^>]*>)([^<]*)(</text>)")
+
+
+def _keep_edge_spaces(svg: str) -> str:
+    """Graphviz splits a label with several fonts into one ``<text>`` per run, each placed by
+    its own metrics, and puts the space between two runs at the edge of one of them
+    (``" flowing forward"``).  SVG drops a text element's leading and trailing spaces, so in
+    a browser whose font is a little wider the runs touch: "valueflowing".  A no-break space
+    is kept, and is as wide."""
+    def fix(m: re.Match) -> str:
+        body = m.group(2)
+        core = body.strip(" ")
+        if not core:
+            return m.group(0)
+        lead, trail = len(body) - len(body.lstrip(" ")), len(body) - len(body.rstrip(" "))
+        return f"{m.group(1)}{'&#160;' * lead}{core}{'&#160;' * trail}{m.group(3)}"
+
+    return _TEXT_ELEMENT.sub(fix, svg)
 
 
 def _run_dot(source: str, fmt: str, extra: list[str] | None = None) -> bytes:

@@ -68,6 +68,12 @@ class History:
         last = {k: round(v[-1], 4) for k, v in self.history.items() if v}
         return f"History(epochs={len(self.epoch)}, last={last})"
 
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter's rich display: the curves as PNG; None (the repr then) without matplotlib."""
+        from .plots import history_png
+
+        return history_png(self)
+
 
 class Model:
     """A network compiled for a target; create with :func:`symbp.compile`.
@@ -438,6 +444,34 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.network!r}, dtype={self.dtype.name}, source={self.source_path.name})"
+
+    def summary(self) -> str:
+        """Layers, output shapes and parameters, the generated module's path and the training
+        so far, as Keras's ``summary()`` lists them; text that shows as itself at a prompt."""
+        from .summary import summary_text
+
+        return summary_text(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: :meth:`summary` as an HTML table."""
+        from .summary import summary_html
+
+        return summary_html(self)
+
+    def to_onnx(self, path, opset: int = 17, dtype: str = "float32") -> Path:
+        """Write this model as ONNX (the ``onnx`` extra): input ``X`` (N, *input_shape), output
+        ``logits`` as :meth:`decision_function` gives them; returns the path.
+        See :mod:`symbp.interop.onnx_export`."""
+        from .interop.onnx_export import to_onnx
+
+        return to_onnx(self, path, opset=opset, dtype=dtype)
+
+    def to_torch(self):
+        """A PyTorch ``nn.Sequential`` with copies of this model's weights, computing
+        :meth:`decision_function`.  See :mod:`symbp.interop.torch_weights`."""
+        from .interop.torch_weights import to_torch
+
+        return to_torch(self)
 
 
 def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 The surface is a formula in ``x`` and ``y`` (parsed safely, see :mod:`symbp.formula`); SymPy
 derives its gradient, and each optimizer's own SymPy update rules (the ones fused into the
-training kernels) are applied to the point (x, y) step by step.
+training kernels) are applied to the point (x, y) step by step.  :func:`plot_paths` draws the
+contours with every path in its own colour, dash pattern and marker (so paths along the same
+valley all show) and marks the surface's minima (:func:`critical_points`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ SURFACES = {
     "himmelblau": ("(x**2 + y - 11)**2 + (x + y**2 - 7)**2", (0.0, -4.0), (-5.0, 5.0, -5.0, 5.0)),
 }
 
+# Where each built-in surface has its minima (rosenbrock: the end of the banana valley; beale
+# and himmelblau: the textbook values), and the saddle its stationary point.  A test checks
+# that ∇f vanishes at each.
+CRITICAL_POINTS = {
+    "rosenbrock": [(1.0, 1.0, "minimum")],
+    "beale": [(3.0, 0.5, "minimum")],
+    "saddle": [(0.0, 0.0, "saddle point")],
+    "himmelblau": [(3.0, 2.0, "minimum"), (-2.805118086952745, 3.131312518250573, "minimum"),
+                   (-3.779310253377747, -3.283185991286170, "minimum"), (3.584428340330492, -1.848126526964404, "minimum")],
+}
+
 x_s, y_s = sp.Symbol("x", real=True), sp.Symbol("y", real=True)
 
 
@@ -37,6 +50,7 @@ class Path:
     label: str
     points: np.ndarray
     values: np.ndarray
+    lr: float | None = None  # the optimizer's learning rate, for the legend
 
 
 def surface(formula: str | sp.Expr) -> tuple[sp.Expr, str]:
@@ -156,15 +170,64 @@ def run_paths(formula, optimizers: Sequence[Optimizer], start=None, steps: int =
                 points.append(point.copy())
             pts = np.array(points)
             values_along = np.array([value(*p) for p in pts], dtype=float)
-        paths.append(Path(opt.describe(), pts, values_along))
+        paths.append(Path(opt.describe(), pts, values_along, opt.hyper.get("lr")))
     return paths, f
 
 
+def critical_points(f: sp.Expr) -> list[tuple[float, float, str]]:
+    """The minima (and saddle points) of the surface ``f`` to mark: a built-in surface's known
+    ones, or, for a quadratic formula, the one point where SymPy solves ∇f = 0, classified by
+    the Hessian; empty for anything else (solving a general ∇f = 0 may not end)."""
+    for name, (formula, *_rest) in SURFACES.items():
+        if f == parse_formula(formula, {"x": x_s, "y": y_s}, what="surface"):
+            return list(CRITICAL_POINTS[name])
+    try:
+        poly = sp.Poly(f, x_s, y_s)
+    except sp.PolynomialError:
+        return []
+    if poly.total_degree() != 2:
+        return []
+    grad = [sp.diff(f, v) for v in (x_s, y_s)]
+    solutions = sp.solve(grad, [x_s, y_s], dict=True)
+    if len(solutions) != 1 or set(solutions[0]) != {x_s, y_s}:
+        return []  # a valley of minima (x² alone) or none: no single point to mark
+    eig = [complex(e) for e in sp.hessian(f, (x_s, y_s)).eigenvals(multiple=True)]
+    kind = ("minimum" if all(e.real > 0 for e in eig) else "maximum" if all(e.real < 0 for e in eig)
+            else "saddle point" if all(e.real != 0 for e in eig) else None)
+    if kind is None:
+        return []
+    sol = solutions[0]
+    return [(float(sol[x_s]), float(sol[y_s]), kind)]
+
+
+# One look per path, so that paths lying on top of each other still show: a colour, a dash
+# pattern and a marker each; the longest path is drawn first and widest, the shorter ones
+# over it and narrower.
+_LOOKS = [("#1f77b4", "-", "o"), ("#ff7f0e", "--", "s"), ("#2ca02c", ":", "^"), ("#d62728", "-.", "D"),
+          ("#9467bd", (0, (5, 1, 1, 1)), "v"), ("#8c564b", (0, (1, 1)), "P"), ("#e377c2", "-", "X"),
+          ("#17becf", "--", "*")]
+
+
+_PLURAL = {"minimum": "minima", "maximum": "maxima", "saddle point": "saddle points"}
+
+
+def _legend_label(p: Path) -> str:
+    label = p.label
+    if p.lr is not None and "lr=" not in label:  # the default lr is left out of describe(): say it
+        head = label[:-1]
+        label = head + (", " if not head.endswith("(") else "") + f"lr={p.lr:g})"
+    return f"{label}: f = {p.values[-1]:.3g} after {len(p.points) - 1} steps"
+
+
 def plot_paths(paths: list[Path], f: sp.Expr, path=None, bounds=None, title: str | None = None, gif=None):
-    """Contours of f with each optimizer's path; PNG to ``path``, an animated GIF to ``gif``."""
+    """Contours of f with each optimizer's path; PNG to ``path``, an animated GIF to ``gif``.
+
+    Every path has its own colour, dash pattern and marker, its end point drawn large; the
+    start is a black star and the surface's minima (see :func:`critical_points`) gold stars."""
     from .plots import _pyplot, save_figure
 
     plt = _pyplot()
+    marks = critical_points(f)
     pts = np.concatenate([p.points for p in paths])
     if bounds is None:
         lo, hi = pts.min(axis=0), pts.max(axis=0)
@@ -177,23 +240,44 @@ def plot_paths(paths: list[Path], f: sp.Expr, path=None, bounds=None, title: str
     with np.errstate(all="ignore"):
         gz = np.broadcast_to(np.asarray(value(gx, gy), dtype=float), gx.shape)
     finite = gz[np.isfinite(gz)]
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     if finite.size and finite.min() >= 0:
         levels = np.geomspace(max(finite.min(), 1e-3), finite.max(), 30) if finite.max() > 0 else 30
-        ax.contour(gx, gy, gz, levels=levels, cmap="viridis", linewidths=0.7)
+        ax.contour(gx, gy, gz, levels=levels, cmap="viridis", linewidths=0.6, alpha=0.6, zorder=1)
     else:
-        ax.contour(gx, gy, gz, levels=30, cmap="viridis", linewidths=0.7)
-    lines = []
-    for p in paths:
-        (line,) = ax.plot(p.points[:, 0], p.points[:, 1], marker="o", markersize=2, linewidth=1.3, label=p.label)
-        lines.append(line)
-    ax.plot(*paths[0].points[0], "k*", markersize=12, label="start")
+        ax.contour(gx, gy, gz, levels=30, cmap="viridis", linewidths=0.6, alpha=0.6, zorder=1)
+    # Longest first, underneath; each later (shorter) one on top of it and narrower.
+    length = [float(np.sum(np.hypot(*np.diff(p.points, axis=0).T))) for p in paths]
+    order = sorted(range(len(paths)), key=lambda k: -length[k])
+    lines = [None] * len(paths)
+    for rank, k in enumerate(order):
+        p = paths[k]
+        color, dash, marker = _LOOKS[k % len(_LOOKS)]
+        width = 1.2 + 2.4 * (len(paths) - 1 - rank) / max(len(paths) - 1, 1)
+        every = max(1, len(p.points) // 12)
+        (line,) = ax.plot(p.points[:, 0], p.points[:, 1], color=color, linestyle=dash, linewidth=width, marker=marker,
+                          markersize=4, markevery=every, label=_legend_label(p), zorder=3 + rank, alpha=0.9)
+        (end,) = ax.plot(*p.points[-1], marker=marker, color=color, markersize=10, markeredgecolor="black",
+                         linestyle="none", zorder=50 + rank)  # over the minimum's star: reached it
+        lines[k] = (line, end)
+    ax.plot(*paths[0].points[0], "k*", markersize=14, label="start", zorder=40, linestyle="none")
+    for kind in dict.fromkeys(m[2] for m in marks):
+        at = [(x, y) for x, y, k in marks if k == kind]
+        where = ", ".join(f"({x:.3g}, {y:.3g})" for x, y in at)
+        ax.plot([x for x, _ in at], [y for _, y in at], marker="*" if kind == "minimum" else "X", color="gold",
+                markeredgecolor="black", markersize=16, linestyle="none", zorder=41,
+                label=f"{_PLURAL[kind] if len(at) > 1 else kind} {where}")
     ax.set_xlim(bounds[0], bounds[1])
     ax.set_ylim(bounds[2], bounds[3])
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title(title or f"f(x, y) = {f}", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    # Outside the axes (inside, it covers part of the surface), the paths in the order given.
+    handles, labels = ax.get_legend_handles_labels()
+    first = [order.index(k) for k in range(len(paths))] + list(range(len(paths), len(handles)))
+    ax.legend([handles[i] for i in first], [labels[i] for i in first], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    fig.tight_layout()
     if path is not None:
         save_figure(fig, path)
     if gif is not None:
@@ -212,10 +296,11 @@ def _animate(fig, lines, paths, gif) -> None:
     stride = max(1, math.ceil(frames / 120))  # at most ~120 frames keeps the GIF small
 
     def update(i):
-        for line, p in zip(lines, paths):
+        for (line, end), p in zip(lines, paths):
             k = min(i * stride + 1, len(p.points))
             line.set_data(p.points[:k, 0], p.points[:k, 1])
-        return lines
+            end.set_data([p.points[k - 1, 0]], [p.points[k - 1, 1]])  # the head of the path so far
+        return [a for pair in lines for a in pair]
 
     anim = FuncAnimation(fig, update, frames=math.ceil(frames / stride), blit=False)
     gif = _P(gif)

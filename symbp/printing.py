@@ -294,6 +294,8 @@ _LATEX = {"delta": r"\delta", "lambda": r"\lambda", "ell": r"\ell", "sigma": r"\
 _ACTIVATION_NAMES = {"sigmoid": "sigma"}  # activation name -> the letter its derivative reads with
 
 
+_SYMPY_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",
+                "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"}
 _GREEK_INDEXED = re.compile(r"^(theta|alpha|beta|gamma|eps)(\d+)$")  # an optimizer's beta1, beta2
 
 
@@ -311,6 +313,17 @@ def word_parts(name: str) -> tuple[str, str, str] | None:
     if head in _UNICODE:
         return head, "_word", tail
     return name, "word", ""
+
+
+def is_word(expr) -> bool:
+    """A symbol whose name is a word of several letters (``lr``, ``exp_avg``, ``momentum``):
+    next to another factor it needs a visible ·, or ``lr exp_avg`` reads ``lrexp_avg``."""
+    if not isinstance(expr, sp.Symbol) or len(expr.name) < 2 or expr.name in _UNICODE or expr.name in _LATEX:
+        return False
+    parts = word_parts(expr.name)
+    if parts is not None:
+        return parts[1] == "word"
+    return expr.name.isalpha() and expr.name.lower() not in _SYMPY_GREEK
 
 
 def split_label(label: str) -> tuple[str, int | None]:
@@ -525,6 +538,8 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
             head, kind, tail = parts
             word = r"\mathrm{%s}" % (tail if kind == "_word" else head).replace("_", r"\_")
             return r"\%s_{%s}" % (head, word) if kind == "_word" else word
+        if is_word(expr):  # lr: one upright word, not the product l·r
+            return r"\mathrm{%s}" % expr.name
         return super()._print_Symbol(expr, style=style)
 
     def _print_Add(self, expr, order=None):
@@ -537,7 +552,7 @@ class LatexPrinter_(LatexPrinter):  # noqa: N801 - SymPy's LatexPrinter, with sy
         parts = []
         for pos, f in enumerate(scalars):
             text = self.parenthesize(f, PRECEDENCE["Mul"], strict=True)
-            if pos and f.is_Number:
+            if pos and (f.is_Number or is_word(f) or is_word(scalars[pos - 1])):
                 parts.append(r"\cdot")
             parts.append(text)
         if len(tensors) > 1:
@@ -765,7 +780,8 @@ class MathMLPrinter(MathMLPresentationPrinter):
         row = self._row()
         for pos, f in enumerate(scalars):
             if pos:
-                row.appendChild(self._mo("·" if f.is_Number else "\u2062"))
+                visible = f.is_Number or is_word(f) or is_word(scalars[pos - 1])
+                row.appendChild(self._mo("·" if visible else "\u2062"))
             row.appendChild(self._paren(f, PRECEDENCE["Mul"]))
         for pos, f in enumerate(tensors):
             if pos or scalars:

@@ -21,8 +21,8 @@ import numpy as np
 import sympy as sp
 
 from .derive import Derivation, derive
-from .indices import l2 as l2_symbol
 from .indices import N, i, n, p, q
+from .indices import l2 as l2_symbol
 from .network import Network
 
 __all__ = ["Check", "Walkthrough", "evaluate", "walkthrough"]
@@ -267,6 +267,12 @@ class Walkthrough:
 
     def to_markdown(self) -> str:
         return self.table("markdown")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the tables as HTML, each number with its ✓ (or ✗) mark."""
+        from .report import walkthrough_html
+
+        return walkthrough_html(self)
 
     def graph(self, collapse: bool | None = None):
         """The computational graph of this sample, edges labelled with its values and
