@@ -17,7 +17,6 @@ array they assign.  A formula with no matching lines says so rather than guessin
 from __future__ import annotations
 
 import ast
-import html
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,10 +27,12 @@ import sympy as sp
 from ._output import check_output_path, write_atomic
 from ._version import __version__
 from .explain import Equation, Explanation, build, latex_equation
+from .html_tables import esc as _esc
+from .html_tables import walkthrough_tables
 from .printing import MathMLPrinter, Vec
 from .printing import text as plain_text
 
-__all__ = ["KernelSnippet", "kernel_snippet", "notebook_html", "report", "walkthrough_html"]
+__all__ = ["KernelSnippet", "kernel_snippet", "report"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,10 +236,6 @@ math { font-family: "Latin Modern Math", "STIX Two Math", "DejaVu Math TeX Gyre"
 _KEYWORDS = re.compile(r"\b(for|in|range|if|else|return|def)\b")
 
 
-def _esc(s: str) -> str:
-    return html.escape(str(s), quote=True)
-
-
 def _code_line(text: str) -> str:
     code, sep, comment = text.partition("#")
     out = _KEYWORDS.sub(lambda m: f'<span class="kw">{m.group(0)}</span>', _esc(code))
@@ -301,70 +298,6 @@ def _shapes_table(doc: Explanation) -> str:
     return f'<table class="grid"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
-def _walkthrough_html(w) -> str:
-    """The worked example's tables as HTML."""
-    from .walkthrough import _MARK, _err, _num
-
-    net = w.network
-    vec = lambda v: "[" + ", ".join(_num(float(x)) for x in v) + "]"  # noqa: E731
-    out = [f'<p>x = <code>{_esc(vec(w.x))}</code>, t = <code>{_esc(vec(w.t))}</code>'
-           + (f", λ = {net.l2:g}" if net.l2 else "") + f"; cost C = <b>{_esc(_num(w.loss))}</b>"
-           + (f" (the generated kernels: {_esc(_num(w.kernel_loss))})" if w.kernel_loss is not None else "") + ".</p>"]
-    out.append("<h3>Forward pass</h3>")
-    rows = ['<tr><th>layer</th><th>unit</th><th>z</th><th>a = f(z)</th></tr>']
-    for l in range(1, len(w.z) + 1):
-        for u in range(min(len(w.z[l - 1]), w.max_rows)):
-            rows.append(f"<tr><td>{l}</td><td>{_esc(w.unit_names[l][u])}</td><td class=num>{_num(float(w.z[l - 1][u]))}</td>"
-                        f"<td class=num>{_num(float(w.a[l - 1][u]))}</td></tr>")
-        if len(w.z[l - 1]) > w.max_rows:
-            rows.append(f"<tr><td>{l}</td><td colspan=3>… {len(w.z[l - 1]) - w.max_rows} more units</td></tr>")
-    out.append(f'<table class="grid">{"".join(rows)}</table>')
-
-    def status(c) -> str:
-        cls = "ok" if c.status in ("ok", "kink", "unchecked") else "bad"
-        return f'<td class="{cls}">{_esc(_MARK[c.status])}</td>'
-
-    out.append("<h3>Backward pass: δ = ∂C/∂z, from the output layer back</h3>")
-    rows = ["<tr><th>layer</th><th>unit</th><th>δ</th><th>finite difference</th><th>rel. error</th><th></th></tr>"]
-    deltas = [c for c in w.checks if c.entry.startswith("delta")]
-    shown: dict = {}
-    for c in deltas:
-        l = int(c.entry[5 : c.entry.index("[")])
-        shown[l] = shown.get(l, 0) + 1
-        if shown[l] > w.max_rows:
-            continue
-        rows.append(f"<tr><td>{l}</td><td>{_esc(c.label[2:])}</td><td class=num>{_num(c.value)}</td>"
-                    f"<td class=num>{_num(c.numeric)}</td><td class=num>{_err(c.error)}</td>{status(c)}</tr>")
-    out.append(f'<table class="grid">{"".join(rows)}</table>')
-    out.append("<h3>Parameter gradients</h3>")
-    kern = w.kernel_loss is not None
-    head = ["θ", "entry", "value", "∂C/∂θ", "finite difference", "rel. error"] + (["kernels", "rel. error"] if kern else [])
-    rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "<th></th></tr>"]
-    per: dict = {}
-    for c in w.checks:
-        if c.entry.startswith("delta"):
-            continue
-        name = c.entry.split("[")[0]
-        per[name] = per.get(name, 0) + 1
-        if per[name] > w.max_rows:
-            continue
-        cells = [c.label[len("∂C/∂"):], c.entry]
-        nums = [c.theta, c.value, c.numeric]
-        row = "".join(f"<td>{_esc(x)}</td>" for x in cells) + "".join(f"<td class=num>{_num(x)}</td>" for x in nums)
-        row += f"<td class=num>{_err(c.error)}</td>"
-        if kern:
-            row += f"<td class=num>{_num(c.kernel)}</td><td class=num>{_err(c.kernel_error)}</td>"
-        rows.append(f"<tr>{row}{status(c)}</tr>")
-    out.append(f'<table class="grid">{"".join(rows)}</table>')
-    hidden = sum(max(0, v - w.max_rows) for v in per.values())
-    checked = sum(c.status in ("ok", "FAILED", "kink") for c in w.checks)
-    verdict = '<span class="ok">all agree</span>' if w.ok else '<span class="bad">SOME DISAGREE</span>'
-    out.append(f"<p>{checked} numbers checked against five-point finite differences (tolerance {w.tolerance:g}): "
-               f"{verdict}; largest relative difference {w.max_error:.1e}"
-               + (f"; {hidden} more gradient entries are not listed" if hidden else "") + ".</p>")
-    return "\n".join(out)
-
-
 def _training_html(model) -> str:
     """The curves of the model's history (a checkpoint keeps it) and its last epoch's metrics."""
     from .plots import history_svg
@@ -378,28 +311,6 @@ def _training_html(model) -> str:
             + f'<table class="grid">{cells}</table>'
             + f'<figure class="fit">{history_svg(h)}<figcaption>Loss and accuracy per epoch: training (solid), '
             "validation (dashed) where the fit had validation data.</figcaption></figure>")
-
-
-_NOTEBOOK_CSS = """
-.symbp-nb table.grid { border-collapse: collapse; margin: 6px 0; font-variant-numeric: tabular-nums; }
-.symbp-nb table.grid th, .symbp-nb table.grid td { border: 1px solid #d0d7de; padding: 2px 8px; text-align: left; }
-.symbp-nb table.grid th { background: #f6f8fa; }
-.symbp-nb table.grid td.num { text-align: right; font-family: ui-monospace, monospace; }
-.symbp-nb .ok { color: #1a7f37; } .symbp-nb .bad { color: #cf222e; font-weight: 600; }
-"""
-
-
-def notebook_html(title: str, body: str) -> str:
-    """``body`` (HTML using the report's table classes) as one Jupyter output: a scoped style,
-    a bold title; nothing loaded from anywhere."""
-    return (f'<div class="symbp-nb"><style>{_NOTEBOOK_CSS}</style><p><b>{_esc(title)}</b></p>\n{body}</div>')
-
-
-def walkthrough_html(w) -> str:
-    """A :class:`~symbp.walkthrough.Walkthrough` as one HTML block (Jupyter's rich display)."""
-    net = w.network
-    title = f"Worked example: {net.name} ({' → '.join(map(str, net.widths))}, loss {net.loss.name}), one sample"
-    return notebook_html(title, _walkthrough_html(w))
 
 
 def report(
@@ -564,7 +475,7 @@ def report(
                         kernel = _snippet_html(snippet, file_)
                 body.append(_equation_html(eq, kernel))
     if w is not None:
-        body += ['<h2 id="example">Worked example</h2>', _walkthrough_html(w)]
+        body += ['<h2 id="example">Worked example</h2>', walkthrough_tables(w)]
     body += ['<h2 id="module">Generated module</h2>',
              f"<details><summary>{_esc(filename)} ({len(source_text.splitlines())} lines)</summary>"
              f'<pre class="code">' + "".join(f'<span class="row"><span class="ln">{k}</span>{_code_line(line)}</span>'

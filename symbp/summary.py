@@ -77,7 +77,7 @@ def summary_text(model) -> Summary:
 
 def summary_html(model) -> str:
     """The summary as one HTML block: a table, then the loss, module path and training."""
-    from .report import notebook_html
+    from .html_tables import notebook_html
 
     esc = html.escape
     rows = summary_rows(model)

@@ -137,7 +137,7 @@ def test_bad_output_paths_are_refused(classic, tmp_path):
 def test_missing_graphviz_is_a_clear_error(classic, monkeypatch):
     _, g = classic
     # sb.graph is the function; the module is reached through sys.modules.
-    monkeypatch.setattr(importlib.import_module("symbp.graph").shutil, "which", lambda name: None)
+    monkeypatch.setattr(importlib.import_module("symbp.graph_draw").shutil, "which", lambda name: None)
     with pytest.raises(GraphvizNotFound, match="apt-get install graphviz"):
         g.svg()
     assert g.dot.startswith("digraph")  # the source needs nothing installed

@@ -18,7 +18,7 @@ import pytest
 import symbp as sb
 from symbp.model import History
 
-graph_module = importlib.import_module("symbp.graph")  # sb.graph is the function of that name
+graph_module = importlib.import_module("symbp.graph_draw")  # where the graph is built and drawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -23,7 +23,7 @@ from symbp.paths import CRITICAL_POINTS, SURFACES, critical_points, run_paths, s
 from symbp.printing import latex, mathml, text
 from symbp.report import report
 
-graph_module = importlib.import_module("symbp.graph")  # sb.graph is the function of that name
+graph_module = importlib.import_module("symbp.graph_draw")  # where the graph is built and drawn
 ROOT = Path(__file__).resolve().parent.parent
 
 
