@@ -10,13 +10,14 @@ from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's li
 from ._version import __version__
 from .activations import Activation
 from .callbacks import EarlyStopping, ModelCheckpoint
+from .compile import compile, load
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
 from .graph import graph
 from .interop.torch_weights import from_torch  # torch is imported when called
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Maxout, MaxPool2D
 from .losses import Loss
-from .model import History, Model, compile, load
+from .model import History, Model
 from .network import Network
 from .optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
 from .paths import optimizer_paths

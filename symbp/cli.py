@@ -68,7 +68,7 @@ def load_source(path: str | Path):
     checkpoint ``.npz`` from ``model.save`` / ``symbp train --save`` (cfg empty; the trained
     model with its parameters and optimizer)."""
     if Path(path).suffix == ".npz":
-        from .model import load
+        from .compile import load
 
         model = load(path)
         return {}, model.network, model

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import cache
+from .backends.cpu.runtime import HostRun
 from .callbacks import Callback
 from .data import as_inputs, as_targets, check_batch_size
 from .network import Network
@@ -318,47 +318,41 @@ class Model:
         callbacks = () if callbacks is None else tuple(callbacks)
         opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
                                                          initial_epoch, seed, validation_data, callbacks)
+        n = X.shape[0]
+        # The target's arrays for this call (host buffers, or everything uploaded to a device):
+        # made before anything of the model changes, so a MemoryError leaves it as it was.
+        run = self._run(X, T, val, opt, batch_size)
         self._adopt(opt, schedule)
-        kernels = self._train_kernels(opt)
         history = History()
         self.history.truncate(initial_epoch)
-        n = X.shape[0]
-        rows = min(batch_size, n)
-        Xb = np.empty((rows, X.shape[1]), self.dtype)
-        Tb = np.empty((rows, T.shape[1]), self.dtype)
         bar = _progress(max(0, epochs - initial_epoch), progress)
         try:
             for epoch in range(initial_epoch, epochs):
-                hyper = np.array(self._epoch_hyper(opt, epoch), self.dtype)
+                hyper = self._epoch_hyper(opt, epoch)
                 order = epoch_order(n, shuffle, seed, epoch)
-                ws = self._workspace(rows)
-                states = self._state_list(opt)  # created before the snapshot, so it covers them too
-                # Every loss and parameter so far was finite: if this epoch blows up, come back here.
-                snapshot = ({k: v.copy() for k, v in self.params.items()},
-                            {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()}, opt.step)
-                total, correct, done, bad = kernels.train_epoch(
-                    X, T, order, batch_size, hyper, opt.step, *self._param_list(), *ws, *states, Xb, Tb)
-                opt.step += int(done)
+                total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step)
                 # The kernel checks each batch's loss before that batch's update; the last
                 # update of the epoch is checked here (no loss of this epoch would see it).
-                if bad >= 0 or not all_finite(self._param_list() + states):
-                    params, state, opt.step = snapshot
-                    for k, v in params.items():
-                        self.params[k][...] = v
-                    for p, st in state.items():
-                        for k, v in st.items():
-                            opt.state[p][k][...] = v
+                if bad >= 0 or not run.finite():
+                    run.restore()
                     raise FloatingPointError(diverged_message(epoch, bad, opt, -(-n // batch_size)))
-                metrics = self._epoch_metrics(n, total, correct, None if val is None else lambda: self.evaluate(*val), opt)
-                stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
-                if stop:
+                opt.step += done
+                metrics = self._epoch_metrics(n, total, correct, run.validate, opt)
+                if callbacks:
+                    run.sync()  # a checkpoint saves the current optimizer state
+                if self._finish_epoch(history, epoch, metrics, callbacks, bar):
                     break
         finally:
+            run.close()
             if bar is not None:
                 bar.close()
         for cb in callbacks:
             cb.on_train_end(self)
         return history
+
+    def _run(self, X, T, val, opt, batch_size):
+        """This target's runtime for one fit call (see :mod:`symbp.backends.cpu.runtime`)."""
+        return HostRun(self, X, T, val, opt, batch_size)
 
     # -- what every target's fit shares ------------------------------------------------------
     def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data,
@@ -495,82 +489,9 @@ def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:
             f"values too large for the model's dtype do the same.")
 
 
-def all_finite(arrays) -> bool:
-    """Whether every entry of every array is finite."""
-    return all(np.isfinite(a).all() for a in arrays)
-
-
 def _progress(epochs: int, enabled: bool):
     if not enabled or epochs == 0:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=epochs, unit="epoch", desc="training", leave=True)
-
-
-def compile(  # noqa: A001 - the public name the API promises
-    net: Network,
-    target: str = "cpu",
-    dtype: str = "float32",
-    seed: int | None = 0,
-    cache_dir: str | os.PathLike | None = None,
-) -> Model:
-    """Generate (or reuse) the kernels for ``net`` and return a trainable :class:`Model`.
-
-    Parameters
-    ----------
-    net : Network
-    target : {"cpu", "cuda"}
-        "cuda" generates numba.cuda kernels (the ``cuda`` extra; see README).
-    dtype : {"float32", "float64"}
-    seed : int or None
-        Seeds the parameter initialisation.
-    cache_dir : path, optional
-        Where generated modules go; defaults to ``$SYMBP_CACHE_DIR`` or ``generated/``.
-    """
-    if not isinstance(net, Network):
-        raise TypeError(f"compile() takes a symbp.Network, got {type(net).__name__}")
-    if target == "cuda":
-        from .backends.cuda.model import compile_cuda
-
-        return compile_cuda(net, dtype=dtype, seed=seed, cache_dir=cache_dir)
-    if target != "cpu":
-        raise ValueError(f"unknown target {target!r}; available: 'cpu', 'cuda'")
-    if dtype not in ("float32", "float64") and np.dtype(dtype).name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    dtype = np.dtype(dtype).name
-    key = cache.module_key(net.fingerprint(), dtype, target)
-    path = cache.cache_dir(cache_dir) / f"{net.name}-{dtype}-{key}.py"
-
-    def generate() -> str:
-        from .backends.cpu.module import generate_source
-        from .derive import derive
-
-        return generate_source(derive(net), dtype)
-
-    module = cache.load_or_generate(path, generate)
-    return Model(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)))
-
-
-def load(path, cache_dir: str | os.PathLike | None = None) -> Model:
-    """Rebuild a model saved with :meth:`Model.save`: spec, parameters, optimizer and its
-    state, schedule, epoch counter and history.  A damaged, truncated or forged file is
-    refused (ValueError naming it and the problem; see :mod:`symbp.checkpoint`)."""
-    from . import checkpoint
-
-    found = checkpoint.contents(path)  # every field and array checked against the spec
-    meta = found.meta
-    model = compile(found.network, dtype=meta["dtype"], seed=None, cache_dir=cache_dir)
-    model.params = {name: np.ascontiguousarray(found.arrays[f"param/{name}"], dtype=model.dtype)
-                    for name in found.network.param_shapes()}
-    if found.optimizer is not None:
-        for states in found.optimizer.state.values():
-            for sname, arr in states.items():
-                states[sname] = np.ascontiguousarray(arr, dtype=model.dtype)
-    model.optimizer = found.optimizer
-    model.schedule = found.schedule
-    model.base_lr = meta["base_lr"]
-    model.epoch = meta["epoch"]
-    model.history.epoch = list(meta["history"]["epoch"])
-    model.history.history = {k: [float(v) for v in values] for k, values in meta["history"]["metrics"].items()}
-    return model

@@ -349,10 +349,10 @@ def report(
     str
         The page.
     """
+    from .compile import compile as compile_model
     from .graph import GraphvizNotFound
     from .graph import graph as make_graph
     from .model import Model
-    from .model import compile as compile_model
     from .network import Network
     from .walkthrough import walkthrough
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from ... import cache
-from ...model import _EVAL_CHUNK, History, Model, _progress, all_finite, diverged_message, epoch_order
+from ...model import _EVAL_CHUNK, Model
 from ...network import Network
 from ...optim import Optimizer
-from ...schedules import Schedule
+from ..cpu.runtime import all_finite
 from .module import EPOCH_SLOTS, CudaConfig
 
 #: A small launch geometry for the simulator, where every CUDA thread is a Python thread.
@@ -404,95 +404,71 @@ class CudaModel(Model):
         for (pname, sname), arr in zip(pairs, device_states):
             opt.state.setdefault(pname, {})[sname] = arr.copy_to_host()
 
-    def fit(
-        self,
-        X,
-        y,
-        optimizer: Optimizer | None = None,
-        batch_size: int = 32,
-        epochs: int = 1,
-        validation_data: tuple | None = None,
-        shuffle: bool = True,
-        seed: int | None = 0,
-        progress: bool = True,
-        initial_epoch: int = 0,
-        schedule: Schedule | None = None,
-        callbacks: list | tuple | None = (),
-    ) -> History:
-        """Train with mini-batches on the device; see :meth:`symbp.Model.fit` for the arguments.
-
-        The shuffle order of every epoch is the CPU target's, so both targets visit the same
-        batches.  Raises FloatingPointError as the CPU target does (parameters and optimizer
-        state back at the start of the failing epoch), MemoryError when the data, the work
-        buffers and the optimizer state do not fit on the device (before anything changed).
-        """
-        callbacks = () if callbacks is None else tuple(callbacks)
-        opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
-                                                         initial_epoch, seed, validation_data, callbacks)
-        n = X.shape[0]
-        rows = min(batch_size, n)
-        self._check_launch(rows)
-        host_states = self._host_states(opt)
-        # Everything fit puts on the device, checked at once so that a MemoryError leaves
-        # nothing half done: data, batch buffers, work buffers, state, and the snapshots.
-        param_bytes = sum(a.nbytes for a in self._device_params.values())
-        state_bytes = sum(a.nbytes for a in host_states)
-        need = (X.nbytes + T.nbytes + (0 if val is None else val[0].nbytes + val[1].nbytes) + n * 8
-                + rows * (X.shape[1] + T.shape[1]) * self.dtype.itemsize + 2 * state_bytes + param_bytes
-                + (0 if any(c >= rows for c in self._device_buffers) else self._buffer_bytes(rows)))
-        self._require_memory(need, f"training on {n} samples in batches of {rows}")
-        kernels = self._train_kernels(opt)
-        ws = self._workspace(rows)
-        dX, dT = self._upload_data(X, T)
-        dval = None if val is None else self._upload_data(*val, what="_val")
-        dXb = self._empty((rows, X.shape[1]), self.dtype, "the batch buffer X")
-        dTb = self._empty((rows, T.shape[1]), self.dtype, "the batch buffer y")
-        states = [self._upload(a, "optimizer state") for a in host_states]
-        kept = self._param_list() + states
-        snapshot = [self._empty(a.shape, a.dtype, "the start-of-epoch snapshot") for a in kept]
-        status = self._upload(np.zeros(len(EPOCH_SLOTS)), "the epoch status")
-        dorder = self._empty((n,), np.int64, "the epoch's row order")
-        fresh = np.array([0.0, 0.0, -1.0, 0.0])
-        stats = self._upload(np.zeros(len(self.kernels.STATS)), "the batch's sums")  # zeroed after each batch
-        # Only now, with everything in place, does the model change.
-        self._adopt(opt, schedule)
-        history = History()
-        self.history.truncate(initial_epoch)
-        E = {s: k for k, s in enumerate(EPOCH_SLOTS)}
-        bar = _progress(max(0, epochs - initial_epoch), progress)
-        try:
-            for epoch in range(initial_epoch, epochs):
-                hyper = self._epoch_hyper(opt, epoch)
-                order = epoch_order(n, shuffle, seed, epoch)
-                dorder.copy_to_device(np.ascontiguousarray(order, dtype=np.int64))
-                for copy, live in zip(snapshot, kept):
-                    copy.copy_to_device(live)
-                status.copy_to_device(fresh)
-                kernels.train_epoch(dX, dT, dorder, batch_size, hyper, opt.step, *self._param_list(), *ws, *states,
-                                    dXb, dTb, stats, status)
-                result = status.copy_to_host()  # the epoch's one wait for the device
-                bad = int(result[E["bad"]])
-                # As on the CPU: the last update of the epoch is checked here (one download of
-                # the parameters and state per epoch).
-                if bad >= 0 or not all_finite(a.copy_to_host() for a in kept):
-                    for copy, live in zip(snapshot, kept):
-                        live.copy_to_device(copy)
-                    raise FloatingPointError(diverged_message(epoch, bad, opt, -(-n // batch_size)))
-                opt.step += int(result[E["done"]])
-                validate = None if dval is None else (lambda: self._evaluate_device(*dval, chunk=rows))  # training buffers
-                metrics = self._epoch_metrics(n, result[E["total"]], result[E["correct"]], validate, opt)
-                if callbacks:
-                    self._download_states(opt, states)  # a checkpoint saves the current state
-                stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
-                if stop:
-                    break
-        finally:
-            self._download_states(opt, states)
-            if bar is not None:
-                bar.close()
-        for cb in callbacks:
-            cb.on_train_end(self)
-        return history
+    def _run(self, X, T, val, opt, batch_size) -> DeviceRun:
+        """The device's runtime for one fit call: everything uploaded, or a MemoryError first."""
+        return DeviceRun(self, X, T, val, opt, batch_size)
 
     def __repr__(self) -> str:
         return f"CudaModel({self.network!r}, dtype={self.dtype.name}, source={self.source_path.name})"
+
+
+class DeviceRun:
+    """One fit call on the device (what :class:`symbp.backends.cpu.runtime.HostRun` is on the
+    host): X and y uploaded once, per epoch only the shuffled row order; every batch is
+    gathered, trained and tallied on the device, and the host reads back one small status
+    array per epoch.  The optimizer's state is copied back into ``optimizer.state`` by
+    :meth:`sync` (before callbacks) and :meth:`close`."""
+
+    def __init__(self, model: CudaModel, X, T, val, opt, batch_size: int) -> None:
+        self.model, self.opt = model, opt
+        n = X.shape[0]
+        rows = min(batch_size, n)
+        model._check_launch(rows)
+        host_states = model._host_states(opt)
+        # Everything fit puts on the device, checked at once so that a MemoryError leaves
+        # nothing half done: data, batch buffers, work buffers, state, and the snapshots.
+        param_bytes = sum(a.nbytes for a in model._device_params.values())
+        state_bytes = sum(a.nbytes for a in host_states)
+        need = (X.nbytes + T.nbytes + (0 if val is None else val[0].nbytes + val[1].nbytes) + n * 8
+                + rows * (X.shape[1] + T.shape[1]) * model.dtype.itemsize + 2 * state_bytes + param_bytes
+                + (0 if any(c >= rows for c in model._device_buffers) else model._buffer_bytes(rows)))
+        model._require_memory(need, f"training on {n} samples in batches of {rows}")
+        self.kernels = model._train_kernels(opt)
+        self.ws = model._workspace(rows)
+        self.dX, self.dT = model._upload_data(X, T)
+        dval = None if val is None else model._upload_data(*val, what="_val")
+        self.validate = None if dval is None else (lambda: model._evaluate_device(*dval, chunk=rows))  # training buffers
+        self.dXb = model._empty((rows, X.shape[1]), model.dtype, "the batch buffer X")
+        self.dTb = model._empty((rows, T.shape[1]), model.dtype, "the batch buffer y")
+        self.states = [model._upload(a, "optimizer state") for a in host_states]
+        self.kept = model._param_list() + self.states
+        self.snapshot = [model._empty(a.shape, a.dtype, "the start-of-epoch snapshot") for a in self.kept]
+        self.status = model._upload(np.zeros(len(EPOCH_SLOTS)), "the epoch status")
+        self.dorder = model._empty((n,), np.int64, "the epoch's row order")
+        self.stats = model._upload(np.zeros(len(model.kernels.STATS)), "the batch's sums")  # zeroed after each batch
+
+    def epoch(self, order, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
+        self.dorder.copy_to_device(np.ascontiguousarray(order, dtype=np.int64))
+        for copy, live in zip(self.snapshot, self.kept):
+            copy.copy_to_device(live)
+        self.status.copy_to_device(np.array([0.0, 0.0, -1.0, 0.0]))
+        self.kernels.train_epoch(self.dX, self.dT, self.dorder, batch_size, hyper, step, *self.model._param_list(),
+                                 *self.ws, *self.states, self.dXb, self.dTb, self.stats, self.status)
+        result = self.status.copy_to_host()  # the epoch's one wait for the device
+        E = {s: k for k, s in enumerate(EPOCH_SLOTS)}
+        return float(result[E["total"]]), int(result[E["correct"]]), int(result[E["done"]]), int(result[E["bad"]])
+
+    def finite(self) -> bool:
+        # As on the CPU: the last update of the epoch is checked here (one download of the
+        # parameters and state per epoch).
+        return all_finite(a.copy_to_host() for a in self.kept)
+
+    def restore(self) -> None:
+        for copy, live in zip(self.snapshot, self.kept):
+            live.copy_to_device(copy)
+
+    def sync(self) -> None:
+        self.model._download_states(self.opt, self.states)
+
+    def close(self) -> None:
+        self.model._download_states(self.opt, self.states)

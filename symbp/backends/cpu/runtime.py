@@ -1,0 +1,62 @@
+"""The CPU target's runtime for one ``fit`` call: host arrays, the epoch kernel, snapshots.
+
+:class:`HostRun` is what :meth:`symbp.model.Model.fit` drives on the CPU (the CUDA target
+has its own, :class:`symbp.backends.cuda.model.DeviceRun`): it holds the batch buffers, runs
+one epoch of the generated ``train_epoch``, keeps the start-of-epoch snapshot of parameters
+and optimizer state, puts it back when an epoch diverges, and validates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def all_finite(arrays) -> bool:
+    """Whether every entry of every array is finite."""
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+class HostRun:
+    """One fit call's arrays on the host; nothing of the model changes until :meth:`epoch`."""
+
+    def __init__(self, model, X: np.ndarray, T: np.ndarray, val, opt, batch_size: int) -> None:
+        self.model, self.opt, self.X, self.T = model, opt, X, T
+        self.kernels = model._train_kernels(opt)
+        self.rows = min(batch_size, X.shape[0])
+        self.Xb = np.empty((self.rows, X.shape[1]), model.dtype)
+        self.Tb = np.empty((self.rows, T.shape[1]), model.dtype)
+        self.validate = None if val is None else (lambda: model.evaluate(*val))
+        self._snapshot = None
+
+    def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
+        """Train one epoch in ``order``: (Σ loss, correct, updates made, first bad batch or −1)."""
+        model, opt = self.model, self.opt
+        ws = model._workspace(self.rows)
+        states = model._state_list(opt)  # created before the snapshot, so it covers them too
+        # Every loss and parameter so far was finite: if this epoch blows up, come back here.
+        self._snapshot = ({k: v.copy() for k, v in model.params.items()},
+                          {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()})
+        self._states = states
+        total, correct, done, bad = self.kernels.train_epoch(
+            self.X, self.T, order, batch_size, np.array(hyper, model.dtype), step,
+            *model._param_list(), *ws, *states, self.Xb, self.Tb)
+        return float(total), int(correct), int(done), int(bad)
+
+    def finite(self) -> bool:
+        """Whether the parameters and optimizer state after the epoch are all finite."""
+        return all_finite(self.model._param_list() + self._states)
+
+    def restore(self) -> None:
+        """Parameters and optimizer state back to the start of the last epoch."""
+        params, state = self._snapshot
+        for k, v in params.items():
+            self.model.params[k][...] = v
+        for p, st in state.items():
+            for k, v in st.items():
+                self.opt.state[p][k][...] = v
+
+    def sync(self) -> None:
+        """Make ``optimizer.state`` current (it is, on the host)."""
+
+    def close(self) -> None:
+        """Release the run (nothing to copy back on the host)."""
