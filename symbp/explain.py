@@ -39,7 +39,7 @@ C = sp.Symbol("C")
 ELL = sp.IndexedBase("ell")
 
 __all__ = ["Block", "Equation", "Explanation", "MAX_SCALAR_UNITS", "Section", "TextPrinter", "build",
-           "explain_text", "fmt", "scalar_names", "vector_form"]
+           "fmt", "scalar_names", "vector_form"]
 
 
 def fmt(expr) -> str:
@@ -927,11 +927,6 @@ def _joined(eq: Equation, show) -> str:
     """``lhs = rhs = …`` (or ``lhs ← rhs``) with each part printed by ``show``."""
     parts = [show(part) for part in eq.parts]
     return " ".join([parts[0], eq.relation, " = ".join(parts[1:])]) if len(parts) > 1 else parts[0]
-
-
-def explain_text(d, scalar: bool = False) -> str:
-    """The plain-text (Unicode) explanation of a derivation; see :func:`build`."""
-    return build(d, scalar).text()
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,13 +9,11 @@ derivative SymPy finds to be ``exp(y_p)/Σ_j exp(y_j) − t_p``, the softmax min
 
 from __future__ import annotations
 
-import functools
-
 import sympy as sp
 
 from .formula import FormulaError, constant_problem, parse_formula
 from .indices import j, k, n
-from .ops import FORMULA_FUNCTIONS, canonicalize, simplest, softplus
+from .ops import FORMULA_FUNCTIONS, canonicalize, softplus
 
 y_s = sp.Symbol("y", real=True)
 t_s = sp.Symbol("t", real=True)
@@ -54,11 +52,6 @@ class Loss:
             self.name = spec if isinstance(spec, str) else str(spec)
             self.custom = True
             self.elementwise, self.task = canonicalize(_custom_expr(spec)), "regression"
-
-    @functools.cached_property
-    def elementwise_grad(self) -> sp.Expr | None:
-        """∂e/∂y of an elementwise loss, derived by SymPy; None for softmax cross-entropy."""
-        return simplest(sp.diff(self.elementwise, y_s)) if self.elementwise is not None else None
 
     @property
     def is_softmax(self) -> bool:
