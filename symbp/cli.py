@@ -304,11 +304,13 @@ def _walkthrough(args) -> int:
 
 
 def _graph(args) -> int:
+    from symbp.derive import derive
     from symbp.graph import graph
     from symbp.walkthrough import refuse_image_layers, walkthrough
 
     cfg, net, model = load_source(args.spec)
-    refuse_image_layers(net, "the computational graph")  # drawn from the worked example: say which
+    # drawn from the worked example: say that it is the graph that is refused
+    refuse_image_layers(model.derivation if model is not None else derive(net), "the computational graph")
     w = walkthrough(net, **_example(cfg, args, model))
     collapse = True if args.collapse else False if args.expand else None
     path = graph(w, collapse=collapse).save(args.output)

@@ -59,6 +59,30 @@ class LayerDerivation:
     decay: tuple = ()  # the parameters l2 applies to
     view: bool = False  # z is the input's values reshaped (Flatten): the same buffer
 
+    @property
+    def affine(self) -> tuple[str, str] | None:
+        """(weight key, bias key) when the layer is one affine map of its flat input,
+        ``z[n, i] = Σ_j W[i, j]·x[n, j] + b[i]`` (the contraction the lowering makes a GEMM):
+        the readers' vector form and scalar view apply to it.  None for any other layer."""
+        if len(self.stages) != 1 or len(self.out_idx) != 1 or len(self.params) != 2:
+            return None
+        (i_,), by_base = self.out_idx, {base: key for key, base in self.params.items()}
+        weight = bias = None
+        for term in sp.Add.make_args(self.forward):
+            if isinstance(term, sp.Sum) and len(term.limits) == 1:
+                j_ = term.limits[0][0]
+                factors = sp.Mul.make_args(term.function)
+                w_ = [f for f in factors if isinstance(f, sp.Indexed) and f.base in by_base and f.indices == (i_, j_)]
+                x_ = [f for f in factors if isinstance(f, sp.Indexed) and f.base == self.x and f.indices == (n, j_)]
+                if len(factors) == 2 and w_ and x_:
+                    weight = by_base[w_[0].base]
+                    continue
+            if isinstance(term, sp.Indexed) and term.base in by_base and term.indices == (i_,):
+                bias = by_base[term.base]
+                continue
+            return None
+        return (weight, bias) if weight and bias and weight != bias else None
+
     def local_key(self, stage, wrt) -> str:
         """The key of ``local`` for ∂stage/∂wrt: the last stage is ``z``, the layer input ``x``,
         a parameter its key (``"dz/dW"``), another stage its label (``"dz/dxpad1"``)."""

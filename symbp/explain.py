@@ -29,7 +29,6 @@ from . import indices
 from .index_sums import resolve
 from .indices import N, as_size, i, j, n, p, q
 from .indices import l2 as l2_symbol
-from .layers import Dense
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
 MAX_SCALAR_UNITS = 10  #: the scalar view names every unit of layers up to this width
@@ -286,11 +285,13 @@ def _build(d, scalar: bool) -> Explanation:
     net = d.network
     widths = net.widths
     L = len(d.layers)
-    if not all(isinstance(layer, Dense) for layer in net.layers):
+    # The vector form and the scalar view read each layer as one affine map and its activation.
+    if not all(ld.affine for ld in d.layers):
         if scalar:
-            pos, layer = next((k, x) for k, x in enumerate(net.layers, 1) if not isinstance(x, Dense))
-            raise ValueError(f"the scalar view names every unit and weight of a dense network; layer {pos} is "
-                             f"{layer!r} (use scalar=False for the index form of image layers)")
+            ld = next(x for x in d.layers if not x.affine)
+            raise ValueError(f"the scalar view names every unit and weight of a dense network (each layer one "
+                             f"affine map); layer {ld.index} is {ld.layer!r} (use scalar=False for the index form "
+                             f"of its stages)")
         return _build_image(d)
     if scalar:
         _check_scalar_size(net)
@@ -300,7 +301,7 @@ def _build(d, scalar: bool) -> Explanation:
         l = ld.index
         count = widths[l] * widths[l - 1] + widths[l]
         total += count
-        shapes.append((str(l), f"{ld.layer.kind}({ld.layer.units})", ld.layer.activation.describe(),
+        shapes.append((str(l), ld.layer.describe(), ld.layer.activation.describe(),
                        _shape(widths[l], widths[l - 1]), _shape(widths[l]), str(count), _shape("N", widths[l])))
     summary = (f"{' → '.join(map(str, widths))}, loss {net.loss.name}, l2 λ = {net.l2:g}, "
                f"{total} parameters")
@@ -329,7 +330,7 @@ def _forward_section(d) -> Section:
 
 def _dense_forward_block(d, ld) -> Block:
     l, w = ld.index, d.network.widths[ld.index]
-    block = Block(f"Layer {l}: {ld.layer.kind}({ld.layer.units}), activation {ld.layer.activation.describe()}")
+    block = Block(f"Layer {l}: {ld.layer.describe()}, activation {ld.layer.activation.describe()}")
     block.equations.append(Equation([ld.z[n, i], ld.forward], _shape("N", w), quantity=("z", l)))
     block.equations.append(Equation([ld.a[n, i], ld.output], _shape("N", w), quantity=("a", l)))
     note = "one sample, column vectors"
@@ -479,18 +480,8 @@ def _pair_text(pair, sep: str = "×") -> str:
 
 
 def describe_layer(layer) -> str:
-    """The layer's kind with its hyper-parameters: ``Conv2D(8 filters, 5×5, stride 1, padding 0)``."""
-    kind = layer.kind
-    if kind == "Dense":
-        return f"Dense({layer.units})"
-    if kind == "Conv2D":
-        return (f"Conv2D({layer.filters} filters, {layer.kernel[0]}×{layer.kernel[1]}, stride "
-                f"{_pair_text(layer.stride)}, padding {_pair_text(layer.padding)})")
-    if kind in ("MaxPool2D", "AvgPool2D"):
-        return f"{kind}({layer.size[0]}×{layer.size[1]}, stride {_pair_text(layer.stride)})"
-    if kind == "Maxout":
-        return f"Maxout({layer.units} units, {layer.pieces} pieces)"
-    return f"{kind}()"
+    """The layer with its hyper-parameters: ``Conv2D(8 filters, 5×5, stride 1, padding 0)``."""
+    return layer.describe()
 
 
 def _shape_text(shape: tuple) -> str:
@@ -498,37 +489,8 @@ def _shape_text(shape: tuple) -> str:
 
 
 def _size_lines(ld) -> list[str]:
-    """Input → output shape with the lecture's output-size arithmetic, and the parameter count."""
-    layer, (cin, *hw_in) = ld.layer, ld.in_shape
-    lines = [f"input {_shape(*ld.in_shape)} → output {_shape(*ld.out_shape)}"]
-    kind = layer.kind
-    if kind in ("Conv2D", "MaxPool2D", "AvgPool2D"):
-        conv = kind == "Conv2D"
-        kernel = layer.kernel if conv else layer.size
-        pad = layer.padding if conv else (0, 0)
-        rule = "(N − F + 2P)/S + 1" if conv else "(N − F)/S + 1"
-        for axis, size, F, S, P, out, sym in zip(("rows", "columns"), hw_in, kernel, layer.stride, pad,
-                                                 ld.out_shape[1:], ld.out_dims[1:]):
-            numer = f"{size} − {F} + 2·{P}" if conv else f"{size} − {F}"
-            exact = (size - F + 2 * P) % S == 0
-            value = f"({numer})/{S} + 1 = {out}" if exact else (
-                f"⌊({numer})/{S}⌋ + 1 = {out} (the last {(size - F + 2 * P) % S} that do not fill a window are dropped)")
-            lines.append(f"output {axis} {text(sym)} = {rule} = {value}")
-        if conv:
-            C, K = cin, layer.filters
-            kh, kw = layer.kernel
-            ff = "F·F·C" if kh == kw else "kh·kw·C"
-            lines.append(f"parameters (W {_shape(K, C, kh, kw)}, b {_shape(K)}): ({ff} + 1)·K = ({kh}·{kw}·{C} + 1)·{K} "
-                         f"= {ld.param_count}")
-        else:
-            lines.append("no parameters; the channels pass through, each pooled on its own")
-    elif kind == "Flatten":
-        lines.append(f"C·H·W = {'·'.join(map(str, ld.in_shape))} = {ld.out_shape[0]}, no parameters")
-    elif kind == "Maxout":
-        fan_in = ld.in_shape[0]
-        lines.append(f"parameters (W {_shape(layer.units * layer.pieces, fan_in)}, b {_shape(layer.units * layer.pieces)}): "
-                     f"(in + 1)·units·pieces = ({fan_in} + 1)·{layer.units}·{layer.pieces} = {ld.param_count}")
-    return lines
+    """Input → output shape, with the layer's own output-size arithmetic and parameter count."""
+    return [f"input {_shape(*ld.in_shape)} → output {_shape(*ld.out_shape)}", *ld.layer.size_lines(ld, text)]
 
 
 def _sizes_line(d, ld) -> str:
@@ -543,22 +505,6 @@ def _sizes_line(d, ld) -> str:
                    key=lambda x: (int(str(x).split("_")[-1]), order.index(str(x).split("_")[0])
                                   if str(x).split("_")[0] in order else 99))
     return "sizes: " + ", ".join(f"{text(sym)} = {d.sizes[sym]}" for sym in known) if known else ""
-
-
-_STAGE_NOTES = {
-    "xpad": "zero padding: x shifted by P inside, 0 on the border",
-    "m": "the arg-max of each window, as the position u·kw + v (ties: the first maximum in row-major order, as PyTorch)",
-    "y": "the affine pieces, unit i's pieces in rows i·pieces … i·pieces + pieces − 1",
-    "g": "the winning piece of each unit (ties: the first)",
-}
-
-
-def _z_note(layer) -> str:
-    return {"Conv2D": "the convolution (cross-correlation, as PyTorch's Conv2d)",
-            "MaxPool2D": "max pooling: the input at the window's arg-max",
-            "AvgPool2D": "average pooling: the mean of the window",
-            "Flatten": "a reshape, in PyTorch's C, H, W order: entry (c, h, w) goes to i = (c·H + h)·W + w",
-            "Maxout": "the largest piece"}.get(layer.kind, "")
 
 
 def _label_kind(label: str) -> str:
@@ -579,7 +525,7 @@ def _image_forward_block(d, ld) -> Block:
         if resolved.has(sp.Piecewise):  # the padding's border made explicit
             parts.append(resolved)
         is_z = st.target is ld.z
-        note = _z_note(layer) if is_z else _STAGE_NOTES.get(_label_kind(str(st.target.label)), "")
+        note = layer.notes.get("z" if is_z else f"stage:{_label_kind(str(st.target.label))}", "")
         quantity = ("z", l) if is_z else ("stage", str(st.target.label), l)
         block.equations.append(Equation(parts, _dims_shape(d, st.dims), note, quantity))
     if not act.is_identity:
@@ -597,16 +543,7 @@ def _free_for(ndim: int) -> tuple:
 
 
 def _routing_note(layer) -> str:
-    if layer.kind == "MaxPool2D":
-        return ("max pooling routes δ to the arg-max of each window only (ties: the first maximum, as PyTorch); "
-                "every other input of the window gets 0")
-    if layer.kind == "AvgPool2D":
-        return "average pooling spreads δ evenly: each input of the window gets 1/(kh·kw) of it"
-    if layer.kind == "Flatten":
-        return "Flatten hands δ back reshaped to (C, H, W)"
-    if layer.kind == "Maxout":
-        return "Maxout routes δ to the winning piece only"
-    return ""
+    return layer.notes.get("routing", "")
 
 
 def _image_backward_blocks(d, ld) -> list[Block]:
@@ -621,17 +558,18 @@ def _image_backward_blocks(d, ld) -> list[Block]:
         top, wrt = key.split("/")
         st = ld.stages[-1] if top == "dz" else stage_of[top[1:]]
         wrt = wrt[1:]
+        topic = "local:" + ("z" if st.target is ld.z else _label_kind(str(st.target.label))) + "/"
         if wrt in ld.params:
             base, idx = ld.params[wrt], ld.param_idx[wrt]
-            note = "the forward-pass part: the (padded) input under the filter" if wrt == "W" and layer.kind == "Conv2D" else ""
+            note = layer.notes.get(topic + wrt, "")
         else:
             src = next((x.target for x in ld.stages if str(x.target.label) == wrt), ld.x)
             ndim = len(next((x.dims for x in ld.stages if x.target is src), ld.in_shape))
             base, idx = src, (n, *_free_for(ndim))
-            note = _routing_note(layer) if src is ld.x and layer.kind != "Conv2D" else ""
-            if layer.kind == "Conv2D":
-                note = ("the filter weight that joins x̃[q,r,s] to z[k,h,w], where the window covers it"
-                        if st.target is ld.z else "the padding moves each input by P")
+            if src is ld.x:  # how δ reaches the input, unless the layer says more about this step
+                note = layer.notes.get(topic + "x", _routing_note(layer))
+            else:
+                note = layer.notes.get(topic + _label_kind(str(src.label)), "")
         local.equations.append(Equation([Partial(st.target[(n, *st.idx)], base[idx]), expr], None, note))
     if not act.is_identity:
         parts = _fprime_parts(ld)
@@ -647,9 +585,7 @@ def _image_backward_blocks(d, ld) -> list[Block]:
     else:
         above = d.layers[l].layer
         note = "hidden-layer case: f′(z) ⊙ (∂C/∂a sent back by layer %d, %s)" % (l + 1, describe_layer(above))
-        extra = _routing_note(above)
-        if above.kind == "Conv2D":
-            extra = "the convolution above sends back its ∂C/∂x̃ at the unpadded positions"
+        extra = above.notes.get("sent_back", _routing_note(above))
         back.equations.append(Equation([ld.delta[didx], ld.delta_formula], _shape("N", *ld.out_shape),
                                        note + ("; " + extra if extra else ""), ("delta", l)))
     blocks.append(back)
@@ -657,9 +593,7 @@ def _image_backward_blocks(d, ld) -> list[Block]:
         inner = Block(f"Layer {l}: gradients of its intermediate stages")
         for label, (gb, free, formula) in ld.stage_grads.items():
             st = stage_of[label]
-            note = {"xpad": "the transposed convolution: every output whose window covers x̃[q,r,s] sends back "
-                            "δ times the weight that joined them; the brackets keep the window inside the filter",
-                    "y": "routed to the winning piece"}.get(_label_kind(label), "")
+            note = layer.notes.get(f"stage_grad:{_label_kind(label)}", "")
             inner.equations.append(Equation([gb[(n, *free)], Partial(C, st.target[(n, *free)]), formula],
                                             _dims_shape(d, st.dims), note, ("stage_grad", label, l)))
         blocks.append(inner)
@@ -674,9 +608,7 @@ def _image_backward_blocks(d, ld) -> list[Block]:
             data = sp.Add(*[t for t in sp.Add.make_args(ld.grads[key]) if t.has(sp.Sum)])
             parts = [Partial(C, base[idx]), chain + (ld.grads[key] - data), ld.grads[key]]
             shape = _shape(*d.network.param_shapes()[f"{key}{l}"])
-            note = ("summed over the batch and every output position: the input patch under the filter times δ"
-                    if key == "W" and layer.kind == "Conv2D" else "summed over the batch and every output position"
-                    if layer.kind == "Conv2D" else "summed over the batch")
+            note = layer.notes.get(f"grad:{key}", layer.notes.get("grad", "summed over the batch"))
             grads.equations.append(Equation(parts, shape, note, ("grad", key, l)))
         blocks.append(grads)
     return blocks
@@ -700,8 +632,8 @@ def _build_image(d) -> Explanation:
                   intro="Each layer's stages in index notation, for sample n of the batch; the last stage is z, "
                         "then a = f(z) elementwise. Sizes stay symbols in the formulas; their numbers are listed.")
     for ld in d.layers:
-        fwd.blocks.append(_dense_forward_block(d, ld) if isinstance(ld.layer, Dense) else _image_forward_block(d, ld))
-        if isinstance(ld.layer, Dense):
+        fwd.blocks.append(_dense_forward_block(d, ld) if ld.affine else _image_forward_block(d, ld))
+        if ld.affine:
             fwd.blocks[-1].lines = _dense_size_lines(ld)
     back = Section("Backward pass, from the output layer back", anchor="backward",
                    intro=f"δl = ∂C/∂zl. The output-layer case starts the recurrence at layer {L}; each layer below "
@@ -709,7 +641,7 @@ def _build_image(d) -> Explanation:
                          "convolution through a convolution, δ routed to the arg-max through max pooling, spread "
                          "evenly through average pooling, reshaped through Flatten.")
     for ld in reversed(d.layers):
-        back.blocks += _dense_backward_blocks(d, ld) if isinstance(ld.layer, Dense) else _image_backward_blocks(d, ld)
+        back.blocks += _dense_backward_blocks(d, ld) if ld.affine else _image_backward_blocks(d, ld)
     sections = [fwd, _loss_section(d), back, _l2_section(d)]
     legend = [
         "n indexes the N samples of a batch; for images c, u, v run over a filter's input channel, rows and "

@@ -6,6 +6,7 @@ when given a network or model, and :mod:`symbp.graph_draw` builds and draws the 
 
 from __future__ import annotations
 
+from .derive import derive
 from .graph_draw import EXPAND_MAX_PARAMS, EXPAND_MAX_UNITS, Edge, Graph, GraphvizNotFound, Node, draw
 from .model import Model
 from .network import Network
@@ -41,7 +42,7 @@ def graph(source, collapse: bool | None = None, **walkthrough_args) -> Graph:
             raise TypeError(f"graph() of a Walkthrough takes no {', '.join(sorted(walkthrough_args))}")
         w = source
     elif isinstance(source, (Network, Model)):
-        refuse_image_layers(source.network if isinstance(source, Model) else source, "the computational graph")
+        refuse_image_layers(source.derivation if isinstance(source, Model) else derive(source), "the computational graph")
         w = walkthrough(source, **walkthrough_args)
     else:
         raise TypeError(f"graph() takes a Walkthrough, Network or Model, got {type(source).__name__}")

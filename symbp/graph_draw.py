@@ -190,9 +190,9 @@ def _run_dot(source: str, fmt: str, extra: list[str] | None = None) -> bytes:
 def draw(w, collapse: bool | None = None) -> Graph:
     """The computational graph of the sample of Walkthrough ``w`` (see :func:`symbp.graph.graph`)."""
     net = w.network
-    for pos, layer in enumerate(net.layers, 1):
-        if getattr(layer, "kind", None) != "Dense":
-            raise ValueError(f"the graph can draw Dense layers only; layer {pos} is {type(layer).__name__}")
+    for ld in w.derivation.layers:
+        if not ld.affine:
+            raise ValueError(f"the graph can draw dense (affine) layers only; layer {ld.index} is {ld.layer!r}")
     small = max(net.widths) <= EXPAND_MAX_UNITS and sum(np.prod(s) for s in net.param_shapes().values()) <= EXPAND_MAX_PARAMS
     if collapse is None:
         collapse = not small

@@ -372,9 +372,8 @@ def report(
     net = model.network
     d = model.derivation
     from .explain import MAX_SCALAR_UNITS
-    from .layers import Dense
 
-    dense = all(isinstance(layer, Dense) for layer in net.layers)
+    dense = all(ld.affine for ld in d.layers)
     scalar = dense and max(net.widths) <= MAX_SCALAR_UNITS
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     doc = build(d, scalar=scalar, optimizer=optimizer)

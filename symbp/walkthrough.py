@@ -130,15 +130,14 @@ class Walkthrough:
         return draw(self, collapse)
 
 
-def refuse_image_layers(net: Network, what: str) -> None:
-    """A clear ValueError for a network with image layers: ``what`` works unit by unit on
-    dense networks only (:func:`symbp.explain.build` and the report show image layers)."""
-    from .layers import Dense
-
-    for pos, layer in enumerate(net.layers, 1):
-        if not isinstance(layer, Dense):
-            raise ValueError(f"{what} goes unit by unit through dense layers only, and layer {pos} is {layer!r}; "
-                             "explain() and the report show image layers (formulas, shapes, kernels)")
+def refuse_image_layers(d: Derivation, what: str) -> None:
+    """A clear ValueError unless every layer of derivation ``d`` is one affine map and its
+    activation: ``what`` works unit by unit through such layers only (:func:`symbp.explain.build`
+    and the report show every layer's stages)."""
+    for ld in d.layers:
+        if not ld.affine:
+            raise ValueError(f"{what} goes unit by unit through dense layers only, and layer {ld.index} is "
+                             f"{ld.layer!r}; explain() and the report show image layers (formulas, shapes, kernels)")
 
 
 def _as_network(obj):
@@ -307,7 +306,6 @@ def walkthrough(
     (0.298371109, 0.082167041, True)
     """
     net, model = _as_network(net)
-    refuse_image_layers(net, "the worked example")
     for name, value in (("h", h), ("tolerance", tolerance)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -326,6 +324,7 @@ def walkthrough(
         params = {k: np.asarray(v, np.float64).copy() for k, v in source.items()}
     params = check_params(net, params)
     d = model.derivation if model is not None else derive(net)
+    refuse_image_layers(d, "the worked example")
     ev = _Evaluator(d)
     env = {"x": x[None, :], "t": t[None, :], **params}
     loss = ev.run_forward(env)

@@ -75,6 +75,16 @@ def int_pair(value, what: str, owner: str, low: int = 1) -> tuple[int, int]:
     return one, one
 
 
+def shape_text(*dims) -> str:
+    """``(N, 8, 24, 24)``; a 1-tuple keeps its comma."""
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def pair_text(pair, sep: str = "×") -> str:
+    """One number when both agree, else ``rows×cols``."""
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}{sep}{pair[1]}"
+
+
 def config_pair(pair):
     """A pair as the TOML spec writes it: one int when both agree."""
     return pair[0] if pair[0] == pair[1] else list(pair)
@@ -112,6 +122,24 @@ class Layer:
 
     def to_config(self) -> dict:
         raise NotImplementedError
+
+    # -- what the readers say about it (explain, the report) ---------------------------------
+    #: Notes on this layer's formulas, by topic: ``"z"`` its last stage, ``"stage:<name>"``
+    #: an earlier stage (its label without the layer number), ``"routing"`` how δ reaches its
+    #: input, ``"sent_back"`` what the layer below hears from it (default: the routing),
+    #: ``"local:<stage>/<wrt>"`` a local derivative (``wrt``: a parameter, ``x`` the input or
+    #: a stage), ``"stage_grad:<name>"`` the gradient of a stage, ``"grad:<param>"`` and
+    #: ``"grad"`` its parameter gradients.  A topic with no note prints none.
+    notes: dict = {}
+
+    def describe(self) -> str:
+        """The layer with its hyper-parameters, for a heading: ``Conv2D(8 filters, 5×5, …)``."""
+        return f"{self.kind}()"
+
+    def size_lines(self, ld, text) -> list[str]:
+        """How its output size and parameter count follow from its input (``ld``: its
+        :class:`~symbp.derive.LayerDerivation`; ``text`` prints a size symbol)."""
+        return []
 
     @classmethod
     def from_config(cls, cfg: dict, where: str):

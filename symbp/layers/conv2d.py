@@ -15,8 +15,20 @@ import sympy as sp
 
 from .. import activations
 from ..indices import c, h, k, n, p, q, r, s, u, v, w
-from .base import Layer, LayerForm, Stage, config_pair, image_dims, int_pair, positive_int, register, size_symbol
-from .windows import need_3d, window_count
+from .base import (
+    Layer,
+    LayerForm,
+    Stage,
+    config_pair,
+    image_dims,
+    int_pair,
+    pair_text,
+    positive_int,
+    register,
+    shape_text,
+    size_symbol,
+)
+from .windows import need_3d, window_count, window_size_lines
 
 
 @register
@@ -103,6 +115,31 @@ class Conv2D(Layer):
         stages = [Stage(xp, (c, h, w), pad, xp.shape[1:]), Stage(z, (k, h, w), conv, (K, Ho, Wo))]
         return LayerForm({"W": Wt, "b": b}, {"W": (p, q, r, s), "b": (p,)}, {"W": (K, C, kh, kw), "b": (K,)},
                          stages, sizes, decay=("W",))
+
+    notes = {
+        "z": "the convolution (cross-correlation, as PyTorch's Conv2d)",
+        "stage:xpad": "zero padding: x shifted by P inside, 0 on the border",
+        "local:z/W": "the forward-pass part: the (padded) input under the filter",
+        "local:z/xpad": "the filter weight that joins x̃[q,r,s] to z[k,h,w], where the window covers it",
+        "local:xpad/x": "the padding moves each input by P",
+        "sent_back": "the convolution above sends back its ∂C/∂x̃ at the unpadded positions",
+        "stage_grad:xpad": ("the transposed convolution: every output whose window covers x̃[q,r,s] sends back "
+                            "δ times the weight that joined them; the brackets keep the window inside the filter"),
+        "grad:W": "summed over the batch and every output position: the input patch under the filter times δ",
+        "grad": "summed over the batch and every output position",
+    }
+
+    def describe(self) -> str:
+        return (f"Conv2D({self.filters} filters, {self.kernel[0]}×{self.kernel[1]}, stride "
+                f"{pair_text(self.stride)}, padding {pair_text(self.padding)})")
+
+    def size_lines(self, ld, text) -> list[str]:
+        lines = window_size_lines(ld, text, self.kernel, self.stride, self.padding, "(N − F + 2P)/S + 1")
+        C, K = ld.in_shape[0], self.filters
+        kh, kw = self.kernel
+        ff = "F·F·C" if kh == kw else "kh·kw·C"
+        return lines + [f"parameters (W {shape_text(K, C, kh, kw)}, b {shape_text(K)}): ({ff} + 1)·K = "
+                        f"({kh}·{kw}·{C} + 1)·{K} = {ld.param_count}"]
 
     def to_config(self) -> dict:
         cfg = {"type": "conv2d", "filters": self.filters, "kernel": config_pair(self.kernel),

@@ -66,6 +66,9 @@ class Dense(Layer):
             "b": rng.uniform(-bound, bound, (self.units,)).astype(dtype),
         }
 
+    def describe(self) -> str:
+        return f"Dense({self.units})"
+
     def to_config(self) -> dict:
         return {"type": "dense", "units": self.units, **self.activation.layer_config()}
 

@@ -21,6 +21,13 @@ class Flatten(Layer):
 
     type_name = "flatten"
     kind = "Flatten"
+    notes = {
+        "z": "a reshape, in PyTorch's C, H, W order: entry (c, h, w) goes to i = (c·H + h)·W + w",
+        "routing": "Flatten hands δ back reshaped to (C, H, W)",
+    }
+
+    def size_lines(self, ld, text) -> list[str]:
+        return [f"C·H·W = {'·'.join(map(str, ld.in_shape))} = {ld.out_shape[0]}, no parameters"]
 
     def output_shape(self, in_shape: tuple) -> tuple[int]:
         return (math.prod(in_shape),)  # Python ints: no int64 wrap-around

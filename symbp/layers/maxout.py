@@ -11,7 +11,7 @@ import sympy as sp
 
 from ..indices import e, i, j, n, p, q
 from ..ops import route, window_argmax
-from .base import Layer, LayerForm, Stage, positive_int, register, size_symbol
+from .base import Layer, LayerForm, Stage, positive_int, register, shape_text, size_symbol
 
 
 @register
@@ -59,6 +59,22 @@ class Maxout(Layer):
                   Stage(z, (i,), sp.Sum(route(g[n, i], e) * piece, (e, 0, pieces - 1)), (units,))]
         return LayerForm({"W": Wt, "b": b}, {"W": (p, q), "b": (p,)}, {"W": (units * pieces, fan_in), "b": (units * pieces,)},
                          stages, {pieces: self.pieces}, decay=("W",))
+
+    notes = {
+        "z": "the largest piece",
+        "stage:y": "the affine pieces, unit i's pieces in rows i·pieces … i·pieces + pieces − 1",
+        "stage:g": "the winning piece of each unit (ties: the first)",
+        "routing": "Maxout routes δ to the winning piece only",
+        "stage_grad:y": "routed to the winning piece",
+    }
+
+    def describe(self) -> str:
+        return f"Maxout({self.units} units, {self.pieces} pieces)"
+
+    def size_lines(self, ld, text) -> list[str]:
+        fan_in, rows = ld.in_shape[0], self.units * self.pieces
+        return [f"parameters (W {shape_text(rows, fan_in)}, b {shape_text(rows)}): "
+                f"(in + 1)·units·pieces = ({fan_in} + 1)·{self.units}·{self.pieces} = {ld.param_count}"]
 
     def to_config(self) -> dict:
         return {"type": "maxout", "units": self.units, "pieces": self.pieces}

@@ -11,8 +11,8 @@ import sympy as sp
 
 from ..indices import h, k, n, u, v, w
 from ..ops import route, window_argmax
-from .base import Layer, LayerForm, Stage, config_pair, image_dims, int_pair, register, size_symbol
-from .windows import need_3d, window_count
+from .base import Layer, LayerForm, Stage, config_pair, image_dims, int_pair, pair_text, register, size_symbol
+from .windows import need_3d, window_count, window_size_lines
 
 
 class _Pool2D(Layer):
@@ -38,6 +38,13 @@ class _Pool2D(Layer):
             sizes[S2] = self.stride[1]
         return kh, kw, S, S2, sizes
 
+    def describe(self) -> str:
+        return f"{self.kind}({self.size[0]}×{self.size[1]}, stride {pair_text(self.stride)})"
+
+    def size_lines(self, ld, text) -> list[str]:
+        return window_size_lines(ld, text, self.size, self.stride, (0, 0), "(N − F)/S + 1") + [
+            "no parameters; the channels pass through, each pooled on its own"]
+
     def to_config(self) -> dict:
         cfg = {"type": self.type_name, "size": config_pair(self.size)}
         if self.stride != self.size:
@@ -56,6 +63,13 @@ class MaxPool2D(_Pool2D):
 
     type_name = "maxpool2d"
     kind = "MaxPool2D"
+    notes = {
+        "z": "max pooling: the input at the window's arg-max",
+        "stage:m": ("the arg-max of each window, as the position u·kw + v (ties: the first maximum in row-major "
+                    "order, as PyTorch)"),
+        "routing": ("max pooling routes δ to the arg-max of each window only (ties: the first maximum, as PyTorch); "
+                    "every other input of the window gets 0"),
+    }
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
         kh, kw, S, S2, sizes = self._window(l, in_dims)
@@ -75,6 +89,10 @@ class AvgPool2D(_Pool2D):
 
     type_name = "avgpool2d"
     kind = "AvgPool2D"
+    notes = {
+        "z": "average pooling: the mean of the window",
+        "routing": "average pooling spreads δ evenly: each input of the window gets 1/(kh·kw) of it",
+    }
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
         kh, kw, S, S2, sizes = self._window(l, in_dims)
