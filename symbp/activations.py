@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import sympy as sp
 
-from .formula import FormulaError, constant_problem, parse_formula
+from .formula import FormulaError, constant_problem, formula_text, parse_formula
 from .ops import FORMULA_FUNCTIONS, canonicalize, elu, leaky_relu, relu, sigmoid, simplest, softplus
 
 z = sp.Symbol("z", real=True)
@@ -114,7 +114,7 @@ class Activation:
 
     def to_config(self) -> str | dict:
         if self.custom:
-            return str(self.expr) if not isinstance(self.spec, str) else self.spec
+            return formula_text(self.expr) if not isinstance(self.spec, str) else self.spec
         return {"name": self.name, **self.params} if self.params else self.name
 
     def __repr__(self) -> str:

@@ -69,6 +69,21 @@ def checkpoint_path(path) -> Path:
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
+def _check_spec_reads_back(net, path) -> None:
+    """Refuse to write a spec that load() would refuse: a SymPy activation or loss given as an
+    expression is stored as text, and text the formula parser cannot read (a Piecewise, a
+    function outside its language) would make the file unloadable."""
+    from .network import Network
+
+    try:
+        again = Network.from_config(net.to_config())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot save the checkpoint {path}: the network spec would not read back ({err}); "
+                         "write the formula with symbp's functions (max, min, heaviside, abs, …) or as text") from None
+    if again.fingerprint() != net.fingerprint():
+        raise ValueError(f"cannot save the checkpoint {path}: the network spec reads back as a different network")
+
+
 def save(model, path) -> Path:
     """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history)."""
     path = checkpoint_path(path)
@@ -87,6 +102,7 @@ def save(model, path) -> Path:
     for key, arr in arrays.items():
         if not np.isfinite(arr).all():
             raise ValueError(f"cannot save the checkpoint {path}: {_describe(key)} holds NaN or inf")
+    _check_spec_reads_back(model.network, path)
     meta = {
         "format": FORMAT,
         "symbp": __version__,

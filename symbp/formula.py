@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 
 import sympy
+from sympy.printing.str import StrPrinter
 
 __all__ = ["DEFAULT_FUNCTIONS", "FormulaError", "constant_problem", "constant_value", "parse_formula"]
 
@@ -428,3 +429,23 @@ def constant_problem(expr: sympy.Expr) -> str | None:
         if not finite:  # exact in SymPy, but no kernel can hold it
             return f"the number {_short(number)} is beyond the largest float (about 1.8e308)"
     return None
+
+
+class _FormulaText(StrPrinter):
+    """SymPy's text with the functions spelled as the formula language spells them."""
+
+    def _print_Max(self, expr):
+        return "max(%s)" % ", ".join(self._print(a) for a in expr.args)
+
+    def _print_Min(self, expr):
+        return "min(%s)" % ", ".join(self._print(a) for a in expr.args)
+
+    def _print_Abs(self, expr):
+        return "abs(%s)" % self._print(expr.args[0])
+
+
+def formula_text(expr: sympy.Expr) -> str:
+    """``expr`` as text :func:`parse_formula` reads back (a spec stores a SymPy activation or
+    loss that way); a function outside the formula language keeps SymPy's name, which the
+    parser then refuses by name."""
+    return _FormulaText().doprint(expr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .formula import FormulaError, constant_problem, parse_formula
+from .formula import FormulaError, constant_problem, formula_text, parse_formula
 from .indices import j, k, n
 from .ops import FORMULA_FUNCTIONS, canonicalize, softplus
 
@@ -65,7 +65,7 @@ class Loss:
         return sp.Sum(e, (k, 0, K - 1)) / K
 
     def to_config(self) -> str:
-        return self.name if not self.custom or isinstance(self.spec, str) else str(self.spec)
+        return self.name if not self.custom or isinstance(self.spec, str) else formula_text(self.spec)
 
     def __repr__(self) -> str:
         return f"Loss({self.name!r})"

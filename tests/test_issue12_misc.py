@@ -203,3 +203,18 @@ def test_a_sympy_float_in_an_activation_keeps_its_value(compiled, dtype):
     x = np.array([[-1.0], [0.25], [0.75], [2.0]])
     expected = 0.3 * x**2 + np.where(x > 0.5, x, 0.25 * x)
     np.testing.assert_allclose(model.decision_function(x), expected, rtol=1e-6)
+
+
+def test_a_checkpoint_that_would_not_load_is_refused_before_writing(compiled, tmp_path):
+    """A SymPy activation with a Piecewise is stored as its text, which the formula parser
+    does not read: save() refuses (nothing written) instead of writing a file load() refuses."""
+    import sympy
+
+    z = sympy.Symbol("z")
+    act = sympy.Piecewise((z, z > sympy.Rational(1, 2)), (z / 4, True))
+    model = compiled(sb.Network(inputs=1, layers=[sb.Dense(1, activation=act)], loss="mse"))
+    with pytest.raises(ValueError, match="would not read back"):
+        model.save(tmp_path / "run.npz")
+    assert not list(tmp_path.iterdir())
+    ok = compiled(sb.Network(inputs=1, layers=[sb.Dense(1, activation=sympy.Max(z, z / 4))], loss="mse"))
+    sb.load(ok.save(tmp_path / "ok.npz"))
