@@ -288,6 +288,26 @@ def import_module(path: Path) -> ModuleType:
     return module
 
 
+def model_module(net, dtype: str, target: str, directory, generate, key_extra: str = "", tag: str = ""):
+    """The generated model module of ``net`` for ``target``: imported from the cache, or
+    derived, generated (``generate(derivation)`` gives the source) and written first.
+
+    Returns (module, its path, the derivation when one was made here, else None), so the
+    model can keep the derivation instead of deriving again for its training modules."""
+    key = module_key(net.fingerprint() + key_extra, dtype, target)
+    path = cache_dir(directory) / f"{net.name}-{dtype}{tag}-{key}.py"
+    derived = []
+
+    def source() -> str:
+        from .derive import derive
+
+        derived.append(derive(net))
+        return generate(derived[0])
+
+    module = load_or_generate(path, source, target)
+    return module, path, derived[0] if derived else None
+
+
 def load_or_generate(path: Path, generate, target: str = "cpu") -> ModuleType:
     """Import ``path``; (re)write it first from ``generate()`` if missing or damaged.  Numba's
     compiled files for it whose digest is not recorded are dropped (and compiled again).

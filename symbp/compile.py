@@ -46,22 +46,12 @@ def compile(  # noqa: A001 - the public name the API promises
     if dtype not in ("float32", "float64") and np.dtype(dtype).name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     dtype = np.dtype(dtype).name
-    key = cache.module_key(net.fingerprint(), dtype, target)
-    path = cache.cache_dir(cache_dir) / f"{net.name}-{dtype}-{key}.py"
+    from .backends.cpu.module import generate_source
 
-    derived = []
-
-    def generate() -> str:
-        from .backends.cpu.module import generate_source
-        from .derive import derive
-
-        derived.append(derive(net))
-        return generate_source(derived[0], dtype)
-
-    module = cache.load_or_generate(path, generate)
+    module, path, derivation = cache.model_module(net, dtype, "cpu", cache_dir, lambda d: generate_source(d, dtype))
     model = Model(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)))
-    if derived:  # derived once: a training module generated later reads this one
-        model._derivation = derived[0]
+    if derivation is not None:  # derived once: a training module generated later reads this one
+        model._derivation = derivation
     return model
 
 

@@ -34,7 +34,7 @@ from ...model import _EVAL_CHUNK, Model
 from ...network import Network
 from ...optim import Optimizer
 from ..cpu.runtime import all_finite
-from .module import EPOCH_SLOTS, CudaConfig
+from .module import EPOCH_SLOTS, CudaConfig, generate_cuda_source
 
 #: A small launch geometry for the simulator, where every CUDA thread is a Python thread.
 SIMULATOR_CONFIG = CudaConfig(threads=8, max_blocks=2, cols=4, tile=4, tile_k=4, micro=2)
@@ -132,17 +132,13 @@ def compile_cuda(
         raise TypeError(f"config must be a symbp.backends.cuda.module.CudaConfig, got {type(config).__name__}")
     config = _resolve_gemm(config)
     _check_device(dtype, config)
-    key = cache.module_key(f"{net.fingerprint()}|{config.key()}", dtype, "cuda")
-    path = cache.cache_dir(cache_dir) / f"{net.name}-{dtype}-cuda-{key}.py"
-
-    def generate() -> str:
-        from ...derive import derive
-        from .module import generate_cuda_source
-
-        return generate_cuda_source(derive(net), dtype, config)
-
-    module = cache.load_or_generate(path, generate, "cuda")
-    return CudaModel(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)), config)
+    module, path, derivation = cache.model_module(net, dtype, "cuda", cache_dir,
+                                                  lambda d: generate_cuda_source(d, dtype, config),
+                                                  key_extra=f"|{config.key()}", tag="-cuda")
+    model = CudaModel(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)), config)
+    if derivation is not None:
+        model._derivation = derivation
+    return model
 
 
 _UNCHANGED = ("Nothing was changed: your host arrays, the model's parameters and the optimizer's state are as "
