@@ -412,6 +412,24 @@ def hoist_invariants(exprs: list[sp.Expr], indices: set, printer: NumbaPrinter) 
     return [f"{sym} = {ft}({printer.doprint(e)})" for e, sym in found.items()], out
 
 
+def row_reduction_lines(step, printer: NumbaPrinter, minus_infinity: str) -> list[str]:
+    """The per-sample reductions of a :class:`~symbp.lower.ir.RowLoop` (log-sum-exp or plain
+    sums over the units) and its running sums, for every target's printer."""
+    body = []
+    for acc, kind, expr, k, extent in step.reductions:
+        printer.names[acc] = str(acc)
+        term, ext = printer.doprint(expr), extent_text(printer, extent)
+        if kind == "logsumexp":
+            # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
+            body += [f"m = {minus_infinity}", f"for {k} in range({ext}):", f"    m = max(m, {term})", f"{acc} = ZERO",
+                     f"for {k} in range({ext}):", f"    {acc} += math.exp({term} - m)", f"{acc} = m + math.log({acc})"]
+        else:
+            body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
+    for acc, expr in step.row_sums:
+        body.append(f"{acc} += {printer.doprint(expr)}")
+    return body
+
+
 def loop_lines(step: Loop, printer: NumbaPrinter) -> list[str]:
     """A :class:`~symbp.lower.ir.Loop` as sequential loops (``prange`` outermost when the step
     asks for threads): its statements bound, hoisted, shared by CSE and stored in order."""
@@ -463,7 +481,8 @@ def _sum_loops(printer: NumbaPrinter, expr: sp.Expr, ranges: dict) -> tuple[list
         if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].expr == 0:
             body, cond = body.args[0].expr, body.args[0].cond
         loops, indent = [], ""
-        conds = list(sp.And.make_args(cond)) if cond != sp.true else []
+        # sorted: And keeps its arguments in hash order, which differs from process to process
+        conds = sorted(sp.And.make_args(cond), key=str) if cond != sp.true else []
         # The batch index outermost: buffers are (batch, …), so the other loops then read
         # each sample's row in order (n innermost strides a whole row per step).
         limits = sorted(s_.limits, key=lambda lim: str(lim[0]) != "n")
@@ -545,7 +564,7 @@ def nest_statements(step: Nest, printer: NumbaPrinter) -> list[str]:
         pre, expr = _sum_loops(printer, expr, ranges)
         body += pre
         if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].expr == 0:
-            test = " and ".join(f"({c_})" for c_ in sp.And.make_args(expr.args[0].cond))
+            test = " and ".join(f"({c_})" for c_ in sorted(sp.And.make_args(expr.args[0].cond), key=str))
             value = f"({printer.doprint(expr.args[0].expr)} if {test} else ZERO)"
         else:
             value = printer.doprint(expr)

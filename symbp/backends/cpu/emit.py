@@ -11,7 +11,7 @@ import functools
 import textwrap
 
 from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, WindowArgmax
-from ..common import NumbaPrinter, extent_text, loop_lines, nest_statements, reads_rows, window_scan
+from ..common import NumbaPrinter, extent_text, loop_lines, nest_statements, reads_rows, row_reduction_lines, window_scan
 
 
 @functools.singledispatch
@@ -52,26 +52,7 @@ def _(step: ColSum, printer: NumbaPrinter) -> list[str]:
 @emit.register
 def _(step: RowLoop, printer: NumbaPrinter) -> list[str]:
     lines = [f"for {step.row} in range({extent_text(printer, step.rows)}):"]
-    body = []
-    for acc, kind, expr, k, extent in step.reductions:
-        printer.names[acc] = str(acc)
-        term = printer.doprint(expr)
-        ext = extent_text(printer, extent)
-        if kind == "logsumexp":
-            # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
-            body += [
-                "m = -np.inf",
-                f"for {k} in range({ext}):",
-                f"    m = max(m, {term})",
-                f"{acc} = ZERO",
-                f"for {k} in range({ext}):",
-                f"    {acc} += math.exp({term} - m)",
-                f"{acc} = m + math.log({acc})",
-            ]
-        else:
-            body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
-    for acc, expr in step.row_sums:
-        body.append(f"{acc} += {printer.doprint(expr)}")
+    body = row_reduction_lines(step, printer, "-np.inf")
     if step.argmax_match is not None:
         y, t = (printer.array(b) for b in step.argmax_match)
         body.append(f"if np.argmax({y}[{step.row}]) == np.argmax({t}[{step.row}]):")

@@ -51,6 +51,7 @@ from ..common import (
     hoist_invariants,
     loop_lines,
     nest_statements,
+    row_reduction_lines,
     store_lines,
     window_scan,
 )
@@ -302,18 +303,7 @@ def _(step: RowLoop, printer: CudaPrinter) -> list[str]:
             arrays.update({printer.array(b): printer.array_type(2) for b in match})
     params = [("nb", "int64")] + sorted(arrays.items()) + sorted(scalars.items()) + [("stats", "float64[::1]")]
     cols = _extent(printer, step.cols)
-    body = []
-    for acc, kind, expr, k, extent in step.reductions:
-        printer.names[acc] = str(acc)
-        term, ext = printer.doprint(expr), _extent(printer, extent)
-        if kind == "logsumexp":
-            # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
-            body += ["m = NEG_INF", f"for {k} in range({ext}):", f"    m = max(m, {term})", f"{acc} = ZERO",
-                     f"for {k} in range({ext}):", f"    {acc} += math.exp({term} - m)", f"{acc} = m + math.log({acc})"]
-        else:
-            body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
-    for acc, expr in step.row_sums:
-        body.append(f"{acc} += {printer.doprint(expr)}")
+    body = row_reduction_lines(step, printer, "NEG_INF")
     if step.argmax_match is not None:
         # np.argmax's rule: the first maximum wins.
         y, t = (printer.array(b) for b in step.argmax_match)
