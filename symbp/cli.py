@@ -304,13 +304,10 @@ def _walkthrough(args) -> int:
 
 
 def _graph(args) -> int:
-    from symbp.derive import derive
     from symbp.graph import graph
-    from symbp.walkthrough import refuse_image_layers, walkthrough
+    from symbp.walkthrough import walkthrough
 
     cfg, net, model = load_source(args.spec)
-    # drawn from the worked example: say that it is the graph that is refused
-    refuse_image_layers(model.derivation if model is not None else derive(net), "the computational graph")
     w = walkthrough(net, **_example(cfg, args, model))
     collapse = True if args.collapse else False if args.expand else None
     path = graph(w, collapse=collapse).save(args.output)

@@ -6,13 +6,23 @@ when given a network or model, and :mod:`symbp.graph_draw` builds and draws the 
 
 from __future__ import annotations
 
-from .derive import derive
-from .graph_draw import EXPAND_MAX_PARAMS, EXPAND_MAX_UNITS, Edge, Graph, GraphvizNotFound, Node, draw
+from .graph_draw import (
+    EXPAND_MAX_ENTRIES,
+    EXPAND_MAX_ENTRY_PARAMS,
+    EXPAND_MAX_PARAMS,
+    EXPAND_MAX_UNITS,
+    Edge,
+    Graph,
+    GraphvizNotFound,
+    Node,
+    draw,
+)
 from .model import Model
 from .network import Network
-from .walkthrough import Walkthrough, refuse_image_layers, walkthrough
+from .walkthrough import Walkthrough, walkthrough
 
-__all__ = ["EXPAND_MAX_PARAMS", "EXPAND_MAX_UNITS", "Edge", "Graph", "GraphvizNotFound", "Node", "graph"]
+__all__ = ["EXPAND_MAX_ENTRIES", "EXPAND_MAX_ENTRY_PARAMS", "EXPAND_MAX_PARAMS",
+           "EXPAND_MAX_UNITS", "Edge", "Graph", "GraphvizNotFound", "Node", "graph"]
 
 
 def graph(source, collapse: bool | None = None, **walkthrough_args) -> Graph:
@@ -27,7 +37,11 @@ def graph(source, collapse: bool | None = None, **walkthrough_args) -> Graph:
     collapse : bool, optional
         One node per layer.  By default the graph is drawn unit by unit when every layer
         has at most :data:`EXPAND_MAX_UNITS` units and the network at most
-        :data:`EXPAND_MAX_PARAMS` parameters, and collapsed otherwise.
+        :data:`EXPAND_MAX_PARAMS` parameters, and collapsed otherwise; a network with other
+        layers (convolution, pooling, …) is drawn entry by entry — a convolution's windows as
+        × and + gates, a max pool's as max gates — when it has at most
+        :data:`EXPAND_MAX_ENTRIES` values per sample and :data:`EXPAND_MAX_ENTRY_PARAMS`
+        parameters.
 
     Examples
     --------
@@ -42,7 +56,6 @@ def graph(source, collapse: bool | None = None, **walkthrough_args) -> Graph:
             raise TypeError(f"graph() of a Walkthrough takes no {', '.join(sorted(walkthrough_args))}")
         w = source
     elif isinstance(source, (Network, Model)):
-        refuse_image_layers(source.derivation if isinstance(source, Model) else derive(source), "the computational graph")
         w = walkthrough(source, **walkthrough_args)
     else:
         raise TypeError(f"graph() takes a Walkthrough, Network or Model, got {type(source).__name__}")

@@ -36,6 +36,11 @@ __all__ = ["EXPAND_MAX_PARAMS", "EXPAND_MAX_UNITS", "Edge", "Graph", "GraphvizNo
 
 EXPAND_MAX_UNITS = 4  #: drawn unit by unit when no layer (nor the input) is wider than this …
 EXPAND_MAX_PARAMS = 40  #: … and the network has at most this many parameters
+#: A network with other layers (convolution, pooling, …) is drawn entry by entry when it has
+#: at most this many values (input and every layer's output, one sample) …
+EXPAND_MAX_ENTRIES = 128
+EXPAND_MAX_ENTRY_PARAMS = 64  #: … and at most this many parameters
+_EXPAND_LIMIT = 4000  #: collapse=False draws entry by entry up to this many values
 
 _VALUE_COLOR = "#1a7f37"  # green: forward value
 _GRAD_COLOR = "#cf222e"  # red: gradient
@@ -87,6 +92,15 @@ class Graph:
     edges: list
     collapsed: bool
     title: str
+    #: entry by entry (networks with image layers): every entry's node by its name,
+    #: ``"z1[0,1,2]"``, ``"a1[0,1,2]"``, ``"W1[0,0,1,1]"``, ``"x[0,2,3]"`` (wiring shares a node)
+    entries: dict = field(default_factory=dict)
+
+    def entry(self, name: str) -> Node:
+        """The node of entry ``name`` (``"z1[0,1,2]"``): see :attr:`entries`."""
+        if name not in self.entries:
+            raise KeyError(f"no entry {name!r}")
+        return self.nodes[self.entries[name]]
 
     def node(self, caption_or_label: str) -> Node:
         """The node whose caption (or, failing that, label) is ``caption_or_label``."""
@@ -190,14 +204,23 @@ def _run_dot(source: str, fmt: str, extra: list[str] | None = None) -> bytes:
 def draw(w, collapse: bool | None = None) -> Graph:
     """The computational graph of the sample of Walkthrough ``w`` (see :func:`symbp.graph.graph`)."""
     net = w.network
-    for ld in w.derivation.layers:
-        if not ld.affine:
-            raise ValueError(f"the graph can draw dense (affine) layers only; layer {ld.index} is {ld.layer!r}")
-    small = max(net.widths) <= EXPAND_MAX_UNITS and sum(np.prod(s) for s in net.param_shapes().values()) <= EXPAND_MAX_PARAMS
+    dense = all(ld.affine for ld in w.derivation.layers)
+    params = int(sum(np.prod(s) for s in net.param_shapes().values()))
+    if dense:
+        small = max(net.widths) <= EXPAND_MAX_UNITS and params <= EXPAND_MAX_PARAMS
+    else:
+        small = sum(net.widths) <= EXPAND_MAX_ENTRIES and params <= EXPAND_MAX_ENTRY_PARAMS
     if collapse is None:
         collapse = not small
     if not isinstance(collapse, bool):
         raise TypeError(f"collapse must be True, False or None, got {collapse!r}")
+    if not dense:
+        if collapse:
+            return _collapsed_layers(w)
+        if sum(net.widths) > _EXPAND_LIMIT:
+            raise ValueError(f"cannot draw entry by entry: the network has {sum(net.widths)} values per sample, more "
+                             f"than {_EXPAND_LIMIT}; use collapse=True (one node per layer)")
+        return _entries(w)
     if not collapse:
         from .explain import MAX_SCALAR_UNITS
 
@@ -442,6 +465,260 @@ def _collapsed(w) -> Graph:
         env[str(base.label)] = evaluate(definition.subs(_widths(d)), env, (n, p))
     dl = evaluate(d.loss.grad.subs(_widths(d)), env, (n, p))
     edges.append(Edge(prev, loss, shape=f"({net.outputs},)", value_norm=norm(w.a[-1]), grad_norm=norm(dl)))
+    edges.append(Edge(tn, loss, shape=f"({net.outputs},)", value_norm=norm(w.t)))
+    cost = loss
+    if net.l2:
+        cost = add("+ λ/2·Σ‖W‖²", "gate", caption="C")
+        edges.append(Edge(loss, cost, shape="scalar"))
+    nodes[cost].kind = "cost"
+    nodes[cost].value = w.loss
+    if cost == loss:
+        nodes[cost].caption = "C = ℓ"
+    return Graph(nodes, edges, True, f"{net.name}: one node per layer")
+
+
+# --------------------------------------------------------------------------------------------
+# Any layer, entry by entry: the stages' own formulas, instantiated
+# --------------------------------------------------------------------------------------------
+class _WindowMax(sp.Function):  # noqa: N801 - a gate, not a formula anyone prints
+    """The largest argument; its gradient goes to the first largest (as window_argmax rules)."""
+
+
+def _number(v: float) -> sp.Expr:
+    return sp.Integer(int(v)) if v.is_integer() else sp.Float(v)
+
+
+def _first_max(k: int, *vals: float) -> float:
+    return 1.0 if int(np.argmax(vals)) == k else 0.0
+
+
+def _expand(e):
+    """Every Sum over numeric limits written out as the Add of its terms."""
+    if isinstance(e, sp.Sum):
+        (var, lo, hi), *rest = e.limits
+        inner = sp.Sum(e.function, *rest) if rest else e.function
+        return sp.Add(*[_expand(inner.xreplace({var: sp.Integer(k)})) for k in range(int(lo), int(hi) + 1)])
+    if e.args and not isinstance(e, sp.Indexed):
+        return _rebuild(e, [_expand(a) for a in e.args])
+    return e
+
+
+def _rebuild(e, args):
+    """``e.func(*args)``, except that a number times a sum stays that product (SymPy would
+    spread 1/4 over the sum: the average pool is a + gate and one × 1/4)."""
+    if isinstance(e, sp.Mul) and any(isinstance(a, sp.Add) for a in args):
+        return sp.Mul(*args, evaluate=False)
+    return e.func(*args)
+
+
+def _maxes(e):
+    """Σ_j route(m, j)·v_j — a window's value at its arg-max m — as the max gate it is:
+    max(v_0, v_1, …) in the window's order (ties: the first, as the arg-max rules)."""
+    if not e.args or isinstance(e, sp.Indexed):
+        return e
+    terms = sp.Add.make_args(e)
+    groups: dict = {}
+    rest = []
+    for term in terms:
+        routes = [f for f in sp.Mul.make_args(term) if isinstance(f, ops.route)]
+        if len(routes) == 1:
+            r_ = routes[0]
+            others = [f for f in sp.Mul.make_args(term) if f is not r_]
+            groups.setdefault(r_.args[0], []).append((int(r_.args[1]), sp.Mul(*others)))
+        else:
+            rest.append(term)
+    if not groups:
+        return _rebuild(e, [_maxes(a) for a in e.args])
+    maxes = [_WindowMax(*[_maxes(v) for _, v in sorted(g, key=lambda kv: kv[0])]) for g in groups.values()]
+    return sp.Add(*[_maxes(t) for t in rest], *maxes)
+
+
+def _entry_text(label: str, idx) -> str:
+    return f"{label}[{','.join(str(int(v)) for v in idx)}]"
+
+
+def _entries(w) -> Graph:
+    """Every entry of every stage a gate (or wiring): a convolution's output is a + gate over
+    its window's × gates of weight and input and its bias, a max pool's a max gate over its
+    window, an average pool's a + gate and × 1/(kh·kw), a reshape just wiring; each found by
+    writing out the derivation's own stage formula for that entry."""
+    from .indices import N
+    from .indices import l2 as l2_symbol
+    from .indices import n as n_
+
+    d, net = w.derivation, w.network
+    values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
+    fixed = lambda e: sp.sympify(e).subs(values)  # noqa: E731
+    stage_of: dict = {}  # label -> (formula, its indices, caption prefix)
+    for ld in d.layers:
+        for st in ld.stages:
+            if not st.formula.has(ops.window_argmax):  # an arg-max: it lives in the max gate
+                stage_of[str(st.target.label)] = (fixed(st.formula), st.idx)
+        stage_of[f"a{ld.index}"] = (fixed(ld.output), ld.out_idx)
+    params = w.params
+    decayed = [str(ld.params[key].label) for ld in d.layers for key in ld.decay]
+    last = f"a{len(d.layers)}"
+    b = _Builder()
+    ref: dict = {}
+    memo: dict = {}
+    names: dict = {}
+    x_img = w.x.reshape(net.input_shape)
+    for pos in np.ndindex(*net.input_shape):
+        ref[sp.Indexed("x", 0, *pos)] = b.add(Node(b.new_id(), _entry_text("x", pos), "input",
+                                                   value=float(x_img[pos]))).id
+    for name, arr in params.items():
+        for pos in np.ndindex(*arr.shape):
+            ref[sp.Indexed(name, *pos)] = b.add(Node(b.new_id(), _entry_text(name, pos), "param",
+                                                     value=float(arr[pos]))).id
+
+    def entry(e) -> str:
+        key = sp.Indexed(str(e.base.label), *e.indices)
+        if key in ref:
+            return ref[key]
+        label, idx = str(e.base.label), [int(v) for v in e.indices]
+        if label == "y":  # the loss reads the last layer flat
+            shape = net.shapes[-1]
+            return entry(sp.Indexed(last, 0, *np.unravel_index(idx[1], shape)))
+        if label not in stage_of:
+            raise KeyError(f"no gate for {e}")
+        formula, sidx = stage_of[label]
+        expr = _maxes(_expand(formula.xreplace({n_: sp.Integer(0), **dict(zip(sidx, map(sp.Integer, idx[1:])))})))
+        caption = _entry_text(label, idx[1:])
+        if isinstance(expr, sp.Indexed):  # wiring: a reshape, the padding's copy, an identity
+            ref[key] = entry(expr)
+            node = b.nodes[ref[key]]
+            if node.kind in ("gate", "act"):
+                node.caption += f" = {caption}"
+        elif not expr.has(sp.Indexed):  # a constant entry: the padding's 0
+            ref[key] = b.add(Node(b.new_id(), text(expr), "const", caption=caption, value=float(expr))).id
+        else:
+            ref[key] = build(expr, caption, "act" if label.startswith("a") else "gate")
+        names[caption] = ref[key]
+        return ref[key]
+
+    def build(e, caption: str = "", kind: str = "gate") -> str:
+        if isinstance(e, sp.Indexed):
+            return entry(e)
+        if e in memo and not caption:
+            return memo[e]
+        if isinstance(e, ops.relu):
+            e = _WindowMax(sp.Integer(0), e.args[0])
+        args = list(e.args)
+        if isinstance(e, _WindowMax):
+            child_ids = [build(a) if a.has(sp.Indexed) else
+                         b.add(Node(b.new_id(), text(a), "const", value=float(a))).id for a in args]
+            node = b.add(Node(b.new_id(), "max", kind, caption=caption, fn=lambda *v: float(max(v))))
+            for k_, cid in enumerate(child_ids):
+                node.inputs.append((cid, functools.partial(_first_max, k_)))
+        else:
+            var = [a for a in args if a.has(sp.Indexed)]
+            const = [a for a in args if not a.has(sp.Indexed)]
+            dummies = [sp.Dummy(f"u{k_}") for k_ in range(len(var))]
+            it = iter(dummies)
+            local = e.func(*[next(it) if a.has(sp.Indexed) else a for a in args])
+            child_ids = [build(a) for a in var]
+            node = b.add(Node(b.new_id(), _gate_label(e, const), kind, caption=caption, fn=_numeric(local, dummies)))
+            for cid, dm in zip(child_ids, dummies):
+                node.inputs.append((cid, _numeric(sp.diff(local, dm), dummies)))
+        if not caption:
+            memo[e] = node.id
+        return node.id
+
+    for ld in d.layers:  # layer by layer, so the nodes come in the order of the forward pass
+        for pos in np.ndindex(*net.shapes[ld.index]):
+            entry(sp.Indexed(f"a{ld.index}", 0, *pos))
+    ell = _expand(fixed(d.loss.per_sample).xreplace({n_: sp.Integer(0)}))
+    ell = ell.replace(lambda e: isinstance(e, sp.Indexed) and e.base.label == d.loss.t.label,  # the targets: numbers
+                      lambda e: _number(float(w.t[int(e.indices[1])])))
+    cost_id = build(ell, caption="ℓ" if net.l2 else "C = ℓ")
+    if net.l2:
+        lam = net.l2
+        weights = [ref[sp.Indexed(name, *pos)] for name in decayed for pos in np.ndindex(*params[name].shape)]
+        pen = b.add(Node(b.new_id(), "λ/2·Σw²", "gate", caption=f"l2, λ = {lam:g}",
+                         fn=lambda *ws: 0.5 * lam * sum(v * v for v in ws)))
+        for pos, wid in enumerate(weights):
+            pen.inputs.append((wid, functools.partial(_l2_local, lam, pos)))
+        total = b.add(Node(b.new_id(), "+", "gate", caption="C", fn=lambda a_, b_: a_ + b_))
+        total.inputs = [(cost_id, lambda a_, b_: 1.0), (pen.id, lambda a_, b_: 1.0)]
+        cost_id = total.id
+    b.nodes[cost_id].kind = "cost"
+    g = _sweep(b, cost_id, collapsed=False, title=f"{net.name}: one sample")
+    g.entries = {**{b.nodes[nid].label: nid for nid in b.order if b.nodes[nid].kind in ("input", "param")}, **names}
+    if net.l2:
+        for e in g.edges:
+            if e.dst == pen.id:
+                e.hidden = True
+                g.nodes[e.src].caption = f"l2: λ·w = {_num(e.grad)}"
+    return g
+
+
+def _collapsed_layers(w) -> Graph:
+    """One node per layer of any kind: x → layer (its parameters feeding it) → f → … → ℓ → C,
+    edges labelled with shapes and the norms of the sample's values and gradients."""
+    from .index_eval import evaluate
+    from .indices import N
+    from .indices import l2 as l2_symbol
+    from .indices import n as n_
+
+    d, net = w.derivation, w.network
+    values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
+    nodes: dict = {}
+    edges: list = []
+
+    def norm(v) -> float:
+        return float(np.linalg.norm(np.asarray(v, np.float64)))
+
+    def add(label, kind, caption="", value=None) -> str:
+        nid = f"n{len(nodes)}"
+        nodes[nid] = Node(nid, label, kind, caption=caption, value=value)
+        return nid
+
+    def upstream(ld) -> float | None:
+        """‖∂C/∂a‖ of layer ``ld``: its δ formula with f′ set to 1, checked against δ = f′·that."""
+        act = ld.layer.activation
+        if act.is_identity:
+            return norm(w.delta[ld.index - 1])
+        idx = (n_, *ld.delta_idx)
+        fp = ld.fprime(idx)
+        up = ld.delta_formula.subs(fp, 1)
+        if up.has(ld.z) or (fp.has(ld.a) and up.has(ld.a)):  # f′ did not come out whole
+            return None
+        env = w.values
+        try:
+            ranges = dict(zip(ld.delta_idx, net.shapes[ld.index]))
+            val = evaluate(up.subs(values), env, idx, ranges=ranges)
+            fpv = evaluate(fp.subs(values), env, idx, ranges=ranges)
+        except (KeyError, ValueError, NotImplementedError):
+            return None
+        if not np.allclose((val * fpv).reshape(-1), w.delta[ld.index - 1], rtol=1e-9, atol=1e-12):
+            return None
+        return norm(val)
+
+    shape = lambda s: "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"  # noqa: E731
+    prev, prev_val = add("x", "input", caption=shape(net.shapes[0])), w.x
+    for ld in d.layers:
+        l = ld.index
+        layer = add(ld.layer.describe(), "gate", caption=f"z{l}")
+        edges.append(Edge(prev, layer, shape=shape(net.shapes[l - 1]), value_norm=norm(prev_val),
+                          grad_norm=upstream(d.layers[l - 2]) if l > 1 else None))
+        for key in ld.params:
+            name = f"{key}{l}"
+            pn = add(name, "param", caption=str(w.params[name].shape))
+            edges.append(Edge(pn, layer, shape=str(w.params[name].shape), value_norm=norm(w.params[name]),
+                              grad_norm=norm(w.grads[name])))
+        act = ld.layer.activation
+        if act.is_identity:
+            out = layer
+            nodes[layer].caption += f" = a{l}"
+        else:
+            out = add("f" if act.custom else act.describe(), "act", caption=f"a{l}")
+            edges.append(Edge(layer, out, shape=shape(net.shapes[l]), value_norm=norm(w.z[l - 1]),
+                              grad_norm=norm(w.delta[l - 1])))
+        prev, prev_val = out, w.a[l - 1]
+    loss = add(f"ℓ: {net.loss.name}", "gate", caption="ℓ")
+    tn = add("t", "const", caption=f"({net.outputs},)")
+    edges.append(Edge(prev, loss, shape=shape(net.shapes[-1]), value_norm=norm(w.a[-1]),
+                      grad_norm=upstream(d.layers[-1])))
     edges.append(Edge(tn, loss, shape=f"({net.outputs},)", value_norm=norm(w.t)))
     cost = loss
     if net.l2:

@@ -10,6 +10,15 @@ import html
 import math
 
 
+def divmod_index(flat: int, shape: tuple) -> list[int]:
+    """The C-order indices of entry ``flat`` of an array of ``shape``."""
+    out = []
+    for size in reversed(shape):
+        flat, rest = divmod(flat, size)
+        out.append(rest)
+    return out[::-1]
+
+
 def esc(s) -> str:
     return html.escape(str(s), quote=True)
 
@@ -34,7 +43,8 @@ MARK = {"ok": "✓", "FAILED": "✗ FAILED", "kink": "~ kink", "unchecked": "not
 def walkthrough_tables(w) -> str:
     """The worked example's tables as HTML."""
     net = w.network
-    vec = lambda v: "[" + ", ".join(num(float(x)) for x in v) + "]"  # noqa: E731
+    vec = lambda v: "[" + ", ".join(num(float(x)) for x in v[: 4 * w.max_rows]) + (  # noqa: E731
+        f", … {len(v) - 4 * w.max_rows} more" if len(v) > 4 * w.max_rows else "") + "]"
     out = [f'<p>x = <code>{esc(vec(w.x))}</code>, t = <code>{esc(vec(w.t))}</code>'
            + (f", λ = {net.l2:g}" if net.l2 else "") + f"; cost C = <b>{esc(num(w.loss))}</b>"
            + (f" (the generated kernels: {esc(num(w.kernel_loss))})" if w.kernel_loss is not None else "") + ".</p>"]
@@ -47,6 +57,18 @@ def walkthrough_tables(w) -> str:
         if len(w.z[l - 1]) > w.max_rows:
             rows.append(f"<tr><td>{l}</td><td colspan=3>… {len(w.z[l - 1]) - w.max_rows} more units</td></tr>")
     out.append(f'<table class="grid">{"".join(rows)}</table>')
+    if any(getattr(w, "stages", ())):
+        out.append("<h3>Intermediate stages (each layer's formulas before z)</h3>")
+        rows = ["<tr><th>layer</th><th>entry</th><th>value</th></tr>"]
+        for l, stages in enumerate(w.stages, 1):
+            for label, value in stages.items():
+                flat = value.reshape(-1)
+                for u in range(min(flat.size, w.max_rows)):
+                    idx = ",".join(str(int(v)) for v in divmod_index(u, value.shape))
+                    rows.append(f"<tr><td>{l}</td><td>{esc(label)}[{idx}]</td><td class=num>{num(float(flat[u]))}</td></tr>")
+                if flat.size > w.max_rows:
+                    rows.append(f"<tr><td>{l}</td><td colspan=2>… {flat.size - w.max_rows} more of {esc(label)}</td></tr>")
+        out.append(f'<table class="grid">{"".join(rows)}</table>')
 
     def status(c) -> str:
         cls = "ok" if c.status in ("ok", "kink", "unchecked") else "bad"

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import sympy as sp
 
+from .ops import window_argmax
+
 __all__ = ["NUMPY_FUNCTIONS", "evaluate"]
 
 #: NumPy versions of the functions symbp's formulas use beyond NumPy's own.
@@ -37,6 +39,19 @@ def _expit(x):
 _PLANS: dict = {}
 
 
+class kdelta(sp.Function):  # noqa: N801 - printed by name for NUMPY_FUNCTIONS
+    """KroneckerDelta for arrays (SymPy's NumPy printer writes a scalar ``1 if a == b else 0``)."""
+
+    nargs = 2
+
+
+NUMPY_FUNCTIONS.update({
+    "kdelta": lambda a, b: np.equal(a, b).astype(np.float64),
+    # route(m, j): 1 where j is the arg-max position m (see symbp.ops.route)
+    "route": lambda m, j: np.equal(m, j).astype(np.float64),
+})
+
+
 def _align(values: list[tuple[np.ndarray, tuple]]) -> tuple[list[np.ndarray], tuple]:
     """Broadcast labelled arrays against each other: one axis per distinct index."""
     axes: list = []
@@ -56,49 +71,39 @@ def _align(values: list[tuple[np.ndarray, tuple]]) -> tuple[list[np.ndarray], tu
     return out, tuple(axes)
 
 
-def _plan(e):
-    """A function env → (array, axes) evaluating ``e``, built once per expression."""
-    if e in _PLANS:
-        return _PLANS[e]
+def _read(env, label: str, rank: int, e) -> np.ndarray:
+    if label not in env:
+        raise KeyError(f"no value for {label} (needed by {e})")
+    arr = env[label]
+    if arr.ndim != rank:
+        if rank == 2 and arr.ndim > 2:  # an image read flat, a[n, p], as the kernels store it
+            return arr.reshape(arr.shape[0], -1)
+        raise ValueError(f"{label} has {arr.ndim} axes but is indexed as {e}")
+    return arr
+
+
+def _plan(e, ranges: dict):
+    """A function env → (array, axes) evaluating ``e``, built once per expression.
+
+    ``ranges`` gives the extent (values 0 … extent − 1) of the index symbols in scope: the
+    free indices asked for and the summation indices of the enclosing sums.  An index that
+    is an expression (``S·h + u``, ``H·W·p + W·r + s``) is gathered; a position outside the
+    array reads NaN, which only a Piecewise guard that excludes it can discard."""
+    key = (e, tuple(sorted(ranges.items(), key=lambda kv: str(kv[0]))))
+    if key in _PLANS:
+        return _PLANS[key]
     if isinstance(e, sp.Indexed):
-        label = str(e.base.label)
-        sl, axes = [], []
-        for ix in e.indices:
-            if ix.is_Integer:
-                sl.append(int(ix))
-            elif isinstance(ix, sp.Symbol) and ix not in axes:
-                sl.append(slice(None))
-                axes.append(ix)
-            else:
-                raise NotImplementedError(f"cannot evaluate the index {ix} in {e}")
-        sl, axes, rank = tuple(sl), tuple(axes), len(e.indices)
-
-        def run(env):
-            if label not in env:
-                raise KeyError(f"no value for {label} (needed by {e})")
-            arr = env[label]
-            if arr.ndim != rank:
-                raise ValueError(f"{label} has {arr.ndim} axes but is indexed as {e}")
-            return arr[sl], axes
+        run = _plan_indexed(e, ranges)
     elif isinstance(e, sp.Sum):
-        body = _plan(e.function)
-        for _, lo, hi in e.limits:
-            free = (lo.free_symbols | hi.free_symbols) if isinstance(lo, sp.Basic) else set()
-            if free:
-                raise ValueError(f"cannot evaluate {e}: no value for {', '.join(sorted(map(str, free)))}")
-        limits = [(s, int(lo), int(hi)) for s, lo, hi in e.limits]
+        run = _plan_sum(e, ranges)
+    elif isinstance(e, window_argmax):
+        run = _plan_argmax(e, ranges)
+    elif isinstance(e, sp.Symbol) and e in ranges:
+        axis = (np.arange(ranges[e], dtype=np.float64), (e,))
 
         def run(env):
-            val, axes = body(env)
-            for s, lo, hi in limits:
-                if s in axes:
-                    ax = axes.index(s)
-                    val = np.take(val, np.arange(lo, hi + 1), axis=ax).sum(axis=ax)
-                    axes = axes[:ax] + axes[ax + 1:]
-                else:
-                    val = val * (hi - lo + 1)
-            return val, axes
-    elif not e.has(sp.Indexed):
+            return axis
+    elif not e.has(sp.Indexed) and not (e.free_symbols & set(ranges)):
         free = e.free_symbols
         if free:
             raise ValueError(f"cannot evaluate {e}: no value for {', '.join(sorted(map(str, free)))}")
@@ -107,46 +112,164 @@ def _plan(e):
         def run(env):
             return const
     else:
-        subs, parts = {}, []
-
-        def strip(x):
-            if isinstance(x, (sp.Indexed, sp.Sum)):
-                if x not in subs:
-                    subs[x] = sp.Dummy(f"v{len(subs)}")
-                    parts.append(x)
-                return subs[x]
-            if not x.args:
-                return x
-            return x.func(*[strip(a) for a in x.args])
-
-        skeleton = strip(e)
-        fn = sp.lambdify([subs[x] for x in parts], skeleton, modules=[NUMPY_FUNCTIONS, "numpy"])
-        children = [_plan(x) for x in parts]
-
-        def run(env):
-            arrays, axes = _align([c(env) for c in children])
-            return np.asarray(fn(*arrays), dtype=np.float64), axes
-    _PLANS[e] = run
+        run = _plan_elementwise(e, ranges)
+    _PLANS[key] = run
     return run
 
 
-def _ev(e, env: Mapping[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
-    return _plan(e)(env)
+def _plan_indexed(e, ranges: dict):
+    label, rank = str(e.base.label), len(e.indices)
+    if all(ix.is_Integer or isinstance(ix, sp.Symbol) for ix in e.indices) and \
+            len({ix for ix in e.indices if isinstance(ix, sp.Symbol)}) == sum(isinstance(ix, sp.Symbol) for ix in e.indices):
+        sl = tuple(int(ix) if ix.is_Integer else slice(None) for ix in e.indices)
+        axes = tuple(ix for ix in e.indices if isinstance(ix, sp.Symbol))
+
+        def run(env):
+            return _read(env, label, rank, e)[sl], axes
+        return run
+    syms: list = []
+    for ix in e.indices:
+        for sym in sorted(ix.free_symbols, key=str):
+            if sym not in syms:
+                syms.append(sym)
+    # an index with no range given that stands alone somewhere (n in x[n, c, S·h + u, …])
+    # runs over that axis of the array
+    plain = {ix: d for d, ix in enumerate(e.indices) if isinstance(ix, sp.Symbol)}
+    missing = [str(sym) for sym in syms if sym not in ranges and sym not in plain]
+    if missing:
+        raise ValueError(f"cannot evaluate {e}: no range for the index {', '.join(missing)}")
+    fns = [sp.lambdify(syms, ix, modules="numpy") for ix in e.indices]
+    axes = tuple(syms)
+    cache: dict = {}
+
+    def gather(arr_shape):
+        shape = [ranges[sym] if sym in ranges else arr_shape[plain[sym]] for sym in syms]
+        grids = [np.arange(ext).reshape([ext if a == b else 1 for b in range(len(syms))]) for a, ext in enumerate(shape)]
+        positions = [np.broadcast_to(np.asarray(fn(*grids), dtype=np.int64), shape) for fn in fns]
+        valid = np.ones(shape, dtype=bool)
+        for pos, size in zip(positions, arr_shape):
+            valid &= (pos >= 0) & (pos < size)
+        clipped = tuple(np.clip(pos, 0, size - 1) for pos, size in zip(positions, arr_shape))
+        return clipped, (None if valid.all() else valid)
+
+    def run(env):
+        arr = _read(env, label, rank, e)
+        if arr.shape not in cache:
+            cache[arr.shape] = gather(arr.shape)
+        clipped, valid = cache[arr.shape]
+        out = np.asarray(arr[clipped], dtype=np.float64)
+        if valid is not None:
+            out = np.where(valid, out, np.nan)
+        return out, axes
+    return run
 
 
-def evaluate(expr: sp.Expr, env: Mapping[str, np.ndarray], order: tuple = (), values: Mapping | None = None) -> np.ndarray:
+def _limits(e) -> list:
+    out = []
+    for limit in e.limits if isinstance(e, sp.Sum) else e.args[1:]:
+        sym, lo, hi = limit
+        if (lo.free_symbols | hi.free_symbols) if isinstance(lo, sp.Basic) else set():
+            raise ValueError(f"cannot evaluate {e}: no value for "
+                             f"{', '.join(sorted(map(str, lo.free_symbols | hi.free_symbols)))}")
+        if int(lo) < 0:
+            raise NotImplementedError(f"cannot evaluate {e}: a range starting below 0")
+        out.append((sym, int(lo), int(hi)))
+    return out
+
+
+def _plan_sum(e, ranges: dict):
+    limits = _limits(e)
+    body = _plan(e.function, {**ranges, **{s: hi + 1 for s, _, hi in limits}})
+
+    def run(env):
+        val, axes = body(env)
+        for s, lo, hi in limits:
+            if s in axes:
+                ax = axes.index(s)
+                val = np.take(val, np.arange(lo, hi + 1), axis=ax).sum(axis=ax)
+                axes = axes[:ax] + axes[ax + 1:]
+            else:
+                val = val * (hi - lo + 1)
+        return val, axes
+    return run
+
+
+def _plan_argmax(e, ranges: dict):
+    """window_argmax(value, (u, 0, U−1), (v, 0, V−1)): the row-major position of the first
+    maximum over the window, as :class:`symbp.ops.window_argmax` defines it."""
+    limits = _limits(e)
+    body = _plan(e.args[0], {**ranges, **{s: hi + 1 for s, _, hi in limits}})
+    window = [s for s, _, _ in limits]
+
+    def run(env):
+        val, axes = body(env)
+        for s, _lo, hi in limits:
+            if s not in axes:
+                val, axes = np.repeat(val[..., None], hi + 1, axis=-1), axes + (s,)
+        rest = [a for a in axes if a not in window]
+        val = np.transpose(val, [axes.index(a) for a in rest] + [axes.index(s) for s in window])
+        val = val[(Ellipsis, *[slice(lo, hi + 1) for _, lo, hi in limits])]
+        flat = val.reshape(val.shape[: len(rest)] + (-1,))
+        return np.argmax(flat, axis=-1).astype(np.float64), tuple(rest)
+    return run
+
+
+def _plan_elementwise(e, ranges: dict):
+    subs, parts = {}, []
+
+    def strip(x):
+        if isinstance(x, (sp.Indexed, sp.Sum, window_argmax)) or (isinstance(x, sp.Symbol) and x in ranges):
+            if x not in subs:
+                subs[x] = sp.Dummy(f"v{len(subs)}")
+                parts.append(x)
+            return subs[x]
+        if isinstance(x, sp.KroneckerDelta):
+            return kdelta(*[strip(a) for a in x.args])
+        if not x.args:
+            return x
+        return x.func(*[strip(a) for a in x.args])
+
+    skeleton = strip(e)
+    unknown = skeleton.free_symbols - set(subs.values())
+    if unknown:
+        raise ValueError(f"cannot evaluate {e}: no value for {', '.join(sorted(map(str, unknown)))}")
+    fn = sp.lambdify([subs[x] for x in parts], skeleton, modules=[NUMPY_FUNCTIONS, "numpy"])
+    children = [_plan(x, ranges) for x in parts]
+    guarded = skeleton.has(sp.Piecewise)
+
+    def run(env):
+        arrays, axes = _align([c(env) for c in children])
+        if guarded:  # NumPy's select needs its choices and conditions of one shape
+            arrays = np.broadcast_arrays(*arrays)
+        with np.errstate(invalid="ignore"):
+            return np.asarray(fn(*arrays), dtype=np.float64), axes
+    return run
+
+
+def _ev(e, env: Mapping[str, np.ndarray], ranges: Mapping | None = None) -> tuple[np.ndarray, tuple]:
+    return _plan(e, dict(ranges or {}))(env)
+
+
+def evaluate(expr: sp.Expr, env: Mapping[str, np.ndarray], order: tuple = (), values: Mapping | None = None,
+             ranges: Mapping | None = None) -> np.ndarray:
     """Evaluate an index expression with NumPy.
 
     Parameters
     ----------
     expr : sympy.Expr
-        Built from ``Indexed`` quantities, ``Sum`` over index ranges and elementwise functions.
+        Built from ``Indexed`` quantities (indices may be affine expressions of index
+        symbols: ``x[n, c, S*h + u, S*w + v]``), ``Sum`` over index ranges, elementwise
+        functions, ``KroneckerDelta``, ``Piecewise`` guards and the arg-max ops of
+        :mod:`symbp.ops` (``window_argmax``, ``route``).
     env : mapping of str to numpy.ndarray
         Arrays by indexed-base label (``"W1"``, ``"x"``, ``"delta2"``).
     order : tuple of index symbols
         The free indices of the result, in the order of its axes.
     values : mapping, optional
         Numbers for the remaining symbols (widths ``d_l``, ``N``, ``lambda``).
+    ranges : mapping, optional
+        Extents of the free indices (symbol -> count, values 0 … count − 1); needed where an
+        index appears inside an expression or as a value, else taken from the arrays.
 
     Examples
     --------
@@ -157,7 +280,7 @@ def evaluate(expr: sp.Expr, env: Mapping[str, np.ndarray], order: tuple = (), va
     array([3., 4.])
     """
     e = expr.subs(values) if values else expr
-    val, axes = _ev(e, env)
+    val, axes = _ev(e, env, ranges)
     missing = [a for a in axes if a not in order]
     if missing:
         raise ValueError(f"{expr} has free indices {missing} beyond {order}")
@@ -167,4 +290,7 @@ def evaluate(expr: sp.Expr, env: Mapping[str, np.ndarray], order: tuple = (), va
         return np.asarray(val, np.float64)
     # constant along some output index (a bias has no n): give it that axis
     shape = [val.shape[present.index(a)] if a in present else 1 for a in order]
-    return np.asarray(val, np.float64).reshape(shape)
+    val = np.asarray(val, np.float64).reshape(shape)
+    if ranges and all(a in ranges for a in order if a not in present):  # spread it over their ranges
+        val = np.broadcast_to(val, [ranges[a] if a not in present else val.shape[k] for k, a in enumerate(order)]).copy()
+    return val

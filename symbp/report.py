@@ -178,6 +178,10 @@ def _kernel_ref(eq: Equation, d, workspace: set[str]) -> tuple[str, tuple, tuple
 # --------------------------------------------------------------------------------------------
 # HTML
 # --------------------------------------------------------------------------------------------
+#: A network with layers other than affine maps gets the worked example and the graph while
+#: it has at most this many values per sample (input and every layer's output).
+EXAMPLE_MAX_VALUES = 512
+
 _CSS = """
 :root { --ink: #1f2328; --muted: #57606a; --line: #d0d7de; --soft: #f6f8fa; --accent: #0969da; --mark: #fff3bf; }
 * { box-sizing: border-box; }
@@ -375,6 +379,9 @@ def report(
 
     dense = all(ld.affine for ld in d.layers)
     scalar = dense and max(net.widths) <= MAX_SCALAR_UNITS
+    # The worked example (and the graph drawn from it) goes entry by entry: every dense
+    # network, and networks of other layers while they are small.
+    example = dense or sum(net.widths) <= EXAMPLE_MAX_VALUES
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     doc = build(d, scalar=scalar, optimizer=optimizer)
     # The update rule runs in the training module: its lines for the first parameter stand
@@ -388,14 +395,14 @@ def report(
     filename = f"{model.source_path.parent.name}/{model.source_path.name}"
     namespace = getattr(model, "kernels", None)
     workspace = {name for name, _ in getattr(namespace, "WORKSPACE", ())}
-    # The worked example and the graph go unit by unit: dense networks only (see walkthrough).
-    w = walkthrough(model, x=x, t=t, params=params, seed=seed) if dense else None
-    if not dense and graph is True:
+    w = walkthrough(model, x=x, t=t, params=params, seed=seed) if example else None
+    if not example and graph is True:
         raise ValueError("a spec the report cannot draw: the computational graph goes unit by unit through dense "
-                         "layers only, and this network has image layers (use graph='auto' or False)")
+                         f"layers only, and this network has image layers with more than {EXAMPLE_MAX_VALUES} values "
+                         "per sample (use graph='auto' or False)")
 
     figure = ""
-    if graph and dense:
+    if graph and example:
         try:
             g = make_graph(w)
             svg = g.svg()
@@ -421,15 +428,16 @@ def report(
     trained = history is not None and bool(history.epoch)
     toc = [("shapes", "Shapes and parameters")] + [("training", "Training")] * trained
     toc += [("graph", "Computational graph")] if figure else []
-    toc += [(s.anchor, s.title) for s in doc.sections] + [("example", "Worked example")] * dense
+    toc += [(s.anchor, s.title) for s in doc.sections] + [("example", "Worked example")] * example
     toc += [("module", "Generated module")]
     body.append("<nav>" + "\n".join(f'<a href="#{a}">{_esc(title)}</a>' for a, title in toc) + "</nav>")
     body += ['<h2 id="shapes">Shapes and parameters</h2>', _shapes_table(doc),
              f"<p>Input x: {_esc(_batch_shape(net.input_shape))}; targets t: (N, {net.outputs}); "
              "N is the batch size.</p>"]
-    if not dense:
+    if not example:
         body.append('<p class="notice">No computational graph and no worked example: both go unit by unit through '
-                    "dense layers, and this network has image layers. Every formula below is still the derivation's, "
+                    f"dense layers, and this network has image layers with more than {EXAMPLE_MAX_VALUES} values per "
+                    "sample. Every formula below is still the derivation's, "
                     "beside the kernel lines that evaluate it where they could be matched.</p>")
     if trained:
         body += ['<h2 id="training">Training</h2>', _training_html(model)]

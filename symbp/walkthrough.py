@@ -24,9 +24,10 @@ from .html_tables import MARK as _MARK
 from .html_tables import err as _err
 from .html_tables import num as _num
 from .index_eval import NUMPY_FUNCTIONS, evaluate  # noqa: F401 - NUMPY_FUNCTIONS: part of this module's API
-from .indices import N, i, n, p, q
+from .indices import N, n, p
 from .indices import l2 as l2_symbol
 from .network import Network
+from .ops import window_argmax
 
 __all__ = ["Check", "Walkthrough", "evaluate", "walkthrough"]
 
@@ -62,7 +63,8 @@ class Walkthrough:
     params : dict of str to numpy.ndarray
         The parameters used (float64).
     z, a, delta : list of numpy.ndarray
-        Per layer (index 0 is layer 1), one value per unit.
+        Per layer (index 0 is layer 1), one value per unit (an image's entries flat, in
+        (channel, row, column) order; ``network.shapes`` has their shapes).
     loss : float
         C for this sample, l2 term included.
     grads : dict of str to numpy.ndarray
@@ -83,6 +85,12 @@ class Walkthrough:
     grads: dict
     checks: list = field(default_factory=list)
     unit_names: list = field(default_factory=list)  # per layer (0: inputs), per unit
+    #: per layer, the values of its stages before z (the padded input, a window's arg-max, …),
+    #: by stage name, one sample's shape
+    stages: list = field(default_factory=list)
+    #: every array the derivation's formulas filled for the sample (a batch of one), by
+    #: label: stages, a, δ, the stage gradients (gxpad1, gy2, …), the loss's definitions
+    values: dict = field(default_factory=dict, repr=False)
     param_names: dict = field(default_factory=dict)  # (name, flat index) -> "w₅"
     kernel_loss: float | None = None
     kernel_output: np.ndarray | None = None
@@ -130,16 +138,6 @@ class Walkthrough:
         return draw(self, collapse)
 
 
-def refuse_image_layers(d: Derivation, what: str) -> None:
-    """A clear ValueError unless every layer of derivation ``d`` is one affine map and its
-    activation: ``what`` works unit by unit through such layers only (:func:`symbp.explain.build`
-    and the report show every layer's stages)."""
-    for ld in d.layers:
-        if not ld.affine:
-            raise ValueError(f"{what} goes unit by unit through dense layers only, and layer {ld.index} is "
-                             f"{ld.layer!r}; explain() and the report show image layers (formulas, shapes, kernels)")
-
-
 def _as_network(obj):
     from .model import Model
 
@@ -148,6 +146,14 @@ def _as_network(obj):
     if isinstance(obj, Network):
         return obj, None
     raise TypeError(f"walkthrough() takes a symbp Network or a compiled Model, got {type(obj).__name__}")
+
+
+def _numeric_array(value) -> bool:
+    try:
+        np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _vector(value, size: int, what: str) -> np.ndarray:
@@ -212,39 +218,71 @@ def check_params(net: Network, params) -> dict[str, np.ndarray]:
 
 
 class _Evaluator:
-    """The derivation's formulas on one sample: forward, loss, δs and gradients."""
+    """The derivation's formulas on one sample: every stage, the loss, δs, stage gradients and
+    parameter gradients, each evaluated as SymPy derived it (sizes fixed to numbers)."""
 
     def __init__(self, d: Derivation) -> None:
         self.d = d
         net = d.network
-        self.values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: w for l, w in enumerate(net.widths)}}
-        fixed = lambda e: e.subs(self.values)  # noqa: E731
-        self.forward = [(fixed(ld.forward), fixed(ld.output)) for ld in d.layers]
+        self.values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: w for l, w in enumerate(net.widths)}, **d.sizes}
+        fixed = lambda e: sp.sympify(e).subs(self.values)  # noqa: E731
+        extents = lambda idx, dims: {s_: int(fixed(ext)) for s_, ext in zip(idx, dims)}  # noqa: E731
+        self.stages, self.outputs, self.deltas, self.stage_grads, self.grads = {}, {}, {}, {}, {}
+        #: stages that pick a window's arg-max: piecewise constant, a perturbation that
+        #: changes one of them crosses a kink of the cost
+        self.switches = []
+        for ld in d.layers:
+            l = ld.index
+            self.stages[l] = [(str(st.target.label), fixed(st.formula), (n, *st.idx), extents(st.idx, st.dims))
+                              for st in ld.stages]
+            self.switches += [st[0] for st, raw in zip(self.stages[l], ld.stages) if raw.formula.has(window_argmax)]
+            shape = net.shapes[l]
+            self.outputs[l] = (fixed(ld.output), (n, *ld.out_idx), dict(zip(ld.out_idx, shape)))
+            self.deltas[l] = (fixed(ld.delta_formula), (n, *ld.delta_idx), dict(zip(ld.delta_idx, shape)))
+            dims_of = {str(st.target.label): st.dims for st in ld.stages}
+            self.stage_grads[l] = [(str(gb.label), fixed(g), (n, *free), extents(free, dims_of[label]))
+                                   for label, (gb, free, g) in ld.stage_grads.items()]
+            for key, g in ld.grads.items():
+                idx = ld.param_idx[key]
+                self.grads[(key, l)] = (fixed(g), idx, extents(idx, ld.param_dims[key]))
         self.per_sample = fixed(d.loss.per_sample)
         self.definitions = {str(b.label): fixed(e) for b, e in d.loss.definitions.items()}
-        self.deltas = {ld.index: fixed(ld.delta_formula) for ld in d.layers}
-        self.grads = {(key, ld.index): fixed(g) for ld in d.layers for key, g in ld.grads.items()}
+        self.decayed = [str(ld.params[key].label) for ld in d.layers for key in ld.decay]
+        self.base: dict | None = None  # the arg-max stages of the unperturbed sample
+        self.switched = False
 
     def run_forward(self, env: dict, start: int = 1, z_start: np.ndarray | None = None) -> float:
-        """Fill z, a from layer ``start`` on (with ``z_start`` as that layer's z if given) and
-        return the cost C of the sample."""
-        for ld, (fwd, out) in zip(self.d.layers[start - 1:], self.forward[start - 1:]):
+        """Fill every stage and a from layer ``start`` on (with ``z_start`` as that layer's z
+        if given) and return the cost C of the sample."""
+        for ld in self.d.layers[start - 1:]:
             l = ld.index
-            env[f"z{l}"] = z_start if (l == start and z_start is not None) else evaluate(fwd, env, (n, i))
-            env[f"a{l}"] = evaluate(out, env, (n, i))
+            stages = self.stages[l]
+            if l == start and z_start is not None:
+                env[stages[-1][0]] = z_start
+                stages = []
+            for label, formula, order, ranges in stages:
+                env[label] = evaluate(formula, env, order, ranges=ranges)
+            out, order, ranges = self.outputs[l]
+            env[f"a{l}"] = evaluate(out, env, order, ranges=ranges)
+        if self.base is not None:
+            self.switched = any(not np.array_equal(env[s_], self.base[s_]) for s_ in self.switches if s_ in env)
         env["y"] = env[f"a{len(self.d.layers)}"]
         ell = evaluate(self.per_sample, env, (n,))
-        penalty = 0.5 * self.d.network.l2 * sum(float(np.sum(env[f"W{ld.index}"] ** 2)) for ld in self.d.layers)
+        penalty = 0.5 * self.d.network.l2 * sum(float(np.sum(env[name] ** 2)) for name in self.decayed)
         return float(np.mean(ell)) + penalty
 
     def run_backward(self, env: dict) -> None:
         for name, definition in self.definitions.items():
             env[name] = evaluate(definition, env, (n, p))
         for ld in reversed(self.d.layers):
-            env[f"delta{ld.index}"] = evaluate(self.deltas[ld.index], env, (n, p))
+            formula, order, ranges = self.deltas[ld.index]
+            env[f"delta{ld.index}"] = evaluate(formula, env, order, ranges=ranges)
+            for label, formula, order, ranges in self.stage_grads[ld.index]:
+                env[label] = evaluate(formula, env, order, ranges=ranges)
 
     def gradient(self, env: dict, key: str, l: int) -> np.ndarray:
-        return evaluate(self.grads[(key, l)], env, (p, q) if key == "W" else (p,))
+        formula, order, ranges = self.grads[(key, l)]
+        return evaluate(formula, env, order, ranges=ranges)
 
 
 def _five_point(f, h: float) -> float:
@@ -312,7 +350,10 @@ def walkthrough(
     if max_checks is not None and (isinstance(max_checks, bool) or not isinstance(max_checks, int) or max_checks < 1):
         raise ValueError(f"max_checks must be a whole number >= 1, got {max_checks!r}")
     rng = np.random.default_rng(seed)
-    x = rng.normal(0.0, 1.0, net.inputs) if x is None else _vector(x, net.inputs, "x (one sample's inputs)")
+    width = net.widths[0]
+    if x is not None and np.shape(x) in (net.input_shape, (1, *net.input_shape)):
+        x = np.reshape(np.asarray(x, dtype=np.float64) if _numeric_array(x) else x, -1)
+    x = rng.normal(0.0, 1.0, width) if x is None else _vector(x, width, "x (one sample's inputs)")
     if t is None:
         K = net.outputs
         t = {"multiclass": lambda: np.eye(K)[rng.integers(0, K)], "binary": lambda: rng.integers(0, 2, K).astype(float)
@@ -324,15 +365,16 @@ def walkthrough(
         params = {k: np.asarray(v, np.float64).copy() for k, v in source.items()}
     params = check_params(net, params)
     d = model.derivation if model is not None else derive(net)
-    refuse_image_layers(d, "the worked example")
     ev = _Evaluator(d)
-    env = {"x": x[None, :], "t": t[None, :], **params}
+    env = {"x": x.reshape(1, *net.input_shape), "t": t[None, :], **params}
     loss = ev.run_forward(env)
     ev.run_backward(env)
-    L = len(d.layers)
-    z = [env[f"z{l}"][0].copy() for l in range(1, L + 1)]
-    a = [env[f"a{l}"][0].copy() for l in range(1, L + 1)]
-    delta = [env[f"delta{l}"][0].copy() for l in range(1, L + 1)]
+    ev.base = {s_: env[s_].copy() for s_ in ev.switches}
+    # one value per unit, flat (C order, as the kernels store an image); the shapes are net.shapes
+    z = [env[str(ld.z.label)][0].reshape(-1).copy() for ld in d.layers]
+    a = [env[f"a{ld.index}"][0].reshape(-1).copy() for ld in d.layers]
+    delta = [env[f"delta{ld.index}"][0].reshape(-1).copy() for ld in d.layers]
+    stages = [{str(st.target.label): env[str(st.target.label)][0].copy() for st in ld.stages[:-1]} for ld in d.layers]
     grads = {}
     for ld in d.layers:
         for key in ld.grads:
@@ -340,30 +382,36 @@ def walkthrough(
 
     names, pnames = _names(d)
     w = Walkthrough(net, d, x, t, params, z, a, delta, loss, grads, unit_names=names, param_names=pnames,
-                    tolerance=tolerance)
+                    tolerance=tolerance, stages=stages, values={k: v.copy() for k, v in env.items()})
     scale = 1e-5 * max(1.0, abs(loss))  # a δ or gradient far below the cost is judged against this
     kinks = _kinks(d, z, h)
+
+    switched = []  # whether some perturbation of the current check moved a window's arg-max
 
     def cost_with(mutate) -> float:
         trial = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in env.items()}
         start, z_start = mutate(trial)
-        return ev.run_forward(trial, start, z_start)
+        cost = ev.run_forward(trial, start, z_start)
+        switched.append(ev.switched)
+        return cost
 
     for ld in reversed(d.layers):
         l = ld.index
         for u in range(net.widths[l]):
             def shifted(s, l=l, u=u):
                 def mutate(trial):
-                    zz = env[f"z{l}"].copy()
-                    zz[0, u] += s
+                    zz = env[str(d.layers[l - 1].z.label)].copy()
+                    zz.reshape(-1)[u] += s
                     return l, zz
                 return cost_with(mutate)
 
+            switched.clear()
             num = _five_point(shifted, h * max(1.0, abs(z[l - 1][u])))
             val = float(delta[l - 1][u])
             err = _rel(val, num, scale)
-            status = "ok" if err <= tolerance else ("kink" if (l, u) in kinks else "FAILED")
-            w.checks.append(Check(f"δ {names[l][u]}", f"delta{l}[{u}]", val, num, err, status=status))
+            status = "ok" if err <= tolerance else ("kink" if (l, u) in kinks or any(switched) else "FAILED")
+            w.checks.append(Check(f"δ {names[l][u]}", _entry(f"delta{l}", net.shapes[l], u), val, num, err,
+                                  status=status))
     total = sum(v.size for v in params.values())
     limit = max_checks if max_checks is not None else (None if total <= 500 else 64)
     for name, value in params.items():
@@ -388,9 +436,10 @@ def walkthrough(
                     return 1, None
                 return cost_with(mutate)
 
+            switched.clear()
             num = _five_point(shifted, h * max(1.0, abs(theta)))
             err = _rel(val, num, scale)
-            status = "ok" if err <= tolerance else ("kink" if kinks else "FAILED")
+            status = "ok" if err <= tolerance else ("kink" if kinks or any(switched) else "FAILED")
             w.checks.append(Check(f"∂C/∂{pnames.get((name, k), entry)}", entry, val, num, err, status=status, theta=theta))
     if model is not None:
         _compare_kernels(w, model)
@@ -412,10 +461,11 @@ def _compare_kernels(w: Walkthrough, model) -> None:
     w.kernel_loss = float(kloss)
     tol = 1e-4 if model.dtype == np.float32 else 1e-9
     scale = (1e-6 if model.dtype == np.float32 else 1e-12) * max(1.0, abs(w.loss))
+    shapes = net.param_shapes()
     for c in w.checks:
-        if c.entry.startswith(("W", "b")):
-            name = c.entry.split("[")[0]
-            idx = _unentry(c.entry, net.param_shapes()[name])
+        name = c.entry.split("[")[0]
+        if name in shapes:
+            idx = _unentry(c.entry, shapes[name])
             c.kernel = float(np.asarray(kgrads[name], np.float64)[idx])
             c.kernel_error = _rel(c.value, c.kernel, scale)
             if c.kernel_error > tol:
@@ -446,13 +496,15 @@ def _kinks(d: Derivation, z: list, h: float) -> set:
 
 
 def _names(d: Derivation) -> tuple[list, dict]:
-    """Unit and parameter names: the scalar view's (x₁, h₁, w₅) for small networks, else
-    indexed (a1[3], W1[3,2])."""
+    """Unit and parameter names: the scalar view's (x₁, h₁, w₅) for small networks of affine
+    layers, indexed otherwise (a1[3], W1[3,2]; an image's entries by their indices,
+    z1[k=0, h=1, w=2])."""
     from .explain import MAX_SCALAR_UNITS, scalar_names
     from .printing import text
 
     net = d.network
-    if max(net.widths) <= MAX_SCALAR_UNITS:
+    dense = all(ld.affine for ld in d.layers)
+    if dense and max(net.widths) <= MAX_SCALAR_UNITS:
         sn = scalar_names(d)
         units = [[text(u) for u in layer] for layer in sn.units]
         pnames = {}
@@ -461,9 +513,23 @@ def _names(d: Derivation) -> tuple[list, dict]:
         for (l, u), sym in sn.biases.items():
             pnames[(f"b{l}", u)] = text(sym)
         return units, pnames
-    units = [[f"x[{u}]" for u in range(net.widths[0])]]
-    units += [[f"a{l}[{u}]" for u in range(w)] for l, w in enumerate(net.widths[1:], 1)]
+    if dense:
+        units = [[f"x[{u}]" for u in range(net.widths[0])]]
+        units += [[f"a{l}[{u}]" for u in range(w)] for l, w in enumerate(net.widths[1:], 1)]
+        return units, {}
+    in_idx = ("c", "h", "w") if len(net.shapes[0]) == 3 else ("j",)
+    units = [unit_names("x", in_idx, net.shapes[0])]
+    units += [unit_names(str(ld.z.label), tuple(map(str, ld.out_idx)), net.shapes[ld.index]) for ld in d.layers]
     return units, {}
+
+
+def unit_names(label: str, idx: tuple, shape: tuple) -> list[str]:
+    """Every entry of a one-sample array, flat in C order: ``z1[k=0, h=1, w=2]`` for several
+    indices, ``z4[3]`` for one."""
+    if len(shape) == 1:
+        return [f"{label}[{u}]" for u in range(shape[0])]
+    return [f"{label}[" + ", ".join(f"{name}={int(v)}" for name, v in zip(idx, np.unravel_index(u, shape))) + "]"
+            for u in range(int(np.prod(shape)))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +553,7 @@ def _render(w: Walkthrough, fmt: str) -> str:
     L = len(w.derivation.layers)
     md = fmt == "markdown"
     h = (lambda s: f"**{s}**") if md else (lambda s: s)
-    vec = lambda v: "[" + ", ".join(_num(float(x)) for x in v) + "]"  # noqa: E731
+    vec = lambda v: _bounded_vector(v, 4 * w.max_rows)  # noqa: E731
     out = [h(f"Worked example: {net.name} ({' → '.join(map(str, net.widths))}, loss {net.loss.name}), one sample"),
            ""]
     out.append(f"{'  ' if not md else ''}x = {vec(w.x)}    t = {vec(w.t)}" + (f"    λ = {net.l2:g}" if net.l2 else ""))
@@ -501,6 +567,21 @@ def _render(w: Walkthrough, fmt: str) -> str:
             rows.append([str(l), f"… {len(units) - w.max_rows} more", "", ""])
     out += _grid(rows, fmt, {2, 3})
     out.append("")
+    if any(w.stages):
+        out += [h("Intermediate stages (each layer's formulas before z)")]
+        rows = [["layer", "entry", "value"]]
+        for l, stages in enumerate(w.stages, 1):
+            ld = w.derivation.layers[l - 1]
+            for label, value in stages.items():
+                st = next(s_ for s_ in ld.stages if str(s_.target.label) == label)
+                names = unit_names(label, tuple(map(str, st.idx)), value.shape)
+                flat = value.reshape(-1)
+                for u in range(min(flat.size, w.max_rows)):
+                    rows.append([str(l), names[u], _num(float(flat[u]))])
+                if flat.size > w.max_rows:
+                    rows.append([str(l), f"… {flat.size - w.max_rows} more of {label}", ""])
+        out += _grid(rows, fmt, {2})
+        out.append("")
     loss_line = f"cost C = {_num(w.loss)}" + (" (l2 term included)" if net.l2 else "")
     if w.kernel_loss is not None:
         loss_line += f"; generated kernels: {_num(w.kernel_loss)}"
@@ -558,6 +639,12 @@ def _render(w: Walkthrough, fmt: str) -> str:
         out.append(("  " if not md else "") + "~ kink: a unit sits at a kink of its activation (z ≈ 0), where finite "
                    "differences average the one-sided slopes.")
     return "\n".join(out)
+
+
+def _bounded_vector(v, limit: int) -> str:
+    """``[1, 2, …]`` with at most ``limit`` numbers shown."""
+    shown = ", ".join(_num(float(x)) for x in v[:limit])
+    return "[" + shown + (f", … {len(v) - limit} more" if len(v) > limit else "") + "]"
 
 
 def _summary(checks: list) -> str:

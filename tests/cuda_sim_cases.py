@@ -53,8 +53,8 @@ from _support import GRAD_NETS, OUTPUT_ACT_NETS, NetSpec, cnn, make_data, pertur
 
 import symbp as sb  # noqa: E402
 import symbp.backends.cuda.model as cm  # noqa: E402
-from symbp.backends.cuda.module import CudaConfig  # noqa: E402
 from symbp.backends.cuda.model import CudaModel, compile_cuda  # noqa: E402
+from symbp.backends.cuda.module import CudaConfig  # noqa: E402
 
 N_SAMPLES = 9  # with batches of 4: two full batches and a short one
 

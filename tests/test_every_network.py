@@ -75,7 +75,10 @@ def test_the_sequences_cover_every_layer_type_with_and_without_parameters():
     assert any(not net.param_shapes() for net in NETWORKS) and any(net.param_shapes() for net in NETWORKS)
 
 
-@pytest.mark.parametrize("net", NETWORKS, ids=[n.name + ":" + "-".join(l.to_config()["type"] for l in n.layers) for n in NETWORKS])
+IDS = [net.name + ":" + "-".join(layer.to_config()["type"] for layer in net.layers) for net in NETWORKS]
+
+
+@pytest.mark.parametrize("net", NETWORKS, ids=IDS)
 def test_every_network_generates_code_whose_forward_pass_matches_pytorch(net, tmp_path):
     model = sb.compile(net, dtype="float64", seed=3, cache_dir=tmp_path)
     compile(generate_train_source(derive(net), "float64", sb.SGD(lr=0.1), "model"), "train", "exec")

@@ -141,13 +141,14 @@ def test_standalone_latex_compiles(cnn, strided, tmp_path):
         assert done.returncode == 0, done.stdout[-2000:]
 
 
-def test_walkthrough_and_graph_refuse_image_layers_clearly():
+def test_walkthrough_and_graph_go_through_image_layers():
+    """They refused image layers; now each entry is checked and drawn (issue 13, item 5)."""
     net = sb.Network(inputs=(1, 4, 4), layers=[sb.Conv2D(2, 3), sb.Flatten(), sb.Dense(2)], loss="mse")
-    with pytest.raises(ValueError, match="worked example goes unit by unit through dense layers only.*layer 1 is Conv2D"):
-        walkthrough(net)
-    with pytest.raises(ValueError, match="computational graph goes unit by unit through dense layers only.*layer 1 is "
-                                         r"Conv2D.*explain\(\) and the report show image layers"):
-        graph(net)
+    w = walkthrough(net)
+    assert w.ok
+    assert any(c.entry.startswith("W1") for c in w.checks) and any(c.entry.startswith("delta1") for c in w.checks)
+    g = graph(net)
+    assert any(node.label == "×" for node in g.nodes.values()) and any(node.label == "+" for node in g.nodes.values())
 
 
 def test_report_of_the_digits_cnn(compiled, tmp_path, project_root):

@@ -153,11 +153,13 @@ def test_cli_graph(tmp_path, capsys):
     assert "must end in .svg, .png, .dot" in capsys.readouterr().err
 
 
-def test_cli_graph_of_an_image_network_names_the_graph(tmp_path, capsys):
+def test_cli_graph_of_an_image_network(tmp_path, capsys):
     from symbp.cli import main as cli
 
     spec = tmp_path / "cnn.toml"
     spec.write_text('inputs = [1, 4, 4]\nloss = "ce"\n[[layers]]\ntype = "conv2d"\nfilters = 2\nkernel = 3\n'
                     '[[layers]]\ntype = "flatten"\n[[layers]]\nunits = 2\n')
-    assert cli(["graph", str(spec), "-o", str(tmp_path / "g.svg")]) == 2
-    assert "the computational graph goes unit by unit" in capsys.readouterr().err and not (tmp_path / "g.svg").exists()
+    if shutil.which("dot") is None:
+        pytest.skip("drawing needs Graphviz's dot")
+    assert cli(["graph", str(spec), "-o", str(tmp_path / "g.svg")]) == 0
+    assert (tmp_path / "g.svg").read_text(encoding="utf-8").lstrip().startswith(("<?xml", "<svg"))
