@@ -16,7 +16,6 @@ array they assign.  A formula with no matching lines says so rather than guessin
 
 from __future__ import annotations
 
-import ast
 import re
 import warnings
 from dataclasses import dataclass
@@ -47,94 +46,27 @@ class KernelSnippet:
     note: str = ""
 
 
-def _functions(source: str) -> dict[str, tuple[int, int]]:
-    """Function name → (first line, last line), 1-based, from the generated module."""
-    out = {}
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return out
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
-            out[node.name] = (node.lineno, node.end_lineno or node.lineno)
-    return out
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
-
-
-def kernel_snippet(source: str, function: str, targets: tuple = (), sums: tuple = (), context: int = 0) -> KernelSnippet | None:
-    """The lines of ``function`` in the generated ``source`` that compute a formula.
-
-    A line matches when it assigns one of ``targets`` (``Z1[n, i] = …``, ``db2[p] += …``,
-    ``total += …``) or is the comment naming one of ``sums`` (SymPy's ``str`` of a ``Sum``) or
-    saying what a call assigns (``# W1 ← …``: SGD fused into a GEMM), and the call that
-    follows.  Each match brings its enclosing ``for`` headers and the statements before it in
-    the same loop body (CSE temporaries, the z a line reads).
-    Returns None when the function is missing or nothing matches.
+def kernel_snippet(source: str, provenance, function: str, targets: tuple = (), sums: tuple = ()) -> KernelSnippet | None:
+    """The lines of ``function`` in the generated ``source`` that compute a formula: the kernel
+    steps the generator recorded (the module's ``PROVENANCE``) as writing one of ``targets``
+    (``Z1``, ``total``, ``dW2`` …) or implementing one of ``sums`` (SymPy's ``str`` of a
+    ``Sum``), whole: loop headers, hoisted constants and CSE temporaries with the lines they
+    feed.  A step's loop headers are context; its other lines are the match.
+    Returns None when no step of the function matches.
     """
-    spans = _functions(source)
-    if function not in spans:
+    names = {t.rstrip(" +") for t in targets}
+    steps = [(first, last) for fn, first, last, writes, formula in provenance
+             if fn == function and (names & set(writes) or (formula is not None and formula in sums))]
+    if not steps:
         return None
     lines = source.splitlines()
-    first, last = spans[function]
-    body = list(range(first, last + 1))  # 1-based
-    keep: dict[int, bool] = {}
-    target_re = [re.compile(r"^%s(\[|\s*[+\-*/]?=)" % re.escape(t.rstrip(" +"))) if not t.endswith("+")
-                 else re.compile(r"^%s\s*\+=" % re.escape(t.rstrip(" +"))) for t in targets]
-
-    def add_context(k: int) -> None:
-        ind = _indent(lines[k - 1])
-        if ind <= 4:
-            return  # a statement at the function's top level stands alone
-        # the statements before k in the same loop body, nested ones included (CSE
-        # temporaries, per-row reductions, the z an activation reads)
-        j = k - 1
-        while j > first and _indent(lines[j - 1]) >= ind and lines[j - 1].strip():
-            keep.setdefault(j, False)
-            j -= 1
-        # enclosing loop headers
-        level = ind
-        for j in range(k - 1, first, -1):
-            text = lines[j - 1]
-            if text.strip() and _indent(text) < level:
-                level = _indent(text)
-                if text.strip().startswith(("for ", "if ")):
-                    keep.setdefault(j, False)
-                if level <= 4:
-                    break
-
-    for k in body:
-        stripped = lines[k - 1].strip()
-        if stripped.startswith("#") and (any(s in stripped for s in sums)
-                                         or any(stripped.startswith(f"# {t.rstrip(' +')} ←") for t in targets)):
-            keep[k] = True
-            if k + 1 <= last:
-                keep[k + 1] = True
-                add_context(k + 1)
-        elif any(r.match(stripped) for r in target_re):
-            keep[k] = True
-            add_context(k)
-    if not any(keep.values()):
-        return None
-    # names the kept lines read that the function assigns earlier (CSE temporaries, constants)
-    assigned: dict[str, list[int]] = {}
-    for k in body:
-        m = re.match(r"^\s*([A-Za-z_]\w*)\s*=[^=]", lines[k - 1])
-        if m:
-            assigned.setdefault(m.group(1), []).append(k)
-    for k in [k for k, hit in keep.items() if hit]:
-        for name in set(re.findall(r"\b([A-Za-z_]\w*)\b", lines[k - 1].split("#")[0])):
-            before = [j for j in assigned.get(name, ()) if j < k]
-            if before and name not in ("nb", "nbf", "scal"):
-                keep.setdefault(before[-1], False)
-    chosen = sorted(keep)
+    chosen = sorted({k for first, last in steps for k in range(first, last + 1)})
     out = []
     for pos, k in enumerate(chosen):
         if pos and k != chosen[pos - 1] + 1:
             out.append((None, "…", False))
-        out.append((k, lines[k - 1], keep[k]))
+        text_ = lines[k - 1]
+        out.append((k, text_, not text_.strip().startswith(("for ", "if "))))
     return KernelSnippet(function, out)
 
 
@@ -386,15 +318,18 @@ def report(
     doc = build(d, scalar=scalar, optimizer=optimizer)
     # The update rule runs in the training module: its lines for the first parameter stand
     # beside the statements (CPU target; the CUDA modules are laid out differently).
-    update_code = None
+    update_code, update_provenance = None, ()
     if optimizer is not None and type(model) is Model:
         train_path = Path(model._train_kernels(optimizer).__file__)
         update_code = (train_path.read_text(encoding="utf-8"), f"{train_path.parent.name}/{train_path.name}",
                        model.kernels.PARAMS[0], set(optimizer.state_names))
+        update_provenance = getattr(model._train_kernels(optimizer), "PROVENANCE", ())
     source_text = model.source_path.read_text(encoding="utf-8")
     filename = f"{model.source_path.parent.name}/{model.source_path.name}"
     namespace = getattr(model, "kernels", None)
     workspace = {name for name, _ in getattr(namespace, "WORKSPACE", ())}
+    # which lines compute what, as the generator recorded it (the CUDA modules keep none)
+    provenance = getattr(namespace, "PROVENANCE", ())
     w = walkthrough(model, x=x, t=t, params=params, seed=seed) if example else None
     if not example and graph is True:
         raise ValueError("a spec the report cannot draw: the computational graph goes unit by unit through dense "
@@ -474,7 +409,8 @@ def report(
                         array = f"{name}_{first}" if name in states else first if name == "theta" else None
                         ref = None if array is None else ("backward_update", (array,), ())
                 if ref is not None:
-                    snippet = kernel_snippet(text_, *ref)
+                    prov = update_provenance if text_ is not source_text else provenance
+                    snippet = kernel_snippet(text_, prov, *ref)
                     if snippet is None:
                         kernel = f'<p class="nomatch">No line of {_esc(ref[0])}() matched this formula.</p>'
                     else:

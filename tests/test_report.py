@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import sympy as sp
+from _support import NetSpec
 
 import symbp as sb
 from symbp.cli import main as cli
@@ -116,28 +117,23 @@ def _hidden_sum(d):
     return d.layers[0].delta_formula.atoms(sp.Sum).pop()
 
 
-def test_kernel_snippet_brings_loop_headers_and_temporaries():
-    source = '''
-def backward(X, W1):
-    """doc"""
-    nb = X.shape[0]
-    c0 = 2.0
-    # dZ1 = Sum(W2[i, p]*delta2[n, i], (i, 0, d_2 - 1))
-    gemm(dZ2, False, W2, False, dZ1)
-    for n in range(nb):
-        for p in range(d1):
-            t0 = A1[n, p]
-            dZ1[n, p] = c0*t0*dZ1[n, p]
-    db1[:] = ZERO
-'''
-    snip = kernel_snippet(source, "backward", ("dZ1",), ("Sum(W2[i, p]*delta2[n, i], (i, 0, d_2 - 1))",))
+def test_kernel_snippet_brings_loop_headers_and_temporaries(compiled):
+    """The generator records which lines each kernel step writes (the module's PROVENANCE);
+    a formula's snippet is its steps whole: the GEMM's comment and call, the loop headers
+    (as context), hoisted constants and CSE temporaries, never the function's preamble."""
+    model = compiled(NetSpec("snippet-tanh-mse", 3, ((4, "tanh"), (2, "identity")), "mse"), "float64")
+    source = model.source_path.read_text(encoding="utf-8")
+    prov = model.kernels.PROVENANCE
+    snip = kernel_snippet(source, prov, "backward", ("dZ1",), ("Sum(W2[i, p]*delta2[n, i], (i, 0, d_2 - 1))",))
     texts = [(t.strip(), hit) for _, t, hit in snip.lines if _ is not None]
-    assert ("gemm(dZ2, False, W2, False, dZ1)", True) in texts
-    assert ("for n in range(nb):", False) in texts and ("t0 = A1[n, p]", False) in texts
-    assert ("c0 = 2.0", False) in texts and ("dZ1[n, p] = c0*t0*dZ1[n, p]", True) in texts
-    assert ("nb = X.shape[0]", False) not in texts and ('"""doc"""', False) not in texts
-    assert kernel_snippet(source, "forward", ("Z1",)) is None
-    assert kernel_snippet(source, "backward", ("Q9",)) is None
+    assert ("gemm(dZ2, False, W2, False, dZ1, ONE, ZERO, scal)", True) in texts
+    assert ("for n in range(nb):", False) in texts
+    assert any(t.startswith("dZ1[n, p] =") and hit for t, hit in texts)
+    assert ("nb = X.shape[0]", False) not in texts and not any(t.startswith('"""') for t, _ in texts)
+    for k, text, _ in snip.lines:  # every line is the module's own
+        assert k is None or source.splitlines()[k - 1] == text
+    assert kernel_snippet(source, prov, "forward", ("dZ1",)) is None
+    assert kernel_snippet(source, prov, "backward", ("Q9",)) is None
 
 
 # --------------------------------------------------------------------------------------------

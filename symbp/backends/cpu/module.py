@@ -16,10 +16,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy as sp
+
 from ...derive import Derivation
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
 from .emit import emit
+
+
+def step_writes(step, printer) -> tuple[str, ...]:
+    """The arrays (and running sums: ``total``, ``penalty``) a kernel step writes, by the
+    names the module gives them."""
+    out = []
+    for attr in ("out", "target"):
+        base = getattr(step, attr, None)
+        if base is not None:
+            out.append(printer.array(base.base if isinstance(base, sp.Indexed) else base))
+    for target, _ in [*getattr(step, "stmts", ()), *getattr(step, "sums", ()), *getattr(step, "row_sums", ())]:
+        out.append(printer.array(target.base) if isinstance(target, sp.Indexed) else str(target))
+    if getattr(step, "argmax_match", None) is not None or getattr(step, "threshold_match", None) is not None:
+        out.append("correct")
+    return tuple(dict.fromkeys(out))
+
+
+def with_provenance(src: str, provenance: list[tuple]) -> str:
+    """``src`` with a ``PROVENANCE`` table at its end: for each kernel step, the function,
+    its first and last line (1-based, in this file), the arrays it writes and the formula it
+    implements (a GEMM's sum).  The report reads it to show each formula's lines."""
+    lines = src.split("\n")
+    defs = {line[4:line.index("(")]: k for k, line in enumerate(lines) if line.startswith("def ")}
+    rows = [(fn, defs[fn] + first, defs[fn] + last, writes, formula) for fn, first, last, writes, formula in provenance]
+    table = "".join(f"\n    {row!r}," for row in rows)
+    return (src.rstrip("\n") + "\n\n\n# The lines of each kernel step: (function, first, last, arrays it writes, "
+            f"the sum it implements).\nPROVENANCE = ({table}\n)\n")
 
 
 @dataclass
@@ -44,7 +73,11 @@ class CpuModule(Plan):
         pr = self.printer()
         body = list(prologue)
         for step in steps:
+            start = len(body)
             body += emit(step, pr)
+            if len(body) > start:  # lines counted from the decorator: body line k is line 3 + k
+                self.provenance.append((name, 3 + start, 3 + len(body) - 1, step_writes(step, pr),
+                                        None if getattr(step, "formula", None) is None else str(step.formula)))
         body += epilogue
         self.helpers |= pr.helpers_used
         parallel = any(getattr(step, "parallel", False) for step in steps)
@@ -67,6 +100,7 @@ class CpuModule(Plan):
     def build(self) -> ModuleLayout:
         """The model module: forward, loss, gradients, evaluation."""
         self.helpers: set[str] = set()
+        self.provenance: list[tuple] = []
         B = self.buffers()
         P, acts, deltas, grads, out = B["P"], B["acts"], B["deltas"], B["grads"], B["out"]
         ft = self.float_type
@@ -102,7 +136,7 @@ class CpuModule(Plan):
             f"LAST = {B['last'][0]!r}  # the buffer that holds the network's output after forward()",
             f"DTYPE = {self.dtype!r}", "", helper_source(self.helpers), *fns,
         ])
-        return ModuleLayout(P, self.workspace, src)
+        return ModuleLayout(P, self.workspace, with_provenance(src, self.provenance))
 
     @staticmethod
     def _glue_names(B: dict) -> dict:
@@ -121,6 +155,7 @@ class CpuModule(Plan):
         fused in, and the epoch loop.  It imports the forward pass and loss from the model
         module (``model_module``, already imported under that name)."""
         self.helpers = set()
+        self.provenance = []
         B = self.buffers()
         states = [f"{s_}_{name}" for name in B["P"] for s_ in opt.state_names]
         ft = self.float_type
@@ -142,7 +177,7 @@ class CpuModule(Plan):
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
             helper_source(self.helpers), update, tidy_args(_TRAIN.format(**names)),
         ])
-        return src
+        return with_provenance(src, self.provenance)
 
 
 _GLUE = '''
