@@ -8,22 +8,22 @@
 
 from . import _runtime  # noqa: F401 - configures BLAS/threads before NumPy's libraries load
 from ._version import __version__
-from .activations import Activation
-from .callbacks import EarlyStopping, ModelCheckpoint
 from .compile import compile, load
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
-from .graph import graph
 from .interop.torch_weights import from_torch  # torch is imported when called
-from .layers import AvgPool2D, Conv2D, Dense, Flatten, Maxout, MaxPool2D
-from .losses import Loss
-from .model import History, Model
-from .network import Network
-from .optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
-from .paths import optimizer_paths
-from .report import report
-from .schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
-from .walkthrough import Walkthrough, walkthrough
+from .read.graph import graph
+from .read.paths import optimizer_paths
+from .read.report import report
+from .read.walkthrough import Walkthrough, walkthrough
+from .spec.activations import Activation
+from .spec.layers import AvgPool2D, Conv2D, Dense, Flatten, Maxout, MaxPool2D
+from .spec.losses import Loss
+from .spec.network import Network
+from .train.callbacks import EarlyStopping, ModelCheckpoint
+from .train.model import History, Model
+from .train.optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
+from .train.schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 
 __all__ = [
     "Activation", "Adagrad", "Adam", "AdamW", "AvgPool2D", "Conv2D", "CosineDecay", "Dense", "Flatten",

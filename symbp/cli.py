@@ -77,7 +77,7 @@ def load_source(path: str | Path):
 
 
 def network_from_spec(cfg: dict):
-    """The :class:`~symbp.network.Network` a loaded spec declares (its [train] and
+    """The :class:`~symbp.spec.network.Network` a loaded spec declares (its [train] and
     [walkthrough] tables are for the commands, not the network)."""
     import symbp as sb
 
@@ -99,7 +99,7 @@ def load_data(name: str, seed: int, test_size: float):
         X, y = load_digits(return_X_y=True)
         X = X / 16.0
     elif str(name).endswith(".npz"):
-        from symbp.data import load_npz
+        from symbp.train.data import load_npz
 
         # Member sizes are checked against their headers before anything is inflated.
         X, y = load_npz(name, ("X", "y"))
@@ -120,12 +120,12 @@ def _train(args) -> int:
     # Where the curves and the checkpoint go is checked before minutes of training, not after.
     if args.plot:
         from symbp._output import check_output_path
-        from symbp.plots import _pyplot
+        from symbp.read.plots import _pyplot
 
         _pyplot()  # matplotlib is there
         check_output_path(args.plot, (".png", ".svg", ".pdf"), "plot")
     if args.save:
-        from symbp.checkpoint import checkpoint_path
+        from symbp.train.checkpoint import checkpoint_path
 
         checkpoint_path(args.save)
     start = time.perf_counter()
@@ -218,7 +218,7 @@ def parse_optimizer(text: str) -> tuple[str, dict]:
 def _paths(args) -> int:
     import matplotlib.pyplot as plt
 
-    from .paths import SURFACES, plot_paths, run_paths
+    from .read.paths import SURFACES, plot_paths, run_paths
 
     optimizers = [make_optimizer(*parse_optimizer(spec)) for spec in args.optimizer] or [
         make_optimizer("sgd", {"lr": 1e-3}), make_optimizer("sgd", {"lr": 1e-3, "momentum": 0.9}),
@@ -236,7 +236,7 @@ def _paths(args) -> int:
 
 def _explain(args) -> int:
     import symbp as sb
-    from symbp.explain import build
+    from symbp.read.explain import build
 
     if args.standalone and args.format != "latex":
         raise ValueError("--standalone makes a complete LaTeX document: use it with --format latex")
@@ -290,7 +290,7 @@ def _example(cfg: dict, args, model=None) -> dict:
 
 def _walkthrough(args) -> int:
     import symbp as sb
-    from symbp.walkthrough import walkthrough
+    from symbp.read.walkthrough import walkthrough
 
     cfg, net, model = load_source(args.spec)
     target = sb.compile(net, dtype="float64") if args.kernels else net
@@ -304,8 +304,8 @@ def _walkthrough(args) -> int:
 
 
 def _graph(args) -> int:
-    from symbp.graph import graph
-    from symbp.walkthrough import walkthrough
+    from symbp.read.graph import graph
+    from symbp.read.walkthrough import walkthrough
 
     cfg, net, model = load_source(args.spec)
     w = walkthrough(net, **_example(cfg, args, model))
@@ -316,7 +316,7 @@ def _graph(args) -> int:
 
 
 def _report(args) -> int:
-    from symbp.report import report
+    from symbp.read.report import report
 
     cfg, net, model = load_source(args.spec)
     output = args.output or f"{Path(args.spec).stem}.html"

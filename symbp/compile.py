@@ -1,6 +1,6 @@
 """The front door: a network in, a compiled model out (:func:`compile`); a checkpoint in, the
 model it saved out (:func:`load`).  Both targets start here: the CPU model
-(:mod:`symbp.model`) and the CUDA one (:mod:`symbp.backends.cuda.model`)."""
+(:mod:`symbp.train.model`) and the CUDA one (:mod:`symbp.backends.cuda.model`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import numpy as np
 
 from . import cache
-from .model import Model
-from .network import Network
+from .spec.network import Network
+from .train.model import Model
 
 __all__ = ["compile", "load"]
 
@@ -58,8 +58,8 @@ def compile(  # noqa: A001 - the public name the API promises
 def load(path, cache_dir: str | os.PathLike | None = None) -> Model:
     """Rebuild a model saved with :meth:`Model.save`: spec, parameters, optimizer and its
     state, schedule, epoch counter and history.  A damaged, truncated or forged file is
-    refused (ValueError naming it and the problem; see :mod:`symbp.checkpoint`)."""
-    from . import checkpoint
+    refused (ValueError naming it and the problem; see :mod:`symbp.train.checkpoint`)."""
+    from .train import checkpoint
 
     found = checkpoint.contents(path)  # every field and array checked against the spec
     meta = found.meta

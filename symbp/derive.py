@@ -1,6 +1,6 @@
 """Backpropagation derived by SymPy, one layer at a time, in index notation.
 
-Each layer states its forward formula ``z[n, i]`` (see :mod:`symbp.layers`).  The driver
+Each layer states its forward formula ``z[n, i]`` (see :mod:`symbp.spec.layers`).  The driver
 here differentiates that formula with respect to each parameter and the layer's input, and
 chains the local results with the textbook recurrence
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .activations import a as a_sym
-from .activations import z as z_sym
 from .index_sums import resolve
 from .indices import N, i, j, k, l2, n, p, q, r, s, width
-from .layers import image_dims
-from .network import Network
+from .spec.activations import a as a_sym
+from .spec.activations import z as z_sym
+from .spec.layers import image_dims
+from .spec.network import Network
 
 
 @dataclass
@@ -107,7 +107,7 @@ class LossDerivation:
 
 
 class Derivation:
-    """The symbolic backpropagation of a :class:`~symbp.network.Network`.
+    """The symbolic backpropagation of a :class:`~symbp.spec.network.Network`.
 
     Attributes
     ----------
@@ -281,19 +281,19 @@ class Derivation:
         each layer's local derivatives, δ and parameter gradients, with shapes; ``scalar=True``
         adds every neuron's formulas with named weights (small networks); ``optimizer``
         (``sb.Adam()``, …) adds its update rule, as the training kernels run it."""
-        from .explain import build
+        from .read.explain import build
 
         return build(self, scalar, optimizer).text()
 
     def latex(self, scalar: bool = False, standalone: bool = False, optimizer=None) -> str:
         """The explanation as LaTeX (``align*`` blocks; ``standalone=True``: a full document)."""
-        from .explain import build
+        from .read.explain import build
 
         return build(self, scalar, optimizer).latex(standalone)
 
     def markdown(self, scalar: bool = False, optimizer=None) -> str:
         """The explanation as Markdown with ``$$`` LaTeX math blocks."""
-        from .explain import build
+        from .read.explain import build
 
         return build(self, scalar, optimizer).markdown()
 

@@ -32,7 +32,7 @@ def gradcheck(model, X, y, eps: float = 1e-5, max_entries: int = 64, seed: int =
         ``assert gradcheck(...) < 1e-6`` fails as it should.
     """
     from .compile import compile as compile_model
-    from .model import Model
+    from .train.model import Model
 
     m64 = model
     # The check perturbs parameters in place: it needs a CPU float64 model (a twin otherwise).

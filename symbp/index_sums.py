@@ -11,7 +11,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .indices import nonnegative_gap
-from .ops import drop_point_masses
+from .spec.ops import drop_point_masses
 
 
 def resolve(expr: sp.Expr, ranges: dict | None = None) -> sp.Expr:

@@ -301,8 +301,9 @@ def test_the_generator_key_covers_every_module_generation_reads():
     from symbp import cache
 
     names = {path.relative_to(cache._PKG_DIR).as_posix() for path in cache.generator_files()}
-    for needed in ("network.py", "derive.py", "lower/plan.py", "lower/stages.py", "layers/dense.py", "layers/conv2d.py",
-                   "layers/base.py", "backends/cpu/blas.py", "backends/cpu/emit.py", "backends/cuda/module.py", "optim.py"):
+    for needed in ("spec/network.py", "derive.py", "lower/plan.py", "lower/stages.py", "spec/layers/dense.py",
+                   "spec/layers/conv2d.py", "spec/layers/base.py", "backends/cpu/blas.py", "backends/cpu/emit.py",
+                   "backends/cuda/module.py", "train/optim.py"):
         assert needed in names, needed
-    for reader in ("model.py", "cli.py", "report.py", "walkthrough.py", "__init__.py"):
+    for reader in ("train/model.py", "cli.py", "read/report.py", "read/walkthrough.py", "__init__.py"):
         assert reader not in names, reader

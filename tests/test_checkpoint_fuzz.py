@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 
 import symbp as sb
-from symbp import checkpoint, data
+from symbp.train import checkpoint, data
 
 NET = sb.Network(inputs=3, layers=[sb.Dense(4, activation="tanh"), sb.Dense(2)], name="ckpt-fuzz")
 ROOT = Path(__file__).resolve().parent.parent
@@ -424,7 +424,7 @@ RSS_PROBE = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import numpy as np
     import symbp as sb
-    from symbp.data import load_npz
+    from symbp.train.data import load_npz
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -18,12 +18,12 @@ import sympy as sp
 from scipy.special import expit
 
 import symbp as sb
-from symbp import printing
 from symbp.cli import main as cli
-from symbp.explain import MAX_SCALAR_UNITS, build, vector_form
 from symbp.indices import N, i, n, p, q
-from symbp.printing import MatVec, Outer, Partial, Vec
-from symbp.walkthrough import evaluate
+from symbp.read import printing
+from symbp.read.explain import MAX_SCALAR_UNITS, build, vector_form
+from symbp.read.printing import MatVec, Outer, Partial, Vec
+from symbp.read.walkthrough import evaluate
 
 
 @pytest.fixture(scope="module")

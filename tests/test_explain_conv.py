@@ -17,9 +17,9 @@ import pytest
 import tomllib
 
 import symbp as sb
-from symbp.graph import graph
-from symbp.printing import text as plain
-from symbp.walkthrough import walkthrough
+from symbp.read.graph import graph
+from symbp.read.printing import text as plain
+from symbp.read.walkthrough import walkthrough
 
 
 def digits_cnn(root) -> sb.Network:

@@ -1,4 +1,4 @@
-"""Tests for symbp.formula: safe parsing of user formula strings."""
+"""Tests for symbp.spec.formula: safe parsing of user formula strings."""
 
 import re
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 import sympy
 
-from symbp.formula import DEFAULT_FUNCTIONS, FormulaError, parse_formula
+from symbp.spec.formula import DEFAULT_FUNCTIONS, FormulaError, parse_formula
 
 z, y, t = sympy.symbols("z y t")
 Z = {"z": z}

@@ -28,13 +28,13 @@ from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import symbp as sb  # noqa: E402
-from symbp.formula import FormulaError  # noqa: E402
+from symbp.spec.formula import FormulaError  # noqa: E402
 
 F = torch.nn.functional
 
 # -- the trees ------------------------------------------------------------------------------
-# Every function the parser accepts by default (symbp.formula.DEFAULT_FUNCTIONS) and the
-# textbook ops (symbp.ops.FORMULA_FUNCTIONS), each with its PyTorch twin.
+# Every function the parser accepts by default (symbp.spec.formula.DEFAULT_FUNCTIONS) and the
+# textbook ops (symbp.spec.ops.FORMULA_FUNCTIONS), each with its PyTorch twin.
 UNARY = {
     "exp": torch.exp, "tanh": torch.tanh, "sinh": torch.sinh, "cosh": torch.cosh,
     "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "atan": torch.atan,

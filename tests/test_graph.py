@@ -11,8 +11,8 @@ import pytest
 
 import symbp as sb
 from symbp.cli import main as cli
-from symbp.graph import GraphvizNotFound, graph
-from symbp.walkthrough import walkthrough
+from symbp.read.graph import GraphvizNotFound, graph
+from symbp.read.walkthrough import walkthrough
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed (apt-get install graphviz)")
 
@@ -137,7 +137,7 @@ def test_bad_output_paths_are_refused(classic, tmp_path):
 def test_missing_graphviz_is_a_clear_error(classic, monkeypatch):
     _, g = classic
     # sb.graph is the function; the module is reached through sys.modules.
-    monkeypatch.setattr(importlib.import_module("symbp.graph_draw").shutil, "which", lambda name: None)
+    monkeypatch.setattr(importlib.import_module("symbp.read.graph_draw").shutil, "which", lambda name: None)
     with pytest.raises(GraphvizNotFound, match="apt-get install graphviz"):
         g.svg()
     assert g.dot.startswith("digraph")  # the source needs nothing installed

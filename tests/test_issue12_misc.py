@@ -16,7 +16,7 @@ import symbp as sb
 from symbp.backends.cpu.module import docstring, generate_source, generate_train_source
 from symbp.backends.cuda.module import CudaConfig, generate_cuda_source, generate_cuda_train_source
 from symbp.cli import spec_optimizer
-from symbp.optim import optimizer_from_config
+from symbp.train.optim import optimizer_from_config
 
 # -- 1. gradcheck: NaN or inf anywhere is a failure, never 0.0 --------------------------------
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import symbp as sb
-from symbp.model import History
+from symbp.train.model import History
 
-graph_module = importlib.import_module("symbp.graph_draw")  # where the graph is built and drawn
+graph_module = importlib.import_module("symbp.read.graph_draw")  # where the graph is built and drawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ def _has(module: str) -> bool:
 
 def test_summary_lists_layers_shapes_and_parameters_of_a_cnn():
     """The layout, from the network alone (a stand-in for the compiled model)."""
-    from symbp.summary import summary_text
+    from symbp.read.summary import summary_text
 
     net = sb.Network(inputs=(1, 6, 6), layers=[sb.Conv2D(2, kernel=3, activation="relu"), sb.MaxPool2D(2), sb.Flatten(),
                                                sb.Dense(3)], loss="softmax_cross_entropy", name="nb-cnn")

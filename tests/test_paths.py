@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import symbp as sb
-from symbp.paths import run_paths
+from symbp.read.paths import run_paths
 
 
 def test_sgd_path_is_gradient_descent_on_the_derived_gradient():

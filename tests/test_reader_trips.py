@@ -18,12 +18,12 @@ import pytest
 import sympy as sp
 
 import symbp as sb
-from symbp.explain import build
-from symbp.paths import CRITICAL_POINTS, SURFACES, critical_points, run_paths, surface, x_s, y_s
-from symbp.printing import latex, mathml, text
-from symbp.report import report
+from symbp.read.explain import build
+from symbp.read.paths import CRITICAL_POINTS, SURFACES, critical_points, run_paths, surface, x_s, y_s
+from symbp.read.printing import latex, mathml, text
+from symbp.read.report import report
 
-graph_module = importlib.import_module("symbp.graph_draw")  # where the graph is built and drawn
+graph_module = importlib.import_module("symbp.read.graph_draw")  # where the graph is built and drawn
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -248,7 +248,7 @@ def test_rosenbrock_picture_shows_every_path_and_the_minimum(tmp_path):
     import matplotlib.pyplot as plt
 
     from symbp.cli import make_optimizer
-    from symbp.paths import _LOOKS, plot_paths
+    from symbp.read.paths import _LOOKS, plot_paths
 
     # the command line's default four, which used to hide SGD and RMSprop under Adam
     opts = [make_optimizer("sgd", {"lr": 1e-3}), make_optimizer("sgd", {"lr": 1e-3, "momentum": 0.9}),

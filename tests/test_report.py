@@ -17,7 +17,7 @@ from _support import NetSpec
 
 import symbp as sb
 from symbp.cli import main as cli
-from symbp.report import kernel_snippet, report
+from symbp.read.report import kernel_snippet, report
 
 SPEC = """name = "swish-report"
 inputs = 2

@@ -16,7 +16,7 @@ from _support import GRAD_NETS, torch_loss_and_grads
 
 import symbp as sb
 from symbp.cli import main as cli
-from symbp.walkthrough import Walkthrough, evaluate, walkthrough
+from symbp.read.walkthrough import Walkthrough, evaluate, walkthrough
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSIC_PARAMS = {"W1": [[0.15, 0.20], [0.25, 0.30]], "b1": [0.35, 0.35],

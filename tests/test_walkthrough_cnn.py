@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import symbp as sb
-from symbp.graph import graph
-from symbp.walkthrough import walkthrough
+from symbp.read.graph import graph
+from symbp.read.walkthrough import walkthrough
 
-wt = importlib.import_module("symbp.walkthrough")  # the module: symbp.walkthrough is also the function
+wt = importlib.import_module("symbp.read.walkthrough")  # the module: symbp.read.walkthrough is also the function
 
 NETS = {
     "conv-maxpool": lambda: sb.Network(inputs=(1, 4, 4), layers=[sb.Conv2D(2, 2), sb.MaxPool2D(2), sb.Flatten(),
@@ -145,7 +145,7 @@ def test_a_wrong_derivation_fails(monkeypatch):
     assert all(c.status == "ok" for c in w.checks if c.entry.startswith("delta"))
     # the max pool's routing sent to the wrong window position: some δ of layer 1 fails
     d_bad = good.layers[0].delta_formula
-    from symbp.ops import route
+    from symbp.spec.ops import route
     w = wrong(lambda d: setattr(d.layers[0], "delta_formula",
                                 d_bad.replace(route, lambda m, j: route(m, j + 1))))
     assert not w.ok and any(c.status == "FAILED" for c in w.checks if c.entry.startswith("delta1"))

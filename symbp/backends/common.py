@@ -13,12 +13,12 @@ import re
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
-from .. import ops
 from .._version import __version__
-from ..formula import constant_value
 from ..indices import as_size, n
 from ..lower.ir import Loop, Nest, WindowArgmax
 from ..lower.windows import linear_bounds, numeric
+from ..spec import ops
+from ..spec.formula import constant_value
 
 
 def one_line(text: str) -> str:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import sympy as sp
 
-from .. import ops
 from .._output import check_output_path, write_atomic
-from ..activations import z as Z
-from ..formula import constant_value
+from ..spec import ops
+from ..spec.activations import z as Z
+from ..spec.formula import constant_value
 
 #: The ONNX operator set the graph declares by default (and the oldest it can).
 OPSET = 17

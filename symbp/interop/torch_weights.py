@@ -19,9 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import sympy as sp
 
-from .. import ops
-from ..activations import z as Z
-from ..formula import constant_value
+from ..spec import ops
+from ..spec.activations import z as Z
+from ..spec.formula import constant_value
 
 INSTALL_HINT = 'pip install torch (see pytorch.org for the build that fits your machine)'
 

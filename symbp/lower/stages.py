@@ -15,7 +15,7 @@ import sympy as sp
 
 from ..index_sums import resolve
 from ..indices import N, n
-from ..ops import window_argmax
+from ..spec.ops import window_argmax
 from .ir import BlockGemm, Gemm, Loop, Nest, WindowArgmax
 from .patterns import split_sums
 from .windows import match_conv, numeric

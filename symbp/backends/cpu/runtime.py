@@ -1,6 +1,6 @@
 """The CPU target's runtime for one ``fit`` call: host arrays, the epoch kernel, snapshots.
 
-:class:`HostRun` is what :meth:`symbp.model.Model.fit` drives on the CPU (the CUDA target
+:class:`HostRun` is what :meth:`symbp.train.model.Model.fit` drives on the CPU (the CUDA target
 has its own, :class:`symbp.backends.cuda.model.DeviceRun`): it holds the batch buffers, runs
 one epoch of the generated ``train_epoch``, keeps the start-of-epoch snapshot of parameters
 and optimizer state, puts it back when an epoch diverges, and validates.

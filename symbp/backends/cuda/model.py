@@ -1,4 +1,4 @@
-"""The CUDA target: a :class:`~symbp.model.Model` whose parameters, optimizer state and
+"""The CUDA target: a :class:`~symbp.train.model.Model` whose parameters, optimizer state and
 batches live on the GPU, run by the kernels of :mod:`symbp.backends.cuda.module`.
 
 ``sb.compile(net, target="cuda")`` lands here (:func:`compile_cuda`).  The API is the CPU
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from ... import cache
-from ...model import _EVAL_CHUNK, Model
-from ...network import Network
-from ...optim import Optimizer
+from ...spec.network import Network
+from ...train.model import _EVAL_CHUNK, Model
+from ...train.optim import Optimizer
 from ..cpu.runtime import all_finite
 from .module import EPOCH_SLOTS, CudaConfig, generate_cuda_source
 
@@ -174,7 +174,7 @@ class _HostParams(dict):
 class CudaModel(Model):
     """A network compiled for the CUDA target; create with ``sb.compile(net, target="cuda")``.
 
-    The API is :class:`~symbp.model.Model`'s; see :mod:`symbp.backends.cuda.model` for what differs.
+    The API is :class:`~symbp.train.model.Model`'s; see :mod:`symbp.backends.cuda.model` for what differs.
 
     Attributes
     ----------

@@ -4,10 +4,10 @@
 loss, δ for every unit from the output layer back, and every parameter gradient — on one
 sample, and checks each δ and each gradient against finite differences of the cost
 (perturbing the unit's z, or the parameter, and running the forward formulas again).
-Given a compiled :class:`~symbp.model.Model`, it also compares the outputs, the loss and the
+Given a compiled :class:`~symbp.train.model.Model`, it also compares the outputs, the loss and the
 gradients with what the generated kernels compute.
 
-:func:`~symbp.index_eval.evaluate` (re-exported here) is the small interpreter underneath.
+:func:`~symbp.read.index_eval.evaluate` (re-exported here) is the small interpreter underneath.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from .derive import Derivation, derive
+from ..derive import Derivation, derive
+from ..indices import N, n, p
+from ..indices import l2 as l2_symbol
+from ..spec.network import Network
+from ..spec.ops import window_argmax
 from .html_tables import MARK as _MARK
 from .html_tables import err as _err
 from .html_tables import num as _num
 from .index_eval import NUMPY_FUNCTIONS, evaluate  # noqa: F401 - NUMPY_FUNCTIONS: part of this module's API
-from .indices import N, n, p
-from .indices import l2 as l2_symbol
-from .network import Network
-from .ops import window_argmax
 
 __all__ = ["Check", "Walkthrough", "evaluate", "walkthrough"]
 
@@ -132,14 +132,14 @@ class Walkthrough:
 
     def graph(self, collapse: bool | None = None):
         """The computational graph of this sample, edges labelled with its values and
-        gradients (see :mod:`symbp.graph`)."""
+        gradients (see :mod:`symbp.read.graph`)."""
         from .graph_draw import draw
 
         return draw(self, collapse)
 
 
 def _as_network(obj):
-    from .model import Model
+    from ..train.model import Model
 
     if isinstance(obj, Model):
         return obj.network, obj
@@ -308,7 +308,7 @@ def walkthrough(
     Parameters
     ----------
     net : Network or Model
-        With a compiled :class:`~symbp.model.Model` the kernels' outputs, loss and gradients
+        With a compiled :class:`~symbp.train.model.Model` the kernels' outputs, loss and gradients
         are compared too, and its parameters are the default.
     x, t : array-like, optional
         The sample (``inputs`` numbers) and its target (a class label or one-hot row for
@@ -334,7 +334,7 @@ def walkthrough(
     The classic 2-2-2 sigmoid network with the MSE loss:
 
     >>> import symbp as sb
-    >>> from symbp.walkthrough import walkthrough
+    >>> from symbp.read.walkthrough import walkthrough
     >>> net = sb.Network(inputs=2, layers=[sb.Dense(2, activation="sigmoid"), sb.Dense(2, activation="sigmoid")],
     ...                  loss="mse")
     >>> w = walkthrough(net, x=[0.05, 0.10], t=[0.01, 0.99],

@@ -15,7 +15,7 @@ unit and weight (x₁, h₁, o₁, w₁ … b₁ …) and writes each neuron's f
 slides do: ``∂C/∂z_h₁ = σ′(z_h₁)·(w₅·∂C/∂z_o₁ + w₇·∂C/∂z_o₂)``.
 
 The renderers :meth:`Explanation.text`, :meth:`Explanation.latex` and
-:meth:`Explanation.markdown` print the same document; :mod:`symbp.report` renders it as
+:meth:`Explanation.markdown` print the same document; :mod:`symbp.read.report` renders it as
 HTML with MathML.
 """
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from . import indices
-from .index_sums import resolve
-from .indices import N, as_size, i, j, n, p, q
-from .indices import l2 as l2_symbol
+from .. import indices
+from ..index_sums import resolve
+from ..indices import N, as_size, i, j, n, p, q
+from ..indices import l2 as l2_symbol
 from .printing import MatVec, Outer, Partial, Pre, Prime, TextPrinter, Vec, activation_letter, latex, text
 
 MAX_SCALAR_UNITS = 10  #: the scalar view names every unit of layers up to this width
@@ -42,7 +42,7 @@ __all__ = ["Block", "Equation", "Explanation", "MAX_SCALAR_UNITS", "Section", "T
 
 
 def fmt(expr) -> str:
-    """``expr`` in the compact Unicode notation of :class:`~symbp.printing.TextPrinter`."""
+    """``expr`` in the compact Unicode notation of :class:`~symbp.read.printing.TextPrinter`."""
     return text(expr)
 
 
@@ -56,7 +56,7 @@ class Equation:
     ``shape`` is the shape of the left-hand side as text (``"(N, 64)"``), ``note`` a short
     remark (Unicode; the LaTeX renderer translates its few math characters), ``quantity``
     what it computes, e.g. ``("z", 1)``, ``("grad", "W", 2)`` or ``("loss",)``:
-    :mod:`symbp.report` finds the kernel lines by it.
+    :mod:`symbp.read.report` finds the kernel lines by it.
     """
 
     parts: list
@@ -89,7 +89,7 @@ class Section:
 @dataclass
 class Explanation:
     """A derivation laid out for reading; render with :meth:`text`, :meth:`latex`,
-    :meth:`markdown` (or :func:`symbp.report.report` for HTML)."""
+    :meth:`markdown` (or :func:`symbp.read.report.report` for HTML)."""
 
     title: str
     summary: str
@@ -264,7 +264,7 @@ def build(d, scalar: bool = False, optimizer=None) -> Explanation:
     optimizer : Optimizer, optional
         Add its update rule (the statements the training kernels fuse into the backward pass).
     """
-    from .optim import Optimizer
+    from ..train.optim import Optimizer
 
     # A Derivation (not imported: derive's reading methods call this module)
     if not all(hasattr(d, attr) for attr in ("network", "layers", "loss", "dims")):
@@ -352,7 +352,7 @@ def _loss_section(d) -> Section:
     block.equations.append(Equation([ELL[n], loss.per_sample], "(N,)", quantity=("loss",)))
     grad_parts = [Partial(ELL[n], loss.y[n, p]), loss.grad]
     try:
-        from .ops import simplest
+        from ..spec.ops import simplest
 
         shorter = simplest(loss.grad)
         if sp.count_ops(shorter) < sp.count_ops(loss.grad) and shorter != loss.grad:

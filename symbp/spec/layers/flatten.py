@@ -11,7 +11,7 @@ import math
 
 import sympy as sp
 
-from ..indices import c, h, i, n, w
+from ...indices import c, h, i, n, w
 from .base import Layer, LayerForm, Stage, register, size_symbol
 
 

@@ -2,8 +2,8 @@
 
 :func:`evaluate` takes an index expression (``Indexed``, ``Sum`` and elementwise functions)
 and arrays by label, and returns its values with one axis per free index, in the order
-asked.  The worked example (:mod:`symbp.walkthrough`) and the gates picture
-(:mod:`symbp.graph_draw`) evaluate the derivation's own formulas with it.
+asked.  The worked example (:mod:`symbp.read.walkthrough`) and the gates picture
+(:mod:`symbp.read.graph_draw`) evaluate the derivation's own formulas with it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import sympy as sp
 
-from .ops import window_argmax
+from ..spec.ops import window_argmax
 
 __all__ = ["NUMPY_FUNCTIONS", "evaluate"]
 
@@ -47,7 +47,7 @@ class kdelta(sp.Function):  # noqa: N801 - printed by name for NUMPY_FUNCTIONS
 
 NUMPY_FUNCTIONS.update({
     "kdelta": lambda a, b: np.equal(a, b).astype(np.float64),
-    # route(m, j): 1 where j is the arg-max position m (see symbp.ops.route)
+    # route(m, j): 1 where j is the arg-max position m (see symbp.spec.ops.route)
     "route": lambda m, j: np.equal(m, j).astype(np.float64),
 })
 
@@ -196,7 +196,7 @@ def _plan_sum(e, ranges: dict):
 
 def _plan_argmax(e, ranges: dict):
     """window_argmax(value, (u, 0, U−1), (v, 0, V−1)): the row-major position of the first
-    maximum over the window, as :class:`symbp.ops.window_argmax` defines it."""
+    maximum over the window, as :class:`symbp.spec.ops.window_argmax` defines it."""
     limits = _limits(e)
     body = _plan(e.args[0], {**ranges, **{s: hi + 1 for s, _, hi in limits}})
     window = [s for s, _, _ in limits]
@@ -260,7 +260,7 @@ def evaluate(expr: sp.Expr, env: Mapping[str, np.ndarray], order: tuple = (), va
         Built from ``Indexed`` quantities (indices may be affine expressions of index
         symbols: ``x[n, c, S*h + u, S*w + v]``), ``Sum`` over index ranges, elementwise
         functions, ``KroneckerDelta``, ``Piecewise`` guards and the arg-max ops of
-        :mod:`symbp.ops` (``window_argmax``, ``route``).
+        :mod:`symbp.spec.ops` (``window_argmax``, ``route``).
     env : mapping of str to numpy.ndarray
         Arrays by indexed-base label (``"W1"``, ``"x"``, ``"delta2"``).
     order : tuple of index symbols

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cache
-from .backends.cpu.runtime import HostRun
+from .. import cache
+from ..backends.cpu.runtime import HostRun
+from ..spec.network import Network
 from .callbacks import Callback
 from .data import as_inputs, as_targets, check_batch_size
-from .network import Network
 from .optim import SGD, Optimizer
 from .schedules import Schedule, check_monitor
 
@@ -44,7 +44,7 @@ class History:
 
         Saves a PNG to ``path`` when given; returns the figure.
         """
-        from .plots import plot_history
+        from ..read.plots import plot_history
 
         return plot_history(self, path, title)
 
@@ -70,7 +70,7 @@ class History:
 
     def _repr_png_(self) -> bytes | None:
         """Jupyter's rich display: the curves as PNG; None (the repr then) without matplotlib."""
-        from .plots import history_png
+        from ..read.plots import history_png
 
         return history_png(self)
 
@@ -149,7 +149,7 @@ class Model:
     def derivation(self):
         """The :class:`~symbp.derive.Derivation` the kernels were generated from."""
         if self._derivation is None:
-            from .derive import derive
+            from ..derive import derive
 
             self._derivation = derive(self.network)
         return self._derivation
@@ -255,7 +255,7 @@ class Model:
         path = self.source_path.parent / f"{self.network.name}-{self.dtype.name}-{slug}-{key}.py"
 
         def generate() -> str:
-            from .backends.cpu.module import generate_train_source
+            from ..backends.cpu.module import generate_train_source
 
             return generate_train_source(self.derivation, self.dtype.name, opt, cache.module_name(self.source_path))
 
@@ -431,7 +431,7 @@ class Model:
         return stop
 
     def save(self, path) -> Path:
-        """Write a checkpoint (see :mod:`symbp.checkpoint`); returns its path."""
+        """Write a checkpoint (see :mod:`symbp.train.checkpoint`); returns its path."""
         from . import checkpoint
 
         return checkpoint.save(self, path)
@@ -442,13 +442,13 @@ class Model:
     def summary(self) -> str:
         """Layers, output shapes and parameters, the generated module's path and the training
         so far, as Keras's ``summary()`` lists them; text that shows as itself at a prompt."""
-        from .summary import summary_text
+        from ..read.summary import summary_text
 
         return summary_text(self)
 
     def _repr_html_(self) -> str:
         """Jupyter's rich display: :meth:`summary` as an HTML table."""
-        from .summary import summary_html
+        from ..read.summary import summary_html
 
         return summary_html(self)
 
@@ -456,14 +456,14 @@ class Model:
         """Write this model as ONNX (the ``onnx`` extra): input ``X`` (N, *input_shape), output
         ``logits`` as :meth:`decision_function` gives them; returns the path.
         See :mod:`symbp.interop.onnx_export`."""
-        from .interop.onnx_export import to_onnx
+        from ..interop.onnx_export import to_onnx
 
         return to_onnx(self, path, opset=opset, dtype=dtype)
 
     def to_torch(self):
         """A PyTorch ``nn.Sequential`` with copies of this model's weights, computing
         :meth:`decision_function`.  See :mod:`symbp.interop.torch_weights`."""
-        from .interop.torch_weights import to_torch
+        from ..interop.torch_weights import to_torch
 
         return to_torch(self)
 

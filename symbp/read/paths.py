@@ -1,6 +1,6 @@
 """Optimizer paths on a 2-D surface: how SGD, momentum and Adam move differently.
 
-The surface is a formula in ``x`` and ``y`` (parsed safely, see :mod:`symbp.formula`); SymPy
+The surface is a formula in ``x`` and ``y`` (parsed safely, see :mod:`symbp.spec.formula`); SymPy
 derives its gradient, and each optimizer's own SymPy update rules (the ones fused into the
 training kernels) are applied to the point (x, y) step by step.  :func:`plot_paths` draws the
 contours with every path in its own colour, dash pattern and marker (so paths along the same
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from .formula import parse_formula
-from .ops import drop_point_masses
-from .optim import Optimizer, g_s, t_s, theta_s
+from ..spec.formula import parse_formula
+from ..spec.ops import drop_point_masses
+from ..train.optim import Optimizer, g_s, t_s, theta_s
 
 MAX_STEPS = 100_000  # per path; more cannot be told apart on the picture and takes minutes
 
@@ -290,7 +290,7 @@ def _animate(fig, lines, paths, gif) -> None:
 
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    from ._output import atomic_target
+    from .._output import atomic_target
 
     frames = max(len(p.points) for p in paths)
     stride = max(1, math.ceil(frames / 120))  # at most ~120 frames keeps the GIF small

@@ -1,6 +1,6 @@
 """One self-contained HTML page: the math, the kernels that run it, the graph, a worked example.
 
-:func:`report` lays out a network's :class:`~symbp.explain.Explanation` with every formula as
+:func:`report` lays out a network's :class:`~symbp.read.explain.Explanation` with every formula as
 MathML (SymPy's presentation printer, which browsers render natively) next to the lines of
 the generated kernel module that evaluate it; the shapes and parameter counts; the
 computational graph of one sample as inline SVG (Graphviz); the worked example with every δ
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import sympy as sp
 
-from ._output import check_output_path, write_atomic
-from ._version import __version__
+from .._output import check_output_path, write_atomic
+from .._version import __version__
 from .explain import Equation, Explanation, build, latex_equation
 from .html_tables import esc as _esc
 from .html_tables import walkthrough_tables
@@ -273,7 +273,7 @@ def report(
         Where to write the page (``.html``); checked before anything is computed.
     x, t, params, seed
         The worked example's sample, target and parameters (see
-        :func:`symbp.walkthrough.walkthrough`); random with ``seed`` where not given.
+        :func:`symbp.read.walkthrough.walkthrough`); random with ``seed`` where not given.
     graph : bool or "auto"
         Include the computational graph (needs Graphviz's ``dot``); ``"auto"`` includes it
         when ``dot`` is installed and says on the page why it is missing otherwise.
@@ -285,11 +285,11 @@ def report(
     str
         The page.
     """
-    from .compile import compile as compile_model
+    from ..compile import compile as compile_model
+    from ..spec.network import Network
+    from ..train.model import Model
     from .graph import GraphvizNotFound
     from .graph import graph as make_graph
-    from .model import Model
-    from .network import Network
     from .walkthrough import walkthrough
 
     if path is not None:

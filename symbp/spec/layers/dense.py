@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from ...indices import N, i, j, n, p, q, width
 from .. import activations
-from ..indices import N, i, j, n, p, q, width
 from .base import Layer, LayerForm, Stage, register
 
 

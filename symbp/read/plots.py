@@ -1,6 +1,6 @@
 """Training curves: with matplotlib (the optional ``plots`` extra) as PNG, or as plain SVG.
 
-:func:`plot_history` draws a :class:`~symbp.model.History` with matplotlib; :func:`history_png`
+:func:`plot_history` draws a :class:`~symbp.train.model.History` with matplotlib; :func:`history_png`
 gives its PNG bytes (Jupyter's rich display); :func:`history_svg` draws the same curves as a
 small hand-written SVG that needs nothing installed (the HTML report inlines it).
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._output import atomic_target, check_output_path
+from .._output import atomic_target, check_output_path
 
 
 def _pyplot():

@@ -1,5 +1,5 @@
 """Layers, one file each: what comes in is a user's declaration (``sb.Dense(32, …)``, a
-TOML table); what goes out is a :class:`~symbp.layers.base.LayerForm` of index-formula
+TOML table); what goes out is a :class:`~symbp.spec.layers.base.LayerForm` of index-formula
 stages that :mod:`symbp.derive` differentiates.  ``LAYERS`` maps each TOML ``type`` to its
 class; importing a layer's file registers it.
 """

@@ -1,6 +1,6 @@
 """One notation, three printers: Unicode text, LaTeX and presentation MathML.
 
-Everything :mod:`symbp.explain`, :mod:`symbp.walkthrough` and :mod:`symbp.report` show is a
+Everything :mod:`symbp.read.explain`, :mod:`symbp.read.walkthrough` and :mod:`symbp.read.report` show is a
 SymPy expression taken from a :class:`~symbp.derive.Derivation`; the printers here only
 choose how it reads.  Each subclasses one of SymPy's printers and adds the same handful of
 ``_print_<Class>`` methods, so a symbol reads alike in all three:
@@ -34,8 +34,8 @@ from sympy.printing.mathml import MathMLPresentationPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
-from . import ops
-from .indices import nonnegative_gap
+from ..indices import nonnegative_gap
+from ..spec import ops
 
 
 def _basic(expr):
@@ -165,7 +165,7 @@ def _factor_rank(f) -> float:
 
 
 def _index_symbols() -> tuple:
-    from . import indices
+    from .. import indices
 
     return tuple(getattr(indices, name) for name in "pqrsijnkchwuve")
 

@@ -7,7 +7,7 @@ planner and the backends read only what the stages say (a contraction becomes a 
 window arg-max an arg-max scan, the rest fused loops), never which class declared them.
 
 Adding a layer type is one file: subclass :class:`Layer`, decorate it with
-:func:`register`, import the file in ``symbp/layers/__init__.py``.
+:func:`register`, import the file in ``symbp/spec/layers/__init__.py``.
 """
 
 from __future__ import annotations

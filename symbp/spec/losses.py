@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sympy as sp
 
+from ..indices import j, k, n
 from .formula import FormulaError, constant_problem, formula_text, parse_formula
-from .indices import j, k, n
 from .ops import FORMULA_FUNCTIONS, canonicalize, softplus
 
 y_s = sp.Symbol("y", real=True)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 import sympy as sp
 
-from .formula import FormulaError, constant_problem, parse_formula
+from ..spec.formula import FormulaError, constant_problem, parse_formula
 
 theta_s = sp.Symbol("theta", real=True)
 g_s = sp.Symbol("g", real=True)

@@ -1,6 +1,6 @@
 """HTML for the readers' tables: the worked example's checks and a notebook output block.
 
-Shared by the report page (:mod:`symbp.report`) and the notebook displays
+Shared by the report page (:mod:`symbp.read.report`) and the notebook displays
 (``Walkthrough._repr_html_``, ``Model._repr_html_``, ``Graph``); nothing here imports them.
 """
 
@@ -131,7 +131,7 @@ def notebook_html(title: str, body: str) -> str:
 
 
 def walkthrough_html(w) -> str:
-    """A :class:`~symbp.walkthrough.Walkthrough` as one HTML block (Jupyter's rich display)."""
+    """A :class:`~symbp.read.walkthrough.Walkthrough` as one HTML block (Jupyter's rich display)."""
     net = w.network
     title = f"Worked example: {net.name} ({' → '.join(map(str, net.widths))}, loss {net.loss.name}), one sample"
     return notebook_html(title, walkthrough_tables(w))

@@ -1,11 +1,13 @@
 """The computational graph of one sample, from a walkthrough, a network or a model.
 
-:func:`graph` is the entry point: it makes the sample's :class:`~symbp.walkthrough.Walkthrough`
-when given a network or model, and :mod:`symbp.graph_draw` builds and draws the gates.
+:func:`graph` is the entry point: it makes the sample's :class:`~symbp.read.walkthrough.Walkthrough`
+when given a network or model, and :mod:`symbp.read.graph_draw` builds and draws the gates.
 """
 
 from __future__ import annotations
 
+from ..spec.network import Network
+from ..train.model import Model
 from .graph_draw import (
     EXPAND_MAX_ENTRIES,
     EXPAND_MAX_ENTRY_PARAMS,
@@ -17,8 +19,6 @@ from .graph_draw import (
     Node,
     draw,
 )
-from .model import Model
-from .network import Network
 from .walkthrough import Walkthrough, walkthrough
 
 __all__ = ["EXPAND_MAX_ENTRIES", "EXPAND_MAX_ENTRY_PARAMS", "EXPAND_MAX_PARAMS",
@@ -31,7 +31,7 @@ def graph(source, collapse: bool | None = None, **walkthrough_args) -> Graph:
     Parameters
     ----------
     source : Walkthrough, Network or Model
-        A :class:`~symbp.walkthrough.Walkthrough` supplies the sample's numbers; for a
+        A :class:`~symbp.read.walkthrough.Walkthrough` supplies the sample's numbers; for a
         network or model one is made with ``walkthrough_args`` (``x``, ``t``, ``params``,
         ``seed``).
     collapse : bool, optional

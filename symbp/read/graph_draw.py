@@ -8,7 +8,7 @@ found by a reverse sweep over the gates' local derivatives — SymPy's ``diff`` 
 so the rules show: an add gate hands its gradient to every input unchanged, a mul gate hands
 each input the gradient times the *other* inputs, a max gate routes it to the larger input.
 These edge gradients agree with the δs and gradients the derivation gives
-(:func:`symbp.walkthrough.walkthrough` checks those against finite differences).
+(:func:`symbp.read.walkthrough.walkthrough` checks those against finite differences).
 
 Networks with wider layers collapse to one node per layer, edges labelled with shapes and
 the norms of the sample's values and gradients.  Pictures are drawn by Graphviz's ``dot``
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from . import ops
-from ._output import check_output_path, write_atomic
+from .._output import check_output_path, write_atomic
+from ..spec import ops
 from .printing import Pre, text
 
 __all__ = ["EXPAND_MAX_PARAMS", "EXPAND_MAX_UNITS", "Edge", "Graph", "GraphvizNotFound", "Node", "draw"]
@@ -202,7 +202,7 @@ def _run_dot(source: str, fmt: str, extra: list[str] | None = None) -> bytes:
 # Building
 # --------------------------------------------------------------------------------------------
 def draw(w, collapse: bool | None = None) -> Graph:
-    """The computational graph of the sample of Walkthrough ``w`` (see :func:`symbp.graph.graph`)."""
+    """The computational graph of the sample of Walkthrough ``w`` (see :func:`symbp.read.graph.graph`)."""
     net = w.network
     dense = all(ld.affine for ld in w.derivation.layers)
     params = int(sum(np.prod(s) for s in net.param_shapes().values()))
@@ -360,7 +360,7 @@ def _l2_local(lam: float, pos: int, *ws: float) -> float:
 
 
 def _i():
-    from .indices import i
+    from ..indices import i
 
     return i
 
@@ -417,8 +417,8 @@ def _sweep(b: _Builder, cost_id: str, collapsed: bool, title: str) -> Graph:
 
 def _collapsed(w) -> Graph:
     """One node per layer: x → (W·) → (+ b) → f → … → ℓ → C, labelled with shapes and norms."""
+    from ..indices import i, n, p, q
     from .index_eval import evaluate
-    from .indices import i, n, p, q
 
     d, net = w.derivation, w.network
     nodes: dict = {}
@@ -542,9 +542,9 @@ def _entries(w) -> Graph:
     its window's × gates of weight and input and its bias, a max pool's a max gate over its
     window, an average pool's a + gate and × 1/(kh·kw), a reshape just wiring; each found by
     writing out the derivation's own stage formula for that entry."""
-    from .indices import N
-    from .indices import l2 as l2_symbol
-    from .indices import n as n_
+    from ..indices import N
+    from ..indices import l2 as l2_symbol
+    from ..indices import n as n_
 
     d, net = w.derivation, w.network
     values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
@@ -655,10 +655,10 @@ def _entries(w) -> Graph:
 def _collapsed_layers(w) -> Graph:
     """One node per layer of any kind: x → layer (its parameters feeding it) → f → … → ℓ → C,
     edges labelled with shapes and the norms of the sample's values and gradients."""
+    from ..indices import N
+    from ..indices import l2 as l2_symbol
+    from ..indices import n as n_
     from .index_eval import evaluate
-    from .indices import N
-    from .indices import l2 as l2_symbol
-    from .indices import n as n_
 
     d, net = w.derivation, w.network
     values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
@@ -732,7 +732,7 @@ def _collapsed_layers(w) -> Graph:
 
 
 def _widths(d) -> dict:
-    from .indices import N
+    from ..indices import N
 
     return {N: 1, **{d.dims[l]: wd for l, wd in enumerate(d.network.widths)}}
 

@@ -36,7 +36,7 @@ class Network:
     layers : sequence of layers
         For example ``[sb.Dense(32, activation="tanh"), sb.Dense(10)]``.
     loss : str or sympy.Expr
-        Applied to the last layer's output (the logits); see :class:`symbp.losses.Loss`.
+        Applied to the last layer's output (the logits); see :class:`symbp.spec.losses.Loss`.
     l2 : float
         Weight decay in the loss: ``l2/2 · Σ‖W‖²`` over weights, not biases.
     name : str, optional

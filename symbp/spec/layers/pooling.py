@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..indices import h, k, n, u, v, w
+from ...indices import h, k, n, u, v, w
 from ..ops import route, window_argmax
 from .base import Layer, LayerForm, Stage, config_pair, image_dims, int_pair, pair_text, register, size_symbol
 from .windows import need_3d, window_count, window_size_lines

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from ...indices import c, h, k, n, p, q, r, s, u, v, w
 from .. import activations
-from ..indices import c, h, k, n, p, q, r, s, u, v, w
 from .base import (
     Layer,
     LayerForm,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from ..indices import e, i, j, n, p, q
+from ...indices import e, i, j, n, p, q
 from ..ops import route, window_argmax
 from .base import Layer, LayerForm, Stage, positive_int, register, shape_text, size_symbol
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._output import write_atomic
-from ._version import __version__
+from .._output import write_atomic
+from .._version import __version__
+from ..spec.network import Network
 from .data import NPZ_ERRORS, NpzError, check_sizes, npy_header, npz_index, read_npy
-from .network import Network
 from .optim import Optimizer, optimizer_from_config
 from .schedules import Schedule, schedule_from_config
 
@@ -73,7 +73,7 @@ def _check_spec_reads_back(net, path) -> None:
     """Refuse to write a spec that load() would refuse: a SymPy activation or loss given as an
     expression is stored as text, and text the formula parser cannot read (a Piecewise, a
     function outside its language) would make the file unloadable."""
-    from .network import Network
+    from ..spec.network import Network
 
     try:
         again = Network.from_config(net.to_config())
