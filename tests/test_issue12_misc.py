@@ -218,3 +218,24 @@ def test_a_checkpoint_that_would_not_load_is_refused_before_writing(compiled, tm
     assert not list(tmp_path.iterdir())
     ok = compiled(sb.Network(inputs=1, layers=[sb.Dense(1, activation=sympy.Max(z, z / 4))], loss="mse"))
     sb.load(ok.save(tmp_path / "ok.npz"))
+
+
+def test_load_finds_what_save_wrote_and_names_a_missing_file(compiled, tmp_path):
+    """save("run") writes run.npz; load("run") finds it; a missing checkpoint is a
+    FileNotFoundError (and still a ValueError, as every other refusal)."""
+    model = compiled(sb.Network(inputs=2, layers=[sb.Dense(2)], loss="mse"))
+    written = model.save(tmp_path / "run")
+    assert written.name == "run.npz"
+    again = sb.load(tmp_path / "run")
+    np.testing.assert_array_equal(again.params["W1"], model.params["W1"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sb.load(tmp_path / "nothing.npz")
+    with pytest.raises(ValueError, match="does not exist"):
+        sb.load(tmp_path / "nothing")
+
+
+def test_callbacks_say_what_they_are():
+    assert repr(sb.EarlyStopping(patience=3)) == ("EarlyStopping(monitor='val_loss', patience=3, min_delta=0, "
+                                                 "mode='min', restore_best_weights=False)")
+    assert repr(sb.ModelCheckpoint("best.npz", monitor="val_loss")) == \
+        "ModelCheckpoint('best.npz', monitor='val_loss', mode='min')"

@@ -66,6 +66,11 @@ class EarlyStopping(Callback):
             for k, v in self.best_params.items():
                 model.params[k] = v.copy()  # assignment, so a device-side model uploads it
 
+    def __repr__(self) -> str:
+        state = "" if self.best is None else f", best={self.best:.6g} at epoch {self.best_epoch}"
+        return (f"EarlyStopping(monitor={self.monitor!r}, patience={self.patience}, min_delta={self.min_delta:g}, "
+                f"mode={self.mode!r}, restore_best_weights={self.restore_best_weights}{state})")
+
 
 class ModelCheckpoint(Callback):
     """Save the model after every epoch (or only when ``monitor`` improves)."""
@@ -87,3 +92,6 @@ class ModelCheckpoint(Callback):
             self.best = value
         model.save(self.path)
         return False
+
+    def __repr__(self) -> str:
+        return f"ModelCheckpoint({str(self.path)!r}, monitor={self.monitor!r}, mode={self.mode!r})"

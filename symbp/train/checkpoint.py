@@ -51,6 +51,11 @@ def _digest(meta: dict, arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+class CheckpointNotFound(FileNotFoundError, ValueError):
+    """No checkpoint at that path: a FileNotFoundError (what Python code expects of a missing
+    file), and a ValueError as every other refusal of a checkpoint is."""
+
+
 def checkpoint_path(path) -> Path:
     """Where a checkpoint for ``path`` goes (``.npz`` added when missing); a directory is
     refused, as np.savez would write "<dir>.npz" beside it."""
@@ -232,8 +237,10 @@ def contents(path) -> Contents:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
+    if not path.is_file() and path.suffix != ".npz" and path.with_name(path.name + ".npz").is_file():
+        path = path.with_name(path.name + ".npz")  # what save(path) wrote
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise CheckpointNotFound(f"checkpoint {path} does not exist")
     damaged = f"checkpoint {path} is damaged or not a symbp checkpoint"
     try:
         with zipfile.ZipFile(path) as zf:
