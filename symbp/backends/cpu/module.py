@@ -174,7 +174,8 @@ class CpuModule(Plan):
             "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
-            f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}", "",
+            f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
+            f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}", "",
             helper_source(self.helpers), update, tidy_args(_TRAIN.format(**names)),
         ])
         return with_provenance(src, self.provenance)

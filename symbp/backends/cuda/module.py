@@ -230,6 +230,7 @@ class CudaBuilder(Plan):
             *_import_lines(model_module, _SHARED_NAMES + [f"d{l}" for l in range(L + 1)]),
             *filter(None, [self._cublas_imports(train=True)]), "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
+            f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}",
             *filter(None, [helper_source(self.helpers)]), _TRAIN_KERNELS.format(**names),
             *(f"\n{text}" for text in kernels.sources.values()),
             f"\n{update}", tidy_args(_TRAIN.format(**names)),
