@@ -7,10 +7,11 @@ backward, plain SGD (lr=0.01) -- of
 
     input 1×28×28 → Conv2D(8, 5×5) + relu → 2×2 max pool → Flatten → Dense(10),  batch 64
 
-    numpy   hand-written: im2col by sliding_window_view, GEMMs, max-pool routing by argmax
-    torch   eager nn.Conv2d/MaxPool2d/Linear, F.cross_entropy, torch.optim.SGD, 2 threads
-    jax     the whole step under jax.jit (params -> new params)
-    symbp   sb.compile(...).fit(X, y, batch_size=64, epochs=1, shuffle=False)
+    numpy          hand-written: im2col by sliding_window_view, GEMMs, max-pool routing by argmax
+    torch          eager nn.Conv2d/MaxPool2d/Linear, F.cross_entropy, torch.optim.SGD
+    torch.compile  the same module under torch.compile (default mode; compile time in "setup s")
+    jax            the whole step under jax.jit (params -> new params)
+    symbp          sb.compile(...).fit(X, y, batch_size=64, epochs=1, shuffle=False)
 
 As in ``bench_mlp.py`` (whose harness this reuses): the peers run a Python loop of
 ``steps`` step calls over pre-sliced batches of N = 64·steps samples; symbp runs one
@@ -19,10 +20,14 @@ is its per-step cost.  Each implementation runs in its own subprocess, rounds ar
 interleaved, the parent waits for the machine to go idle before each worker, and the
 "contention" column says how much of the machine other processes used meanwhile (above
 ~10% the number is suspect: on 2 cores one busy neighbour halves a 2-thread step).
+Each library runs in its own default environment (symbp's OMP_WAIT_POLICY and
+OPENBLAS_CORETYPE only in symbp's worker, set by ``import symbp``); the report prints
+each worker's environment and threads, then every impl's cold and cached start-up.
 
 Usage
 -----
     python benchmarks/bench_cnn.py                 # 3 rounds, every impl that imports
+    python benchmarks/bench_cnn.py --quick         # 1 round, short reps, 1 start-up round
     python benchmarks/bench_cnn.py --rounds 1 --impls torch,symbp
     python benchmarks/bench_cnn.py --check         # every impl's SGD step vs a float64 reference
     python benchmarks/bench_cnn.py --target cuda   # on the GPU: symbp vs PyTorch CUDA (and JAX)
@@ -43,11 +48,14 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 LR, SEED, BATCH, FILTERS, KERNEL, CLASSES = 0.01, 0, 64, 8, 5, 10
 IMAGE = (1, 28, 28)
-PEERS = ("numpy", "torch", "jax")
+PEERS = ("numpy", "torch", "torch.compile", "jax")
 IMPLS = (*PEERS, "symbp")
 CONTENTION_WARN = 0.10
-BASE_ENV = {"OPENBLAS_CORETYPE": "SkylakeX", "OMP_WAIT_POLICY": "passive"}  # as bench_mlp.py
-IMPL_ENV = {"jax": {"JAX_PLATFORMS": "cpu"}}
+# Each library in its own default environment; see _harness.WorkerEnv and bench_mlp.py.
+IMPL_NEEDS = {"jax": {"JAX_PLATFORMS": "cpu"}}
+COMPILE_CACHE = {"symbp": "SYMBP_CACHE_DIR", "torch.compile": "TORCHINDUCTOR_CACHE_DIR"}
+CACHE_NOTE = {"numpy": "nothing to compile", "torch": "nothing to compile",
+              "jax": "no persistent cache by default: every process compiles again"}
 PARAM_NAMES = ("W1", "b1", "W4", "b4")  # symbp's names: conv is layer 1, the dense layer 4
 
 
@@ -137,11 +145,13 @@ class NumpyImpl:
 
 
 class TorchImpl:
-    def __init__(self, params: dict):
+    """Eager; or, with ``compiled``, the module under torch.compile (default mode, inductor;
+    compiled on the first call), loss and optimizer step eager. torch's own thread settings."""
+
+    def __init__(self, params: dict, compiled: bool = False):
         import torch
         import torch.nn.functional as F
 
-        torch.set_num_threads(2)
         self.torch = torch
         conv, lin = torch.nn.Conv2d(IMAGE[0], FILTERS, KERNEL), torch.nn.Linear(*params["W4"].shape[::-1])
         with torch.no_grad():
@@ -150,7 +160,7 @@ class TorchImpl:
                 mod.bias.copy_(torch.from_numpy(params[b]))
         self.model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), lin)
         opt = torch.optim.SGD(self.model.parameters(), lr=LR)
-        model = self.model
+        model = torch.compile(self.model) if compiled else self.model
 
         def step(x, y):
             opt.zero_grad(set_to_none=True)
@@ -173,7 +183,7 @@ class TorchImpl:
                 (("W1", conv.weight), ("b1", conv.bias), ("W4", lin.weight), ("b4", lin.bias))}
 
     def versions(self):
-        return {"torch": self.torch.__version__, "torch_threads": str(self.torch.get_num_threads())}
+        return {"torch": self.torch.__version__}
 
 
 class JaxImpl:
@@ -246,7 +256,17 @@ class SymbpImpl:
         return {"symbp": getattr(self.sb, "__version__", "?"), "numba": numba.__version__}
 
 
-BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "jax": JaxImpl, "symbp": SymbpImpl}
+BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "torch.compile": lambda p: TorchImpl(p, compiled=True),
+            "jax": JaxImpl, "symbp": SymbpImpl}
+LIBRARY = {"numpy": "numpy", "torch": "torch", "torch.compile": "torch", "jax": "jax", "symbp": "symbp"}
+
+
+def import_library(impl: str) -> None:
+    """The impl's library first, before NumPy, as a user's script would (``import symbp``
+    sets its thread and BLAS settings, which only count before NumPy loads OpenBLAS)."""
+    if impl == "symbp":
+        sys.path.insert(0, str(REPO_ROOT))
+    __import__(LIBRARY[impl])
 
 
 # ==========================================================================
@@ -254,8 +274,10 @@ BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "jax": JaxImpl, "symbp": Sym
 # ==========================================================================
 
 def worker_timing(args) -> dict:
+    t0 = time.perf_counter()
     impl = BUILDERS[args.impl](init_params())
     impl.prepare(*make_data(2))()  # JIT / first-call costs
+    setup_s = time.perf_counter() - t0
     steps = args.steps_hint or 8
     for _ in range(8):  # grow until one pass lasts about target_s
         run = impl.prepare(*make_data(steps))
@@ -266,7 +288,25 @@ def worker_timing(args) -> dict:
     with h.Contention() as busy:
         times = h.time_reps(run, args.reps)
     return {"impl": args.impl, "steps": steps, "ms_per_step": [t / steps * 1e3 for t in times],
-            "contention": busy.fraction, "versions": impl.versions()}
+            "contention": busy.fraction, "versions": impl.versions(), "setup_s": setup_s,
+            "env_info": h.worker_env_info()}
+
+
+def worker_startup(args) -> dict:
+    """From before the library's import to the end of the first step on one batch (making
+    the data left out), in this fresh process."""
+    t0 = time.perf_counter()
+    import_library(args.impl)
+    t1 = time.perf_counter()
+    X, y = make_data(1)
+    params = init_params()
+    t2 = time.perf_counter()
+    impl = BUILDERS[args.impl](params)
+    t3 = time.perf_counter()
+    impl.prepare(X, y)()
+    t4 = time.perf_counter()
+    return {"impl": args.impl, "import_s": t1 - t0, "build_s": t3 - t2, "first_step_s": t4 - t3,
+            "total_s": (t1 - t0) + (t4 - t2), "env_info": h.worker_env_info()}
 
 
 def worker_check(args) -> dict:
@@ -281,23 +321,24 @@ def worker_check(args) -> dict:
 
 def worker_main(args) -> int:
     try:
-        h.emit(worker_check(args) if args.check_in else worker_timing(args))
-        return 0
+        if args.startup:
+            result = worker_startup(args)
+        else:
+            import_library(args.impl)
+            result = worker_check(args) if args.check_in else worker_timing(args)
     except BaseException as exc:  # report one line, never a traceback in the table
-        h.emit({"error": h.one_line_error(exc)})
+        h.emit({"error": h.torch_compile_error(exc) if args.impl == "torch.compile" else h.one_line_error(exc)})
         return 1
+    h.emit(result)
+    return 0
 
 
 # ==========================================================================
 # Parent
 # ==========================================================================
 
-def env_for(impl: str) -> dict:
-    return h.make_env({**BASE_ENV, **IMPL_ENV.get(impl, {})})
-
-
-def run_benchmark(args, impls) -> dict:
-    res = {i: {"ms": [], "steps": None, "error": None, "busy": []} for i in impls}
+def run_benchmark(args, impls, envs: h.WorkerEnv) -> dict:
+    res = {i: {"ms": [], "steps": None, "error": None, "busy": [], "setup": [], "env_info": None} for i in impls}
     for r in range(args.rounds):
         for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
             rec = res[impl]
@@ -307,15 +348,17 @@ def run_benchmark(args, impls) -> dict:
                 print(f"  (machine still busy after {args.wait_idle:.0f} s; measuring anyway)", file=sys.stderr)
             argv = [str(Path(__file__).resolve()), "--worker", impl, "--reps", str(args.reps),
                     "--target-s", str(args.target_s)] + (["--steps-hint", str(rec["steps"])] if rec["steps"] else [])
-            out = h.run_worker(argv, env_for(impl), args.timeout)
+            out = h.run_worker(argv, envs.for_impl(impl), args.timeout)
             if "error" in out:
                 rec["error"] = out["error"]
-                print(f"  round {r + 1}  {impl:<6}  ERROR {out['error']}", file=sys.stderr, flush=True)
+                print(f"  round {r + 1}  {impl:<13}  ERROR {out['error']}", file=sys.stderr, flush=True)
                 continue
             rec["ms"] += out["ms_per_step"]
             rec["steps"] = out["steps"]
             rec["busy"].append((min(out["ms_per_step"]), out.get("contention")))
-            print(f"  round {r + 1}  {impl:<6}  {min(out['ms_per_step']):8.3f} ms/step  "
+            rec["setup"].append(out["setup_s"])
+            rec["env_info"] = out["env_info"]
+            print(f"  round {r + 1}  {impl:<13}  {min(out['ms_per_step']):8.3f} ms/step  "
                   f"({out['steps']} steps, contention {out.get('contention') or 0:.0%})", file=sys.stderr, flush=True)
     return res
 
@@ -332,16 +375,19 @@ def print_table(impls, res) -> None:
         at_best = min(rec["busy"], key=lambda mc: mc[0])[1]
         seen = [c for _, c in rec["busy"] if c is not None]
         busy = "?" if at_best is None else f"{at_best:.0%}/{max(seen):.0%}"
+        setup = f"{rec['setup'][0]:.2f}" + (f" / {rec['setup'][-1]:.2f}" if len(rec["setup"]) > 1 else "")
         rows.append([impl, f"{best:.3f}", f"{h.median(rec['ms']):.3f}",
-                     f"{best / best_peer:.2f}" if best_peer else "-", str(rec["steps"]), busy])
+                     f"{best / best_peer:.2f}" if best_peer else "-", str(rec["steps"]), setup, busy])
     print(f"\nCNN 1×28×28 → Conv2D(8, 5×5)+relu → maxpool 2 → Dense(10), batch {BATCH}, float32, SGD step")
-    print(h.format_table(["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "contention best/max"],
-                         rows, right=[False] + [True] * 5))
-    print("ratio: best ms/step over the best peer's (numpy/torch/jax); contention: share of the machine other "
-          "processes used during the best / the worst worker.")
+    print(h.format_table(["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "setup s",
+                          "contention best/max"], rows, right=[False] + [True] * 6))
+    print(f"ratio: best ms/step over the best peer's ({', '.join(PEERS)}); setup s: build + first call on\n"
+          "2 batches, first round (/ last round) -- JAX's jit and torch.compile's compilation, measured apart\n"
+          "from the steps; contention: share of the machine other processes used during the best / the\n"
+          "worst worker.")
 
 
-def run_check(args, impls) -> bool:
+def run_check(args, impls, envs: h.WorkerEnv) -> bool:
     """Every impl makes one SGD step from the same weights and batch; compared with the
     hand-written step in float64."""
     import numpy as np
@@ -358,7 +404,7 @@ def run_check(args, impls) -> bool:
         for impl in impls:
             dst = Path(tmp) / f"{impl}.npz"
             out = h.run_worker([str(Path(__file__).resolve()), "--worker", impl, "--check-in", str(src),
-                                "--check-out", str(dst)], env_for(impl), args.timeout)
+                                "--check-out", str(dst)], envs.for_impl(impl), args.timeout)
             if "error" in out:
                 rows.append([impl, f"error: {out['error']}"])
                 continue
@@ -375,20 +421,33 @@ def run_check(args, impls) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--target-s", type=float, default=0.4)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
+    ap.add_argument("--reps", type=int, default=None, help="timed reps per worker (default 5, --quick 2)")
+    ap.add_argument("--target-s", type=float, default=None, help="seconds per rep (default 0.4, --quick 0.15)")
+    ap.add_argument("--quick", action="store_true", help="1 round, short reps, one start-up round")
     ap.add_argument("--wait-idle", type=float, default=20.0, help="seconds to wait for an idle machine per worker")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    ap.add_argument("--startup-rounds", type=int, default=None,
+                    help="start-up rounds, each with fresh caches (default 2, --quick 1)")
+    ap.add_argument("--env", action="append", default=[], metavar="[IMPL:]KEY=VALUE",
+                    help="extra env var for every worker, or with IMPL: for that impl's only (repeatable)")
+    ap.add_argument("--keep-shell-tuning", action="store_true",
+                    help="pass this shell's thread/BLAS variables (OMP_*, OPENBLAS_*, ...) on to every worker "
+                         "(by default they are dropped: each library runs with its own defaults)")
     ap.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: symbp's CUDA target against PyTorch CUDA (and JAX on the GPU) on these shapes "
                          "and an 8× batch (see _cuda_bench.py); exits 2 without a GPU")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--startup", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--check-in", help=argparse.SUPPRESS)
     ap.add_argument("--check-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for name, full, quick in (("rounds", 3, 1), ("reps", 5, 2), ("target_s", 0.4, 0.15), ("startup_rounds", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     if args.worker:
         args.impl = args.worker
         return worker_main(args)
@@ -402,11 +461,22 @@ def main(argv=None) -> int:
         spec = _cuda_bench.cnn_spec(IMAGE, FILTERS, KERNEL, CLASSES, BATCH)
         return _cuda_bench.run([spec], [i for i in impls if i in _cuda_bench.IMPLS], rounds=args.rounds, reps=args.reps,
                                timeout=args.timeout)
+    envs = h.WorkerEnv(impls, IMPL_NEEDS, args.env, args.keep_shell_tuning)
     print(" ".join(f"{k}={v}" for k, v in h.system_info().items()))
+    for line in envs.header_lines():
+        print(line)
     if args.check:
-        return 0 if run_check(args, impls) else 1
+        return 0 if run_check(args, impls, envs) else 1
     t0 = time.perf_counter()
-    print_table(impls, run_benchmark(args, impls))
+    res = run_benchmark(args, impls, envs)
+    print(f"rounds {args.rounds} x reps {args.reps}, target {args.target_s} s per rep")
+    print_table(impls, res)
+    print("\nenvironment of each worker:")
+    print(envs.table(impls, {i: res[i]["env_info"] for i in impls}))
+    if not args.no_startup:
+        out = h.run_startup(impls, lambda impl: [str(Path(__file__).resolve()), "--worker", impl, "--startup"],
+                            envs, COMPILE_CACHE, args.startup_rounds, args.timeout, args.wait_idle, CONTENTION_WARN)
+        h.print_startup(impls, out, f"CNN, first step on one batch of {BATCH}", COMPILE_CACHE, CACHE_NOTE)
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

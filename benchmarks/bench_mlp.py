@@ -12,10 +12,12 @@ no momentum) -- on three fully connected nets:
 
 Implementations (each only if it imports):
 
-    numpy   hand-written backprop: ``x @ W.T + b``, stable softmax, SGD in place
-    torch   eager nn.Linear stack, F.cross_entropy, torch.optim.SGD, 2 threads
-    jax     the whole step under jax.jit (params -> new params, donated)
-    symbp   sb.compile(...).fit(X, y, batch_size=B, epochs=1, shuffle=False)
+    numpy          hand-written backprop: ``x @ W.T + b``, stable softmax, SGD in place
+    torch          eager nn.Linear stack, F.cross_entropy, torch.optim.SGD
+    torch.compile  the same with the module under torch.compile (default mode, inductor);
+                   its compilation is timed apart (the "setup s" column, and start-up)
+    jax            the whole step under jax.jit (params -> new params, donated)
+    symbp          sb.compile(...).fit(X, y, batch_size=B, epochs=1, shuffle=False)
 
 With ``--optimizer adam`` the update is Adam instead (lr=1e-3, betas
 (0.9, 0.999), eps=1e-8, no weight decay, torch.optim.Adam's formulas) in
@@ -40,9 +42,17 @@ How it runs
 Each measurement happens in a fresh subprocess (this script re-invoked with
 ``--worker IMPL NET``) so that one library's thread pools and allocator state
 never touch another's. Rounds are interleaved -- round 1 runs every impl once,
-then round 2, ... -- so slow drift of the machine hits all impls alike. All
-workers get the same environment (shown in the report) plus only what one
-library strictly needs (JAX: JAX_PLATFORMS=cpu).
+then round 2, ... -- so slow drift of the machine hits all impls alike.
+
+Each library runs in its own default environment, threads as its users get them:
+workers inherit the shell's environment minus its thread/BLAS tuning variables
+(OMP_*, OPENBLAS_*, MKL_*, NUMBA_*, ...; ``--keep-shell-tuning`` keeps them), plus
+only what a library needs to run at all (JAX_PLATFORMS=cpu, for JAX alone).
+symbp's settings (OMP_WAIT_POLICY=passive, and OPENBLAS_CORETYPE=SkylakeX on
+AVX-512 CPUs) are made by ``import symbp`` itself, so only symbp's worker has
+them: every worker imports its library first, before NumPy. The report's
+environment table shows, per worker, what the harness gave it, what its library
+set in-process, and the threads and BLAS pools it ran with.
 
 How to read the table
 ---------------------
@@ -50,8 +60,10 @@ How to read the table
                     estimate of what the code costs on this machine
     median ms/step  the median over all rounds and reps: what you typically get
     ratio           best ms/step divided by the best peer's (fastest of
-                    numpy/torch/jax). The best peer shows 1.00; for symbp,
-                    < 1 means symbp is faster than every peer.
+                    numpy/torch/torch.compile/jax). The best peer shows 1.00;
+                    for symbp, < 1 means symbp is faster than every peer.
+    setup s         build + first call on 2 batches, in the first round's
+                    worker (/ the last round's): JIT and torch.compile time
     contention      share of the machine's CPU that other processes used (or
     best/max        the hypervisor stole) during a worker's timed reps: for
                     the worker that produced the best value, and the worst
@@ -59,11 +71,17 @@ How to read the table
                     can slow a 2-thread BLAS step tenfold; above ~10% treat
                     the number with suspicion.
 
-Finally, symbp's start-up cost is measured: "cold" is a fresh process with an
-empty ``SYMBP_CACHE_DIR`` (symbolic derivation, code generation and Numba
-compilation all happen), "cached" is another fresh process reusing that
-directory. Both time from just before ``import symbp`` to the end of the first
-``fit`` on one batch of the medium net.
+Then every impl's start-up: the time from before its library's import to the
+end of its first step on one batch of the medium net, in a fresh process. "cold"
+starts with an empty compile cache (symbp: ``SYMBP_CACHE_DIR``, so derivation,
+code generation and Numba compilation all happen; torch.compile:
+``TORCHINDUCTOR_CACHE_DIR``), "cached" is a second fresh process reusing it. JAX
+keeps no compiled code between processes by default; NumPy and eager torch have
+none to keep.
+
+Last, memory: the peak RSS of one symbp ``fit`` (SGD, one epoch, shuffled, batch
+128) over ``--mem-samples`` (10^6) samples of the medium net, beside the data's
+size plus 3x the parameters plus the batch buffers.
 
 Usage
 -----
@@ -74,6 +92,7 @@ Usage
     python benchmarks/bench_mlp.py --check --optimizer adam   # ... and 3 Adam steps
     python benchmarks/bench_mlp.py --optimizer adam     # the usual tables, Adam steps
     python benchmarks/bench_mlp.py --adam-overhead      # Adam vs SGD per impl (medium net)
+    python benchmarks/bench_mlp.py --env torch:OMP_WAIT_POLICY=passive   # one impl's env
     python benchmarks/bench_mlp.py --target cuda        # on the GPU: symbp vs PyTorch CUDA (and JAX)
     python benchmarks/bench_mlp.py --json results.json
 """
@@ -83,7 +102,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -107,7 +125,6 @@ OPTIMIZERS = ("sgd", "adam")
 # estimates and both bias corrections are exercised past their first step.
 CHECK_STEPS = {"sgd": 1, "adam": 3}
 SEED = 0
-TORCH_THREADS = 2
 # Share of the machine used by other processes above which numbers are suspect.
 CONTENTION_WARN = 0.10
 
@@ -135,31 +152,22 @@ NETS = {
     "medium": Net("medium", 784, (256, 256), 10, 128, "relu"),
     "large": Net("large", 784, (1024, 1024), 10, 256, "relu"),
 }
-PEERS = ("numpy", "torch", "jax")
+PEERS = ("numpy", "torch", "torch.compile", "jax")
 IMPLS = (*PEERS, "symbp")
 
-# Environment given to every worker. These must be in the environment before
-# the libraries load, hence set here and not inside the worker.
-BASE_ENV = {
-    # Force OpenBLAS' AVX-512 kernels. OpenBLAS builds that do not recognise
-    # Zen4 fall back to AVX2 (Haswell/Zen) kernels, which more than halved
-    # GEMM throughput in one measurement on this kind of CPU. (NumPy 2.4's
-    # OpenBLAS 0.3.31 already autodetects SkylakeX on Zen4; then this is a
-    # no-op.) It applies to every OpenBLAS copy loaded: NumPy's, and SciPy's,
-    # which Numba's np.dot calls into.
-    "OPENBLAS_CORETYPE": "SkylakeX",
-    # Spinning OpenMP threads would steal one of only two cores from the
-    # next step's Python code between parallel regions. The price is a
-    # wake-up per parallel region: PyTorch's small-net step measured ~1.0 ms
-    # with passive vs ~0.3 ms with active here; try
-    # ``--env OMP_WAIT_POLICY=active`` to see that side.
-    "OMP_WAIT_POLICY": "passive",
-}
-# Only what a library needs to run at all goes here, so the comparison stays
-# about code, not configuration. (XLA's default threading is fine.)
-IMPL_ENV = {
+# The environment of the workers: see _harness.WorkerEnv. Each library runs with its own
+# defaults; only what a library needs to run at all is added, for it alone. symbp's
+# settings (OMP_WAIT_POLICY=passive, OPENBLAS_CORETYPE=SkylakeX on AVX-512) are made by
+# ``import symbp`` itself, inside symbp's worker, which imports it before NumPy.
+IMPL_NEEDS = {
     "jax": {"JAX_PLATFORMS": "cpu"},
 }
+# Start-up (time to the first step) and memory are measured on this net.
+STARTUP_NET = MEMORY_NET = "medium"
+# Where each impl keeps compiled code between processes; start-up's "cold" empties it.
+COMPILE_CACHE = {"symbp": "SYMBP_CACHE_DIR", "torch.compile": "TORCHINDUCTOR_CACHE_DIR"}
+CACHE_NOTE = {"numpy": "nothing to compile", "torch": "nothing to compile",
+              "jax": "no persistent cache by default: every process compiles again"}
 
 
 # ==========================================================================
@@ -340,12 +348,13 @@ class TorchImpl:
     default. "foreach" and "fused" (a native CPU kernel since torch 2.4) are
     there to see how much torch leaves on the table by default."""
 
-    def __init__(self, net: Net, params, optimizer: str = "sgd", torch_adam: str = "default"):
+    def __init__(self, net: Net, params, optimizer: str = "sgd", torch_adam: str = "default",
+                 compiled: bool = False):
         import torch
         import torch.nn.functional as F
 
-        torch.set_num_threads(TORCH_THREADS)
-        self.torch, self.net = torch, net
+        # torch's own thread settings (no set_num_threads): as its users get them.
+        self.torch, self.net, self.compiled = torch, net, compiled
         layers = []
         for i, (W, b) in enumerate(params):
             lin = torch.nn.Linear(W.shape[1], W.shape[0])
@@ -367,6 +376,11 @@ class TorchImpl:
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
         model, opt = self.model, self.opt
+        if compiled:
+            # torch.compile as its tutorial shows it: the module compiled (default mode,
+            # inductor), the loss and the optimizer step eager. The compilation happens
+            # on the first call, which the worker times apart from the steps.
+            model = torch.compile(model)
 
         def step(x, y):
             opt.zero_grad(set_to_none=True)
@@ -390,8 +404,7 @@ class TorchImpl:
         return [(l.weight.detach().numpy().copy(), l.bias.detach().numpy().copy()) for l in lins]
 
     def versions(self):
-        out = {"torch": self.torch.__version__,
-               "torch_threads": str(self.torch.get_num_threads())}
+        out = {"torch": self.torch.__version__}
         if self.torch_adam:
             out["torch_adam"] = self.torch_adam
         return out
@@ -536,13 +549,29 @@ class SymbpImpl:
         return out
 
 
-BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "jax": JaxImpl, "symbp": SymbpImpl}
+def torch_compiled(net: Net, params, optimizer: str = "sgd", torch_adam: str = "default"):
+    return TorchImpl(net, params, optimizer, torch_adam, compiled=True)
+
+
+BUILDERS = {"numpy": NumpyImpl, "torch": TorchImpl, "torch.compile": torch_compiled, "jax": JaxImpl,
+            "symbp": SymbpImpl}
+# The module a worker imports first and a start-up worker times as "import".
+LIBRARY = {"numpy": "numpy", "torch": "torch", "torch.compile": "torch", "jax": "jax", "symbp": "symbp"}
 
 
 def build(impl: str, net: Net, params, args):
     """The impl with the worker's optimizer (and impl-specific options)."""
-    extra = {"torch_adam": args.torch_adam} if impl == "torch" else {}
+    extra = {"torch_adam": args.torch_adam} if impl in ("torch", "torch.compile") else {}
     return BUILDERS[impl](net, params, args.optimizer, **extra)
+
+
+def import_library(impl: str) -> None:
+    """Import the impl's library before anything else of the worker (NumPy included), as a
+    user's script would: ``import symbp`` sets its thread and BLAS settings in os.environ,
+    and those only count before NumPy loads OpenBLAS."""
+    if impl == "symbp":
+        sys.path.insert(0, str(REPO_ROOT))  # benchmark the checkout this script lives in
+    __import__(LIBRARY[impl])
 
 
 # ==========================================================================
@@ -590,13 +619,14 @@ def worker_timing(args) -> dict:
 
     with h.Contention() as busy:
         times = h.time_reps(run, args.reps)
+    env_info = h.worker_env_info()
     return {
         "impl": args.impl, "net": net.name, "optimizer": args.optimizer,
         "steps": steps, "reps": args.reps,
         "times_s": times, "ms_per_step": [t / steps * 1e3 for t in times],
         "build_s": build_s, "first_call_s": first_call_s, "warmup_s": warm_s,
         "finite": all_finite(impl), "contention": busy.fraction,
-        "versions": impl.versions(), "blas": h.blas_info(),
+        "versions": impl.versions(), "blas": h.blas_info(), "env_info": env_info,
     }
 
 
@@ -620,35 +650,79 @@ def worker_check(args) -> dict:
 
 
 def worker_startup(args) -> dict:
-    """symbp import + compile + first fit on one medium batch, timed from
-    just before ``import symbp``. The cache dir comes from the environment."""
-    net = NETS["medium"]
-    X, y = make_data(net, 1)          # NumPy import and data are not counted
-    sys.path.insert(0, str(REPO_ROOT))
+    """Time to the first training step in a fresh process: from before the impl's library
+    is imported to the end of its first step on one batch of the medium net (data making
+    left out). Compile caches (symbp's, inductor's) are wherever the environment says."""
+    impl_name, net = args.worker_startup, NETS[STARTUP_NET]
     t0 = time.perf_counter()
-    import symbp as sb
+    import_library(impl_name)
     t1 = time.perf_counter()
-    layers = [sb.Dense(n, activation=net.activation) for n in net.hidden]
-    layers.append(sb.Dense(net.outputs))
-    spec = sb.Network(inputs=net.inputs, layers=layers, loss="softmax_cross_entropy")
-    model = sb.compile(spec, target="cpu", dtype="float32", seed=0)
+    X, y = make_data(net, 1)
+    params = init_params(net)
     t2 = time.perf_counter()
-    model.fit(X, y, optimizer=sb.SGD(lr=LR), batch_size=net.batch, epochs=1,
-              shuffle=False, progress=False)
+    impl = build(impl_name, net, params, args)
     t3 = time.perf_counter()
-    return {"import_s": t1 - t0, "compile_s": t2 - t1, "fit_s": t3 - t2, "total_s": t3 - t0,
-            "cache_dir": os.environ.get("SYMBP_CACHE_DIR")}
+    impl.prepare(X, y)()
+    t4 = time.perf_counter()
+    return {"impl": impl_name, "import_s": t1 - t0, "build_s": t3 - t2, "first_step_s": t4 - t3,
+            "total_s": (t1 - t0) + (t4 - t2), "env_info": h.worker_env_info()}
+
+
+def worker_memory(args) -> dict:
+    """Peak RSS of one symbp ``fit`` over ``--mem-samples`` samples of the medium net, as a
+    user calls it (SGD, batch 128, one epoch, shuffled), next to what it should need."""
+    import_library("symbp")
+    import numpy as np
+
+    net = NETS[MEMORY_NET]
+    impl = build("symbp", net, init_params(net), args)
+    model, sb = impl.model, impl.sb
+
+    def fit(X, y):
+        model.fit(X, y, optimizer=sb.SGD(lr=LR), batch_size=net.batch, epochs=1, progress=False)
+
+    fit(*make_data(net, 2))                     # JIT, buffers for this batch size
+    rss_before_data = h.rss_bytes()
+    X, y = make_data(net, -(-args.mem_samples // net.batch))
+    X, y = X[:args.mem_samples], y[:args.mem_samples]
+    rss_with_data = h.rss_bytes()
+    windowed = h.reset_peak_rss()
+    t0 = time.perf_counter()
+    fit(X, y)
+    fit_s = time.perf_counter() - t0
+    peak = h.peak_rss_bytes()
+    params_bytes = sum(int(np.asarray(v).nbytes) for v in model.params.values())
+    itemsize = np.dtype(np.float32).itemsize
+    try:
+        # symbp's per-batch workspace (activations, deltas) plus fit's batch copies of X and
+        # the targets: a private API, hence the fallback below.
+        buffers = sum(a.nbytes for a in model._workspace(net.batch))
+        buffers += net.batch * (net.inputs + net.outputs) * itemsize
+        buffers_how = "model._workspace(batch) + the batch's X and target rows"
+    except Exception as exc:
+        # Estimate: one batch of inputs, and per layer its output and its delta.
+        buffers = net.batch * (net.inputs + 2 * sum(net.sizes[1:])) * itemsize
+        buffers_how = f"estimated as batch x (inputs + 2 x layer widths) ({h.one_line_error(exc, 60)})"
+    return {"samples": len(X), "data_bytes": int(X.nbytes + y.nbytes), "params_bytes": params_bytes,
+            "buffers_bytes": int(buffers), "buffers_how": buffers_how, "rss_before_data": rss_before_data,
+            "rss_with_data": rss_with_data, "peak_rss": peak, "peak_windowed": windowed, "fit_s": fit_s,
+            "finite": all_finite(impl), "env_info": h.worker_env_info()}
 
 
 def worker_main(args) -> int:
+    impl = args.worker[0] if args.worker else args.worker_startup
     try:
-        if args.worker_startup:
+        if args.worker_memory:
+            result = worker_memory(args)
+        elif args.worker_startup:
             result = worker_startup(args)
         else:
+            import_library(impl)
             args.impl, args.net = args.worker
             result = worker_check(args) if args.check_in else worker_timing(args)
     except BaseException as exc:  # report, never traceback-spam the table
-        h.emit({"error": h.one_line_error(exc)})
+        error = h.torch_compile_error(exc) if impl == "torch.compile" else h.one_line_error(exc)
+        h.emit({"error": error})
         return 1
     h.emit(result)
     return 0
@@ -657,10 +731,6 @@ def worker_main(args) -> int:
 # ==========================================================================
 # Parent: orchestration and reporting
 # ==========================================================================
-
-def env_for(impl: str, extra: dict[str, str]) -> dict[str, str]:
-    return h.make_env({**BASE_ENV, **IMPL_ENV.get(impl, {}), **extra})
-
 
 def worker_argv(*extra: str) -> list[str]:
     return [str(Path(__file__).resolve()), *extra]
@@ -673,7 +743,7 @@ def worker_flags(impl: str, optimizer: str, args) -> list[str]:
     return out
 
 
-def run_benchmark(args, nets, groups, extra_env) -> dict:
+def run_benchmark(args, nets, groups, envs: h.WorkerEnv) -> dict:
     """Interleaved rounds; returns {net: {label: record}}.
 
     ``groups`` is a list of groups of variants ``(label, impl, optimizer)``.
@@ -682,7 +752,7 @@ def run_benchmark(args, nets, groups, extra_env) -> dict:
     order flipped every other round), so the variants one compares with each
     other -- the same impl with SGD and Adam -- see nearly the same machine.
     The usual run has one variant per group: (impl, impl, --optimizer)."""
-    res = {n: {label: {"ms": [], "steps": None, "error": None, "info": None, "contention": []}
+    res = {n: {label: {"ms": [], "steps": None, "error": None, "info": None, "contention": [], "setup": []}
                for group in groups for label, _, _ in group}
            for n in nets}
     for r in range(args.rounds):
@@ -711,26 +781,33 @@ def run_benchmark(args, nets, groups, extra_env) -> dict:
                     # Start from the last round's size; the worker grows it if
                     # that round was slowed down (and so sized too small).
                     argv += ["--steps-hint", str(rec["steps"])]
-                out = h.run_worker(argv, env_for(impl, extra_env), args.timeout)
+                out = h.run_worker(argv, envs.for_impl(impl), args.timeout)
                 if "error" in out:
                     rec["error"] = out["error"]
-                    print(f"  round {r + 1}  {net:<6}  {label:<6}  ERROR {out['error']}",
+                    print(f"  round {r + 1}  {net:<6}  {label:<13}  ERROR {out['error']}",
                           file=sys.stderr, flush=True)
                     continue
                 rec["ms"] += out["ms_per_step"]
                 rec["steps"] = out["steps"]
                 rec["info"] = out
+                rec["setup"].append(out["build_s"] + out["first_call_s"])
                 busy = out.get("contention")
                 rec["contention"].append((min(out["ms_per_step"]), busy))
                 busy_txt = f", contention {busy:.0%}" if busy is not None else ""
-                print(f"  round {r + 1}  {net:<6}  {label:<6}  "
+                print(f"  round {r + 1}  {net:<6}  {label:<13}  "
                       f"{min(out['ms_per_step']):10.4f} ms/step  ({out['steps']} steps{busy_txt})",
                       file=sys.stderr, flush=True)
     return res
 
 
+def fmt_setup(times: list[float]) -> str:
+    if not times:
+        return "-"
+    return f"{times[0]:.2f}" + (f" / {times[-1]:.2f}" if len(times) > 1 else "")
+
+
 def print_tables(nets, impls, res) -> None:
-    headers = ["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "reps",
+    headers = ["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "reps", "setup s",
                "contention best/max"]
     worst_at_best = worst = 0.0
     for net in nets:
@@ -753,14 +830,18 @@ def print_tables(nets, impls, res) -> None:
             worst_at_best = max(worst_at_best, at_best or 0.0)
             worst = max([worst, *seen])
             row = [impl, f"{best:.4f}", f"{med:.4f}", ratio, str(rec["steps"]), str(len(rec["ms"])),
-                   busy]
+                   fmt_setup(rec["setup"]), busy]
             if rec["info"].get("finite") is False:
                 row[-1] += "  (weights went non-finite!)"
             if rec["error"]:  # measured in early rounds, failed later
                 row[-1] += f"  (later error: {rec['error']})"
             rows.append(row)
-        print(h.format_table(headers, rows, right=[False] + [True] * 6))
-    print("\ncontention = share of the machine's CPU that other processes used (or the hypervisor\n"
+        print(h.format_table(headers, rows, right=[False] + [True] * 7))
+    print("\nratio = best ms/step over the best peer's (" + ", ".join(i for i in impls if i in PEERS) + ").\n"
+          "setup s = build + first call on 2 batches in the worker, first round (/ last round):\n"
+          "JAX's jit and torch.compile's compilation (measured apart from the steps), symbp's compile\n"
+          "(a cache hit after its first worker; cold start-up is measured below).")
+    print("contention = share of the machine's CPU that other processes used (or the hypervisor\n"
           "stole) during a worker's timed reps: for the worker that gave the best value / the\n"
           "worst over this row's workers.")
     if worst_at_best > CONTENTION_WARN:
@@ -839,27 +920,51 @@ def print_overhead_tables(nets, impls, res) -> None:
               "medians are\n      inflated, best values came from quiet rounds.")
 
 
-def run_startup(args, extra_env) -> dict:
-    """Cold then cached symbp start-up, each in a fresh process."""
-    cache = tempfile.mkdtemp(prefix="symbp-bench-cache-")
-    out = {"cache_dir": cache}
-    try:
-        env = env_for("symbp", {**extra_env, "SYMBP_CACHE_DIR": cache})
-        for kind in ("cold", "cached"):
-            out[kind] = h.run_worker(worker_argv("--worker-startup"), env, args.timeout)
-    finally:
-        if not args.keep_cache:
-            shutil.rmtree(cache, ignore_errors=True)
-    print("\nsymbp start-up: import + compile + first fit (medium net, one batch), fresh process")
-    for kind, label in (("cold", "cold   (empty SYMBP_CACHE_DIR)"), ("cached", "cached (same cache dir)      ")):
-        r = out[kind]
-        if "error" in r:
-            print(f"  {label}  error: {r['error']}")
-        else:
-            print(f"  {label}  {r['total_s']:7.2f} s   (import {r['import_s']:.2f}, "
-                  f"compile {r['compile_s']:.2f}, first fit {r['fit_s']:.2f}; "
-                  f"whole process {r['process_wall_s']:.2f} s)")
+def run_startup(args, impls, envs: h.WorkerEnv) -> dict:
+    """Cold and cached time to the first step of every impl, each in fresh processes."""
+    out = h.run_startup(impls, lambda impl: worker_argv("--worker-startup", impl), envs, COMPILE_CACHE,
+                        args.startup_rounds, args.timeout, args.wait_idle, CONTENTION_WARN)
+    h.print_startup(impls, out, f"{STARTUP_NET} net ({NETS[STARTUP_NET].describe()}), first step on one "
+                    "batch", COMPILE_CACHE, CACHE_NOTE)
     return out
+
+
+def run_memory(args, envs: h.WorkerEnv) -> dict:
+    """Peak RSS of one symbp fit over --mem-samples samples (worker_memory), printed beside
+    data + 3x parameters + batch buffers."""
+    if args.wait_idle > 0:
+        h.wait_for_idle(args.wait_idle, CONTENTION_WARN)
+    r = h.run_worker(worker_argv("--worker-memory", "--mem-samples", str(args.mem_samples)),
+                     envs.for_impl("symbp"), args.timeout)
+    net = NETS[MEMORY_NET]
+    print(f"\nmemory: symbp, one fit over {args.mem_samples:,} samples of the {MEMORY_NET} net "
+          f"({net.describe()}; SGD, one epoch, shuffled)")
+    if "error" in r:
+        print(f"  error: {r['error']}")
+        return r
+    mib = 2.0 ** 20
+    budget_fit = 3 * r["params_bytes"] + r["buffers_bytes"]
+    budget = r["data_bytes"] + budget_fit
+    peak_over_base = r["peak_rss"] - r["rss_before_data"]
+    peak_over_data = r["peak_rss"] - r["rss_with_data"]
+    rows = [
+        ["data (X float32 + y int64)", f"{r['data_bytes'] / mib:,.1f}", ""],
+        ["parameters (3x)", f"{r['params_bytes'] / mib:,.2f} ({3 * r['params_bytes'] / mib:,.2f})", ""],
+        ["batch buffers", f"{r['buffers_bytes'] / mib:,.2f}", r["buffers_how"]],
+        ["budget: data + 3x parameters + buffers", f"{budget / mib:,.1f}", ""],
+        ["RSS before the data was made", f"{r['rss_before_data'] / mib:,.1f}",
+         "interpreter, libraries, compiled kernels, a 2-batch warm-up fit"],
+        ["RSS with the data, before fit", f"{r['rss_with_data'] / mib:,.1f}", ""],
+        ["peak RSS during fit", f"{r['peak_rss'] / mib:,.1f}",
+         "" if r["peak_windowed"] else "peak of the whole process (/proc/self/clear_refs not writable)"],
+        ["peak - RSS before the data", f"{peak_over_base / mib:,.1f}",
+         f"{peak_over_base / budget:.2f}x the budget" if budget else ""],
+        ["peak - RSS with the data", f"{peak_over_data / mib:,.1f}",
+         f"fit's own memory; 3x parameters + buffers = {budget_fit / mib:,.2f}"],
+    ]
+    print(h.format_table(["", "MiB", ""], rows, right=[False, True, False]))
+    print(f"fit took {r['fit_s']:.1f} s" + ("" if r["finite"] is not False else "; weights went non-finite!"))
+    return r
 
 
 # --------------------------------------------------------------------------
@@ -1005,7 +1110,7 @@ def compare_adam(params, ref, got, masks):
     return max_abs, upd_err, ok, note
 
 
-def run_check(args, nets, impls, extra_env) -> bool:
+def run_check(args, nets, impls, envs: h.WorkerEnv) -> bool:
     """One SGD step (or three Adam steps) of every impl from identical weights
     and batches; compare the updated weights with a float64 NumPy reference
     (and hence each other). A peer that errors fails the check; symbp
@@ -1051,7 +1156,7 @@ def run_check(args, nets, impls, extra_env) -> bool:
                 out = h.run_worker(worker_argv("--worker", impl, net_name, "--check-in", str(src),
                                                "--check-out", str(dst),
                                                *worker_flags(impl, optimizer, args)),
-                                   env_for(impl, extra_env), args.timeout)
+                                   envs.for_impl(impl), args.timeout)
                 if "error" in out:
                     # symbp may be mid-development; only a wrong answer from it
                     # fails the check, a peer must run.
@@ -1079,39 +1184,40 @@ def run_check(args, nets, impls, extra_env) -> bool:
 
 # --------------------------------------------------------------------------
 
-def print_header(args, impls, extra_env, res=None) -> None:
+def print_header(args, impls, envs: h.WorkerEnv, res=None) -> None:
     info = h.system_info()
     print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs; "
           f"Python {info['python']}; {info['platform']}")
-    env = {**BASE_ENV, **extra_env}
-    inherited = {k: v for k, v in h.relevant_env(dict(os.environ)).items() if k not in env}
-    print("worker env (all impls): " + " ".join(f"{k}={v}" for k, v in env.items()))
-    for impl in impls:
-        if impl in IMPL_ENV:
-            print(f"worker env ({impl} only): "
-                  + " ".join(f"{k}={v}" for k, v in IMPL_ENV[impl].items()))
-    if inherited:
-        print("inherited from this shell: " + " ".join(f"{k}={v}" for k, v in inherited.items()))
+    for line in envs.header_lines():
+        print(line)
     if res is not None:
-        versions, blas = {}, {}
+        versions = {}
         for per_impl in res.values():
-            for impl, rec in per_impl.items():
+            for rec in per_impl.values():
                 if rec["info"]:
                     versions.update(rec["info"]["versions"])
-                    blas.setdefault(impl, rec["info"]["blas"])
+        versions.pop("symbp_path", None)
         print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-        for impl, pools in blas.items():
-            if pools:
-                print(f"thread pools in the {impl} worker: " + "; ".join(pools))
     if not args.check:
         sgd, adam = f"SGD lr={LR}", f"Adam lr={ADAM_LR:g} betas={ADAM_BETAS} eps={ADAM_EPS:g}"
         what = (f"{sgd} vs {adam}" if args.adam_overhead
                 else adam if args.optimizer == "adam" else sgd)
         print(f"rounds {args.rounds} x reps {args.reps}, target {args.target_s} s per rep, "
               f"{what}, float32")
-    if "torch" in impls and (args.adam_overhead or args.optimizer == "adam"):
+    if any(i in impls for i in ("torch", "torch.compile")) and (args.adam_overhead or args.optimizer == "adam"):
         print(f"torch.optim.Adam implementation: {args.torch_adam}"
               + (" (on CPU: the single-tensor for-loop)" if args.torch_adam == "default" else ""))
+
+
+def print_env_table(impls, envs: h.WorkerEnv, res) -> None:
+    """Which environment and threads each impl's worker had (from its last timing worker)."""
+    infos = {}
+    for per_impl in res.values():
+        for label, rec in per_impl.items():
+            if rec["info"] and "env_info" in rec["info"]:
+                infos[label.split("/")[0]] = rec["info"]["env_info"]
+    print("\nenvironment of each worker:")
+    print(envs.table(impls, infos))
 
 
 def parse_list(text: str, allowed, what: str) -> list[str]:
@@ -1160,10 +1266,19 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true",
                    help="only verify that all impls compute the same step (one SGD step, or "
                         "three Adam steps with --optimizer adam), then exit")
-    p.add_argument("--no-startup", action="store_true", help="skip the symbp start-up measurement")
-    p.add_argument("--keep-cache", action="store_true", help="keep the start-up temp cache dir")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra env var for every worker (repeatable; overrides the defaults)")
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    p.add_argument("--startup-rounds", type=int, default=None,
+                   help="start-up rounds, each with fresh caches (default 2, --quick 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip symbp's peak-RSS measurement")
+    p.add_argument("--mem-samples", type=int, default=10**6,
+                   help="samples of the fit whose peak RSS is measured (default %(default)s: 3 GiB of X)")
+    p.add_argument("--env", action="append", default=[], metavar="[IMPL:]KEY=VALUE",
+                   help="extra env var for every worker, or with IMPL: for that impl's workers only "
+                        "(repeatable), e.g. --env torch:OMP_WAIT_POLICY=passive")
+    p.add_argument("--keep-shell-tuning", action="store_true",
+                   help="pass this shell's thread/BLAS variables (OMP_*, OPENBLAS_*, MKL_*, NUMBA_*, ...) "
+                        "on to every worker; by default they are dropped, so each library runs with "
+                        "its own defaults")
     p.add_argument("--wait-idle", type=float, default=10, metavar="S",
                    help="before each worker wait up to S seconds for other load to drop "
                         "below 10%% of the machine (0: don't wait; default %(default)s)")
@@ -1172,7 +1287,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     # Internal: worker modes.
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "NET"), help=argparse.SUPPRESS)
-    p.add_argument("--worker-startup", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-startup", metavar="IMPL", help=argparse.SUPPRESS)
+    p.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
     p.add_argument("--check-in", help=argparse.SUPPRESS)
     p.add_argument("--check-out", help=argparse.SUPPRESS)
@@ -1186,8 +1302,10 @@ def main(argv=None) -> int:
         args.reps = 2 if args.quick else 3
     if args.target_s is None:
         args.target_s = 0.15 if args.quick else 0.5
+    if args.startup_rounds is None:
+        args.startup_rounds = 1 if args.quick else 2
 
-    if args.worker or args.worker_startup:
+    if args.worker or args.worker_startup or args.worker_memory:
         return worker_main(args)
     if args.target == "cuda":
         return run_cuda(args)
@@ -1199,11 +1317,11 @@ def main(argv=None) -> int:
         args.nets = "medium" if args.adam_overhead else ",".join(NETS)
     nets = parse_list(args.nets, NETS, "net")
     impls = parse_list(args.impls, IMPLS, "impl")
-    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    envs = h.WorkerEnv(impls, IMPL_NEEDS, args.env, args.keep_shell_tuning)
 
     if args.check:
-        print_header(args, impls, extra_env)
-        return 0 if run_check(args, nets, impls, extra_env) else 1
+        print_header(args, impls, envs)
+        return 0 if run_check(args, nets, impls, envs) else 1
 
     if args.adam_overhead:
         groups = [[(f"{i}/{o}", i, o) for o in OPTIMIZERS] for i in impls]
@@ -1212,20 +1330,23 @@ def main(argv=None) -> int:
     what = "sgd and adam steps" if args.adam_overhead else f"{args.optimizer} steps"
     print(f"running {args.rounds} round(s) of {', '.join(impls)} on {', '.join(nets)}, {what} "
           f"(progress on stderr) ...", file=sys.stderr, flush=True)
-    res = run_benchmark(args, nets, groups, extra_env)
-    print_header(args, impls, extra_env, res)
+    res = run_benchmark(args, nets, groups, envs)
+    print_header(args, impls, envs, res)
     if args.adam_overhead:
         print_overhead_tables(nets, impls, res)
     else:
         print_tables(nets, impls, res)
-    startup = None
-    if "symbp" in impls and not args.no_startup and not args.adam_overhead:
-        startup = run_startup(args, extra_env)
+    print_env_table(impls, envs, res)
+    startup = memory = None
+    if not args.no_startup and not args.adam_overhead:
+        startup = run_startup(args, impls, envs)
+    if "symbp" in impls and not args.no_memory and not args.adam_overhead:
+        memory = run_memory(args, envs)
 
     if args.json:
         payload = {
             "system": h.system_info(),
-            "env": {**BASE_ENV, **extra_env}, "impl_env": IMPL_ENV,
+            "env_given": {i: envs.given(i) for i in impls}, "shell_tuning_dropped": envs.dropped,
             "settings": {k: getattr(args, k) for k in ("rounds", "reps", "target_s", "steps", "quick",
                                                        "optimizer", "adam_overhead", "torch_adam")},
             "nets": {n: NETS[n].describe() for n in nets},
@@ -1233,10 +1354,10 @@ def main(argv=None) -> int:
                                 "median_ms": h.median(r["ms"]) if r["ms"] else None,
                                 "ms_per_step": r["ms"], "steps": r["steps"], "error": r["error"],
                                 "contention_per_worker": [c for _, c in r["contention"]],
-                                "worker": r["info"]}
+                                "setup_s": r["setup"], "worker": r["info"]}
                             for i, r in per.items()}
                         for n, per in res.items()},
-            "startup": startup,
+            "startup": startup, "memory": memory,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}")
