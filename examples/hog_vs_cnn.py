@@ -1,17 +1,25 @@
 """Hand-made features against learned ones on the bundled 8x8 digits: HoG + a softmax
 classifier (one Dense(10) layer trained by symbp) versus the CNN of ``digits_cnn.py``, on the
-same 75/25 stratified split (random_state=0).  Needs scikit-image (``pip install scikit-image``).
+same 75/25 stratified split (random_state=0).  Needs the ``hog`` extra (scikit-image and
+scikit-learn): ``pip install -e ".[hog]"``.
 
     python examples/hog_vs_cnn.py
 """
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from skimage.feature import hog
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+try:
+    from skimage.feature import hog
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+except ModuleNotFoundError as err:  # say what to install, not only what is missing
+    package = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(err.name.split(".")[0], err.name)
+    sys.exit(f"examples/hog_vs_cnn.py needs {package}, from the hog extra: "
+             f'pip install -e ".[hog]"  (from the repository root)')
 
 import symbp as sb
 from symbp.cli import load_spec

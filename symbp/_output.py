@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+STALE_AFTER = 60.0  # seconds a dead writer's temporary file is left alone (a shared disk's clock, another host)
 
 
 def check_output_path(path, suffixes: tuple[str, ...] | None, what: str) -> Path:
@@ -37,8 +42,9 @@ def write_atomic(path: Path, data: str | bytes, what: str) -> Path:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place: a reader
     (or a crash) never sees half a file.  The file gets the usual permissions (0666 & ~umask)."""
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    remove_stale_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     except OSError as err:
         raise ValueError(f"cannot write the {what} to {path}: {err.strerror or err}") from None
     try:
@@ -51,6 +57,56 @@ def write_atomic(path: Path, data: str | bytes, what: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<pid>.``: a hidden temporary name beside ``path`` that says which process
+    writes it, so that a later write can tell a dead writer's leftover from a live one's."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate it there: never guess, keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files that writers of ``path`` killed mid-write left beside it
+    (``.<name>.<pid>.*``, by :func:`write_atomic` or :func:`atomic_target`): those whose
+    process is gone and that nothing touched for :data:`STALE_AFTER` seconds.  A live
+    writer's file is never touched.  Returns what was removed."""
+    path = Path(path)
+    removed = []
+    now = time.time()
+    # mkstemp's names: the prefix, 8 random characters, the suffix (.tmp, or .png for a picture)
+    ours = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[a-z0-9_]{8}\.\w+")
+    # Before names carried the pid: a day untouched is proof enough that its writer is gone.
+    older = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*"):
+        match = ours.fullmatch(tmp.name)
+        if match is not None:
+            wait = STALE_AFTER
+            if _alive(int(match.group(1))):
+                continue
+        elif older.fullmatch(tmp.name):
+            wait = 86400.0
+        else:
+            continue
+        try:
+            if now - tmp.stat().st_mtime < wait or not tmp.is_file():
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone already, or not ours to delete
+            continue
+    return removed
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -66,7 +122,8 @@ def atomic_target(path: Path, suffix: str):
     """A temporary file name beside ``path`` for writers that want a name (matplotlib's
     savefig, an animation); renamed into place with the usual permissions when the block
     succeeds, removed when it fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=suffix)
     os.close(fd)
     try:
         yield tmp

@@ -4,13 +4,17 @@
 the parameters and work buffers) whose kernels are shared with every other model of the
 same (network spec, dtype): Numba compiles each generated function once per module, so a
 second model of the same network costs nothing.  Generated modules go into a session
-temporary directory, never into the project's ``generated/``.
+temporary directory, never into the project's ``generated/`` or the user's ``$SYMBP_CACHE_DIR``.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,13 @@ if str(ROOT) not in sys.path:  # lets a bare `pytest` (not only `python -m pytes
     sys.path.insert(0, str(ROOT))
 
 from _support import NetSpec  # noqa: E402
+
+# Every module a test generates — through the fixtures, sb.compile's default, or a `symbp`
+# subprocess (it inherits the environment) — goes into this session's temporary folder, set
+# before symbp is imported; it is removed when the session ends.
+SESSION_CACHE = tempfile.mkdtemp(prefix="symbp-test-cache-")
+os.environ["SYMBP_CACHE_DIR"] = SESSION_CACHE
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 try:  # the differential fuzzers (tests/test_formula_fuzz.py): fixed seed, bounded in CI
     from hypothesis import settings

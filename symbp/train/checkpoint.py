@@ -39,6 +39,7 @@ from .schedules import Schedule, schedule_from_config
 
 FORMAT = "symbp-checkpoint-1"
 MAX_META = 64 * 2**20  # bytes of JSON metadata: a history of a million epochs fits
+DATA_KEYS = ("data", "labels", "target")  # a training-data record (optional): what symbp train read
 _FLOAT_DTYPES = ("float16", "float32", "float64")  # what a parameter or state array may be stored as
 
 
@@ -89,9 +90,13 @@ def _check_spec_reads_back(net, path) -> None:
         raise ValueError(f"cannot save the checkpoint {path}: the network spec reads back as a different network")
 
 
-def save(model, path) -> Path:
-    """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history)."""
+def save(model, path, data: dict | None = None) -> Path:
+    """Write ``model`` (spec, parameters, optimizer and its state, schedule, epoch, history);
+    ``data`` records what it was trained on (``{"data": path or "digits", "labels": …,
+    "target": …}``, as ``symbp train`` reads them), for ``symbp walkthrough run.npz``."""
     path = checkpoint_path(path)
+    if data is not None and _check_data(data):
+        raise ValueError(f"cannot save the checkpoint {path}: {_check_data(data)}")
     # In the model's dtype, finite, each state shaped like its parameter: never a file that
     # read() would refuse.
     arrays = {f"param/{k}": np.ascontiguousarray(v, dtype=model.dtype) for k, v in model.params.items()}
@@ -119,6 +124,8 @@ def save(model, path) -> Path:
         "base_lr": model.base_lr,
         "history": {"epoch": model.history.epoch, "metrics": model.history.history},
     }
+    if data is not None:
+        meta["data"] = {key: data.get(key) for key in DATA_KEYS}
     meta["sha256"] = _digest(meta, arrays)
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -159,6 +166,15 @@ def _whole(value, low: int = 0) -> bool:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_data(data) -> str | None:
+    """What is wrong with a training-data record (None: nothing): file names or None."""
+    if not isinstance(data, dict) or set(data) - set(DATA_KEYS) or not isinstance(data.get("data"), str):
+        return f"its training-data record must be a table of {', '.join(DATA_KEYS)} with a file name as data"
+    if not all(data.get(key) is None or isinstance(data[key], str) for key in DATA_KEYS):
+        return "its training-data record must hold file or column names"
+    return None
 
 
 def _check_history(hist) -> str | None:
@@ -226,7 +242,7 @@ def _check_meta(meta: dict) -> tuple[str, Network, Optimizer | None, Schedule | 
                         ("bad_epochs", _whole), ("cooldown_left", _whole)):
             if key in cfg and not ok(cfg[key]):
                 return problem(f"its schedule's {key} {cfg[key]!r} is not valid")
-    bad = _check_history(meta.get("history"))
+    bad = _check_history(meta.get("history")) or (meta.get("data") is not None and _check_data(meta["data"]))
     if bad:
         return problem(bad)
     return "", net, opt, schedule, shapes

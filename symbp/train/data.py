@@ -93,7 +93,8 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
         raise ValueError(f"{what} contains NaN or inf (first at sample {np.argwhere(~np.isfinite(arr))[0][0]})")
     if task == "multiclass" and arr.ndim == 1:
         if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"{what} holds class labels, which must be whole numbers; got {arr[np.mod(arr, 1) != 0][0]!r}")
+            first = arr[np.mod(arr, 1) != 0][0].item()
+            raise ValueError(f"{what} holds class labels, which must be whole numbers; got {first!r}")
         labels = arr.astype(np.int64)
         bad = (labels < 0) | (labels >= outputs)
         if bad.any():
@@ -300,3 +301,54 @@ def load_npz(path, keys, what: str = "data file") -> tuple[np.ndarray, ...]:
             return tuple(read_npy(zf, m) for m in members)
     except NPZ_ERRORS as err:
         raise ValueError(f"cannot read {what} {path}: {err}") from None
+
+
+def npz_names(path, what: str = "data file") -> list[str]:
+    """The array names an ``.npz`` holds (from its zip directory: nothing is inflated)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return sorted(npz_index(zf))
+    except NPZ_ERRORS as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+
+
+def load_npy(path, what: str = "data file") -> np.ndarray:
+    """The array of the ``.npy`` at ``path``, read as :func:`load_npz` reads a member: the
+    header's shape and dtype first (no Python objects), the file's size must be exactly the
+    header plus the data it declares and fit in the memory available, then the declared
+    bytes into an array allocated up front.  ValueError ``cannot read <what> <path>: …``."""
+    fmt = np.lib.format
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            try:
+                version = fmt.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+                else:
+                    raise NpzError(f"it is in .npy format version {version}, which is not read")
+            except NpzError:
+                raise
+            except NPZ_ERRORS as err:
+                raise NpzError(f"it is not a readable .npy array ({err})") from None
+            if dtype.hasobject:
+                raise NpzError("it holds Python objects, which are never read (allow_pickle=False)")
+            if dtype.itemsize == 0 or dtype.shape != ():
+                raise NpzError(f"it has an unsupported dtype {dtype}")
+            shape = tuple(int(d) for d in shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if size != fh.tell() + nbytes:
+                raise NpzError(f"its header describes shape {shape} of dtype {dtype} ({format_bytes(nbytes)}), "
+                               f"but the file holds {format_bytes(max(0, size - fh.tell()))} after the header")
+            limit = available_memory()
+            if limit is not None and nbytes > limit:
+                raise NpzError(f"its array needs {format_bytes(nbytes)}, more than the {format_bytes(limit)} of "
+                               "memory available")
+            flat = np.empty(math.prod(shape), dtype)
+            if fh.readinto(memoryview(flat.view(np.uint8))) != nbytes:
+                raise NpzError("it ends inside its data")
+    except NPZ_ERRORS as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from None
+    return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
