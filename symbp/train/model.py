@@ -10,7 +10,7 @@ import numpy as np
 from .. import cache
 from ..backends.cpu.runtime import HostRun
 from ..spec.network import Network
-from .callbacks import Callback
+from .callbacks import Callback, ProgressBar
 from .data import as_inputs, as_targets, check_batch_size
 from .optim import SGD, Optimizer
 from .schedules import Schedule, check_monitor
@@ -325,7 +325,7 @@ class Model:
         self._adopt(opt, schedule)
         history = History()
         self.history.truncate(initial_epoch)
-        bar = _progress(max(0, epochs - initial_epoch), progress)
+        bar = _Progress(max(0, epochs - initial_epoch), progress)
         try:
             for epoch in range(initial_epoch, epochs):
                 hyper = self._epoch_hyper(opt, epoch)
@@ -344,8 +344,7 @@ class Model:
                     break
         finally:
             run.close()
-            if bar is not None:
-                bar.close()
+            bar.close()
         for cb in callbacks:
             cb.on_train_end(self)
         return history
@@ -425,9 +424,7 @@ class Model:
         stop = False
         for cb in callbacks:
             stop = cb.on_epoch_end(self, epoch, metrics) or stop
-        if bar is not None:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-            bar.update(1)
+        bar.epoch_done(metrics)
         return stop
 
     def save(self, path) -> Path:
@@ -489,9 +486,28 @@ def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:
             f"values too large for the model's dtype do the same.")
 
 
-def _progress(epochs: int, enabled: bool):
-    if not enabled or epochs == 0:
-        return None
-    from tqdm.auto import tqdm
+class _Progress:
+    """The epochs bar of ``fit(progress=True)``, opened once the first epoch is done: that
+    epoch JIT-compiles the training kernels (a cold run's seconds), and a bar from the start
+    would project that time onto every epoch left.  The metrics are written short
+    (:meth:`ProgressBar.describe`) so an 80-column terminal shows the validation figures."""
 
-    return tqdm(total=epochs, unit="epoch", desc="training", leave=True)
+    def __init__(self, epochs: int, enabled: bool) -> None:
+        self.total, self.enabled, self.bar = epochs, bool(enabled) and epochs > 0, None
+
+    def epoch_done(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        text = ProgressBar.describe(metrics)
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=1, unit="epoch", leave=True, bar_format=ProgressBar.FORMAT)
+            self.bar.set_postfix_str(text)
+        else:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
