@@ -354,9 +354,9 @@ def from_torch(module, inputs=None, loss: str = "softmax_cross_entropy", l2: flo
         if kind in ACTIVATIONS_FROM or isinstance(mod, formula):
             act, params = (mod.spec, {}) if isinstance(mod, formula) else ACTIVATIONS_FROM[kind](mod)
             target = len(layers) - 1
-            if target >= 1 and isinstance(layers[target], sb.MaxPool2D) and _monotone(act, params):
+            if target >= 1 and layers[target].selects_inputs and _monotone(act, params):
                 target -= 1  # f(maxpool(x)) = maxpool(f(x)) for a non-decreasing f
-            if target < 0 or not isinstance(layers[target], (sb.Dense, sb.Conv2D)):
+            if target < 0 or "activation" not in type(layers[target]).config_keys:
                 before = "nothing" if not layers else repr(layers[-1])
                 raise ValueError(f"{where}: an activation must follow a Linear or Conv2d (symbp puts it on that "
                                  f"layer); here it follows {before}")

@@ -103,6 +103,9 @@ class Layer:
     required: tuple = ()
     activation = activations.get(None)
     activation_params: dict = {}
+    #: every output is one of its input entries (max pooling): a non-decreasing activation
+    #: after the layer is the same function as before it
+    selects_inputs = False
 
     def output_shape(self, in_shape: tuple) -> tuple:
         raise NotImplementedError

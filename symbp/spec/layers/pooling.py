@@ -63,6 +63,7 @@ class MaxPool2D(_Pool2D):
 
     type_name = "maxpool2d"
     kind = "MaxPool2D"
+    selects_inputs = True
     notes = {
         "z": "max pooling: the input at the window's arg-max",
         "stage:m": ("the arg-max of each window, as the position u·kw + v (ties: the first maximum in row-major "
