@@ -229,6 +229,30 @@ def npz_index(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     return out
 
 
+def _read_npy_header(fp, subject: str) -> tuple:
+    """(shape, fortran order, dtype) from the ``.npy`` header at ``fp``'s position, refusing
+    another format version, Python objects and dtypes without a fixed item size; the errors
+    name ``subject`` (``member 'X'`` of an npz, ``it`` for a file)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+        else:
+            raise NpzError(f"{subject} is in .npy format version {version}, which is not read")
+    except NpzError:
+        raise
+    except NPZ_ERRORS as err:
+        raise NpzError(f"{subject} is not a readable .npy array ({err})") from None
+    if dtype.hasobject:
+        raise NpzError(f"{subject} holds Python objects, which are never read (allow_pickle=False)")
+    if dtype.itemsize == 0 or dtype.shape != ():
+        raise NpzError(f"{subject} has an unsupported dtype {dtype}")
+    return shape, fortran, dtype
+
+
 def npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> NpyMember:
     """Shape, dtype and header length of a member, from the first bytes it inflates to; refused
     when they disagree with the size the zip directory declares for it."""
@@ -236,25 +260,14 @@ def npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> NpyMember:
     key = name[:-4] if name.endswith(".npy") else name
     if info.flag_bits & 0x1:
         raise NpzError(f"member {name!r} is encrypted")
-    fmt = np.lib.format
     try:
         with zf.open(info) as raw:
             fp = _Counting(raw)
-            version = fmt.read_magic(fp)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(fp)
-            elif version == (2, 0):
-                shape, fortran, dtype = fmt.read_array_header_2_0(fp)
-            else:
-                raise NpzError(f"member {name!r} is in .npy format version {version}, which is not read")
+            shape, fortran, dtype = _read_npy_header(fp, f"member {name!r}")
     except NpzError:
         raise
-    except NPZ_ERRORS as err:
+    except NPZ_ERRORS as err:  # the member's local header or its deflate stream
         raise NpzError(f"member {name!r} is not a readable .npy array ({err})") from None
-    if dtype.hasobject:
-        raise NpzError(f"member {name!r} holds Python objects, which are never read (allow_pickle=False)")
-    if dtype.itemsize == 0 or dtype.shape != ():
-        raise NpzError(f"member {name!r} has an unsupported dtype {dtype}")
     member = NpyMember(key, info, tuple(int(d) for d in shape), dtype, bool(fortran), fp.pos)
     if info.file_size != member.header + member.nbytes:
         raise NpzError(f"member {name!r} declares {info.file_size} bytes uncompressed in the zip directory, but its "
@@ -332,26 +345,10 @@ def load_npy(path, what: str = "data file") -> np.ndarray:
     header's shape and dtype first (no Python objects), the file's size must be exactly the
     header plus the data it declares and fit in the memory available, then the declared
     bytes into an array allocated up front.  ValueError ``cannot read <what> <path>: …``."""
-    fmt = np.lib.format
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
-            try:
-                version = fmt.read_magic(fh)
-                if version == (1, 0):
-                    shape, fortran, dtype = fmt.read_array_header_1_0(fh)
-                elif version == (2, 0):
-                    shape, fortran, dtype = fmt.read_array_header_2_0(fh)
-                else:
-                    raise NpzError(f"it is in .npy format version {version}, which is not read")
-            except NpzError:
-                raise
-            except NPZ_ERRORS as err:
-                raise NpzError(f"it is not a readable .npy array ({err})") from None
-            if dtype.hasobject:
-                raise NpzError("it holds Python objects, which are never read (allow_pickle=False)")
-            if dtype.itemsize == 0 or dtype.shape != ():
-                raise NpzError(f"it has an unsupported dtype {dtype}")
+            shape, fortran, dtype = _read_npy_header(fh, "it")
             shape = tuple(int(d) for d in shape)
             nbytes = math.prod(shape) * dtype.itemsize
             if size != fh.tell() + nbytes:
