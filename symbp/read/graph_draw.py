@@ -423,14 +423,7 @@ def _collapsed(w) -> Graph:
     d, net = w.derivation, w.network
     nodes: dict = {}
     edges: list = []
-
-    def norm(v) -> float:
-        return float(np.linalg.norm(np.asarray(v, np.float64)))
-
-    def add(label, kind, caption="", value=None) -> str:
-        nid = f"n{len(nodes)}"
-        nodes[nid] = Node(nid, label, kind, caption=caption, value=value)
-        return nid
+    add = functools.partial(_add_node, nodes)
 
     prev, prev_val = add("x", "input", caption=f"({net.inputs},)"), w.x
     for ld in d.layers:
@@ -443,37 +436,26 @@ def _collapsed(w) -> Graph:
         # ∂C/∂(layer input)[q] = Σ_i δ[n,i]·∂z[n,i]/∂x[n,q], with the derivation's local derivative
         up = sp.Sum(ld.delta[n, i] * ld.local["dz/dx"], (i, 0, width - 1))
         g_in = evaluate(up, {f"W{l}": W, f"delta{l}": w.delta[l - 1][None, :]}, (n, q))
-        edges.append(Edge(prev, mul, shape=f"({net.widths[l - 1]},)", value_norm=norm(prev_val),
-                          grad_norm=norm(g_in) if l > 1 else None))
-        edges.append(Edge(Wn, mul, shape=str(W.shape), value_norm=norm(W), grad_norm=norm(w.grads[f"W{l}"])))
-        edges.append(Edge(mul, plus, shape=f"({width},)", grad_norm=norm(w.delta[l - 1])))
-        edges.append(Edge(bn, plus, shape=f"({width},)", value_norm=norm(w.params[f"b{l}"]),
-                          grad_norm=norm(w.grads[f"b{l}"])))
+        edges.append(Edge(prev, mul, shape=f"({net.widths[l - 1]},)", value_norm=_norm(prev_val),
+                          grad_norm=_norm(g_in) if l > 1 else None))
+        edges.append(Edge(Wn, mul, shape=str(W.shape), value_norm=_norm(W), grad_norm=_norm(w.grads[f"W{l}"])))
+        edges.append(Edge(mul, plus, shape=f"({width},)", grad_norm=_norm(w.delta[l - 1])))
+        edges.append(Edge(bn, plus, shape=f"({width},)", value_norm=_norm(w.params[f"b{l}"]),
+                          grad_norm=_norm(w.grads[f"b{l}"])))
         act = ld.layer.activation
         if act.is_identity:
             out = plus
             nodes[plus].caption += f" = a{l}"
         else:
             out = add("f" if act.custom else act.describe(), "act", caption=f"a{l}")
-            edges.append(Edge(plus, out, shape=f"({width},)", value_norm=norm(w.z[l - 1]),
-                              grad_norm=norm(w.delta[l - 1])))
+            edges.append(Edge(plus, out, shape=f"({width},)", value_norm=_norm(w.z[l - 1]),
+                              grad_norm=_norm(w.delta[l - 1])))
         prev, prev_val = out, w.a[l - 1]
-    loss = add(f"ℓ: {net.loss.name}", "gate", caption="ℓ")
-    tn = add("t", "const", caption=f"({net.outputs},)")
     env = {"y": w.a[-1][None, :], "t": w.t[None, :]}
     for base, definition in d.loss.definitions.items():
         env[str(base.label)] = evaluate(definition.subs(_widths(d)), env, (n, p))
     dl = evaluate(d.loss.grad.subs(_widths(d)), env, (n, p))
-    edges.append(Edge(prev, loss, shape=f"({net.outputs},)", value_norm=norm(w.a[-1]), grad_norm=norm(dl)))
-    edges.append(Edge(tn, loss, shape=f"({net.outputs},)", value_norm=norm(w.t)))
-    cost = loss
-    if net.l2:
-        cost = add("+ λ/2·Σ‖W‖²", "gate", caption="C")
-        edges.append(Edge(loss, cost, shape="scalar"))
-    nodes[cost].kind = "cost"
-    nodes[cost].value = w.loss
-    if cost == loss:
-        nodes[cost].caption = "C = ℓ"
+    _add_cost(w, nodes, edges, prev, f"({net.outputs},)", _norm(dl))
     return Graph(nodes, edges, True, f"{net.name}: one node per layer")
 
 
@@ -664,20 +646,13 @@ def _collapsed_layers(w) -> Graph:
     values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
     nodes: dict = {}
     edges: list = []
-
-    def norm(v) -> float:
-        return float(np.linalg.norm(np.asarray(v, np.float64)))
-
-    def add(label, kind, caption="", value=None) -> str:
-        nid = f"n{len(nodes)}"
-        nodes[nid] = Node(nid, label, kind, caption=caption, value=value)
-        return nid
+    add = functools.partial(_add_node, nodes)
 
     def upstream(ld) -> float | None:
         """‖∂C/∂a‖ of layer ``ld``: its δ formula with f′ set to 1, checked against δ = f′·that."""
         act = ld.layer.activation
         if act.is_identity:
-            return norm(w.delta[ld.index - 1])
+            return _norm(w.delta[ld.index - 1])
         idx = (n_, *ld.delta_idx)
         fp = ld.fprime(idx)
         up = ld.delta_formula.subs(fp, 1)
@@ -692,43 +667,60 @@ def _collapsed_layers(w) -> Graph:
             return None
         if not np.allclose((val * fpv).reshape(-1), w.delta[ld.index - 1], rtol=1e-9, atol=1e-12):
             return None
-        return norm(val)
+        return _norm(val)
 
     shape = lambda s: "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"  # noqa: E731
     prev, prev_val = add("x", "input", caption=shape(net.shapes[0])), w.x
     for ld in d.layers:
         l = ld.index
         layer = add(ld.layer.describe(), "gate", caption=f"z{l}")
-        edges.append(Edge(prev, layer, shape=shape(net.shapes[l - 1]), value_norm=norm(prev_val),
+        edges.append(Edge(prev, layer, shape=shape(net.shapes[l - 1]), value_norm=_norm(prev_val),
                           grad_norm=upstream(d.layers[l - 2]) if l > 1 else None))
         for key in ld.params:
             name = f"{key}{l}"
             pn = add(name, "param", caption=str(w.params[name].shape))
-            edges.append(Edge(pn, layer, shape=str(w.params[name].shape), value_norm=norm(w.params[name]),
-                              grad_norm=norm(w.grads[name])))
+            edges.append(Edge(pn, layer, shape=str(w.params[name].shape), value_norm=_norm(w.params[name]),
+                              grad_norm=_norm(w.grads[name])))
         act = ld.layer.activation
         if act.is_identity:
             out = layer
             nodes[layer].caption += f" = a{l}"
         else:
             out = add("f" if act.custom else act.describe(), "act", caption=f"a{l}")
-            edges.append(Edge(layer, out, shape=shape(net.shapes[l]), value_norm=norm(w.z[l - 1]),
-                              grad_norm=norm(w.delta[l - 1])))
+            edges.append(Edge(layer, out, shape=shape(net.shapes[l]), value_norm=_norm(w.z[l - 1]),
+                              grad_norm=_norm(w.delta[l - 1])))
         prev, prev_val = out, w.a[l - 1]
-    loss = add(f"ℓ: {net.loss.name}", "gate", caption="ℓ")
-    tn = add("t", "const", caption=f"({net.outputs},)")
-    edges.append(Edge(prev, loss, shape=shape(net.shapes[-1]), value_norm=norm(w.a[-1]),
-                      grad_norm=upstream(d.layers[-1])))
-    edges.append(Edge(tn, loss, shape=f"({net.outputs},)", value_norm=norm(w.t)))
+    _add_cost(w, nodes, edges, prev, shape(net.shapes[-1]), upstream(d.layers[-1]))
+    return Graph(nodes, edges, True, f"{net.name}: one node per layer")
+
+
+def _norm(v) -> float:
+    """The Euclidean norm of a sample's values or gradients (the collapsed graph's labels)."""
+    return float(np.linalg.norm(np.asarray(v, np.float64)))
+
+
+def _add_node(nodes: dict, label, kind, caption="", value=None) -> str:
+    nid = f"n{len(nodes)}"
+    nodes[nid] = Node(nid, label, kind, caption=caption, value=value)
+    return nid
+
+
+def _add_cost(w, nodes: dict, edges: list, prev: str, out_shape: str, grad_norm) -> None:
+    """The collapsed graph's end: the output and t into the loss ℓ, then + λ/2·Σ‖W‖² when
+    the network has l2; the last node is the cost C, valued at the sample's cost."""
+    net = w.network
+    loss = _add_node(nodes, f"ℓ: {net.loss.name}", "gate", caption="ℓ")
+    tn = _add_node(nodes, "t", "const", caption=f"({net.outputs},)")
+    edges.append(Edge(prev, loss, shape=out_shape, value_norm=_norm(w.a[-1]), grad_norm=grad_norm))
+    edges.append(Edge(tn, loss, shape=f"({net.outputs},)", value_norm=_norm(w.t)))
     cost = loss
     if net.l2:
-        cost = add("+ λ/2·Σ‖W‖²", "gate", caption="C")
+        cost = _add_node(nodes, "+ λ/2·Σ‖W‖²", "gate", caption="C")
         edges.append(Edge(loss, cost, shape="scalar"))
     nodes[cost].kind = "cost"
     nodes[cost].value = w.loss
     if cost == loss:
         nodes[cost].caption = "C = ℓ"
-    return Graph(nodes, edges, True, f"{net.name}: one node per layer")
 
 
 def _widths(d) -> dict:
