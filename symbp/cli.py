@@ -89,7 +89,7 @@ def network_from_spec(cfg: dict):
     return sb.Network.from_config({k: v for k, v in cfg.items() if k != "walkthrough"})
 
 
-def data_source(args, cfg: dict, spec: Path) -> dict:
+def data_source(args, cfg: dict, spec: Path, rank: int = 0) -> dict:
     """Where ``symbp train`` reads its data: ``--data``/``--labels``/``--target`` (paths as
     given, from the current folder), else the spec's [train] ``data``/``labels``/``target``
     (paths from the spec's folder, so ``symbp train own/own.toml`` works from anywhere).
@@ -101,12 +101,18 @@ def data_source(args, cfg: dict, spec: Path) -> dict:
     from_flags = given["data"] is not None
     source = given if from_flags else {key: train[key] for key in ("data", "labels", "target")}
     base = Path.cwd() if from_flags else spec.absolute().parent
+    # A path with {rank} names one shard per process (data-parallel training, sharded).
+    source["sharded"] = isinstance(source["data"], str) and "{rank}" in source["data"]
+    if source["sharded"]:
+        source["pattern"] = source["data"]
     for key in ("data", "labels"):
         value = source[key]
         if value is None or (key == "data" and value == "digits"):
             continue
         if not isinstance(value, str):
             raise ValueError(f"{spec}: [train] {key} must be a file name, got {value!r}")
+        if "{rank}" in value:
+            value = value.replace("{rank}", str(rank))
         path = Path(value).expanduser()
         path = path if path.is_absolute() else base / path
         if not path.exists():
@@ -138,58 +144,120 @@ def load_data(source: dict, seed: int, test_size: float, classify: bool = True):
 
 
 def _train(args) -> int:
-    import symbp as sb
+    """``symbp train``; under ``mpiexec``/``srun`` every process trains its part of each batch
+    (data-parallel, :mod:`symbp.distributed`) and rank 0 alone prints and writes."""
+    import contextlib
+    import io
 
+    from symbp import distributed
+
+    comm = distributed.world()
+    rank = 0 if comm is None else comm.Get_rank()
+    quiet = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        with distributed.together(comm):  # a bad spec or shard on one process stops them all
+            run = _train_setup(args, comm)
+        print("compiling the kernels …", end="", flush=True)
+        Xtr, _, ytr, _ = run["data"]
+        run["model"], run["compiled"] = _compile_for_training(run["net"], run["opts"], run["optimizer"], Xtr, ytr,
+                                                              comm, run["sharded"])
+        print(f" {run['compiled']['seconds']:.1f} s", flush=True)
+        return _train_run(args, run, comm)
+
+
+def _train_setup(args, comm) -> dict:
+    """Everything before the first epoch, each check before minutes of training: the spec,
+    the data (this process's shard when the data path has ``{rank}``), the output paths,
+    the compiled modules."""
     cfg = load_spec(args.spec)
     opts = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
     for key in ("epochs", "batch_size", "lr", "seed", "dtype"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
-    source = data_source(args, cfg, Path(args.spec))
+    rank = 0 if comm is None else comm.Get_rank()
+    source = data_source(args, cfg, Path(args.spec), rank)
+    sharded, pattern = source.pop("sharded"), source.pop("pattern", None)
+    if sharded and comm is None:
+        raise ValueError(f"the data path {pattern!r} names a shard per process ({{rank}}): start the "
+                         "processes with mpiexec -n N (or srun -n N)")
     # Where the curves and the checkpoint go is checked before minutes of training, not after.
-    if args.plot:
+    if args.plot and rank == 0:
         from symbp._output import check_output_path
         from symbp.read.plots import _pyplot
 
         _pyplot()  # matplotlib is there
         check_output_path(args.plot, (".png", ".svg", ".pdf"), "plot")
-    if args.save:
+    if args.save and rank == 0:
         from symbp.train.checkpoint import checkpoint_path
 
         checkpoint_path(args.save)
     net = network_from_spec(cfg)
     optimizer, lr_from = train_optimizer(cfg, args.optimizer, args.lr)
     Xtr, Xte, ytr, yte, described = load_data(source, opts["seed"], opts["test_size"], net.loss.task != "regression")
-    print(f"data: {described}: {len(ytr)} samples to train on, {len(yte)} held out")
+    ranks = "" if comm is None else f" on each of {comm.Get_size()} processes" if sharded else ""
+    print(f"data: {described}: {len(ytr)} samples to train on, {len(yte)} held out{ranks}")
     check_data(net, described, (Xtr, ytr), (Xte, yte))
+    if comm is not None:
+        print(f"data-parallel: {comm.Get_size()} processes, each computing its part of every batch of "
+              f"{opts['batch_size']}" + (" from its own shard" if sharded else ""))
     print(f"optimizer: {optimizer.describe()}; lr {optimizer.lr:g} ({lr_from})")
-    print("compiling the kernels …", end="", flush=True)
-    model, compiled = _compile_for_training(net, opts, optimizer, Xtr, ytr)
-    print(f" {compiled['seconds']:.1f} s", flush=True)
+    return {"opts": opts, "source": source, "sharded": sharded, "net": net, "optimizer": optimizer,
+            "data": (Xtr, Xte, ytr, yte)}
+
+
+def _train_run(args, run: dict, comm) -> int:
+    import symbp as sb
+    from symbp import distributed
+
+    model, optimizer, opts, net = run["model"], run["optimizer"], run["opts"], run["net"]
+    Xtr, Xte, ytr, yte = run["data"]
+    rank = 0 if comm is None else comm.Get_rank()
     start_loss = model.evaluate(Xtr, ytr)[0]
     # The bar starts once everything is compiled, so its rate and time left are the epochs'.
-    bar = [] if args.quiet else [sb.train.callbacks.ProgressBar(opts["epochs"])]
+    bar = [] if args.quiet or rank != 0 else [sb.train.callbacks.ProgressBar(opts["epochs"])]
     start = time.perf_counter()
     history = model.fit(Xtr, ytr, optimizer=optimizer, batch_size=opts["batch_size"], epochs=opts["epochs"],
-                        validation_data=(Xte, yte), seed=opts["seed"], progress=False, callbacks=bar)
+                        validation_data=(Xte, yte), seed=opts["seed"], progress=False, callbacks=bar,
+                        comm=comm, sharded=run["sharded"])
     trained = time.perf_counter() - start
     end_loss = model.evaluate(Xtr, ytr)[0]
-    if args.plot:
-        import matplotlib.pyplot as plt
+    held_out = _held_out(model, Xte, yte, comm if run["sharded"] else None)
+    with distributed.together(comm):  # a full disk on rank 0 stops every process, with its message
+        if rank != 0:
+            return 0
+        if args.plot:
+            import matplotlib.pyplot as plt
 
-        plt.close(history.plot(args.plot, title=f"{net.name}: {optimizer.describe()}"))
-        print(f"curves: {args.plot}")
-    if args.save:
-        from symbp.train import checkpoint
+            plt.close(history.plot(args.plot, title=f"{net.name}: {optimizer.describe()}"))
+            print(f"curves: {args.plot}")
+        if args.save:
+            from symbp.train import checkpoint
 
-        print(f"checkpoint: {checkpoint.save(model, args.save, data=source)}")
-    print(f"model: {net!r}")
-    _print_summary(model, history, compiled, trained, Xte, yte)
-    if not end_loss < start_loss:
-        print(f"warning: the training loss ended at {end_loss:.4g}, no lower than where it started "
-              f"({start_loss:.4g}): the learning rate {optimizer.lr:g} is probably too large; try a smaller --lr",
-              file=sys.stderr)
+            print(f"checkpoint: {checkpoint.save(model, args.save, data=run['source'])}")
+        print(f"model: {net!r}")
+        _print_summary(model, history, run["compiled"], trained, held_out)
+        if not end_loss < start_loss:
+            print(f"warning: the training loss ended at {end_loss:.4g}, no lower than where it started "
+                  f"({start_loss:.4g}): the learning rate {optimizer.lr:g} is probably too large; try a smaller --lr",
+                  file=sys.stderr)
     return 0
+
+
+def _held_out(model, Xte, yte, comm) -> tuple[float, float, int, str]:
+    """(score, loss, samples, what was scored) of the held-out data: a sharded run's parts on
+    every process together (accuracy and loss; R² is rank 0's part)."""
+    loss, _ = model.evaluate(Xte, yte)
+    score, rows = model.score(Xte, yte), len(yte)
+    if comm is None:
+        return score, loss, rows, f"{rows} samples not trained on"
+    classify = model.network.loss.task != "regression"
+    every = comm.allgather((score * rows, loss * rows, rows))
+    total = sum(r for _, _, r in every)
+    if classify:
+        score = sum(s for s, _, _ in every) / total
+    loss = sum(l_ for _, l_, _ in every) / total
+    return score, loss, total, (f"{total} samples not trained on, the held-out parts of {comm.Get_size()} shards"
+                                + ("" if classify else "; R² of rank 0's part"))
 
 
 def check_data(net, described: str, *parts) -> None:
@@ -207,10 +275,11 @@ def check_data(net, described: str, *parts) -> None:
             raise ValueError(f"{described} does not fit the network: {err}") from None
 
 
-def _compile_for_training(net, opts: dict, optimizer, X, y):
+def _compile_for_training(net, opts: dict, optimizer, X, y, comm=None, sharded: bool = False):
     """The model, compiled before the progress bar starts (so its first epoch is an epoch):
     its modules generated or read from the cache, and Numba's JIT run on one batch of a
-    throwaway copy.  Returns (model, {module path: role, ..., "seconds": s, "new": n})."""
+    throwaway copy (on every process of ``comm``: the data-parallel kernels).
+    Returns (model, {module path: role, ..., "seconds": s, "new": n})."""
     import symbp as sb
     from symbp.train.optim import optimizer_from_config
 
@@ -219,7 +288,7 @@ def _compile_for_training(net, opts: dict, optimizer, X, y):
     rows = min(opts["batch_size"], len(y))
     warm = sb.compile(net, dtype=opts["dtype"], seed=opts["seed"])  # the same modules, its own weights
     warm.fit(X[:rows], y[:rows], optimizer=optimizer_from_config(optimizer.to_config()), batch_size=rows,
-             epochs=1, validation_data=(X[:rows], y[:rows]), progress=False)
+             epochs=1, validation_data=(X[:rows], y[:rows]), progress=False, comm=comm, sharded=sharded)
     modules = {Path(model.source_path): "forward pass and loss"}
     train_module = getattr(model._train_kernels(optimizer), "__file__", None)
     if train_module:
@@ -229,7 +298,7 @@ def _compile_for_training(net, opts: dict, optimizer, X, y):
     return model, {"modules": modules, "new": new, "seconds": time.perf_counter() - start}
 
 
-def _print_summary(model, history, compiled: dict, trained: float, Xte, yte) -> None:
+def _print_summary(model, history, compiled: dict, trained: float, held_out: tuple) -> None:
     """What ``symbp train`` made: the generated modules, where the time went, and the scores
     (the training set's from the last epoch, the held-out set's once, with what it is)."""
     print("generated modules:")
@@ -245,9 +314,9 @@ def _print_summary(model, history, compiled: dict, trained: float, Xte, yte) -> 
                                                    if "accuracy" in metrics else "")
         print(f"training set: {part} (the last epoch's, averaged while the weights changed)")
     classify = model.network.loss.task != "regression"
-    loss, _ = model.evaluate(Xte, yte)
-    print(f"held-out score: {model.score(Xte, yte):.4f} {'accuracy' if classify else 'R²'}, loss {loss:.4f} "
-          f"({len(yte)} samples not trained on; val_ in the curves)")
+    score, loss, _, what = held_out
+    print(f"held-out score: {score:.4f} {'accuracy' if classify else 'R²'}, loss {loss:.4f} "
+          f"({what}; val_ in the curves)")
 
 
 def train_optimizer(cfg: dict, text: str | None, lr: float | None = None):
@@ -803,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: a path the user gave cannot be read or written; MemoryError: too big a net;
         # SyntaxError: generated code Python cannot parse (the cache names the module instead
         # when it imports one).
+        if getattr(err, "symbp_rank", 0):
+            return 2  # every process of a data-parallel run has this error: rank 0 prints it
+        agreed = hasattr(err, "symbp_rank")
         message = str(err) or type(err).__name__
         if isinstance(err, SyntaxError):
             message = f"{type(err).__name__}: {message}"
@@ -810,7 +882,18 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, ModuleNotFoundError) and top in EXTRAS:
             message += f" (pip install 'symbp[{EXTRAS[top]}]')"
         print(f"symbp: error: {message}", file=sys.stderr)
+        if not agreed:
+            _abort_other_processes()
         return 2
+
+
+def _abort_other_processes() -> None:
+    """An error only this process of an MPI launch has (the ones every process agreed on
+    return before this) would leave the others waiting in a collective: end the job."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(2)
 
 
 if __name__ == "__main__":

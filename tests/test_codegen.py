@@ -55,8 +55,12 @@ def test_sgd_update_rides_on_the_gemm(tmp_path):
     source = model._train_kernels(sb.SGD(lr=0.1)).__file__
     text = open(source).read()
     # W ← (1 − lr·λ)·W − lr·δᵀa: one GEMM with α = −lr, β = 1 − lr·λ, no separate update loop.
-    assert re.search(r"gemm\(dZ2, True, A1, False, W2, -h_lr, .*h_lr", text)
-    assert "W2[p, q] = " not in text
+    fused = text[text.index("def backward_update"):text.index("def backward_grads")]
+    assert re.search(r"gemm\(dZ2, True, A1, False, W2, -h_lr, .*h_lr", fused)
+    assert "W2[p, q] = " not in fused
+    # Data-parallel training's update reads the summed gradient instead: one loop, λθ added there.
+    update = text[text.index("def update"):text.index("def train_epoch")]
+    assert "W2[p, q] = -h_lr*((0.01)*W2[p, q] + dW2[p, q]) + W2[p, q]" in update
 
 
 def test_cuda_helpers_are_the_cpu_helpers_as_device_functions():

@@ -124,10 +124,11 @@ class Plan:
         size = math.prod(self.d.network.param_shapes()[name])
         return gemm_steps, [Loop(ranges, stmts, penalty, parallel=size >= PARALLEL_UPDATE_MIN)]
 
-    def grad_steps(self, ld, opt=None) -> tuple[list, list]:
+    def grad_steps(self, ld, opt=None, apart: bool = False) -> tuple[list, list]:
         """Steps for ∂C/∂θ of layer ``ld``; with an optimizer, also its update steps (second
-        list: they run after δ_{l-1} has used the old parameters)."""
-        return stages.grad_steps(self, ld, opt, ld.index == 1)
+        list: they run after δ_{l-1} has used the old parameters, or, ``apart``, after the
+        gradients have been summed over processes)."""
+        return stages.grad_steps(self, ld, opt, ld.index == 1, apart)
 
     def delta_steps(self, ld) -> list:
         return stages.delta_steps(self, ld)
@@ -144,6 +145,20 @@ class Plan:
                 steps += self.delta_steps(self.d.layers[pos - 1])
             steps += updates
         return steps
+
+    def backward_apart(self, opt) -> tuple[list, list]:
+        """Data-parallel training's two halves: (the backward pass leaving each gradient
+        buffer with the sum over this process's rows only, the update steps that read the
+        buffers once summed over every process and add λθ there)."""
+        self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
+        steps, updates = [], []
+        for pos in range(len(self.d.layers) - 1, -1, -1):
+            grads, later = self.grad_steps(self.d.layers[pos], opt, apart=True)
+            steps += grads
+            if pos > 0:
+                steps += self.delta_steps(self.d.layers[pos - 1])
+            updates += later
+        return steps, updates
 
     def penalty_steps(self) -> list:
         if not self.l2_value:

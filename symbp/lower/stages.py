@@ -147,8 +147,13 @@ def forward_steps(builder, ld) -> list:
     return steps
 
 
-def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
-    """Stage gradients (∂C/∂x̃ only when a layer before needs it), then ∂C/∂θ."""
+def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list, list]:
+    """Stage gradients (∂C/∂x̃ only when a layer before needs it), then ∂C/∂θ.
+
+    With ``apart`` (data-parallel training), the gradient buffers get only the data's sum
+    over this process's rows and the update (second list) reads them once they have been
+    summed over every process: the λθ term and the optimizer's rule are applied there, once.
+    """
     steps = []
     for label, (gb, free, formula) in ld.stage_grads.items():
         st = next(st for st in ld.stages if str(st.target.label) == label)
@@ -183,6 +188,9 @@ def grad_steps(builder, ld, opt, first: bool) -> tuple[list, list]:
         if opt is None:
             prange = [(sym, builder.extent(d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
             now += gsteps + ([Loop(prange, [(g[idx], g_expr)])] if g_expr != g[idx] else [])
+        elif apart:  # no GEMM carries the update: the sums must be complete first
+            now += gsteps
+            later += builder.update_steps(ld, key, [], g_expr, opt)[1]
         else:
             a_, b_ = builder.update_steps(ld, key, gsteps, g_expr, opt)
             now += a_

@@ -90,7 +90,8 @@ class ModelCheckpoint(Callback):
             if self.best is not None and not (value < self.best if self.mode == "min" else value > self.best):
                 return False
             self.best = value
-        model.save(self.path)
+        if getattr(model, "_writes", True):  # in a data-parallel fit, rank 0 alone writes
+            model.save(self.path)
         return False
 
     def __repr__(self) -> str:

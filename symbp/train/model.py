@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import cache
+from .. import cache, distributed
 from ..backends.cpu.runtime import HostRun
 from ..spec.network import Network
 from .callbacks import Callback, ProgressBar
@@ -31,6 +31,8 @@ class History:
     def __init__(self) -> None:
         self.epoch: list[int] = []
         self.history: dict[str, list[float]] = {}
+        #: a data-parallel fit's figures: processes, steps, seconds in Allreduce, seconds of epochs
+        self.comm: dict | None = None
 
     def truncate(self, epoch: int) -> None:
         """Forget epochs from ``epoch`` on (a resumed run records them again)."""
@@ -104,6 +106,7 @@ class Model:
         self.base_lr: float | None = None
         self.epoch = 0  # epochs completed
         self.history = History()  # every epoch so far, across fit calls and checkpoints
+        self._writes = True  # False on the processes other than rank 0 of a data-parallel fit
 
     # -- plumbing ----------------------------------------------------------------------
     def _param_list(self) -> list[np.ndarray]:
@@ -290,6 +293,8 @@ class Model:
         initial_epoch: int = 0,
         schedule: Schedule | None = None,
         callbacks: list | tuple | None = (),
+        comm=None,
+        sharded: bool = False,
     ) -> History:
         """Train with mini-batches; returns the :class:`History` of the epochs run.
 
@@ -307,6 +312,22 @@ class Model:
             Sets the learning rate of each epoch from the optimizer's base rate.
         callbacks : list of Callback
             e.g. ``EarlyStopping``; called after each epoch, may stop training.
+        comm : mpi4py communicator, optional
+            Data-parallel training on every process of ``comm`` (``MPI.COMM_WORLD``; the
+            ``mpi`` extra).  ``batch_size`` is the global batch: each process computes the
+            gradient sums of its slice of every batch, one ``Allreduce`` sums them, every
+            process applies the same update.  Every process starts from rank 0's parameters
+            and optimizer state; the result equals a one-process fit with the same arguments
+            (up to the order of floating-point sums) and the history is the same on every
+            process.  Only rank 0 shows progress and writes ``ModelCheckpoint`` files.  An
+            error on one process (bad data, a NaN, a failing callback) is raised on all, with
+            the failing rank in its message.  ``history.comm`` then says the processes, steps
+            and seconds spent in ``Allreduce``.  See :mod:`symbp.backends.cpu.distributed`.
+        sharded : bool
+            With ``comm``: each process passes only its own part of the data (and of the
+            validation data) instead of the same arrays; each shuffles its part from the
+            seed, epoch and rank, and every step takes its share of each part.  The batches
+            then differ from a one-process run's, so the numbers do too.
 
         Raises
         ------
@@ -316,20 +337,35 @@ class Model:
             parameters and optimizer state are put back as they were at the start of that epoch.
         """
         callbacks = () if callbacks is None else tuple(callbacks)
-        opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
-                                                         initial_epoch, seed, validation_data, callbacks)
-        n = X.shape[0]
-        # The target's arrays for this call (host buffers, or everything uploaded to a device):
-        # made before anything of the model changes, so a MemoryError leaves it as it was.
-        run = self._run(X, T, val, opt, batch_size)
+        if not isinstance(sharded, (bool, np.bool_)):
+            raise ValueError(f"sharded must be True or False, got {sharded!r}")
+        if sharded and comm is None:
+            raise ValueError("sharded=True says each process passes its own part of the data: give the processes' "
+                             "communicator too, fit(..., comm=MPI.COMM_WORLD, sharded=True)")
+        comm = distributed.communicator(comm)
+        raw = (getattr(X, "dtype", None), getattr(y, "dtype", None))
+        with distributed.together(comm):  # a bad argument on one process stops every process
+            opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
+                                                             initial_epoch, seed, validation_data, callbacks)
+        rank = 0
+        if comm is None:
+            # The target's arrays for this call (host buffers, or everything uploaded to a
+            # device): made before anything of the model changes, so a MemoryError leaves it.
+            run = self._run(X, T, val, opt, batch_size)
+        else:
+            run, seed = self._distributed_run(comm, sharded, X, T, val, opt, batch_size, raw, seed,
+                                              (epochs, initial_epoch, shuffle, schedule))
+            rank = comm.Get_rank()
+        n = run.n
         self._adopt(opt, schedule)
         history = History()
         self.history.truncate(initial_epoch)
-        bar = _Progress(max(0, epochs - initial_epoch), progress)
+        bar = _Progress(max(0, epochs - initial_epoch), progress and rank == 0)
+        self._writes = rank == 0  # ModelCheckpoint writes on rank 0 only
         try:
             for epoch in range(initial_epoch, epochs):
                 hyper = self._epoch_hyper(opt, epoch)
-                order = epoch_order(n, shuffle, seed, epoch)
+                order = epoch_order(X.shape[0], shuffle, seed, epoch, rank if sharded else None)
                 total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step)
                 # The kernel checks each batch's loss before that batch's update; the last
                 # update of the epoch is checked here (no loss of this epoch would see it).
@@ -340,14 +376,53 @@ class Model:
                 metrics = self._epoch_metrics(n, total, correct, run.validate, opt)
                 if callbacks:
                     run.sync()  # a checkpoint saves the current optimizer state
-                if self._finish_epoch(history, epoch, metrics, callbacks, bar):
+                with run.together():  # a callback failing on one process stops them all
+                    stop = self._finish_epoch(history, epoch, metrics, callbacks, bar)
+                if run.agree_epoch(stop):
                     break
         finally:
             run.close()
             bar.close()
+            self._writes = True
         for cb in callbacks:
             cb.on_train_end(self)
+        history.comm = run.stats()
         return history
+
+    def _distributed_run(self, comm, sharded, X, T, val, opt, batch_size, raw, seed, settings):
+        """A data-parallel fit's runtime, once every process is known to have been given data
+        of the same kind and the same settings; every process then holds rank 0's
+        parameters, optimizer state and seed.  Returns (runtime, seed)."""
+        from ..backends.cpu.distributed import DistributedRun
+
+        if type(self)._run is not Model._run:
+            with distributed.together(comm):
+                raise NotImplementedError(f"data-parallel training (comm=) runs on the CPU target; "
+                                          f"{type(self).__name__} is not one")
+        facts = {
+            "network": self.network.fingerprint(), "dtype": self.dtype.name, "optimizer": repr(opt),
+            "batch_size": batch_size, "epochs, initial_epoch, shuffle": settings[:3],
+            "schedule": repr(settings[3] or self.schedule), "sharded": sharded,
+            "input shape": X.shape[1:], "target shape": T.shape[1:],
+            "X dtype": str(raw[0]), "y dtype": str(raw[1]),
+            "validation data": None if val is None else (val[0].shape[1:], val[1].shape[1:]),
+        }
+        if not sharded:  # the same arrays on every process: the same rows, the same values
+            facts["rows"] = X.shape[0]
+            facts["data (a hash of 64 rows)"] = distributed.sample_fingerprint(X, T)
+            if val is not None:
+                facts["validation data"] = distributed.sample_fingerprint(*val)
+        distributed.check_same(comm, facts)
+        counts = comm.allgather(X.shape[0])
+        if seed is None:  # every process must draw the same shuffles: rank 0's fresh seed
+            seed = comm.bcast(int(np.random.SeedSequence().entropy % (1 << 63)) if comm.Get_rank() == 0 else None)
+        with distributed.together(comm):
+            run = DistributedRun(self, X, T, val, opt, batch_size, comm, sharded, counts)
+        # Rank 0's parameters and optimizer state on every process (as DDP does), in place.
+        for arr in self._param_list() + self._state_list(opt):
+            comm.Bcast(arr, root=0)
+        opt.step = comm.bcast(opt.step)
+        return run, seed
 
     def _run(self, X, T, val, opt, batch_size):
         """This target's runtime for one fit call (see :mod:`symbp.backends.cpu.runtime`)."""
@@ -465,12 +540,14 @@ class Model:
         return to_torch(self)
 
 
-def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int) -> np.ndarray:
+def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int, rank: int | None = None) -> np.ndarray:
     """The row order of an epoch: a function of the seed and the epoch number only, so a
-    resumed run (and every target) visits the same batches."""
+    resumed run (and every target, and every process count) visits the same batches.  A
+    process of a sharded run orders its own rows by its ``rank`` too."""
     if not shuffle:
         return np.arange(n)
-    return np.random.default_rng([seed, epoch] if seed is not None else None).permutation(n)
+    key = [seed, epoch] if rank is None else [seed, epoch, rank]
+    return np.random.default_rng(key if seed is not None else None).permutation(n)
 
 
 def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:

@@ -164,6 +164,17 @@ class CpuModule(Plan):
             "backward_update", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"] + states + ["hyper", "t"],
             self._prelude() + read_hyper + ["penalty = 0.0"], self.backward_steps(opt), ["return penalty"],
             f"Backward pass with the {opt.name} update fused in (step t); returns the l2 penalty before the step.")
+        # Data-parallel training (fit with comm=): each process's gradient sums, then, once
+        # they are summed over processes, the update.  Numba compiles them on first call only.
+        apart, updates = self.backward_apart(opt)
+        grads_only = self.function(
+            "backward_grads", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"], self._prelude(), apart, [],
+            "∂C/∂θ without the λθ term: the data's sums over this process's rows (δ_L as loss_rows left it).")
+        update_only = self.function(
+            "update", B["P"] + B["grads"] + states + ["hyper", "t"], read_hyper + ["penalty = 0.0"], updates,
+            ["return penalty"],
+            f"The {opt.name} update (step t) from gradient buffers summed over every process; returns the l2 "
+            "penalty before the step.")
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
         names["STATES"] = ", ".join(states) + ("," if states else "")
@@ -176,7 +187,7 @@ class CpuModule(Plan):
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
             f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}", "",
-            helper_source(self.helpers), update, tidy_args(_TRAIN.format(**names)),
+            helper_source(self.helpers), update, grads_only, update_only, tidy_args(_TRAIN.format(**names)),
         ])
         return with_provenance(src, self.provenance)
 
@@ -238,6 +249,19 @@ def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES} Xb, T
         total += loss + pen * nb
         correct += c
     return total, correct, t - step0, -1
+
+
+@njit(cache=True)
+def slice_grads(X, T, scale, {P}, {WS}):
+    """This process's part of a global batch (data-parallel training): the forward pass,
+    Σ ℓ over its rows, and gradient sums with δ_L scaled by ``scale`` = its rows / the global
+    batch's rows, so the sums over every process are the global batch's ∂C/∂θ (λθ aside)."""
+    nb = X.shape[0]
+    forward(X, {P}, {ACTS_SLICED})
+    loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
+    {DL}[:nb] *= scale
+    backward_grads(X, {P}, {SLICED}, {GRADS})
+    return loss, c
 '''
 
 

@@ -8,6 +8,8 @@ and optimizer state, puts it back when an epoch diverges, and validates.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -16,11 +18,30 @@ def all_finite(arrays) -> bool:
     return all(np.isfinite(a).all() for a in arrays)
 
 
-class HostRun:
+class OneProcess:
+    """What a runtime of one process says to the fit loop's questions about the others."""
+
+    n: int  # the rows of an epoch (over every process, in a data-parallel run)
+
+    def together(self):
+        """Where an epoch's callbacks run: one process, nothing to agree on."""
+        return contextlib.nullcontext()
+
+    def agree_epoch(self, stop: bool) -> bool:
+        """Whether to stop after this epoch (a data-parallel run asks every process)."""
+        return stop
+
+    def stats(self) -> dict | None:
+        """Communication figures of a data-parallel run; None for one process."""
+        return None
+
+
+class HostRun(OneProcess):
     """One fit call's arrays on the host; nothing of the model changes until :meth:`epoch`."""
 
     def __init__(self, model, X: np.ndarray, T: np.ndarray, val, opt, batch_size: int) -> None:
         self.model, self.opt, self.X, self.T = model, opt, X, T
+        self.n = X.shape[0]
         self.kernels = model._train_kernels(opt)
         self.rows = min(batch_size, X.shape[0])
         self.Xb = np.empty((self.rows, X.shape[1]), model.dtype)
@@ -60,3 +81,4 @@ class HostRun:
 
     def close(self) -> None:
         """Release the run (nothing to copy back on the host)."""
+

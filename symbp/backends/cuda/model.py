@@ -33,7 +33,7 @@ from ... import cache
 from ...spec.network import Network
 from ...train.model import _EVAL_CHUNK, Model
 from ...train.optim import Optimizer
-from ..cpu.runtime import all_finite
+from ..cpu.runtime import OneProcess, all_finite
 from .module import EPOCH_SLOTS, CudaConfig, generate_cuda_source
 
 #: A small launch geometry for the simulator, where every CUDA thread is a Python thread.
@@ -408,7 +408,7 @@ class CudaModel(Model):
         return f"CudaModel({self.network!r}, dtype={self.dtype.name}, source={self.source_path.name})"
 
 
-class DeviceRun:
+class DeviceRun(OneProcess):
     """One fit call on the device (what :class:`symbp.backends.cpu.runtime.HostRun` is on the
     host): X and y uploaded once, per epoch only the shuffled row order; every batch is
     gathered, trained and tallied on the device, and the host reads back one small status
@@ -417,7 +417,7 @@ class DeviceRun:
 
     def __init__(self, model: CudaModel, X, T, val, opt, batch_size: int) -> None:
         self.model, self.opt = model, opt
-        n = X.shape[0]
+        n = self.n = X.shape[0]
         rows = min(batch_size, n)
         model._check_launch(rows)
         host_states = model._host_states(opt)
