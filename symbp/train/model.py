@@ -386,7 +386,7 @@ class Model:
             self._writes = True
         for cb in callbacks:
             cb.on_train_end(self)
-        history.comm = run.stats()
+        history.comm = run.comm_stats()
         return history
 
     def _distributed_run(self, comm, sharded, X, T, val, opt, batch_size, raw, seed, settings):

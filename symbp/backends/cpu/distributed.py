@@ -163,6 +163,6 @@ class DistributedRun(HostRun):
                                "rank 0): their updates were not the same; training stopped")
         return any(s for s, _ in every)
 
-    def stats(self) -> dict:
+    def comm_stats(self) -> dict:
         return {"ranks": self.size, "steps": self.steps_run, "allreduce_s": self.allreduce_s, "seconds": self.seconds}
 

@@ -31,7 +31,7 @@ class OneProcess:
         """Whether to stop after this epoch (a data-parallel run asks every process)."""
         return stop
 
-    def stats(self) -> dict | None:
+    def comm_stats(self) -> dict | None:
         """Communication figures of a data-parallel run; None for one process."""
         return None
 
