@@ -16,7 +16,8 @@ import pytest
 README = Path(__file__).resolve().parent.parent / "README.md"
 QUOTED = "<!-- generated code: quoted, not run -->"
 # The extras a snippet may need (pyproject.toml): missing ones skip that snippet, saying so.
-OPTIONAL = {"sklearn": "datasets", "matplotlib": "plots", "torch": "test", "onnx": "onnx", "onnxruntime": "onnx"}
+OPTIONAL = {"sklearn": "datasets", "matplotlib": "plots", "torch": "test", "onnx": "onnx", "onnxruntime": "onnx",
+            "mpi4py": "mpi"}
 
 
 def snippets() -> list[tuple[int, str, bool]]:
