@@ -249,7 +249,11 @@ class Derivation:
                     rng = {sym: (0, ext - 1) for sym, ext in zip(pidx, ld.param_dims[key])}
                     local = ld.local[ld.local_key(st, key)]
                     grad = resolve(sp.Sum(g[(n, *st.idx)] * local, *chain_limits, (n, 0, N - 1)), rng)
-                    ld.grads[key] = grad + self._l2_grad(ld, key) if key in ld.decay else grad
+                    # A parameter read by several stages: the sum over them (λθ added once).
+                    if key in ld.grads:
+                        ld.grads[key] += grad
+                    else:
+                        ld.grads[key] = grad + self._l2_grad(ld, key) if key in ld.decay else grad
             sources = [s_.target for s_ in ld.stages if s_ is not st and st.formula.has(s_.target)] + [ld.x]
             for src in sources:
                 if not st.formula.has(src):
@@ -262,12 +266,15 @@ class Derivation:
                     continue
                 ld.local[ld.local_key(st, src)] = local
                 contrib = resolve(sp.Sum(g[(n, *st.idx)] * local, *chain_limits), rng)
+                # An input read by several stages (a gated unit's two products) gets the sum
+                # of what each sends back: the chain rule over every path.
                 if src is ld.x:
-                    upstream = contrib
+                    upstream = contrib if upstream is None else upstream + contrib
                 else:
                     gb = sp.IndexedBase(f"g{src.label}")
                     grad_of[str(src.label)] = gb
-                    ld.stage_grads[str(src.label)] = (gb, free, contrib)
+                    before = ld.stage_grads.get(str(src.label))
+                    ld.stage_grads[str(src.label)] = (gb, free, contrib if before is None else before[2] + contrib)
         if upstream is None:
             raise NotImplementedError(f"layer {ld.index} ({ld.layer!r}): no gradient reaches its input")
         # The named stage gradients (∂C/∂x̃, ∂C/∂y) stay names: the kernels compute them into

@@ -47,7 +47,20 @@ def split_sums(expr: sp.Expr, out: sp.IndexedBase, idx: tuple, temp_for, extents
     range of each index of ``idx`` (needed for column sums).  Returns the steps and the
     expression with each sum replaced by its buffer, ready for a fused :class:`Loop`.
     """
-    steps = []
+    steps, groups = [], {}
+    for s in sorted(expr.atoms(sp.Sum), key=str):
+        groups.setdefault(temp_for(s), []).append(s)
+    for buf, shared in groups.items():
+        if len(shared) < 2:
+            continue
+        # Sums that share a buffer must be one sum of contractions (δ of an input that two
+        # stages read): GEMM, then GEMM with β = 1 on top.  Anything else would overwrite.
+        total = sp.Add(*shared)
+        joined = expr.subs(total, buf[idx])
+        if len(idx) != 2 or any(joined.has(s) for s in shared):
+            raise NotImplementedError(f"{expr} holds sums that would share the buffer {buf}")
+        steps += [replace(contraction(s, buf, *idx), beta=sp.Integer(1 if k else 0)) for k, s in enumerate(shared)]
+        expr = joined
     for s in sorted(expr.atoms(sp.Sum), key=str):
         buf = temp_for(s)
         if len(idx) == 2:

@@ -136,7 +136,8 @@ def forward_steps(builder, ld) -> list:
                     stmts = [(target, builder.value(fused))]
                     if st is ld.stages[-1] and not ld.layer.activation.is_identity:
                         stmts.append((builder.value(ld.a[(n, *st.idx)]), builder.value(ld.output)))
-                    steps += pre + [Loop(ranges, stmts)]
+                    stmts = [(t_, e_) for t_, e_ in stmts if t_ != e_]  # the GEMM's result as it stands
+                    steps += pre + ([Loop(ranges, stmts)] if stmts else [])
                     continue
             except NotImplementedError:
                 pass
@@ -215,7 +216,8 @@ def delta_steps(builder, ld) -> list:
         try:
             pre, fused = split_sums(expr, ld.delta, idx, lambda s_: ld.delta)
             _symbolic_comment(pre, ld.delta_formula)
-            return pre + [Loop(ranges, [(target, builder.value(fused))])]
+            fused = builder.value(fused)
+            return pre + ([Loop(ranges, [(target, fused)])] if fused != target else [])
         except NotImplementedError:
             pass
     return [Nest(ranges, [(target, expr)])]
