@@ -469,3 +469,30 @@ def test_generated_module(cuda_compiled, session_cache_dir):
     path.write_text(text.replace("def forward(", "def forward_broken("))
     again = compile_cuda(net, dtype="float64", cache_dir=session_cache_dir)
     assert "def forward(" in again.source_path.read_text()
+
+
+# -- layers written as index formulas (sb.Layer) ---------------------------------------------------
+FORMULA_LAYERS = {
+    "bilinear": lambda: sb.Layer("z[n, k] = Sum(W[k, i, j]*x[n, i]*x[n, j], (i, j)) + b[k]", units=3,
+                                 params={"W": ("units", "in", "in"), "b": ("units",)}, activation="tanh"),
+    "glu": lambda: sb.Layer("z[n, k] = Sum(U[k, j]*x[n, j], j) * sigmoid(Sum(V[k, j]*x[n, j], j))", units=4,
+                            params={"U": ("units", "in"), "V": ("units", "in")}),
+}
+
+
+@pytest.mark.parametrize("make_opt", [lambda: sb.SGD(lr=0.2, momentum=0.9), lambda: sb.Adam(lr=0.05)],
+                         ids=["momentum", "adam"])
+@pytest.mark.parametrize("kind", FORMULA_LAYERS)
+def test_formula_layers_match_cpu_target(kind, make_opt, compiled, cuda_compiled):
+    """A custom layer between two Dense layers: gradients and two epochs of training agree."""
+    net = sb.Network(inputs=4, layers=[sb.Dense(3, activation="tanh"), FORMULA_LAYERS[kind](), sb.Dense(3)],
+                     loss="softmax_cross_entropy", l2=0.01)
+    cpu, gpu = compiled(net, "float64", seed=2), cuda_compiled(net, "float64", seed=2)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(7, 4)), rng.integers(0, 3, 7)
+    assert_same_loss_and_grads(cpu, gpu, X, y)
+    kwargs = dict(batch_size=4, epochs=2, seed=1, progress=False)
+    cpu.fit(X, y, optimizer=make_opt(), **kwargs)
+    gpu.fit(X, y, optimizer=make_opt(), **kwargs)
+    for key, value in cpu.params.items():
+        assert_close(gpu.params[key], value, 1e-10, key)

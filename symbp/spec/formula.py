@@ -21,7 +21,8 @@ from types import MappingProxyType
 import sympy
 from sympy.printing.str import StrPrinter
 
-__all__ = ["DEFAULT_FUNCTIONS", "FormulaError", "constant_problem", "constant_value", "parse_formula"]
+__all__ = ["DEFAULT_FUNCTIONS", "FormulaError", "IndexFormula", "constant_problem", "constant_value", "parse_formula",
+           "parse_index_formula"]
 
 MAX_LENGTH = 2000
 MAX_DEPTH = 100
@@ -270,6 +271,148 @@ class _Builder:
         return result
 
 
+class _IndexBuilder(_Builder):
+    """The formula language with arrays: ``W[k, j]`` reads an array at plain index names,
+    ``Sum(body, j)`` or ``Sum(body, (i, j))`` sums over index names.  An index is a name
+    used inside brackets; it may not be used as a number.  A sum's bounds are left as
+    ``extent(index) − 1`` placeholders: the layer fixes them from where the index is used."""
+
+    def __init__(self, source: str, arrays: Mapping[str, int], functions: Mapping[str, Callable]) -> None:
+        super().__init__(source, {}, {**DEFAULT_FUNCTIONS, **functions})
+        self.arrays = dict(arrays)
+        self.bases = {name: sympy.IndexedBase(name, real=True) for name in arrays}
+        self.reads: list[tuple[str, tuple[str, ...]]] = []  # every array read, in order
+        self.summed: list[str] = []  # every index some Sum runs over, once
+        self.active: set[str] = set()  # the indices of the Sums being built
+
+    @staticmethod
+    def index(name: str) -> sympy.Symbol:
+        return sympy.Symbol(name, integer=True, nonnegative=True)
+
+    @staticmethod
+    def extent(name: str) -> sympy.Symbol:
+        return sympy.Symbol(f"extent_{name}", integer=True, positive=True)
+
+    def index_names(self, node: ast.AST, what: str) -> tuple[str, ...]:
+        items = node.elts if isinstance(node, ast.Tuple) else [node]
+        names = []
+        for item in items:
+            if not isinstance(item, ast.Name):
+                raise _Reject(f"{what} must be plain index names such as [n, k], not an expression "
+                              f"({ast.get_source_segment(self.source, item) or '?'})")
+            if item.id in self.arrays or item.id in self.functions or item.id in _CONSTANTS:
+                raise _Reject(f"'{item.id}' cannot be an index: it names an array, a function or a constant")
+            names.append(item.id)
+        if len(set(names)) != len(names):
+            raise _Reject(f"{what} repeat an index: [{', '.join(names)}]")
+        return tuple(names)
+
+    def build(self, node: ast.AST, depth: int = 0) -> sympy.Expr:
+        if isinstance(node, ast.Subscript):
+            if not isinstance(node.value, ast.Name):
+                raise _Reject("unsupported syntax: only a named array can be indexed, as W[k, j]")
+            name = node.value.id
+            if name not in self.arrays:
+                known = ", ".join(sorted(self.arrays))
+                raise _Reject(f"unknown array '{name}' (the formula may read {known}; declare a parameter in params=)")
+            idx = self.index_names(node.slice, f"the indices of {name}")
+            if len(idx) != self.arrays[name]:
+                raise _Reject(f"{name} has {self.arrays[name]} ind{'ex' if self.arrays[name] == 1 else 'ices'}, "
+                              f"it is read as {name}[{', '.join(idx)}]")
+            self.reads.append((name, idx))
+            return self.bases[name][tuple(self.index(i_) for i_ in idx)]
+        return super().build(node, depth)
+
+    def name(self, ident: str) -> sympy.Expr:
+        if ident in self.arrays:
+            raise _Reject(f"'{ident}' is an array: read it at indices, as {ident}[...]")
+        if ident not in _CONSTANTS and ident not in self.functions:
+            raise _Reject(f"unknown symbol '{ident}': a value is an array read (x[n, j], W[k, j]), a number, "
+                          "pi or e; an index name is only used inside brackets or as Sum's second argument")
+        return super().name(ident)
+
+    def call(self, node: ast.Call, depth: int) -> sympy.Expr:
+        if isinstance(node.func, ast.Name) and node.func.id == "Sum":
+            if node.keywords or len(node.args) != 2:
+                raise _Reject("Sum takes two arguments: Sum(body, j) or Sum(body, (i, j))")
+            over = self.index_names(node.args[1], "Sum's indices")
+            nested = [name for name in over if name in self.active]
+            if nested:
+                raise _Reject(f"a Sum over {nested[0]} inside another Sum over {nested[0]}: give the inner one "
+                              "its own index name")
+            self.active |= set(over)
+            try:
+                body = self.build(node.args[0], depth + 1)
+            finally:
+                self.active -= set(over)
+            used = {str(s_) for s_ in body.free_symbols}
+            for name in over:
+                if name not in used:
+                    raise _Reject(f"Sum over {name}, which its body does not read at: {name} has no bounds there")
+            self.summed += [name for name in over if name not in self.summed]
+            return sympy.Sum(body, *[(self.index(i_), 0, self.extent(i_) - 1) for i_ in over])
+        return super().call(node, depth)
+
+
+class IndexFormula:
+    """A parsed ``target[n, k] = …`` (see :func:`parse_index_formula`)."""
+
+    def __init__(self, target: str, indices: tuple[str, ...], body: sympy.Expr,
+                 reads: list[tuple[str, tuple[str, ...]]], summed: list[str]) -> None:
+        self.target, self.indices, self.body = target, indices, body
+        self.reads, self.summed = reads, summed
+
+
+def parse_index_formula(text: str, arrays: Mapping[str, int], functions: Mapping[str, Callable] | None = None,
+                        *, what: str = "layer formula") -> IndexFormula:
+    """Parse ``"z[n, k] = Sum(W[k, j]*x[n, j], j) + b[k]"`` without executing it.
+
+    ``arrays`` maps each name the right-hand side may read to its number of indices
+    (``functions``: more callables by name, as for :func:`parse_formula`).  The
+    right-hand side is :func:`parse_formula`'s language plus array reads at index names and
+    ``Sum(body, j)`` / ``Sum(body, (i, j))``; the left-hand side is one array at distinct
+    index names.  Every rejection is a :class:`FormulaError` quoting the text.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
+    source = text.strip()
+    quoted = f'{what} "{source if len(source) <= 80 else source[:77] + "..."}"'
+    if not source:
+        raise FormulaError(f'{what} "{text}" is empty')
+    if len(source) > MAX_LENGTH:
+        raise FormulaError(f"{quoted} is too long ({len(source)} characters; the limit is {MAX_LENGTH})")
+    rewritten = source.replace("^", "**")
+    try:
+        tree = ast.parse(rewritten, mode="exec")
+    except SyntaxError as exc:
+        raise FormulaError(f"{quoted} does not parse: {exc.msg}"
+                           + (f" at column {exc.offset}" if exc.offset else "")) from None
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise FormulaError(f"{quoted} does not parse: {type(exc).__name__}") from None
+    if (len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign) or len(tree.body[0].targets) != 1
+            or not isinstance(tree.body[0].targets[0], ast.Subscript)
+            or not isinstance(tree.body[0].targets[0].value, ast.Name)):
+        raise FormulaError(f"{quoted} must be one assignment to an indexed name, as z[n, k] = …")
+    assign = tree.body[0]
+    builder = _IndexBuilder(rewritten, arrays, functions or {})
+    try:
+        target = assign.targets[0].value.id
+        if target in arrays:
+            raise _Reject(f"the left-hand side {target} is also an array the formula reads")
+        indices = builder.index_names(assign.targets[0].slice, "the left-hand side's indices")
+        body = builder.build(assign.value)
+    except _Reject as exc:
+        raise FormulaError(f"{quoted}: {exc}") from None
+    except RecursionError:
+        raise FormulaError(f"{quoted} is nested too deeply") from None
+    if body.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        raise FormulaError(f"{quoted} is undefined (division by zero or similar)")
+    problem = constant_problem(body)
+    if problem:
+        raise FormulaError(f"{quoted}: {problem}")
+    return IndexFormula(target, indices, body, builder.reads, builder.summed)
+
+
 def _original_column(line: str, offset: int) -> int:
     # Map a 1-based column in the '^' -> '**' rewritten line back to the text as typed.
     position = 0
@@ -449,3 +592,30 @@ def formula_text(expr: sympy.Expr) -> str:
     loss that way); a function outside the formula language keeps SymPy's name, which the
     parser then refuses by name."""
     return _FormulaText().doprint(expr)
+
+
+class _IndexFormulaText(_FormulaText):
+    """Text of an index formula: ``W[k, j]``, ``Sum(body, j)``."""
+
+    def _print_Indexed(self, expr):
+        return f"{expr.base.label}[{', '.join(self._print(i_) for i_ in expr.indices)}]"
+
+    def _print_Sum(self, expr):
+        names = []
+        for limit in expr.limits:
+            if len(limit) != 3 or limit[1] != 0:
+                raise FormulaError(f"Sum({expr.function}, {limit}): a sum runs over a whole index, from 0 to its "
+                                   "extent − 1 (the layer fixes the extent from where the index is used)")
+            names.append(self._print(limit[0]))
+        over = names[0] if len(names) == 1 else f"({', '.join(names)})"
+        return f"Sum({self._print(expr.function)}, {over})"
+
+
+def index_formula_text(equation: sympy.Eq) -> str:
+    """``Eq(z[n, k], …)`` (SymPy) as the text :func:`parse_index_formula` reads; each Sum must
+    run from 0 (its upper bound is not kept: the layer takes it from the index's use)."""
+    if not isinstance(equation, sympy.Eq) or not isinstance(equation.lhs, sympy.Indexed):
+        raise TypeError("a layer formula is text such as 'z[n, k] = Sum(W[k, j]*x[n, j], j) + b[k]', or "
+                        f"sympy.Eq(z[n, k], …) with an indexed left-hand side; got {type(equation).__name__}")
+    printer = _IndexFormulaText()
+    return f"{printer.doprint(equation.lhs)} = {printer.doprint(equation.rhs)}"

@@ -6,10 +6,11 @@ class; importing a layer's file registers it.
 
 from .base import LAYERS, Layer, LayerForm, Stage, image_dims, register
 from .conv2d import Conv2D
+from .custom import FormulaLayer
 from .dense import Dense
 from .flatten import Flatten
 from .maxout import Maxout
 from .pooling import AvgPool2D, MaxPool2D
 
-__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "Layer", "LayerForm", "MaxPool2D", "Maxout",
+__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "FormulaLayer", "Layer", "LayerForm", "MaxPool2D", "Maxout",
            "Stage", "image_dims", "register"]
