@@ -109,7 +109,7 @@ def check_same(comm, facts: dict) -> None:
     """Refuse a run whose processes differ in ``facts`` (name → value), naming what differs
     on which ranks.  Call inside :func:`together`."""
     every = comm.allgather(facts)
-    for key, value in facts.items():
+    for key in facts:
         seen = {}
         for rank, f in enumerate(every):
             seen.setdefault(repr(f.get(key)), []).append(rank)
