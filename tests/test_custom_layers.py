@@ -237,3 +237,13 @@ def test_random_formulas_compile_and_match_finite_differences_or_are_refused(for
     loss, _ = model.loss_and_grads(X, y)
     assert np.isfinite(loss), formula
     assert sb.gradcheck(model, X, y) < 1e-6, formula
+
+
+def test_explain_shows_the_stages_and_their_gradients():
+    """The readers go through a custom layer like a built-in one: its sizes, its stages, the
+    gradient of each stage and of each parameter, as SymPy derived them."""
+    text = sb.derive(net(glu(3), inputs=4, hidden=3)).explain()
+    assert "parameters (U (3, 3), V (3, 3)): units·in + units·in = 3·3 + 3·3 = 18" in text
+    assert "s2a[n,i] = Σ_j U2[i,j]·a1[n,j]" in text and "z2[n,i] = s2a[n,i]·σ(s2b[n,i])" in text
+    assert "gs2a[n,q] = ∂C/∂s2a[n,q] = δ2[n,q]·σ(s2b[n,q])" in text
+    assert "∂C/∂V2[p,q] = Σ_n,i δ_ip·gs2b[n,i]·a1[n,q] + λ·V2[p,q] = Σ_n gs2b[n,p]·a1[n,q] + λ·V2[p,q]" in text

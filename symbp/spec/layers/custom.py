@@ -21,7 +21,7 @@ from ...indices import N, c, e, h, i, j, n, p, q, r, s, u, v, w, width
 from .. import activations
 from ..formula import FormulaError, index_formula_text, parse_index_formula
 from ..ops import FORMULA_FUNCTIONS
-from .base import Layer, LayerForm, Stage, positive_int, register
+from .base import Layer, LayerForm, Stage, positive_int, register, shape_text
 
 #: The index symbols a layer's sums run over (bound by their Sum: no clash with other layers).
 _SUM_INDICES = (j, u, v, c, h, w, e)
@@ -256,6 +256,14 @@ class FormulaLayer(Layer):
     # -- text ------------------------------------------------------------------------------
     def describe(self) -> str:
         return f"Layer({self.units}: {self.formula})"
+
+    def size_lines(self, ld, text) -> list[str]:
+        """``parameters (W (3, 4, 4), b (3,)): units·in·in + units = 3·4·4 + 3 = 51``."""
+        shapes = self.param_shapes(ld.in_shape)
+        words = " + ".join("·".join(str(d_) for d_ in dims) for dims in self.params.values())
+        numbers = " + ".join("·".join(str(v_) for v_ in shapes[k]) for k in self.params)
+        listed = ", ".join(f"{k} {shape_text(*shapes[k])}" for k in self.params)
+        return [f"parameters ({listed}): {words} = {numbers} = {ld.param_count}"]
 
     def to_config(self) -> dict:
         cfg = {"type": "formula", "formula": self.formula, "units": self.units,
