@@ -12,6 +12,7 @@ big-integer arithmetic.
 """
 
 import ast
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -271,6 +272,40 @@ class _Builder:
         return result
 
 
+def _source(text: str, what: str) -> tuple[str, str]:
+    """The text stripped, and how messages quote it; refuses a non-string, empty or too long text."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
+    source = text.strip()  # leading whitespace would be an IndentationError
+    quoted = f'{what} "{source if len(source) <= 80 else source[:77] + "..."}"'
+    if not source:
+        raise FormulaError(f'{what} "{text}" is empty')
+    if len(source) > MAX_LENGTH:
+        raise FormulaError(f"{quoted} is too long ({len(source)} characters; the limit is {MAX_LENGTH})")
+    return source, quoted
+
+
+@contextlib.contextmanager
+def _rejections(quoted: str):
+    """A builder's refusal (or too deep a nesting) as a FormulaError quoting the text."""
+    try:
+        yield
+    except _Reject as exc:
+        raise FormulaError(f"{quoted}: {exc}") from None
+    except RecursionError:
+        raise FormulaError(f"{quoted} is nested too deeply") from None
+
+
+def _defined(expr: sympy.Expr, quoted: str) -> sympy.Expr:
+    """``expr``, refused when it is undefined or holds a constant no float can be."""
+    if expr.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        raise FormulaError(f"{quoted} is undefined (division by zero or similar)")
+    problem = constant_problem(expr)
+    if problem:
+        raise FormulaError(f"{quoted}: {problem}")
+    return expr
+
+
 class _IndexBuilder(_Builder):
     """The formula language with arrays: ``W[k, j]`` reads an array at plain index names,
     ``Sum(body, j)`` or ``Sum(body, (i, j))`` sums over index names.  An index is a name
@@ -373,14 +408,7 @@ def parse_index_formula(text: str, arrays: Mapping[str, int], functions: Mapping
     ``Sum(body, j)`` / ``Sum(body, (i, j))``; the left-hand side is one array at distinct
     index names.  Every rejection is a :class:`FormulaError` quoting the text.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
-    source = text.strip()
-    quoted = f'{what} "{source if len(source) <= 80 else source[:77] + "..."}"'
-    if not source:
-        raise FormulaError(f'{what} "{text}" is empty')
-    if len(source) > MAX_LENGTH:
-        raise FormulaError(f"{quoted} is too long ({len(source)} characters; the limit is {MAX_LENGTH})")
+    source, quoted = _source(text, what)
     rewritten = source.replace("^", "**")
     try:
         tree = ast.parse(rewritten, mode="exec")
@@ -395,22 +423,13 @@ def parse_index_formula(text: str, arrays: Mapping[str, int], functions: Mapping
         raise FormulaError(f"{quoted} must be one assignment to an indexed name, as z[n, k] = …")
     assign = tree.body[0]
     builder = _IndexBuilder(rewritten, arrays, functions or {})
-    try:
+    with _rejections(quoted):
         target = assign.targets[0].value.id
         if target in arrays:
             raise _Reject(f"the left-hand side {target} is also an array the formula reads")
         indices = builder.index_names(assign.targets[0].slice, "the left-hand side's indices")
         body = builder.build(assign.value)
-    except _Reject as exc:
-        raise FormulaError(f"{quoted}: {exc}") from None
-    except RecursionError:
-        raise FormulaError(f"{quoted} is nested too deeply") from None
-    if body.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
-        raise FormulaError(f"{quoted} is undefined (division by zero or similar)")
-    problem = constant_problem(body)
-    if problem:
-        raise FormulaError(f"{quoted}: {problem}")
-    return IndexFormula(target, indices, body, builder.reads, builder.summed)
+    return IndexFormula(target, indices, _defined(body, quoted), builder.reads, builder.summed)
 
 
 def _original_column(line: str, offset: int) -> int:
@@ -469,14 +488,7 @@ def parse_formula(text: str, variables: Mapping[str, sympy.Symbol],
     >>> parse_formula("0.5*z^2", {"z": z})
     z**2/2
     """
-    if not isinstance(text, str):
-        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
-    source = text.strip()  # leading whitespace would be an IndentationError
-    quoted = f'{what} "{source if len(source) <= 80 else source[:77] + "..."}"'
-    if not source:
-        raise FormulaError(f'{what} "{text}" is empty')
-    if len(source) > MAX_LENGTH:
-        raise FormulaError(f"{quoted} is too long ({len(source)} characters; the limit is {MAX_LENGTH})")
+    source, quoted = _source(text, what)
     rewritten = source.replace("^", "**")  # safe: string literals are rejected anyway
     try:
         tree = ast.parse(rewritten, mode="eval")
@@ -494,18 +506,9 @@ def parse_formula(text: str, variables: Mapping[str, sympy.Symbol],
     except ValueError as exc:  # e.g. null bytes
         raise FormulaError(f"{quoted} does not parse: {exc}") from None
     builder = _Builder(rewritten, variables, {**DEFAULT_FUNCTIONS, **(functions or {})})
-    try:
+    with _rejections(quoted):
         expr = builder.build(tree.body)
-    except _Reject as exc:
-        raise FormulaError(f"{quoted}: {exc}") from None
-    except RecursionError:
-        raise FormulaError(f"{quoted} is nested too deeply") from None
-    if expr.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
-        raise FormulaError(f"{quoted} is undefined (division by zero or similar)")
-    problem = constant_problem(expr)
-    if problem:
-        raise FormulaError(f"{quoted}: {problem}")
-    return expr
+    return _defined(expr, quoted)
 
 
 def constant_value(expr: sympy.Expr) -> complex:
