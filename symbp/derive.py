@@ -236,7 +236,7 @@ class Derivation:
     def _chain_stages(self, ld) -> sp.Expr:
         in_dims = self.layers[ld.index - 2].out_dims if ld.index > 1 else tuple(self.x.shape[1:])
         grad_of = {str(ld.z.label): ld.delta}  # stage label -> IndexedBase of ∂C/∂(stage)
-        free_for = {1: (q,), 3: (q, r, s)}
+        free_for = {0: (), 1: (q,), 3: (q, r, s)}  # by the source's rank: a per-sample stage has none
         upstream = None
         for st in reversed(ld.stages):
             g = grad_of.get(str(st.target.label))
@@ -265,7 +265,8 @@ class Derivation:
                 if local == 0:
                     continue
                 ld.local[ld.local_key(st, src)] = local
-                contrib = resolve(sp.Sum(g[(n, *st.idx)] * local, *chain_limits), rng)
+                summand = g[(n, *st.idx)] * local
+                contrib = resolve(sp.Sum(summand, *chain_limits), rng) if chain_limits else resolve(summand, rng)
                 # An input read by several stages (a gated unit's two products) gets the sum
                 # of what each sends back: the chain rule over every path.
                 if src is ld.x:
@@ -275,6 +276,11 @@ class Derivation:
                     grad_of[str(src.label)] = gb
                     before = ld.stage_grads.get(str(src.label))
                     ld.stage_grads[str(src.label)] = (gb, free, contrib if before is None else before[2] + contrib)
+        # Later stages first: a stage's gradient may read the gradient of a later stage that
+        # reads it (a norm's mean gets a part through its variance); kernels and readers
+        # compute them in this order.
+        position = {str(st_.target.label): k for k, st_ in enumerate(ld.stages)}
+        ld.stage_grads = dict(sorted(ld.stage_grads.items(), key=lambda kv: -position[kv[0]]))
         if upstream is None:
             raise NotImplementedError(f"layer {ld.index} ({ld.layer!r}): no gradient reaches its input")
         # The named stage gradients (∂C/∂x̃, ∂C/∂y) stay names: the kernels compute them into

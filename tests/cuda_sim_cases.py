@@ -477,6 +477,7 @@ FORMULA_LAYERS = {
                                  params={"W": ("units", "in", "in"), "b": ("units",)}, activation="tanh"),
     "glu": lambda: sb.Layer("z[n, k] = Sum(U[k, j]*x[n, j], j) * sigmoid(Sum(V[k, j]*x[n, j], j))", units=4,
                             params={"U": ("units", "in"), "V": ("units", "in")}),
+    "layernorm": lambda: sb.LayerNorm(),  # per-sample stages: the mean and the variance
 }
 
 
@@ -484,7 +485,8 @@ FORMULA_LAYERS = {
                          ids=["momentum", "adam"])
 @pytest.mark.parametrize("kind", FORMULA_LAYERS)
 def test_formula_layers_match_cpu_target(kind, make_opt, compiled, cuda_compiled):
-    """A custom layer between two Dense layers: gradients and two epochs of training agree."""
+    """A custom layer (or LayerNorm) between two Dense layers: gradients and two epochs of
+    training agree."""
     net = sb.Network(inputs=4, layers=[sb.Dense(3, activation="tanh"), FORMULA_LAYERS[kind](), sb.Dense(3)],
                      loss="softmax_cross_entropy", l2=0.01)
     cpu, gpu = compiled(net, "float64", seed=2), cuda_compiled(net, "float64", seed=2)

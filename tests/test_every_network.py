@@ -28,13 +28,19 @@ MAKERS = {
     "avgpool": lambda: sb.AvgPool2D(2),
     "flatten": sb.Flatten,
     "maxout": lambda: sb.Maxout(2, 2),
+    "layernorm": sb.LayerNorm,
+    "formula": lambda: sb.Layer("z[n, k] = Sum(U[k, j]*x[n, j], j)*sigmoid(Sum(V[k, j]*x[n, j], j))", units=3,
+                                params={"U": ("units", "in"), "V": ("units", "in")}),
 }
 
 
 def _networks():
     nets = []
     for length in (1, 2, 3):
-        for kinds in itertools.product(MAKERS, repeat=length):
+        # The declared layers (LayerNorm, a formula layer) in sequences of up to two: beside
+        # every other type once, without tripling the suite's time.
+        makers = MAKERS if length < 3 else [k for k in MAKERS if k not in ("layernorm", "formula")]
+        for kinds in itertools.product(makers, repeat=length):
             for inputs in ((2, 5, 5), 6):
                 try:
                     nets.append(sb.Network(inputs=inputs, layers=[MAKERS[k]() for k in kinds], loss="mse"))
@@ -65,13 +71,18 @@ def _reference(net, params, X):
             x = x.reshape(x.shape[0], -1)
         elif kind == "maxout":
             x = (x @ W.T + b).reshape(x.shape[0], layer.units, layer.pieces).amax(-1)
+        elif kind == "layernorm":
+            x = F.layer_norm(x, x.shape[1:], torch.tensor(params[f"g{pos}"]), b, eps=layer.eps)
+        elif kind == "formula":  # the gated unit
+            x = (x @ torch.tensor(params[f"U{pos}"]).T) * torch.sigmoid(x @ torch.tensor(params[f"V{pos}"]).T)
     return x.reshape(x.shape[0], -1).numpy()
 
 
 def test_the_sequences_cover_every_layer_type_with_and_without_parameters():
     kinds = {tuple(layer.to_config()["type"] for layer in net.layers) for net in NETWORKS}
     assert len(NETWORKS) >= 90
-    assert {k for seq in kinds for k in seq} == {"dense", "conv2d", "maxpool2d", "avgpool2d", "flatten", "maxout"}
+    assert {k for seq in kinds for k in seq} == {"dense", "conv2d", "maxpool2d", "avgpool2d", "flatten", "maxout",
+                                                 "layernorm", "formula"}
     assert any(not net.param_shapes() for net in NETWORKS) and any(net.param_shapes() for net in NETWORKS)
 
 

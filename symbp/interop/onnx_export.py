@@ -279,12 +279,19 @@ def _maxout(g: GraphBuilder, layer, x: str, params: dict, pos: int) -> str:
     return g.node("ReduceMax", [grouped], hint=f"z{pos}", axes=[2], keepdims=0)
 
 
+def _layernorm(g: GraphBuilder, layer, x: str, params: dict, pos: int) -> str:
+    if g.opset < 17:
+        raise OnnxExportError(f"layer {pos} ({layer.describe()}): LayerNormalization needs opset 17 or newer, "
+                              f"this export asks for {g.opset}")
+    return g.node("LayerNormalization", [x, params["g"], params["b"]], hint=f"z{pos}", axis=-1, epsilon=layer.eps)
+
+
 #: Layer type (``to_config()["type"]``) → exporter ``(graph, layer, x, params, position) → z``;
 #: ``params`` maps the layer's keys (``W``, ``b``) to initializer names.  The activation is
 #: added after it by the driver.
 LAYER_EXPORTERS: dict[str, Callable] = {
     "dense": _dense, "conv2d": _conv2d, "maxpool2d": _maxpool2d, "avgpool2d": _avgpool2d,
-    "flatten": _flatten, "maxout": _maxout,
+    "flatten": _flatten, "maxout": _maxout, "layernorm": _layernorm,
 }
 
 

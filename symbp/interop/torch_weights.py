@@ -199,6 +199,13 @@ def _maxout_to(layer, in_shape, p, dtype):
     return mod
 
 
+def _layernorm_to(layer, in_shape, p, dtype):
+    norm = _torch().nn.LayerNorm(in_shape[0], eps=layer.eps, dtype=dtype)
+    _copy(norm.weight, p["g"])
+    _copy(norm.bias, p["b"])
+    return norm
+
+
 #: Layer type → ``(layer, input shape, its params by key, torch dtype) → nn.Module``.  The
 #: module is made in the model's dtype before the weights are copied in: never rounded.
 TO_TORCH: dict[str, Callable] = {
@@ -208,6 +215,7 @@ TO_TORCH: dict[str, Callable] = {
     "avgpool2d": lambda layer, s, p, dtype: _torch().nn.AvgPool2d(layer.size, layer.stride),
     "flatten": lambda layer, s, p, dtype: _torch().nn.Flatten(),
     "maxout": _maxout_to,
+    "layernorm": _layernorm_to,
 }
 
 
@@ -288,6 +296,13 @@ def _from_maxout(mod, sb):
     return sb.Maxout(mod.units, mod.pieces), {"W": mod.linear.weight, "b": mod.linear.bias}
 
 
+def _from_layernorm(mod, sb):
+    _needs(mod, "LayerNorm over more than the last dimension", len(mod.normalized_shape) == 1)
+    _needs(mod, "LayerNorm without its affine parameters (elementwise_affine=False)", mod.weight is not None)
+    _needs(mod, "LayerNorm without a bias (bias=False)", mod.bias is not None)
+    return sb.LayerNorm(eps=float(mod.eps)), {"g": mod.weight, "b": mod.bias}
+
+
 def _from_softplus(mod):
     _needs(mod, "Softplus with beta ≠ 1", mod.beta == 1)
     return "softplus", {}
@@ -304,7 +319,7 @@ ACTIVATIONS_FROM: dict[str, Callable] = {
 def _layers_from(torch):
     nn = torch.nn
     return {nn.Linear: _from_linear, nn.Conv2d: _from_conv, nn.MaxPool2d: _from_pool("MaxPool2D"),
-            nn.AvgPool2d: _from_pool("AvgPool2D"), nn.Flatten: _from_flatten}
+            nn.AvgPool2d: _from_pool("AvgPool2D"), nn.Flatten: _from_flatten, nn.LayerNorm: _from_layernorm}
 
 
 def _with_activation(layer, name: str, params: dict):

@@ -49,7 +49,7 @@ def setup(builder, ld) -> None:
             continue
         size = _numbers(builder, st.dims)
         names[label] = f"A{label}"  # A…: written by forward, read by backward
-        builder.buffer(f"A{label}", ("batch", int(sp.prod(size))), "activation")
+        builder.buffer(f"A{label}", _per_sample(size), "activation")
         if len(size) == 3:
             builder.flat[label] = size
     conv = _conv(builder, ld)
@@ -69,13 +69,19 @@ def setup(builder, ld) -> None:
             continue  # ∂C/∂x̃ of the first layer is never needed
         size = _numbers(builder, st.dims)
         names[str(gb.label)] = f"dZ{gb.label}"
-        builder.buffer(f"dZ{gb.label}", ("batch", int(sp.prod(size))), "delta")
+        builder.buffer(f"dZ{gb.label}", _per_sample(size), "delta")
         if len(size) == 3:
             builder.flat[str(gb.label)] = size
     builder.buffer(f"Z{lid}", ("batch", net.widths[lid]), "activation")
     if not ld.layer.activation.is_identity:
         builder.buffer(f"A{lid}", ("batch", net.widths[lid]), "activation")
     builder.buffer(f"dZ{lid}", ("batch", net.widths[lid]), "delta")
+
+
+def _per_sample(size: tuple) -> tuple:
+    """A stage buffer's shape: (batch, its entries flat), or (batch,) for one number a sample
+    (a norm's mean), which the kernels read as ``Am2[n]``."""
+    return ("batch", int(sp.prod(size))) if size else ("batch",)
 
 
 def _numbers(builder, dims) -> tuple:
@@ -156,7 +162,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
     summed over every process: the λθ term and the optimizer's rule are applied there, once.
     """
     steps = []
-    for label, (gb, free, formula) in ld.stage_grads.items():
+    for label, (gb, free, formula) in ld.stage_grads.items():  # in the order they can be computed
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if first and _inlined(st):
             continue  # ∂C/∂x̃ of the first layer: nobody reads it

@@ -539,7 +539,8 @@ def _dims_shape(d, dims) -> str:
 
 
 def _free_for(ndim: int) -> tuple:
-    return (q, indices.r, indices.s) if ndim == 3 else (q,)
+    """The free indices of ∂/∂ a source of ``ndim`` indices per sample (none: a per-sample number)."""
+    return {0: (), 3: (q, indices.r, indices.s)}.get(ndim, (q,))
 
 
 def _routing_note(layer) -> str:

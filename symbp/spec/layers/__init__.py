@@ -10,7 +10,8 @@ from .custom import FormulaLayer
 from .dense import Dense
 from .flatten import Flatten
 from .maxout import Maxout
+from .norm import LayerNorm
 from .pooling import AvgPool2D, MaxPool2D
 
-__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "FormulaLayer", "Layer", "LayerForm", "MaxPool2D", "Maxout",
+__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "FormulaLayer", "LayerNorm", "Layer", "LayerForm", "MaxPool2D", "Maxout",
            "Stage", "image_dims", "register"]
