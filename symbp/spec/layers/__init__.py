@@ -13,5 +13,5 @@ from .maxout import Maxout
 from .norm import LayerNorm
 from .pooling import AvgPool2D, MaxPool2D
 
-__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "FormulaLayer", "LayerNorm", "Layer", "LayerForm", "MaxPool2D", "Maxout",
-           "Stage", "image_dims", "register"]
+__all__ = ["LAYERS", "AvgPool2D", "Conv2D", "Dense", "Flatten", "FormulaLayer", "Layer", "LayerForm", "LayerNorm",
+           "MaxPool2D", "Maxout", "Stage", "image_dims", "register"]
