@@ -50,6 +50,15 @@ TUNING_PREFIXES = (
 # worker side
 # --------------------------------------------------------------------------
 
+
+# The training step every benchmark times: plain SGD at this rate, or Adam with
+# torch.optim.Adam's defaults except lr (also optax.adam's b1, b2, eps).
+LR = 0.01
+ADAM_LR = 1e-3
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+OPTIMIZERS = ("sgd", "adam")
+
 def emit(result: dict) -> None:
     """Send the worker's result to the parent (one JSON line on stdout)."""
     print(RESULT_MARKER + json.dumps(result), flush=True)

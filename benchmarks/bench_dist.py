@@ -80,15 +80,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _harness as h
+import bench_mlp
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 
-LR = 0.01
-ADAM_LR = 1e-3
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-OPTIMIZERS = ("sgd", "adam")
+# The step's settings, shared by every benchmark (symbp's sb.Adam follows torch.optim.Adam exactly).
+LR, ADAM_LR, ADAM_BETAS, ADAM_EPS, OPTIMIZERS = h.LR, h.ADAM_LR, h.ADAM_BETAS, h.ADAM_EPS, h.OPTIMIZERS
 SEED = 0
 CLASSES = 10
 CONTENTION_WARN = 0.10
@@ -107,25 +105,14 @@ TARGET_RATIO = 0.9
 
 
 @dataclass(frozen=True)
-class Net:
-    name: str
-    inputs: int
-    hidden: tuple[int, ...]
-    outputs: int
-    batch: int
-    activation: str
-    epochs: int               # default epochs per timed fit (about 1-2 s on 2 cores)
+class Net(bench_mlp.Net):
+    """bench_mlp's net, with the epochs of one timed fit here."""
 
-    @property
-    def sizes(self) -> list[int]:
-        return [self.inputs, *self.hidden, self.outputs]
+    epochs: int = 1  # default epochs per timed fit (about 1-2 s on 2 cores)
 
     @property
     def params(self) -> int:
         return sum(a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
-
-    def describe(self) -> str:
-        return f"{'-'.join(map(str, self.sizes))}, batch {self.batch}, {self.activation}"
 
 
 NETS = {

@@ -114,13 +114,8 @@ import _harness as h
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 
-LR = 0.01
-# Adam: torch.optim.Adam's defaults except lr (which is also optax.adam's
-# default b1, b2, eps). symbp's sb.Adam follows torch.optim.Adam exactly.
-ADAM_LR = 1e-3
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-OPTIMIZERS = ("sgd", "adam")
+# The step's settings, shared by every benchmark (symbp's sb.Adam follows torch.optim.Adam exactly).
+LR, ADAM_LR, ADAM_BETAS, ADAM_EPS, OPTIMIZERS = h.LR, h.ADAM_LR, h.ADAM_BETAS, h.ADAM_EPS, h.OPTIMIZERS
 # Steps compared by --check: one for SGD; three for Adam, so that the moment
 # estimates and both bias corrections are exercised past their first step.
 CHECK_STEPS = {"sgd": 1, "adam": 3}
