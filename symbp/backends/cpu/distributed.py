@@ -81,12 +81,9 @@ class DistributedRun(HostRun):
     def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
         """One epoch over every process: (Σ loss, correct, updates made, first bad batch or −1),
         the same numbers on every process."""
-        model, opt, k_ = self.model, self.opt, self.kernels
+        model, k_ = self.model, self.kernels
         began = time.perf_counter()
-        states = model._state_list(opt)
-        self._snapshot = ({k: v.copy() for k, v in model.params.items()},
-                          {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()})
-        self._states = states
+        states = self._begin_epoch()
         params, hyper = model._param_list(), np.array(hyper, model.dtype)
         total, correct, t, bad = 0.0, 0, step, -1
         status = self.flat[-2:]

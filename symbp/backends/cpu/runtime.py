@@ -51,17 +51,22 @@ class HostRun(OneProcess):
 
     def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
         """Train one epoch in ``order``: (Σ loss, correct, updates made, first bad batch or −1)."""
-        model, opt = self.model, self.opt
+        model = self.model
         ws = model._workspace(self.rows)
-        states = model._state_list(opt)  # created before the snapshot, so it covers them too
-        # Every loss and parameter so far was finite: if this epoch blows up, come back here.
-        self._snapshot = ({k: v.copy() for k, v in model.params.items()},
-                          {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()})
-        self._states = states
+        states = self._begin_epoch()
         total, correct, done, bad = self.kernels.train_epoch(
             self.X, self.T, order, batch_size, np.array(hyper, model.dtype), step,
             *model._param_list(), *ws, *states, self.Xb, self.Tb)
         return float(total), int(correct), int(done), int(bad)
+
+    def _begin_epoch(self) -> list[np.ndarray]:
+        """The optimizer's state arrays, after keeping the parameters and state as they are:
+        every loss and parameter so far was finite, so an epoch that blows up comes back here."""
+        model, opt = self.model, self.opt
+        self._states = model._state_list(opt)  # created before the snapshot, so it covers them too
+        self._snapshot = ({k: v.copy() for k, v in model.params.items()},
+                          {p: {k: v.copy() for k, v in st.items()} for p, st in opt.state.items()})
+        return self._states
 
     def finite(self) -> bool:
         """Whether the parameters and optimizer state after the epoch are all finite."""
