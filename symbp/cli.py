@@ -246,11 +246,12 @@ def _train_run(args, run: dict, comm) -> int:
 def _held_out(model, Xte, yte, comm) -> tuple[float, float, int, str]:
     """(score, loss, samples, what was scored) of the held-out data: a sharded run's parts on
     every process together (accuracy and loss; R² is rank 0's part)."""
-    loss, _ = model.evaluate(Xte, yte)
-    score, rows = model.score(Xte, yte), len(yte)
+    classify = model.network.loss.task != "regression"
+    loss, accuracy = model.evaluate(Xte, yte)
+    # A classifier's score is that accuracy (Model.score): one pass over the data, not two.
+    score, rows = accuracy if classify else model.score(Xte, yte), len(yte)
     if comm is None:
         return score, loss, rows, f"{rows} samples not trained on"
-    classify = model.network.loss.task != "regression"
     every = comm.allgather((score * rows, loss * rows, rows))
     total = sum(r for _, _, r in every)
     if classify:
