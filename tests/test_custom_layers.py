@@ -247,3 +247,21 @@ def test_explain_shows_the_stages_and_their_gradients():
     assert "s2a[n,i] = Σ_j U2[i,j]·a1[n,j]" in text and "z2[n,i] = s2a[n,i]·σ(s2b[n,i])" in text
     assert "gs2a[n,q] = ∂C/∂s2a[n,q] = δ2[n,q]·σ(s2b[n,q])" in text
     assert "∂C/∂V2[p,q] = Σ_n,i δ_ip·gs2b[n,i]·a1[n,q] + λ·V2[p,q] = Σ_n gs2b[n,p]·a1[n,q] + λ·V2[p,q]" in text
+
+
+def test_readers_take_an_affine_layers_own_parameter_names(tmp_path):
+    """An affine formula layer whose weight and bias are not called W and b gets the dense
+    readers (vector form, scalar view, worked example, graph, report) under its own names."""
+    layer = sb.Layer("z[n, k] = Sum(M[k, j]*x[n, j], j) + c[k]", units=3, params={"M": ("units", "in"),
+                                                                                 "c": ("units",)}, activation="tanh")
+    network = sb.Network(inputs=4, layers=[layer, sb.Dense(2)], loss="softmax_cross_entropy")
+    d = sb.derive(network)
+    assert d.layers[0].affine == ("M", "c")
+    text = d.explain(scalar=True)
+    assert "∂C/∂M1[p,q] = Σ_n,i δ_ip·δ1[n,i]·x[n,q] + λ·M1[p,q] = Σ_n δ1[n,p]·x[n,q] + λ·M1[p,q]" in text
+    w = sb.walkthrough(network)
+    assert w.ok, w.max_error
+    sb.graph(w)
+    sb.report(network, tmp_path / "m.html")
+    page = (tmp_path / "m.html").read_text()
+    assert "M1" in page and "dM1" in page  # the gradient's lines in the kernel, found under its own name

@@ -239,12 +239,15 @@ def _fprime_parts(ld) -> list:
     return parts
 
 
-def _upstream(ld):
-    """The hidden-layer δ divided by its f′: the Σ_i W·δ part, or None."""
+def _upstream(d, ld):
+    """The hidden-layer δ divided by its f′: the Σ_i W·δ part (W the layer above's weight,
+    whatever its name), or None."""
     fp = ld.fprime((n, p))
     up = ld.delta_formula / fp
     bases = {str(b.label) for b in (x.base for x in up.atoms(sp.Indexed))}
-    return up if bases and bases <= {f"W{ld.index + 1}", f"delta{ld.index + 1}"} else None
+    above = d.layers[ld.index]  # layer l + 1 (d.layers counts from 0)
+    weight = [str(above.params[above.affine[0]].label)] if above.affine else []
+    return up if bases and bases <= {*weight, f"delta{ld.index + 1}"} else None
 
 
 def _vector_eq(lhs, index_expr, free, shape, quantity, note="") -> Equation | None:
@@ -388,10 +391,11 @@ def _dense_backward_blocks(d, ld) -> list[Block]:
     xin = ld.x
     case = "output-layer case" if ld.is_output else "hidden-layer case"
     local = Block(f"Layer {l} ({case}): local derivatives")
+    wk, bk = ld.affine  # Dense's W and b, or a formula layer's own names for them
     local.equations += [
-        Equation([Partial(ld.z[n, i], ld.params["W"][p, q]), ld.local["dz/dW"]], f"per sample ({w}) × ({w}, {w_in})",
+        Equation([Partial(ld.z[n, i], ld.params[wk][p, q]), ld.local[f"dz/d{wk}"]], f"per sample ({w}) × ({w}, {w_in})",
                  "the layer's input: the forward-pass part"),
-        Equation([Partial(ld.z[n, i], ld.params["b"][p]), ld.local["dz/db"]], f"per sample ({w}) × ({w},)"),
+        Equation([Partial(ld.z[n, i], ld.params[bk][p]), ld.local[f"dz/d{bk}"]], f"per sample ({w}) × ({w},)"),
         Equation([Partial(ld.z[n, i], xin[n, q]), ld.local["dz/dx"]], f"per sample ({w}) × ({w_in},)",
                  "what carries δ down to the layer below"),
         Equation(_fprime_parts(ld), _shape("N", w), "∂a/∂z, elementwise" + (
@@ -406,7 +410,7 @@ def _dense_backward_blocks(d, ld) -> list[Block]:
         back.equations.append(Equation([ld.delta[n, p], chain, ld.delta_formula], _shape("N", w),
                                        "output-layer case: (1/N)·∂ℓ/∂y ⊙ f′(z)", ("delta", l)))
     else:
-        up = _upstream(ld)
+        up = _upstream(d, ld)
         parts = [ld.delta[n, p]] + ([fp * up] if up is not None and not act.is_identity else []) + [ld.delta_formula]
         back.equations.append(Equation(parts, _shape("N", w), "hidden-layer case: f′(z) ⊙ (Wᵀ·δ of the layer above)",
                                        ("delta", l)))
@@ -415,17 +419,17 @@ def _dense_backward_blocks(d, ld) -> list[Block]:
         back.equations.append(eq)
     blocks.append(back)
     grads = Block(f"Layer {l}: parameter gradients")
-    W, b, delta = ld.params["W"], ld.params["b"], ld.delta
+    W, b, delta = ld.params[wk], ld.params[bk], ld.delta
     fan_out = d.dims[l]
-    chain_W = sp.Sum(delta[n, i] * ld.local["dz/dW"], (i, 0, fan_out - 1), (n, 0, N - 1))
-    l2 = ld.grads["W"] - _resolved_data_part(ld)
-    grads.equations.append(Equation([Partial(C, W[p, q]), chain_W + l2, ld.grads["W"]], _shape(w, w_in),
-                                    "summed over the batch; the Kronecker δ keeps only i = p", ("grad", "W", l)))
-    chain_b = sp.Sum(delta[n, i] * ld.local["dz/db"], (i, 0, fan_out - 1), (n, 0, N - 1))
-    grads.equations.append(Equation([Partial(C, b[p]), chain_b, ld.grads["b"]], _shape(w), quantity=("grad", "b", l)))
-    for key, free, shape in (("W", (p, q), _shape(w, w_in)), ("b", (p,), _shape(w))):
+    chain_W = sp.Sum(delta[n, i] * ld.local[f"dz/d{wk}"], (i, 0, fan_out - 1), (n, 0, N - 1))
+    l2 = ld.grads[wk] - _resolved_data_part(ld)
+    grads.equations.append(Equation([Partial(C, W[p, q]), chain_W + l2, ld.grads[wk]], _shape(w, w_in),
+                                    "summed over the batch; the Kronecker δ keeps only i = p", ("grad", wk, l)))
+    chain_b = sp.Sum(delta[n, i] * ld.local[f"dz/d{bk}"], (i, 0, fan_out - 1), (n, 0, N - 1))
+    grads.equations.append(Equation([Partial(C, b[p]), chain_b, ld.grads[bk]], _shape(w), quantity=("grad", bk, l)))
+    for key, free, shape in ((wk, (p, q), _shape(w, w_in)), (bk, (p,), _shape(w))):
         eq = _vector_eq(Partial(C, Vec(sp.Symbol(f"{key}{l}"))), ld.grads[key], free, shape, ("grad", key, l),
-                        "" if key == "b" else "Σ over the samples n of the batch")
+                        "" if key == bk else "Σ over the samples n of the batch")
         if eq is not None:
             grads.equations.append(eq)
     blocks.append(grads)
@@ -434,7 +438,7 @@ def _dense_backward_blocks(d, ld) -> list[Block]:
 
 def _resolved_data_part(ld):
     """The data term of ∂C/∂W (the Σ_n), without the l2 term."""
-    sums = [t for t in sp.Add.make_args(ld.grads["W"]) if t.has(sp.Sum)]
+    sums = [t for t in sp.Add.make_args(ld.grads[ld.affine[0]]) if t.has(sp.Sum)]
     return sp.Add(*sums)
 
 
@@ -623,7 +627,8 @@ def _build_image(d) -> Explanation:
     param_shapes = net.param_shapes()
     for ld in d.layers:
         l, layer = ld.index, ld.layer
-        Wsh, bsh = param_shapes.get(f"W{l}"), param_shapes.get(f"b{l}")
+        wk, bk = ld.affine or ("W", "b")  # the table's weight and bias columns
+        Wsh, bsh = param_shapes.get(f"{wk}{l}"), param_shapes.get(f"{bk}{l}")
         shapes.append((str(l), describe_layer(layer), layer.activation.describe(), _shape(*Wsh) if Wsh else "—",
                        _shape(*bsh) if bsh else "—", str(ld.param_count), _shape("N", *ld.out_shape)))
     total = sum(ld.param_count for ld in d.layers)
@@ -722,10 +727,10 @@ def scalar_names(d) -> ScalarNames:
             for v in range(net.widths[l - 1]):
                 wk += 1
                 weights[(l, u, v)] = sp.Symbol(f"w_{wk}")
-                mapping[ld.params["W"][u, v]] = weights[(l, u, v)]
+                mapping[ld.params[ld.affine[0]][u, v]] = weights[(l, u, v)]
             bk += 1
             biases[(l, u)] = sp.Symbol(f"b_{bk}")
-            mapping[ld.params["b"][u]] = biases[(l, u)]
+            mapping[ld.params[ld.affine[1]][u]] = biases[(l, u)]
     for k in range(net.widths[-1]):
         mapping[d.loss.t[n, k]] = targets[k]
         mapping[d.loss.y[n, k]] = units[L][k]
@@ -767,10 +772,10 @@ def _scalar_section(d) -> Section:
         l = ld.index
         for u in range(net.widths[l]):
             for v in range(net.widths[l - 1]):
-                legend.equations.append(Equation([names.weights[(l, u, v)], ld.params["W"][u, v]],
+                legend.equations.append(Equation([names.weights[(l, u, v)], ld.params[ld.affine[0]][u, v]],
                                                  note=f"{fmt(names.units[l - 1][v])} → {fmt(names.units[l][u])}"))
         for u in range(net.widths[l]):
-            legend.equations.append(Equation([names.biases[(l, u)], ld.params["b"][u]],
+            legend.equations.append(Equation([names.biases[(l, u)], ld.params[ld.affine[1]][u]],
                                              note=f"bias of {fmt(names.units[l][u])}"))
     sec.blocks.append(legend)
     fwd = Block("Forward pass")
@@ -794,7 +799,7 @@ def _scalar_section(d) -> Section:
         l = ld.index
         case = "output-layer case" if ld.is_output else "hidden-layer case"
         block = Block(f"Backward pass, layer {l} ({case})")
-        up = None if ld.is_output else _upstream(ld)
+        up = None if ld.is_output else _upstream(d, ld)
         for u, unit in enumerate(names.units[l]):
             fp = Prime(activation_letter(ld.layer.activation), Pre(unit))
             if ld.is_output:
@@ -807,15 +812,15 @@ def _scalar_section(d) -> Section:
         sec.blocks.append(block)
     grads = Block("Parameter gradients")
     for ld in d.layers:
-        l = ld.index
+        l, (wk, bk) = ld.index, ld.affine
         for u in range(net.widths[l]):
             for v in range(net.widths[l - 1]):
                 w = names.weights[(l, u, v)]
-                grads.equations.append(Equation([Partial(C, w), _instantiate(d, ld.grads["W"], names, {p: u, q: v})],
-                                                quantity=("grad", "W", l)))
+                grads.equations.append(Equation([Partial(C, w), _instantiate(d, ld.grads[wk], names, {p: u, q: v})],
+                                                quantity=("grad", wk, l)))
         for u in range(net.widths[l]):
-            grads.equations.append(Equation([Partial(C, names.biases[(l, u)]), _instantiate(d, ld.grads["b"], names, {p: u})],
-                                            quantity=("grad", "b", l)))
+            grads.equations.append(Equation([Partial(C, names.biases[(l, u)]), _instantiate(d, ld.grads[bk], names, {p: u})],
+                                            quantity=("grad", bk, l)))
     sec.blocks.append(grads)
     return sec
 

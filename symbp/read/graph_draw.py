@@ -269,7 +269,7 @@ def _expanded(w) -> Graph:
     targets = {sym: float(w.t[k]) for k, sym in enumerate(names.targets)}
     for ld in d.layers:
         l = ld.index
-        W, bias = w.params[f"W{l}"], w.params[f"b{l}"]
+        W, bias = (w.params[f"{key}{l}"] for key in ld.affine)  # W1, b1 for Dense; a formula layer's own names
         for u in range(net.widths[l]):
             for j in range(net.widths[l - 1]):
                 sym = names.weights[(l, u, j)]
@@ -428,20 +428,21 @@ def _collapsed(w) -> Graph:
     prev, prev_val = add("x", "input", caption=f"({net.inputs},)"), w.x
     for ld in d.layers:
         l, width = ld.index, net.widths[ld.index]
-        W = w.params[f"W{l}"]
-        Wn = add(f"W{l}", "param", caption=str(W.shape))
-        bn = add(f"b{l}", "param", caption=f"({width},)")
-        mul = add("×", "gate", caption=f"W{l}·{'x' if l == 1 else f'a{l - 1}'}")
+        wname, bname = (f"{key}{l}" for key in ld.affine)  # W1, b1 for Dense; a formula layer's own names
+        W = w.params[wname]
+        Wn = add(wname, "param", caption=str(W.shape))
+        bn = add(bname, "param", caption=f"({width},)")
+        mul = add("×", "gate", caption=f"{wname}·{'x' if l == 1 else f'a{l - 1}'}")
         plus = add("+", "gate", caption=f"z{l}")
         # ∂C/∂(layer input)[q] = Σ_i δ[n,i]·∂z[n,i]/∂x[n,q], with the derivation's local derivative
         up = sp.Sum(ld.delta[n, i] * ld.local["dz/dx"], (i, 0, width - 1))
-        g_in = evaluate(up, {f"W{l}": W, f"delta{l}": w.delta[l - 1][None, :]}, (n, q))
+        g_in = evaluate(up, {wname: W, f"delta{l}": w.delta[l - 1][None, :]}, (n, q))
         edges.append(Edge(prev, mul, shape=f"({net.widths[l - 1]},)", value_norm=_norm(prev_val),
                           grad_norm=_norm(g_in) if l > 1 else None))
-        edges.append(Edge(Wn, mul, shape=str(W.shape), value_norm=_norm(W), grad_norm=_norm(w.grads[f"W{l}"])))
+        edges.append(Edge(Wn, mul, shape=str(W.shape), value_norm=_norm(W), grad_norm=_norm(w.grads[wname])))
         edges.append(Edge(mul, plus, shape=f"({width},)", grad_norm=_norm(w.delta[l - 1])))
-        edges.append(Edge(bn, plus, shape=f"({width},)", value_norm=_norm(w.params[f"b{l}"]),
-                          grad_norm=_norm(w.grads[f"b{l}"])))
+        edges.append(Edge(bn, plus, shape=f"({width},)", value_norm=_norm(w.params[bname]),
+                          grad_norm=_norm(w.grads[bname])))
         act = ld.layer.activation
         if act.is_identity:
             out = plus

@@ -508,10 +508,11 @@ def _names(d: Derivation) -> tuple[list, dict]:
         sn = scalar_names(d)
         units = [[text(u) for u in layer] for layer in sn.units]
         pnames = {}
+        keys = {ld.index: ld.affine for ld in d.layers}  # (weight, bias): W and b for Dense
         for (l, u, j), sym in sn.weights.items():
-            pnames[(f"W{l}", u * net.widths[l - 1] + j)] = text(sym)
+            pnames[(f"{keys[l][0]}{l}", u * net.widths[l - 1] + j)] = text(sym)
         for (l, u), sym in sn.biases.items():
-            pnames[(f"b{l}", u)] = text(sym)
+            pnames[(f"{keys[l][1]}{l}", u)] = text(sym)
         return units, pnames
     if dense:
         units = [[f"x[{u}]" for u in range(net.widths[0])]]
