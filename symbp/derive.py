@@ -58,6 +58,10 @@ class LayerDerivation:
     ranges: dict = field(default_factory=dict)  # index symbol -> (first, last) where this layer uses it
     decay: tuple = ()  # the parameters l2 applies to
     view: bool = False  # z is the input's values reshaped (Flatten): the same buffer
+    # -- where it sits in the network (a graph: any earlier outputs; a chain: the one before) ----
+    sources: tuple = ()  # the positions it reads: 0 the network input, m layer m's output
+    inputs: tuple = ()  # their bases (x, a_m), one per source; ``x`` is the first
+    in_dims: tuple = ()  # their symbolic extents as the formula reads them, one tuple per source
 
     @property
     def affine(self) -> tuple[str, str] | None:
@@ -126,12 +130,18 @@ class Derivation:
         self.x = x_prev
         self.layers: list[LayerDerivation] = []
         counts = net.param_counts()
+        bases, dims = {0: x_prev}, {0: in_dims}  # by position: what a layer reads, and its extents
         for l, layer in enumerate(net.layers, 1):
-            ld = self._layer(l, layer, x_prev, in_dims)
-            ld.in_shape, ld.out_shape = net.shapes[l - 1], net.shapes[l]
+            src = net.sources[l - 1]
+            if layer.merges:
+                ld = self._layer(l, layer, tuple(bases[s_] for s_ in src), tuple(dims[s_] for s_ in src))
+            else:
+                ld = self._layer(l, layer, bases[src[0]], dims[src[0]])
+            ld.sources = src
+            ld.in_shape, ld.out_shape = net.in_shape(l), net.shapes[l]
             ld.param_count = counts[l - 1]
             self.layers.append(ld)
-            x_prev, in_dims = ld.a, ld.out_dims
+            bases[l], dims[l] = ld.a, ld.out_dims
         self.loss = self._derive_loss()
         self._chain()
 
@@ -145,6 +155,7 @@ class Derivation:
     def _layer(self, l, layer, x_prev, in_dims) -> LayerDerivation:
         """Layer ``l``'s stages, each differentiated by SymPy (they are chained in _chain)."""
         form = layer.symbolic(l, x_prev, in_dims)
+        inputs, read_dims = (x_prev, in_dims) if layer.merges else ((x_prev,), (in_dims,))
         self.sizes.update(form.sizes)
         zst = form.stages[-1]
         out_dims, shape = tuple(zst.dims), self.network.shapes[l]
@@ -167,10 +178,11 @@ class Derivation:
         ranges.update({sym: (0, ext - 1) for sym, ext in zip(out_idx, out_dims)})
         ranges.update({sym: (0, ext - 1) for sym, ext in zip(delta_idx, out_dims)})
         ld = LayerDerivation(
-            l, layer, x_prev, z, a, delta, dict(form.params), zst.formula,
+            l, layer, inputs[0], z, a, delta, dict(form.params), zst.formula,
             layer.activation.expr.subs(z_sym, z[(n, *out_idx)]), {}, is_output=l == len(self.network.layers),
             out_idx=out_idx, delta_idx=delta_idx, param_idx=dict(form.param_idx), param_dims=dict(form.param_dims),
             stages=list(form.stages), out_dims=out_dims, ranges=ranges, decay=tuple(form.decay), view=form.view,
+            inputs=inputs, in_dims=tuple(form.in_dims or read_dims),
         )
         for key, base in form.params.items():
             idx = form.param_idx[key]
@@ -216,13 +228,15 @@ class Derivation:
     def _chain(self) -> None:
         """Walk the layers from the output back, chaining local derivatives.
 
-        For each layer: δ = f′(z) ⊙ (what the next layer sends back, or the loss gradient);
-        then back through the layer's stages (z last): ∂C/∂θ = Σ δ·∂stage/∂θ for the
-        parameters a stage reads, and Σ δ·∂stage/∂source for its sources (an earlier stage,
-        whose gradient gets a name, or the layer input, which becomes the upstream of the
-        layer before).  Whatever the number of indices, every ∂ is SymPy's.
+        For each layer: δ = f′(z) ⊙ (the sum of what the layers reading it send back, or
+        the loss gradient); then back through the layer's stages (z last): ∂C/∂θ = Σ δ·∂stage/∂θ
+        for the parameters a stage reads, and Σ δ·∂stage/∂source for its sources (an earlier
+        stage, whose gradient gets a name, or a layer input, which becomes a part of the δ of
+        the layer that wrote it).  A tensor read by two layers (a residual branch) gets the sum
+        of both parts: the chain rule over every path.  Whatever the number of indices, every
+        ∂ is SymPy's.
         """
-        upstream = None
+        sent: dict[int, list] = {}  # position -> the parts of ∂C/∂a it has been sent so far
         for ld in reversed(self.layers):
             idx = (n, *ld.delta_idx)
             if ld.is_output:
@@ -230,14 +244,16 @@ class Derivation:
                 dl_dy = self.loss.grad.subs(self.loss.y, ld.a)
                 ld.delta_formula = dl_dy / N * ld.fprime(idx)
             else:
-                ld.delta_formula = ld.fprime(idx) * upstream
-            upstream = self._chain_stages(ld)
+                ld.delta_formula = ld.fprime(idx) * sp.Add(*sent[ld.index])
+            for pos, part in self._chain_stages(ld).items():
+                sent.setdefault(pos, []).append(part)
 
-    def _chain_stages(self, ld) -> sp.Expr:
-        in_dims = self.layers[ld.index - 2].out_dims if ld.index > 1 else tuple(self.x.shape[1:])
+    def _chain_stages(self, ld) -> dict:
+        """∂C/∂θ and the stage gradients of layer ``ld``; returns what it sends back to each
+        position it reads (a formula in δ of ``ld``, free indices p, (r, s))."""
         grad_of = {str(ld.z.label): ld.delta}  # stage label -> IndexedBase of ∂C/∂(stage)
         free_for = {0: (), 1: (q,), 3: (q, r, s)}  # by the source's rank: a per-sample stage has none
-        upstream = None
+        upstream = {}  # input base -> what it is sent
         for st in reversed(ld.stages):
             g = grad_of.get(str(st.target.label))
             if g is None:
@@ -254,11 +270,12 @@ class Derivation:
                         ld.grads[key] += grad
                     else:
                         ld.grads[key] = grad + self._l2_grad(ld, key) if key in ld.decay else grad
-            sources = [s_.target for s_ in ld.stages if s_ is not st and st.formula.has(s_.target)] + [ld.x]
+            dims_of = dict(zip(ld.inputs, ld.in_dims))
+            sources = [s_.target for s_ in ld.stages if s_ is not st and st.formula.has(s_.target)] + list(dims_of)
             for src in sources:
                 if not st.formula.has(src):
                     continue
-                src_dims = in_dims if src is ld.x else next(s_.dims for s_ in ld.stages if s_.target is src)
+                src_dims = dims_of[src] if src in dims_of else next(s_.dims for s_ in ld.stages if s_.target is src)
                 free = free_for[len(src_dims)]
                 rng = {sym: (0, ext - 1) for sym, ext in zip(free, src_dims)}
                 local = resolve(sp.diff(st.formula, src[(n, *free)]), {**rng, **{sym: (0, hi) for sym, _, hi in chain_limits}})
@@ -269,8 +286,8 @@ class Derivation:
                 contrib = resolve(sp.Sum(summand, *chain_limits), rng) if chain_limits else resolve(summand, rng)
                 # An input read by several stages (a gated unit's two products) gets the sum
                 # of what each sends back: the chain rule over every path.
-                if src is ld.x:
-                    upstream = contrib if upstream is None else upstream + contrib
+                if src in dims_of:
+                    upstream[src] = upstream[src] + contrib if src in upstream else contrib
                 else:
                     gb = sp.IndexedBase(f"g{src.label}")
                     grad_of[str(src.label)] = gb
@@ -281,12 +298,15 @@ class Derivation:
         # compute them in this order.
         position = {str(st_.target.label): k for k, st_ in enumerate(ld.stages)}
         ld.stage_grads = dict(sorted(ld.stage_grads.items(), key=lambda kv: -position[kv[0]]))
-        if upstream is None:
-            raise NotImplementedError(f"layer {ld.index} ({ld.layer!r}): no gradient reaches its input")
-        # The named stage gradients (∂C/∂x̃, ∂C/∂y) stay names: the kernels compute them into
-        # buffers.  Rename q → p: the result is the δ upstream of the layer before.
-        rng = {sym: (0, ext - 1) for sym, ext in zip(free_for[len(in_dims)], in_dims)}
-        return resolve(upstream, rng).subs(q, p)
+        sent = {}
+        for pos, base, dims in zip(ld.sources, ld.inputs, ld.in_dims):
+            if base not in upstream:
+                raise NotImplementedError(f"layer {ld.index} ({ld.layer!r}): no gradient reaches its input {base}")
+            # The named stage gradients (∂C/∂x̃, ∂C/∂y) stay names: the kernels compute them
+            # into buffers.  Rename q → p: the result is a part of the δ of the layer before.
+            rng = {sym: (0, ext - 1) for sym, ext in zip(free_for[len(dims)], dims)}
+            sent[pos] = resolve(upstream[base], rng).subs(q, p)
+        return sent
 
     # -- reading ---------------------------------------------------------------------
     def explain(self, scalar: bool = False, optimizer=None) -> str:

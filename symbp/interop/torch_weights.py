@@ -145,16 +145,51 @@ def modules():
         def extra_repr(self) -> str:
             return f"units={self.units}, pieces={self.pieces}"
 
-    for cls in (FormulaActivation, Maxout):
+    class Add(torch.nn.Module):
+        """symbp's Add: the elementwise sum of a list of tensors (a residual join)."""
+
+        def forward(self, xs):
+            total = xs[0]
+            for x in xs[1:]:
+                total = total + x
+            return total
+
+    class Concat(torch.nn.Module):
+        """symbp's Concat: a list of tensors side by side along dim 1 (features or channels)."""
+
+        def forward(self, xs):
+            return torch.cat(list(xs), 1)
+
+    class Graph(torch.nn.Module):
+        """A symbp graph network: ``nodes[l]`` runs on the outputs at positions ``sources[l]``
+        (0: the input, m: node m's output); a merging node gets them as a list."""
+
+        def __init__(self, nodes, sources, merges) -> None:
+            super().__init__()
+            self.nodes = torch.nn.ModuleList(nodes)
+            self.sources = [tuple(src) for src in sources]
+            self.merges = list(merges)
+
+        def forward(self, x):
+            outs = [x]
+            for node, src, merge in zip(self.nodes, self.sources, self.merges):
+                outs.append(node([outs[s] for s in src] if merge else outs[src[0]]))
+            return outs[-1]
+
+        def extra_repr(self) -> str:
+            return "sources=" + ", ".join(f"{pos}←{src}" for pos, src in enumerate(self.sources, 1))
+
+    for cls in (FormulaActivation, Maxout, Add, Concat, Graph):
         cls.__qualname__ = cls.__name__
         globals()[cls.__name__] = cls
-    return FormulaActivation, Maxout
+    return FormulaActivation, Maxout, Add, Concat, Graph
 
 
 def __getattr__(name: str):
     # Unpickling a saved module looks its class up here before anything called modules().
-    if name in ("FormulaActivation", "Maxout"):
-        return dict(zip(("FormulaActivation", "Maxout"), modules()))[name]
+    names = ("FormulaActivation", "Maxout", "Add", "Concat", "Graph")
+    if name in names:
+        return dict(zip(names, modules()))[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -216,28 +251,32 @@ TO_TORCH: dict[str, Callable] = {
     "flatten": lambda layer, s, p, dtype: _torch().nn.Flatten(),
     "maxout": _maxout_to,
     "layernorm": _layernorm_to,
+    "add": lambda layer, s, p, dtype: modules()[2](),
+    "concat": lambda layer, s, p, dtype: modules()[3](),
 }
 
 
 def to_torch(model):
     """An ``nn.Sequential`` computing ``model.decision_function``, with copies of its weights,
-    in its dtype.  It reads ``X`` shaped ``(N, *input_shape)`` ((N, C, H, W) for images)."""
+    in its dtype (a graph network: symbp's ``Graph`` module, one ``nn.Sequential`` per layer).
+    It reads ``X`` shaped ``(N, *input_shape)`` ((N, C, H, W) for images)."""
     torch = _torch()
     net = model.network
     dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[np.dtype(model.dtype)]
-    mods = []
+    nodes = []
     for pos, layer in enumerate(net.layers, 1):
         kind = layer.to_config()["type"]
         if kind not in TO_TORCH:
             raise ValueError(f"layer {pos} ({layer!r}): no PyTorch module for layer type {kind!r} "
                              f"(known: {', '.join(TO_TORCH)})")
-        in_shape = net.shapes[pos - 1]
+        in_shape = net.in_shape(pos)
         p = {key: np.asarray(model.params[f"{key}{pos}"]) for key in layer.param_shapes(in_shape)}
-        mods.append(TO_TORCH[kind](layer, in_shape, p, dtype))
         act = _activation_module(getattr(layer, "activation", None))
-        if act is not None:
-            mods.append(act)
-    return torch.nn.Sequential(*mods).eval()
+        nodes.append([TO_TORCH[kind](layer, in_shape, p, dtype)] + ([act] if act is not None else []))
+    if net.is_graph:
+        return modules()[4]([torch.nn.Sequential(*mods) for mods in nodes], net.sources,
+                            [layer.merges for layer in net.layers]).eval()
+    return torch.nn.Sequential(*[mod for mods in nodes for mod in mods]).eval()
 
 
 # -- torch -> symbp ----------------------------------------------------------------------------
@@ -365,7 +404,7 @@ def from_torch(module, inputs=None, loss: str = "softmax_cross_entropy", l2: flo
         where = f"module {pos} ({mod})"
         if isinstance(mod, torch.nn.Identity):
             continue
-        formula, maxout = modules()
+        formula, maxout = modules()[:2]
         if kind in ACTIVATIONS_FROM or isinstance(mod, formula):
             act, params = (mod.spec, {}) if isinstance(mod, formula) else ACTIVATIONS_FROM[kind](mod)
             target = len(layers) - 1

@@ -128,7 +128,7 @@ class Plan:
         """Steps for ∂C/∂θ of layer ``ld``; with an optimizer, also its update steps (second
         list: they run after δ_{l-1} has used the old parameters, or, ``apart``, after the
         gradients have been summed over processes)."""
-        return stages.grad_steps(self, ld, opt, ld.index == 1, apart)
+        return stages.grad_steps(self, ld, opt, stages.reads_input(ld), apart)
 
     def delta_steps(self, ld) -> list:
         return stages.delta_steps(self, ld)
@@ -136,28 +136,33 @@ class Plan:
     def backward_steps(self, opt=None) -> list:
         if opt is not None:  # the update rules read the optimizer's hyper-parameters by these names
             self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
-        steps = []
-        for pos in range(len(self.d.layers) - 1, -1, -1):
-            ld = self.d.layers[pos]
-            grads, updates = self.grad_steps(ld, opt)
-            steps += grads
-            if pos > 0:
-                steps += self.delta_steps(self.d.layers[pos - 1])
-            steps += updates
-        return steps
+        steps, updates = self._backward(opt, apart=False)
+        return steps + updates
 
     def backward_apart(self, opt) -> tuple[list, list]:
         """Data-parallel training's two halves: (the backward pass leaving each gradient
         buffer with the sum over this process's rows only, the update steps that read the
         buffers once summed over every process and add λθ there)."""
         self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
-        steps, updates = [], []
-        for pos in range(len(self.d.layers) - 1, -1, -1):
-            grads, later = self.grad_steps(self.d.layers[pos], opt, apart=True)
+        return self._backward(opt, apart=True)
+
+    def _backward(self, opt, apart: bool) -> tuple[list, list]:
+        """From the output back: each layer's gradients, then the δ of every layer whose
+        readers have all sent theirs.  A layer's update waits until the δ of every layer it
+        reads has been computed (they read its old parameters); ``apart``: every update waits
+        (second list).  In a chain that is: grads l, δ_{l-1}, update l."""
+        layers = self.d.layers
+        steps, waiting, updates = [], {}, []
+        for pos in range(len(layers) - 1, -1, -1):
+            ld = layers[pos]
+            grads, later = self.grad_steps(ld, opt, apart=apart)
             steps += grads
+            (updates if apart else waiting.setdefault(min(ld.sources), [])).extend(later)
             if pos > 0:
-                steps += self.delta_steps(self.d.layers[pos - 1])
-            updates += later
+                steps += self.delta_steps(layers[pos - 1])
+                # δ of layer pos is the last one layer pos + 1's readers of position pos wait for
+                steps += waiting.pop(pos, [])
+        steps += waiting.pop(0, [])
         return steps, updates
 
     def penalty_steps(self) -> list:

@@ -25,12 +25,12 @@ def setup(builder, ld) -> None:
     """Names, flat layouts and work buffers for image layer ``ld``."""
     names, net = builder.names, builder.d.network
     lid = ld.index
-    prev_a = names["x"] if lid == 1 else names[f"a{lid - 1}"]
     if ld.view:  # a reshape (Flatten): the input's buffers, read flat
-        prev_z = names["x"] if lid == 1 else names[f"z{lid - 1}"]
-        names[f"z{lid}"], names[f"a{lid}"] = prev_z, prev_a
-        names[f"delta{lid}"] = "dZflat" if lid == 1 else names[f"delta{lid - 1}"]
-        if lid == 1:
+        (src,) = ld.sources
+        names[f"z{lid}"] = names["x"] if src == 0 else names[f"z{src}"]
+        names[f"a{lid}"] = names["x"] if src == 0 else names[f"a{src}"]
+        names[f"delta{lid}"] = "dZflat" if src == 0 else names[f"delta{src}"]
+        if src == 0:
             builder.buffer("dZflat", ("batch", net.widths[lid]), "delta")
         return
     shape = net.shapes[lid]
@@ -59,14 +59,14 @@ def setup(builder, ld) -> None:
         names[f"col{lid}"] = f"Acol{lid}"
         builder.buffer(f"Acol{lid}", ("batch", int(sp.prod(cols))), "activation")
         builder.flat[f"col{lid}"] = cols
-        if lid > 1:
+        if not reads_input(ld):
             names[f"gcol{lid}"] = f"dZcol{lid}"
             builder.buffer(f"dZcol{lid}", ("batch", int(sp.prod(cols))), "delta")
             builder.flat[f"gcol{lid}"] = cols
     for label, (gb, _free, _) in ld.stage_grads.items():
         st = next(st for st in ld.stages if str(st.target.label) == label)
-        if lid == 1 and _inlined(st):
-            continue  # ∂C/∂x̃ of the first layer is never needed
+        if reads_input(ld) and _inlined(st):
+            continue  # ∂C/∂x̃ of a layer reading the network input is never needed
         size = _numbers(builder, st.dims)
         names[str(gb.label)] = f"dZ{gb.label}"
         builder.buffer(f"dZ{gb.label}", _per_sample(size), "delta")
@@ -76,6 +76,11 @@ def setup(builder, ld) -> None:
     if not ld.layer.activation.is_identity:
         builder.buffer(f"A{lid}", ("batch", net.widths[lid]), "activation")
     builder.buffer(f"dZ{lid}", ("batch", net.widths[lid]), "delta")
+
+
+def reads_input(ld) -> bool:
+    """Whether layer ``ld`` reads only the network input (nobody needs its ∂C/∂x)."""
+    return all(src == 0 for src in ld.sources)
 
 
 def _per_sample(size: tuple) -> tuple:
@@ -207,7 +212,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
 
 def delta_steps(builder, ld) -> list:
     """δ of image layer ``ld`` from what the layer after it sent back."""
-    if ld.view and ld.index == 1:
+    if ld.view and reads_input(ld):
         return []
     idx = (n, *ld.delta_idx)
     ranges = _ranges(builder, ld.delta_idx, ld.out_dims)
@@ -245,11 +250,11 @@ def _window_scatter(builder, ld, ranges):
     for each output (h, w) and window entry (u, v), g[n, k, S·h + u, S′·w + v] += c·δ[n, k, h, w],
     c being ∂z/∂a of the next layer's formula (route(m, u·kw + v) for max pooling,
     1/(kh·kw) for average pooling); then δ_l = f′(z_l)·g in place."""
-    layers = builder.d.layers
-    if ld.index >= len(layers) or len(ld.delta_idx) != 3:
+    readers = [m for m in builder.d.layers if ld.index in m.sources]
+    if len(readers) != 1 or len(ld.delta_idx) != 3:
         return None
-    nxt = layers[ld.index]
-    if nxt.view or nxt.params:
+    nxt = readers[0]
+    if nxt.view or nxt.params or nxt.layer.merges:
         return None
     st = nxt.stages[-1]
     formula = builder.value(st.formula)

@@ -19,6 +19,7 @@ import numpy as np
 import sympy as sp
 
 from .. import activations
+from ..graph import Tensor, as_inputs
 
 
 @dataclass
@@ -42,6 +43,9 @@ class LayerForm:
     sizes: dict = field(default_factory=dict)  # size symbol -> int (kernel, stride, padding, shapes)
     #: the parameters the network's l2 term applies to (weights; never biases or a norm's γ)
     decay: tuple = ()
+    #: a merging layer's inputs' extents as its formula reads them (None: as given); Add
+    #: reads every input over the first one's extents, so that δ comes back unguarded
+    in_dims: tuple | None = None
     #: z holds the input's values in C order, unchanged (a reshape): the kernels give z the
     #: input's buffer instead of copying it
     view: bool = False
@@ -106,6 +110,13 @@ class Layer:
     #: every output is one of its input entries (max pooling): a non-decreasing activation
     #: after the layer is the same function as before it
     selects_inputs = False
+    #: it joins several inputs (Add, Concat): ``output_shape`` and ``symbolic`` then take a
+    #: tuple of shapes, of input bases and of input extents, one per input
+    merges = False
+
+    def __call__(self, inputs):
+        """The functional form: ``h = sb.Dense(64)(x)``; a merging layer takes a list."""
+        return Tensor(self, as_inputs(inputs, self))
 
     def output_shape(self, in_shape: tuple) -> tuple:
         raise NotImplementedError
