@@ -62,6 +62,7 @@ class LayerDerivation:
     sources: tuple = ()  # the positions it reads: 0 the network input, m layer m's output
     inputs: tuple = ()  # their bases (x, a_m), one per source; ``x`` is the first
     in_dims: tuple = ()  # their symbolic extents as the formula reads them, one tuple per source
+    sent: dict = field(default_factory=dict)  # position -> ∂C/∂(its output) through this layer (free p, …)
 
     @property
     def affine(self) -> tuple[str, str] | None:
@@ -245,7 +246,8 @@ class Derivation:
                 ld.delta_formula = dl_dy / N * ld.fprime(idx)
             else:
                 ld.delta_formula = ld.fprime(idx) * sp.Add(*sent[ld.index])
-            for pos, part in self._chain_stages(ld).items():
+            ld.sent = self._chain_stages(ld)
+            for pos, part in ld.sent.items():
                 sent.setdefault(pos, []).append(part)
 
     def _chain_stages(self, ld) -> dict:

@@ -286,12 +286,23 @@ def _layernorm(g: GraphBuilder, layer, x: str, params: dict, pos: int) -> str:
     return g.node("LayerNormalization", [x, params["g"], params["b"]], hint=f"z{pos}", axis=-1, epsilon=layer.eps)
 
 
+def _add_layer(g: GraphBuilder, layer, xs: list, params: dict, pos: int) -> str:
+    total = xs[0]
+    for other in xs[1:]:
+        total = g.node("Add", [total, other], hint=f"z{pos}")
+    return total
+
+
+def _concat(g: GraphBuilder, layer, xs: list, params: dict, pos: int) -> str:
+    return g.node("Concat", list(xs), hint=f"z{pos}", axis=1)
+
+
 #: Layer type (``to_config()["type"]``) → exporter ``(graph, layer, x, params, position) → z``;
-#: ``params`` maps the layer's keys (``W``, ``b``) to initializer names.  The activation is
-#: added after it by the driver.
+#: ``params`` maps the layer's keys (``W``, ``b``) to initializer names; a merging layer gets
+#: a list of inputs as ``x``.  The activation is added after it by the driver.
 LAYER_EXPORTERS: dict[str, Callable] = {
     "dense": _dense, "conv2d": _conv2d, "maxpool2d": _maxpool2d, "avgpool2d": _avgpool2d,
-    "flatten": _flatten, "maxout": _maxout, "layernorm": _layernorm,
+    "flatten": _flatten, "maxout": _maxout, "layernorm": _layernorm, "add": _add_layer, "concat": _concat,
 }
 
 
@@ -310,7 +321,7 @@ def build(model, opset: int = OPSET, dtype: str = "float32"):
     net = model.network
     dtype = np.dtype(dtype)
     g = GraphBuilder(dtype, opset)
-    x = "X"
+    outs = ["X"]  # by position: the tensor name of the input, then of each layer's output
     for pos, layer in enumerate(net.layers, 1):
         kind = layer.to_config()["type"]
         exporter = LAYER_EXPORTERS.get(kind)
@@ -318,10 +329,12 @@ def build(model, opset: int = OPSET, dtype: str = "float32"):
             raise OnnxExportError(f"layer {pos} ({layer!r}): no ONNX exporter for layer type {kind!r} "
                                   f"(exported: {', '.join(LAYER_EXPORTERS)})")
         params = {}
-        for key in layer.param_shapes(net.shapes[pos - 1]):
+        for key in layer.param_shapes(net.in_shape(pos)):
             params[key] = g.initializer(f"{key}{pos}", np.asarray(model.params[f"{key}{pos}"], dtype))
-        x = exporter(g, layer, x, params, pos)
-        x = activation_nodes(g, getattr(layer, "activation", None), x, f"layer {pos} ({layer!r})")
+        reads = [outs[s_] for s_ in net.sources[pos - 1]]
+        x = exporter(g, layer, reads if layer.merges else reads[0], params, pos)
+        outs.append(activation_nodes(g, getattr(layer, "activation", None), x, f"layer {pos} ({layer!r})"))
+    x = outs[-1]
     # The node computing the result is renamed "logits" (nothing else reads it); where the
     # result is not the last node's output, an Identity names it instead.
     if not (g.nodes and g.nodes[-1].output[0] == x):

@@ -225,10 +225,6 @@ def _shape(*dims) -> str:
     return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
 
 
-def _input_name(l: int) -> str:
-    return "x" if l == 1 else f"a{l - 1}"
-
-
 def _fprime_parts(ld) -> list:
     """f′(z) = (derived f′) [= (f′ in a) with a = f(z)]."""
     act = ld.layer.activation
@@ -239,15 +235,39 @@ def _fprime_parts(ld) -> list:
     return parts
 
 
+def _readers(d, ld) -> list:
+    """The layers that read layer ``ld``'s output (in a chain: the one above it)."""
+    return [m for m in d.layers if ld.index in m.sources]
+
+
 def _upstream(d, ld):
-    """The hidden-layer δ divided by its f′: the Σ_i W·δ part (W the layer above's weight,
-    whatever its name), or None."""
+    """The hidden-layer δ divided by its f′: the Σ_i W·δ part (W the weight of the one layer
+    reading it, whatever its name), or None."""
+    readers = _readers(d, ld)
+    if len(readers) != 1:
+        return None
     fp = ld.fprime((n, p))
     up = ld.delta_formula / fp
     bases = {str(b.label) for b in (x.base for x in up.atoms(sp.Indexed))}
-    above = d.layers[ld.index]  # layer l + 1 (d.layers counts from 0)
+    above = readers[0]
     weight = [str(above.params[above.affine[0]].label)] if above.affine else []
-    return up if bases and bases <= {*weight, f"delta{ld.index + 1}"} else None
+    return up if bases and bases <= {*weight, f"delta{above.index}"} else None
+
+
+def _hidden_note(d, ld, dense: bool = False) -> str:
+    """What the hidden-layer case multiplies f′(z) by: what the layer reading it sends back,
+    or the sum of what each sends back (a tensor read by several layers); ``dense``: the
+    dense layout, which says Wᵀ·δ of a dense layer above."""
+    readers = _readers(d, ld)
+    if len(readers) > 1:
+        return ("hidden-layer case: f′(z) ⊙ (the sum of ∂C/∂a sent back by layers "
+                + ", ".join(f"{m.index} ({describe_layer(m.layer)})" for m in readers) + ")")
+    (above,) = readers
+    if dense and above.affine and above.index == ld.index + 1:
+        return "hidden-layer case: f′(z) ⊙ (Wᵀ·δ of the layer above)"
+    note = "hidden-layer case: f′(z) ⊙ (∂C/∂a sent back by layer %d, %s)" % (above.index, describe_layer(above.layer))
+    extra = above.layer.notes.get("sent_back", _routing_note(above.layer))
+    return note + ("; " + extra if extra else "")
 
 
 def _vector_eq(lhs, index_expr, free, shape, quantity, note="") -> Equation | None:
@@ -387,7 +407,7 @@ def _backward_section(d) -> Section:
 def _dense_backward_blocks(d, ld) -> list[Block]:
     net = d.network
     blocks = []
-    l, w, w_in = ld.index, net.widths[ld.index], net.widths[ld.index - 1]
+    l, w, (w_in,) = ld.index, net.widths[ld.index], ld.in_shape
     xin = ld.x
     case = "output-layer case" if ld.is_output else "hidden-layer case"
     local = Block(f"Layer {l} ({case}): local derivatives")
@@ -412,8 +432,7 @@ def _dense_backward_blocks(d, ld) -> list[Block]:
     else:
         up = _upstream(d, ld)
         parts = [ld.delta[n, p]] + ([fp * up] if up is not None and not act.is_identity else []) + [ld.delta_formula]
-        back.equations.append(Equation(parts, _shape("N", w), "hidden-layer case: f′(z) ⊙ (Wᵀ·δ of the layer above)",
-                                       ("delta", l)))
+        back.equations.append(Equation(parts, _shape("N", w), _hidden_note(d, ld, dense=True), ("delta", l)))
     eq = _vector_eq(Vec(sp.Symbol(f"delta{l}")), ld.delta_formula, (p,), _shape(w), ("delta", l), "one sample")
     if eq is not None:
         back.equations.append(eq)
@@ -494,7 +513,13 @@ def _shape_text(shape: tuple) -> str:
 
 def _size_lines(ld) -> list[str]:
     """Input → output shape, with the layer's own output-size arithmetic and parameter count."""
-    return [f"input {_shape(*ld.in_shape)} → output {_shape(*ld.out_shape)}", *ld.layer.size_lines(ld, text)]
+    if ld.layer.merges or ld.sources != (ld.index - 1,):  # a graph: say which tensors it reads
+        ins = " and ".join(f"{base.label} {_shape(*shape)}" for base, shape in
+                           zip(ld.inputs, ld.in_shape if ld.layer.merges else (ld.in_shape,)))
+        first = f"input{'s' if ld.layer.merges else ''} {ins} → output {_shape(*ld.out_shape)}"
+    else:
+        first = f"input {_shape(*ld.in_shape)} → output {_shape(*ld.out_shape)}"
+    return [first, *ld.layer.size_lines(ld, text)]
 
 
 def _sizes_line(d, ld) -> str:
@@ -568,10 +593,14 @@ def _image_backward_blocks(d, ld) -> list[Block]:
             base, idx = ld.params[wrt], ld.param_idx[wrt]
             note = layer.notes.get(topic + wrt, "")
         else:
-            src = next((x.target for x in ld.stages if str(x.target.label) == wrt), ld.x)
-            ndim = len(next((x.dims for x in ld.stages if x.target is src), ld.in_shape))
-            base, idx = src, (n, *_free_for(ndim))
-            if src is ld.x:  # how δ reaches the input, unless the layer says more about this step
+            inputs = {"x" if base_ is ld.x else str(base_.label): (base_, dims_) for base_, dims_ in zip(ld.inputs, ld.in_dims)}
+            src = next((x.target for x in ld.stages if str(x.target.label) == wrt), None)
+            if src is None:  # a layer input: the first is keyed "x", another by its label (a merging layer)
+                src, dims = inputs[wrt]
+            else:
+                dims = next(x.dims for x in ld.stages if x.target is src)
+            base, idx = src, (n, *_free_for(len(dims)))
+            if src in ld.inputs:  # how δ reaches the input, unless the layer says more about this step
                 note = layer.notes.get(topic + "x", _routing_note(layer))
             else:
                 note = layer.notes.get(topic + _label_kind(str(src.label)), "")
@@ -588,11 +617,8 @@ def _image_backward_blocks(d, ld) -> list[Block]:
         back.equations.append(Equation([ld.delta[didx], chain, ld.delta_formula], _shape("N", *ld.out_shape),
                                        "output-layer case: (1/N)·∂ℓ/∂y ⊙ f′(z)", ("delta", l)))
     else:
-        above = d.layers[l].layer
-        note = "hidden-layer case: f′(z) ⊙ (∂C/∂a sent back by layer %d, %s)" % (l + 1, describe_layer(above))
-        extra = above.notes.get("sent_back", _routing_note(above))
         back.equations.append(Equation([ld.delta[didx], ld.delta_formula], _shape("N", *ld.out_shape),
-                                       note + ("; " + extra if extra else ""), ("delta", l)))
+                                       _hidden_note(d, ld), ("delta", l)))
     blocks.append(back)
     if ld.stage_grads:
         inner = Block(f"Layer {l}: gradients of its intermediate stages")
@@ -667,7 +693,7 @@ def _build_image(d) -> Explanation:
 
 def _dense_size_lines(ld) -> list[str]:
     fan_in, units = ld.in_shape[0], ld.layer.units
-    return [f"input {_shape(fan_in)} → output {_shape(units)}",
+    return [_size_lines(ld)[0],
             f"parameters (W {_shape(units, fan_in)}, b {_shape(units)}): (in + 1)·out = ({fan_in} + 1)·{units} "
             f"= {ld.param_count}"]
 

@@ -670,13 +670,28 @@ def _collapsed_layers(w) -> Graph:
             return None
         return _norm(val)
 
+    def sent(ld, m: int) -> float | None:
+        """‖the part of ∂C/∂a_m that layer ``ld`` sends back‖ (a tensor read by several layers)."""
+        if len(net.consumers(m)) == 1:
+            return upstream(d.layers[m - 1])
+        src = d.layers[m - 1]
+        try:
+            val = evaluate(ld.sent[m].subs(values), w.values, (n_, *src.delta_idx),
+                           ranges=dict(zip(src.delta_idx, net.shapes[m])))
+        except (KeyError, ValueError, NotImplementedError):
+            return None
+        return _norm(val)
+
     shape = lambda s: "(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")"  # noqa: E731
-    prev, prev_val = add("x", "input", caption=shape(net.shapes[0])), w.x
+    outs = {0: (add("x", "input", caption=shape(net.shapes[0])), w.x)}  # position -> (node, value)
     for ld in d.layers:
         l = ld.index
-        layer = add(ld.layer.describe(), "gate", caption=f"z{l}")
-        edges.append(Edge(prev, layer, shape=shape(net.shapes[l - 1]), value_norm=_norm(prev_val),
-                          grad_norm=upstream(d.layers[l - 2]) if l > 1 else None))
+        # an add gate for a residual join: it copies its gradient to every branch
+        layer = add("+" if ld.layer.kind == "Add" else ld.layer.describe(), "gate", caption=f"z{l}")
+        for m in dict.fromkeys(ld.sources):
+            prev, prev_val = outs[m]
+            edges.append(Edge(prev, layer, shape=shape(net.shapes[m]), value_norm=_norm(prev_val),
+                              grad_norm=sent(ld, m) if m else None))
         for key in ld.params:
             name = f"{key}{l}"
             pn = add(name, "param", caption=str(w.params[name].shape))
@@ -690,8 +705,8 @@ def _collapsed_layers(w) -> Graph:
             out = add("f" if act.custom else act.describe(), "act", caption=f"a{l}")
             edges.append(Edge(layer, out, shape=shape(net.shapes[l]), value_norm=_norm(w.z[l - 1]),
                               grad_norm=_norm(w.delta[l - 1])))
-        prev, prev_val = out, w.a[l - 1]
-    _add_cost(w, nodes, edges, prev, shape(net.shapes[-1]), upstream(d.layers[-1]))
+        outs[l] = (out, w.a[l - 1])
+    _add_cost(w, nodes, edges, outs[len(d.layers)][0], shape(net.shapes[-1]), upstream(d.layers[-1]))
     return Graph(nodes, edges, True, f"{net.name}: one node per layer")
 
 

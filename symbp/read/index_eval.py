@@ -123,10 +123,21 @@ def _plan_indexed(e, ranges: dict):
             len({ix for ix in e.indices if isinstance(ix, sp.Symbol)}) == sum(isinstance(ix, sp.Symbol) for ix in e.indices):
         sl = tuple(int(ix) if ix.is_Integer else slice(None) for ix in e.indices)
         axes = tuple(ix for ix in e.indices if isinstance(ix, sp.Symbol))
+        ranged = [(d, ix) for d, ix in enumerate(e.indices) if isinstance(ix, sp.Symbol) and ix in ranges]
+        gathered = _plan_gather(e, ranges) if ranged else None
 
         def run(env):
-            return _read(env, label, rank, e)[sl], axes
+            arr = _read(env, label, rank, e)
+            if any(arr.shape[d] != ranges[ix] for d, ix in ranged):
+                return gathered(env)  # read over a range other than the array's (Concat's z over the inputs)
+            return arr[sl], axes
         return run
+    return _plan_gather(e, ranges)
+
+
+def _plan_gather(e, ranges: dict):
+    """Read ``e`` at every point of its indices' ranges (NaN outside the array)."""
+    label, rank = str(e.base.label), len(e.indices)
     syms: list = []
     for ix in e.indices:
         for sym in sorted(ix.free_symbols, key=str):
