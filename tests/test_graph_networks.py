@@ -339,3 +339,105 @@ def test_walkthrough_and_graph_agree_with_finite_differences():
         for idx in np.ndindex(*grad.shape):
             node = entries.entry(f"{name}[{','.join(map(str, idx))}]")
             assert node.grad == pytest.approx(grad[idx], rel=1e-9, abs=1e-12), (name, idx)
+
+
+# -- random graphs: the derivation against torch autograd ------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+ACTIVATIONS = ("relu", "tanh", "sigmoid", None)
+
+
+@st.composite
+def random_graphs(draw):
+    """A random DAG of Dense, Add and Concat on a flat input; every dangling tensor is joined
+    into the output, so no branch is unused."""
+    x = sb.Input(draw(st.integers(1, 4)))
+    tensors = [(x, x.shape)]
+    read = set()
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["dense", "dense", "add", "concat"]))
+        pick = draw(st.integers(0, len(tensors) - 1))
+        if kind == "dense" or len(tensors) < 2:
+            units = draw(st.integers(1, 4))
+            tensors.append((sb.Dense(units, activation=draw(st.sampled_from(ACTIVATIONS)))(tensors[pick][0]), units))
+            read.add(pick)
+            continue
+        other = draw(st.integers(0, len(tensors) - 1))
+        if kind == "add":
+            same = [k for k, (_, w) in enumerate(tensors) if w == tensors[pick][1]]
+            other = same[other % len(same)]  # possibly pick itself: Add([h, h])
+            tensors.append((sb.Add(activation=draw(st.sampled_from(ACTIVATIONS)))([tensors[pick][0], tensors[other][0]]),
+                            tensors[pick][1]))
+        else:
+            tensors.append((sb.Concat()([tensors[pick][0], tensors[other][0]]), tensors[pick][1] + tensors[other][1]))
+        read.update({pick, other})
+    dangling = [t for k, (t, _) in enumerate(tensors) if k not in read and k > 0] or [tensors[-1][0]]
+    top = dangling[0] if len(dangling) == 1 else sb.Concat()(dangling)
+    classes = draw(st.integers(2, 3))
+    net = sb.Network(inputs=x, outputs=sb.Dense(classes)(top), l2=draw(st.sampled_from([0.0, 0.01])))
+    return net, draw(st.integers(0, 2**16))
+
+
+def torch_graph(net, P, X):
+    """The network run by torch, read from its layers and sources (an interpreter written
+    here, not symbp's to_torch)."""
+    outs = [X]
+    for pos, (layer, src) in enumerate(zip(net.layers, net.sources), 1):
+        ins = [outs[s_] for s_ in src]
+        if isinstance(layer, sb.Dense):
+            z = ins[0] @ P[f"W{pos}"].T + P[f"b{pos}"]
+        elif isinstance(layer, sb.Add):
+            z = ins[0] + ins[1]
+        else:
+            z = torch.cat(ins, 1)
+        act = layer.activation.name if not layer.activation.is_identity else None
+        outs.append({"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, None: lambda v: v}[act](z))
+    return outs[-1]
+
+
+@hypothesis.given(random_graphs())
+def test_random_graphs_derive_torch_gradients(case):
+    net, seed = case
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(0.0, 0.7, v.shape) for k, v in net.init_params(seed, np.dtype("float64")).items()}
+    x, t = rng.normal(size=net.widths[0]), int(rng.integers(0, net.outputs))
+    w = sb.walkthrough(net, x=x, t=t, params=params, max_checks=1)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    out = torch_graph(net, P, torch.tensor(x[None, :]))
+    loss = F.cross_entropy(out, torch.tensor([t])) + net.l2 / 2 * sum((P[k] ** 2).sum() for k in P if k.startswith("W"))
+    loss.backward()
+    assert w.loss == pytest.approx(loss.item(), rel=1e-12, abs=1e-12)
+    for key, value in P.items():
+        assert rel_err(w.grads[key], value.grad.numpy()) <= 1e-10, key
+
+
+@hypothesis.settings(max_examples=4)
+@hypothesis.given(random_graphs())
+def test_random_graphs_compile_to_torch_gradients_and_steps(compiled, case):
+    """The kernels of random graphs: loss and gradients, then two SGD steps with momentum."""
+    net, seed = case
+    model = compiled(net, "float64", seed=seed)
+    perturb_params(model, seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    X, y = rng.normal(size=(6, net.widths[0])), rng.integers(0, net.outputs, 6)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+
+    def torch_loss(rows):
+        out = torch_graph(net, P, torch.tensor(X[rows]))
+        return F.cross_entropy(out, torch.tensor(y[rows])) + net.l2 / 2 * sum(
+            (P[k] ** 2).sum() for k in P if k.startswith("W"))
+
+    loss, grads = model.loss_and_grads(X, y)
+    ref = torch_loss(slice(None))
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-10)
+    for key, value in P.items():
+        assert rel_err(grads[key], value.grad.numpy()) <= 1e-10, key
+    opt = torch.optim.SGD(list(P.values()), 0.1, momentum=0.9)
+    model.fit(X, y, optimizer=sb.SGD(0.1, momentum=0.9), batch_size=3, epochs=1, shuffle=False, progress=False)
+    for rows in (slice(0, 3), slice(3, 6)):
+        opt.zero_grad()
+        torch_loss(rows).backward()
+        opt.step()
+    for key, value in P.items():
+        assert rel_err(model.params[key], value.detach().numpy()) <= 1e-10, key
