@@ -18,7 +18,7 @@ from .read.report import report
 from .read.walkthrough import Walkthrough, walkthrough
 from .spec.activations import Activation
 from .spec.graph import Input
-from .spec.layers import Add, AvgPool2D, Concat, Conv2D, Dense, Flatten, LayerNorm, Maxout, MaxPool2D
+from .spec.layers import Add, AvgPool2D, BatchNorm, Concat, Conv2D, Dense, Flatten, LayerNorm, Maxout, MaxPool2D
 from .spec.layers import FormulaLayer as Layer  # sb.Layer("z[n, k] = …", units=…, params=…)
 from .spec.losses import Loss
 from .spec.network import Network
@@ -28,8 +28,8 @@ from .train.optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer,
 from .train.schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 
 __all__ = [
-    "Activation", "Adagrad", "Adam", "AdamW", "Add", "AvgPool2D", "Concat", "Conv2D", "CosineDecay", "Dense", "Flatten",
-    "Layer", "LayerNorm",
+    "Activation", "Adagrad", "Adam", "AdamW", "Add", "AvgPool2D", "BatchNorm", "Concat", "Conv2D", "CosineDecay",
+    "Dense", "Flatten", "Layer", "LayerNorm",
     "MaxPool2D", "Maxout", "Derivation", "EarlyStopping",
     "ExponentialDecay", "FormulaOptimizer", "from_torch", "History", "Input", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",

@@ -63,6 +63,10 @@ class LayerDerivation:
     inputs: tuple = ()  # their bases (x, a_m), one per source; ``x`` is the first
     in_dims: tuple = ()  # their symbolic extents as the formula reads them, one tuple per source
     sent: dict = field(default_factory=dict)  # position -> ∂C/∂(its output) through this layer (free p, …)
+    # -- statistics kept across batches (BatchNorm), see LayerForm ----------------------------
+    running: dict = field(default_factory=dict)
+    running_updates: list = field(default_factory=list)
+    eval_subs: dict = field(default_factory=dict)
 
     @property
     def affine(self) -> tuple[str, str] | None:
@@ -184,6 +188,7 @@ class Derivation:
             out_idx=out_idx, delta_idx=delta_idx, param_idx=dict(form.param_idx), param_dims=dict(form.param_dims),
             stages=list(form.stages), out_dims=out_dims, ranges=ranges, decay=tuple(form.decay), view=form.view,
             inputs=inputs, in_dims=tuple(form.in_dims or read_dims),
+            running=dict(form.running), running_updates=list(form.running_updates), eval_subs=dict(form.eval_subs),
         )
         for key, base in form.params.items():
             idx = form.param_idx[key]
@@ -261,12 +266,14 @@ class Derivation:
             if g is None:
                 continue  # nothing flows back through it (an arg-max: piecewise constant)
             chain_limits = [(sym, 0, ext - 1) for sym, ext in zip(st.idx, st.dims)]
+            g_at = g[st.idx] if st.batch else g[(n, *st.idx)]
+            samples = [] if st.batch else [(n, 0, N - 1)]  # a per-sample stage's δ sums over the batch
             for key, base in ld.params.items():
                 if st.formula.has(base):
                     pidx = ld.param_idx[key]
                     rng = {sym: (0, ext - 1) for sym, ext in zip(pidx, ld.param_dims[key])}
                     local = ld.local[ld.local_key(st, key)]
-                    grad = resolve(sp.Sum(g[(n, *st.idx)] * local, *chain_limits, (n, 0, N - 1)), rng)
+                    grad = resolve(sp.Sum(g_at * local, *chain_limits, *samples), rng)
                     # A parameter read by several stages: the sum over them (λθ added once).
                     if key in ld.grads:
                         ld.grads[key] += grad
@@ -277,15 +284,20 @@ class Derivation:
             for src in sources:
                 if not st.formula.has(src):
                     continue
-                src_dims = dims_of[src] if src in dims_of else next(s_.dims for s_ in ld.stages if s_.target is src)
+                stage = next((s_ for s_ in ld.stages if s_.target is src), None)
+                src_dims = dims_of[src] if stage is None else stage.dims
                 free = free_for[len(src_dims)]
                 rng = {sym: (0, ext - 1) for sym, ext in zip(free, src_dims)}
-                local = resolve(sp.diff(st.formula, src[(n, *free)]), {**rng, **{sym: (0, hi) for sym, _, hi in chain_limits}})
+                batch = stage is not None and stage.batch  # one value for the whole batch (a BatchNorm mean)
+                local = resolve(sp.diff(st.formula, src[free] if batch else src[(n, *free)]),
+                                {**rng, n: (0, N - 1), **{sym: (0, hi) for sym, _, hi in chain_limits}})
                 if local == 0:
                     continue
                 ld.local[ld.local_key(st, src)] = local
-                summand = g[(n, *st.idx)] * local
-                contrib = resolve(sp.Sum(summand, *chain_limits), rng) if chain_limits else resolve(summand, rng)
+                summand = g_at * local
+                # What every sample's stage sends to a batch value sums over the samples too.
+                limits = chain_limits + (samples if batch else [])
+                contrib = resolve(sp.Sum(summand, *limits), rng) if limits else resolve(summand, rng)
                 # An input read by several stages (a gated unit's two products) gets the sum
                 # of what each sends back: the chain rule over every path.
                 if src in dims_of:

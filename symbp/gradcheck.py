@@ -46,6 +46,8 @@ def gradcheck(model, X, y, eps: float = 1e-5, max_entries: int = 64, seed: int =
     rng = np.random.default_rng(seed)
     worst = 0.0
     for name, value in m64.params.items():
+        if name not in grads:
+            continue  # running statistics (BatchNorm's): kept, not trained
         flat = value.reshape(-1)
         picks = np.arange(flat.size) if flat.size <= max_entries else rng.choice(flat.size, max_entries, replace=False)
         for k in picks:

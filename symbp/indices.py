@@ -22,6 +22,10 @@ def width(layer: int) -> sp.Symbol:
 # indices of a derivative (∂C/∂x[n, q, r, s], ∂C/∂W[p, q, r, s]); ``e`` over Maxout pieces.
 c, h, w, u, v, r, s, e = sp.symbols("c h w u v r s e", integer=True, nonnegative=True)
 
+#: The sample index of a sum over the whole batch (BatchNorm's statistics): a name of its own,
+#: so that ∂/∂x[n, q] of Σ_ν x[ν, i] sees the sample n it differentiates by as free.
+nu = sp.Symbol("nu", integer=True, nonnegative=True)
+
 
 def as_size(value) -> sp.Expr:
     """A size as a SymPy object: a size symbol or expression stays, a number becomes one."""

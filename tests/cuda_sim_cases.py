@@ -518,9 +518,22 @@ def _branching_cnn():
     return sb.Network(inputs=x, outputs=sb.Dense(3)(sb.Flatten()(sb.MaxPool2D(2)(r))), l2=0.01)
 
 
-@pytest.mark.parametrize("make", [_residual_mlp, _branching_cnn], ids=["residual_mlp", "branching_cnn"])
+def _batchnorm_mlp():
+    x = sb.Input(4)
+    h = sb.Dense(3, activation="tanh")(x)
+    return sb.Network(inputs=x, outputs=sb.Dense(3)(sb.Add()([h, sb.Dense(3)(sb.BatchNorm(momentum=0.3)(h))])), l2=0.01)
+
+
+def _batchnorm_cnn():
+    return sb.Network(inputs=(1, 5, 5), layers=[sb.Conv2D(2, 3, activation="relu"), sb.BatchNorm(), sb.Flatten(),
+                                                sb.Dense(3)], l2=0.01)
+
+
+@pytest.mark.parametrize("make", [_residual_mlp, _branching_cnn, _batchnorm_mlp, _batchnorm_cnn],
+                         ids=["residual_mlp", "branching_cnn", "batchnorm_mlp", "batchnorm_cnn"])
 def test_graph_networks_match_cpu_target(make, compiled, cuda_compiled):
-    """Residual joins and concatenations: gradients and two epochs of Adam agree."""
+    """Residual joins, concatenations, BatchNorm: gradients and two epochs of Adam agree (the
+    running statistics too), then inference with them."""
     net = make()
     cpu, gpu = compiled(net, "float64", seed=2), cuda_compiled(net, "float64", seed=2)
     rng = np.random.default_rng(0)
@@ -531,3 +544,4 @@ def test_graph_networks_match_cpu_target(make, compiled, cuda_compiled):
     gpu.fit(X, y, optimizer=sb.Adam(lr=0.05), **kwargs)
     for key, value in cpu.params.items():
         assert_close(gpu.params[key], value, 1e-10, key)
+    assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")

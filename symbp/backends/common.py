@@ -74,7 +74,7 @@ def module_header(plan) -> str:
     for ld in d.layers:
         # describe() of a custom activation is the user's text, comments included.
         lines.append(f"  layer {ld.index} ({ld.layer.kind}, {one_line(ld.layer.activation.describe())}):")
-        lines += [f"    {st.target[(n, *st.idx)]} = {st.formula}" for st in ld.stages]
+        lines += [f"    {st.at(st.idx)} = {st.formula}" for st in ld.stages]
         lines += [f"    {ld.a[(n, *ld.out_idx)]} = {ld.output}", f"    {ld.delta[(n, *ld.delta_idx)]} = {ld.delta_formula}"]
         for key, g in ld.grads.items():
             lines.append(f"    dC/d{key}{ld.index} = {g}")

@@ -286,6 +286,12 @@ def _layernorm(g: GraphBuilder, layer, x: str, params: dict, pos: int) -> str:
     return g.node("LayerNormalization", [x, params["g"], params["b"]], hint=f"z{pos}", axis=-1, epsilon=layer.eps)
 
 
+def _batchnorm(g: GraphBuilder, layer, x: str, params: dict, pos: int) -> str:
+    """Inference: the running statistics (ONNX's BatchNormalization in its test mode)."""
+    return g.node("BatchNormalization", [x, params["g"], params["b"], params["rmean"], params["rvar"]],
+                  hint=f"z{pos}", epsilon=layer.eps, momentum=1 - layer.momentum)
+
+
 def _add_layer(g: GraphBuilder, layer, xs: list, params: dict, pos: int) -> str:
     total = xs[0]
     for other in xs[1:]:
@@ -302,7 +308,8 @@ def _concat(g: GraphBuilder, layer, xs: list, params: dict, pos: int) -> str:
 #: a list of inputs as ``x``.  The activation is added after it by the driver.
 LAYER_EXPORTERS: dict[str, Callable] = {
     "dense": _dense, "conv2d": _conv2d, "maxpool2d": _maxpool2d, "avgpool2d": _avgpool2d,
-    "flatten": _flatten, "maxout": _maxout, "layernorm": _layernorm, "add": _add_layer, "concat": _concat,
+    "flatten": _flatten, "maxout": _maxout, "layernorm": _layernorm, "batchnorm": _batchnorm,
+    "add": _add_layer, "concat": _concat,
 }
 
 

@@ -241,6 +241,17 @@ def _layernorm_to(layer, in_shape, p, dtype):
     return norm
 
 
+def _batchnorm_to(layer, in_shape, p, dtype):
+    nn = _torch().nn
+    norm = (nn.BatchNorm1d if len(in_shape) == 1 else nn.BatchNorm2d)(in_shape[0], eps=layer.eps,
+                                                                      momentum=layer.momentum, dtype=dtype)
+    _copy(norm.weight, p["g"])
+    _copy(norm.bias, p["b"])
+    _copy(norm.running_mean, p["rmean"])
+    _copy(norm.running_var, p["rvar"])
+    return norm
+
+
 #: Layer type → ``(layer, input shape, its params by key, torch dtype) → nn.Module``.  The
 #: module is made in the model's dtype before the weights are copied in: never rounded.
 TO_TORCH: dict[str, Callable] = {
@@ -251,6 +262,7 @@ TO_TORCH: dict[str, Callable] = {
     "flatten": lambda layer, s, p, dtype: _torch().nn.Flatten(),
     "maxout": _maxout_to,
     "layernorm": _layernorm_to,
+    "batchnorm": _batchnorm_to,
     "add": lambda layer, s, p, dtype: modules()[2](),
     "concat": lambda layer, s, p, dtype: modules()[3](),
 }
@@ -342,6 +354,14 @@ def _from_layernorm(mod, sb):
     return sb.LayerNorm(eps=float(mod.eps)), {"g": mod.weight, "b": mod.bias}
 
 
+def _from_batchnorm(mod, sb):
+    _needs(mod, "BatchNorm without its affine parameters (affine=False)", mod.affine)
+    _needs(mod, "BatchNorm without running statistics (track_running_stats=False)", mod.track_running_stats)
+    _needs(mod, "BatchNorm with a cumulative average (momentum=None)", mod.momentum is not None)
+    return sb.BatchNorm(momentum=float(mod.momentum), eps=float(mod.eps)), {
+        "g": mod.weight, "b": mod.bias, "rmean": mod.running_mean, "rvar": mod.running_var}
+
+
 def _from_softplus(mod):
     _needs(mod, "Softplus with beta ≠ 1", mod.beta == 1)
     return "softplus", {}
@@ -358,7 +378,8 @@ ACTIVATIONS_FROM: dict[str, Callable] = {
 def _layers_from(torch):
     nn = torch.nn
     return {nn.Linear: _from_linear, nn.Conv2d: _from_conv, nn.MaxPool2d: _from_pool("MaxPool2D"),
-            nn.AvgPool2d: _from_pool("AvgPool2D"), nn.Flatten: _from_flatten, nn.LayerNorm: _from_layernorm}
+            nn.AvgPool2d: _from_pool("AvgPool2D"), nn.Flatten: _from_flatten, nn.LayerNorm: _from_layernorm,
+            nn.BatchNorm1d: _from_batchnorm, nn.BatchNorm2d: _from_batchnorm}
 
 
 def _with_activation(layer, name: str, params: dict):

@@ -47,6 +47,10 @@ class Plan:
         self.roles: dict[str, str] = {}
         self.names, self.flat = names, {}  # flat: label -> (C, H, W) of a buffer stored (batch, C·H·W)
         self.extents = extents
+        #: buffers holding one value for the whole batch (BatchNorm's statistics and their
+        #: gradients): stored (1, size) and read at row 0, so that slicing a work buffer to
+        #: a short batch ([:nb]) never cuts them
+        self.batch_labels: dict[str, int] = {}  # label -> its number of indices (before row 0)
         if len(net.shapes[0]) == 3:
             self.flat["x"] = net.shapes[0]
         for ld in d.layers:
@@ -79,11 +83,27 @@ class Plan:
         of indexed bases, so that one array is one SymPy object however it was built."""
         widths = {self.d.dims[l]: w for l, w in enumerate(self.d.network.widths)}
         expr = expr.subs({l2: self.l2_value, **widths, **self.d.sizes})
-        return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.shape is not None,
+        expr = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.shape is not None,
                             lambda e: sp.IndexedBase(e.base.label)[e.indices])
+        if self.batch_labels:
+            expr = expr.replace(lambda e: isinstance(e, sp.Indexed)
+                                and self.batch_labels.get(str(e.base.label)) == len(e.indices),
+                                lambda e: sp.IndexedBase(e.base.label)[(0, *e.indices)])
+        return expr
 
-    def forward_steps(self, ld) -> list:
-        return stages.forward_steps(self, ld)
+    def forward_steps(self, ld, train: bool = False) -> list:
+        """Layer ``ld``'s forward pass: outside training (``train=False``) a layer with running
+        statistics reads them instead of computing its batch statistics."""
+        return stages.forward_steps(self, ld, train)
+
+    def running_steps(self) -> list:
+        """The running statistics' updates after a training forward pass (BatchNorm)."""
+        return [step for ld in self.d.layers for step in stages.running_steps(self, ld)]
+
+    @property
+    def has_modes(self) -> bool:
+        """Whether training and inference run different forward passes."""
+        return any(ld.eval_subs or any(st.batch for st in ld.stages) for ld in self.d.layers)
 
     def loss_step(self) -> RowLoop:
         d, out = self.d, self.d.layers[-1]

@@ -34,7 +34,7 @@ def setup(builder, ld) -> None:
             builder.buffer("dZflat", ("batch", net.widths[lid]), "delta")
         return
     shape = net.shapes[lid]
-    for key in ld.params:
+    for key in [*ld.params, *ld.running]:
         names[f"{key}{lid}"] = f"{key}{lid}"
         builder.params.append(f"{key}{lid}")
     names[f"z{lid}"] = f"Z{lid}"
@@ -49,7 +49,7 @@ def setup(builder, ld) -> None:
             continue
         size = _numbers(builder, st.dims)
         names[label] = f"A{label}"  # A…: written by forward, read by backward
-        builder.buffer(f"A{label}", _per_sample(size), "activation")
+        builder.buffer(f"A{label}", _stage_shape(builder, st, label, size), "activation")
         if len(size) == 3:
             builder.flat[label] = size
     conv = _conv(builder, ld)
@@ -69,7 +69,7 @@ def setup(builder, ld) -> None:
             continue  # ∂C/∂x̃ of a layer reading the network input is never needed
         size = _numbers(builder, st.dims)
         names[str(gb.label)] = f"dZ{gb.label}"
-        builder.buffer(f"dZ{gb.label}", _per_sample(size), "delta")
+        builder.buffer(f"dZ{gb.label}", _stage_shape(builder, st, str(gb.label), size), "delta")
         if len(size) == 3:
             builder.flat[str(gb.label)] = size
     builder.buffer(f"Z{lid}", ("batch", net.widths[lid]), "activation")
@@ -81,6 +81,15 @@ def setup(builder, ld) -> None:
 def reads_input(ld) -> bool:
     """Whether layer ``ld`` reads only the network input (nobody needs its ∂C/∂x)."""
     return all(src == 0 for src in ld.sources)
+
+
+def _stage_shape(builder, st, label: str, size: tuple) -> tuple:
+    """A stage buffer's shape (or that of its gradient): per sample, or (1, size) for a batch
+    stage, which the kernels read at row 0 (see Plan.batch_labels)."""
+    if not st.batch:
+        return _per_sample(size)
+    builder.batch_labels[label] = len(st.idx)
+    return (1, int(sp.prod(size)))
 
 
 def _per_sample(size: tuple) -> tuple:
@@ -111,8 +120,28 @@ def _inline(builder, ld, expr: sp.Expr) -> sp.Expr:
     return expr
 
 
-def _ranges(builder, idx, dims) -> list:
-    return [(n, N)] + [(sym, builder.extent(d_)) for sym, d_ in zip(idx, dims)]
+def _ranges(builder, idx, dims, batch: bool = False) -> list:
+    """The loops of a stage: over the samples and its indices (a batch stage: its indices)."""
+    return ([] if batch else [(n, N)]) + [(sym, builder.extent(d_)) for sym, d_ in zip(idx, dims)]
+
+
+def _evaluating(ld, expr: sp.Expr) -> sp.Expr:
+    """``expr`` as inference reads it: the batch statistics replaced by the running ones."""
+    if not ld.eval_subs:
+        return expr
+    by_label = {str(k_.label): v_ for k_, v_ in ld.eval_subs.items()}
+    return expr.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) in by_label,
+                        lambda e: by_label[str(e.base.label)][e.indices])
+
+
+def running_steps(builder, ld) -> list:
+    """The running statistics' updates of layer ``ld``, after a training forward pass."""
+    steps = []
+    for target, formula in ld.running_updates:
+        st = next(st for st in ld.stages if st.batch and st.idx == target.indices)
+        ranges = _ranges(builder, st.idx, st.dims, batch=True)
+        steps.append(Nest(ranges, [(builder.value(target), _fix(builder, ld, formula, ranges))]))
+    return steps
 
 
 def _fix(builder, ld, expr, ranges) -> sp.Expr:
@@ -120,17 +149,21 @@ def _fix(builder, ld, expr, ranges) -> sp.Expr:
                    {sym: (0, _size(builder, ext) - 1) for sym, ext in ranges if sym is not n})
 
 
-def forward_steps(builder, ld) -> list:
+def forward_steps(builder, ld, train: bool = False) -> list:
     if ld.view:
         return []
     steps = []
     for st in ld.stages:
-        if _inlined(st):
+        if _inlined(st) or (st.target in ld.eval_subs and not train):
+            continue  # (outside training a batch statistic is the running one)
+        ranges = _ranges(builder, st.idx, st.dims, st.batch)
+        target = builder.value(st.at(st.idx))
+        if st.batch:  # a sum over the samples, one value for the batch
+            steps.append(Nest(ranges, [(target, _fix(builder, ld, st.formula, ranges))]))
             continue
-        ranges = _ranges(builder, st.idx, st.dims)
-        target = builder.value(st.target[(n, *st.idx)])
-        if isinstance(st.formula, window_argmax):
-            value, *window = st.formula.args
+        formula = st.formula if train else _evaluating(ld, st.formula)
+        if isinstance(formula, window_argmax):
+            value, *window = formula.args
             win = [(sym, int(builder.value(hi)) + 1) for sym, _, hi in window]
             steps.append(WindowArgmax(ranges, target, _fix(builder, ld, value, ranges + win), win))
             continue
@@ -138,11 +171,11 @@ def forward_steps(builder, ld) -> list:
         if conv is not None:
             steps += _conv_forward(builder, ld, st, conv, ranges)
             continue
-        expr = _fix(builder, ld, st.formula, ranges)
+        expr = _fix(builder, ld, formula, ranges)
         if len(st.idx) == 1:
             try:  # a dense map (Dense, Maxout's pieces): a GEMM and a fused loop
                 pre, fused = split_sums(expr, st.target, (n, st.idx[0]), lambda s_, t_=st.target: t_)
-                _symbolic_comment(pre, st.formula)
+                _symbolic_comment(pre, formula)
                 if all(not isinstance(x_, Nest) for x_ in pre):
                     stmts = [(target, builder.value(fused))]
                     if st is ld.stages[-1] and not ld.layer.activation.is_identity:
@@ -171,13 +204,14 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if first and _inlined(st):
             continue  # ∂C/∂x̃ of the first layer: nobody reads it
-        ranges = _ranges(builder, free, st.dims)
+        ranges = _ranges(builder, free, st.dims, st.batch)
         conv = _conv(builder, ld) if _inlined(st) else None
         col2im = _conv_input_grad(builder, ld, conv, gb, free, formula, ranges) if conv is not None else None
         if col2im is not None:
             steps += col2im
             continue
-        steps.append(Nest(ranges, [(gb[(n, *free)], _fix(builder, ld, formula, ranges))]))
+        steps.append(Nest(ranges, [(builder.value(gb[free] if st.batch else gb[(n, *free)]),
+                                    _fix(builder, ld, formula, ranges))]))
     now, later = [], []
     for key in ld.params:
         g = builder.grad_base(ld, key)

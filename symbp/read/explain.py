@@ -549,22 +549,23 @@ def _image_forward_block(d, ld) -> Block:
     if sizes:
         block.lines.append(sizes)
     for st in ld.stages:
-        parts = [st.target[(n, *st.idx)], st.formula]
+        parts = [st.at(st.idx), st.formula]
         resolved = resolve(st.formula, {**ld.ranges, **{x: (0, ext - 1) for x, ext in zip(st.idx, st.dims)}})
         if resolved.has(sp.Piecewise):  # the padding's border made explicit
             parts.append(resolved)
         is_z = st.target is ld.z
         note = layer.notes.get("z" if is_z else f"stage:{_label_kind(str(st.target.label))}", "")
         quantity = ("z", l) if is_z else ("stage", str(st.target.label), l)
-        block.equations.append(Equation(parts, _dims_shape(d, st.dims), note, quantity))
+        block.equations.append(Equation(parts, _dims_shape(d, st.dims, st.batch), note, quantity))
     if not act.is_identity:
         block.equations.append(Equation([ld.a[(n, *ld.out_idx)], ld.output], _shape("N", *ld.out_shape),
                                         quantity=("a", l)))
     return block
 
 
-def _dims_shape(d, dims) -> str:
-    return _shape("N", *(as_size(x).subs(d.sizes) for x in dims))
+def _dims_shape(d, dims, batch: bool = False) -> str:
+    """A stage's shape: (N, …) per sample, (…) for one value of the whole batch."""
+    return _shape(*([] if batch else ["N"]), *(as_size(x).subs(d.sizes) for x in dims))
 
 
 def _free_for(ndim: int) -> tuple:
@@ -599,12 +600,13 @@ def _image_backward_blocks(d, ld) -> list[Block]:
                 src, dims = inputs[wrt]
             else:
                 dims = next(x.dims for x in ld.stages if x.target is src)
-            base, idx = src, (n, *_free_for(len(dims)))
+            batch = any(x.batch for x in ld.stages if x.target is src)  # a batch value has no n
+            base, idx = src, (() if batch else (n,)) + tuple(_free_for(len(dims)))
             if src in ld.inputs:  # how δ reaches the input, unless the layer says more about this step
                 note = layer.notes.get(topic + "x", _routing_note(layer))
             else:
                 note = layer.notes.get(topic + _label_kind(str(src.label)), "")
-        local.equations.append(Equation([Partial(st.target[(n, *st.idx)], base[idx]), expr], None, note))
+        local.equations.append(Equation([Partial(st.at(st.idx), base[idx]), expr], None, note))
     if not act.is_identity:
         parts = _fprime_parts(ld)
         local.equations.append(Equation(parts, _shape("N", *ld.out_shape), "∂a/∂z, elementwise", ("fprime", l)))
@@ -625,8 +627,8 @@ def _image_backward_blocks(d, ld) -> list[Block]:
         for label, (gb, free, formula) in ld.stage_grads.items():
             st = stage_of[label]
             note = layer.notes.get(f"stage_grad:{_label_kind(label)}", "")
-            inner.equations.append(Equation([gb[(n, *free)], Partial(C, st.target[(n, *free)]), formula],
-                                            _dims_shape(d, st.dims), note, ("stage_grad", label, l)))
+            inner.equations.append(Equation([gb[free] if st.batch else gb[(n, *free)], Partial(C, st.at(free)), formula],
+                                            _dims_shape(d, st.dims, st.batch), note, ("stage_grad", label, l)))
         blocks.append(inner)
     if ld.params:
         grads = Block(f"Layer {l}: parameter gradients")

@@ -536,8 +536,8 @@ def _entries(w) -> Graph:
     for ld in d.layers:
         for st in ld.stages:
             if not st.formula.has(ops.window_argmax):  # an arg-max: it lives in the max gate
-                stage_of[str(st.target.label)] = (fixed(st.formula), st.idx)
-        stage_of[f"a{ld.index}"] = (fixed(ld.output), ld.out_idx)
+                stage_of[str(st.target.label)] = (fixed(st.formula), st.idx, st.batch)
+        stage_of[f"a{ld.index}"] = (fixed(ld.output), ld.out_idx, False)
     params = w.params
     decayed = [str(ld.params[key].label) for ld in d.layers for key in ld.decay]
     last = f"a{len(d.layers)}"
@@ -564,9 +564,10 @@ def _entries(w) -> Graph:
             return entry(sp.Indexed(last, 0, *np.unravel_index(idx[1], shape)))
         if label not in stage_of:
             raise KeyError(f"no gate for {e}")
-        formula, sidx = stage_of[label]
-        expr = _maxes(_expand(formula.xreplace({n_: sp.Integer(0), **dict(zip(sidx, map(sp.Integer, idx[1:])))})))
-        caption = _entry_text(label, idx[1:])
+        formula, sidx, batch = stage_of[label]
+        at = idx if batch else idx[1:]  # a batch stage (BatchNorm's mean) has no sample index
+        expr = _maxes(_expand(formula.xreplace({n_: sp.Integer(0), **dict(zip(sidx, map(sp.Integer, at)))})))
+        caption = _entry_text(label, at)
         if isinstance(expr, sp.Indexed):  # wiring: a reshape, the padding's copy, an identity
             ref[key] = entry(expr)
             node = b.nodes[ref[key]]

@@ -157,7 +157,8 @@ class Network:
 
     def param_counts(self) -> list[int]:
         """Number of parameters of each layer (Conv2D: (F·F·C + 1)·K)."""
-        return [sum(math.prod(sh) for sh in layer.param_shapes(self.in_shape(pos)).values())
+        return [sum(math.prod(sh) for key, sh in layer.param_shapes(self.in_shape(pos)).items()
+                    if key not in layer.running_keys)
                 for pos, layer in enumerate(self.layers, 1)]
 
     @property

@@ -399,6 +399,12 @@ class Model:
             with distributed.together(comm):
                 raise NotImplementedError(f"data-parallel training (comm=) runs on the CPU target; "
                                           f"{type(self).__name__} is not one")
+        held = [layer for layer in self.network.layers if layer.running_keys]
+        if held:
+            with distributed.together(comm):
+                raise NotImplementedError(f"data-parallel training (comm=) of {held[0]!r}: each process would "
+                                          "normalise by its own rows' statistics, not the global batch's "
+                                          "(synchronised batch statistics are not built yet)")
         facts = {
             "network": self.network.fingerprint(), "dtype": self.dtype.name, "optimizer": repr(opt),
             "batch_size": batch_size, "epochs, initial_epoch, shuffle": settings[:3],
@@ -447,6 +453,7 @@ class Model:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
         X, T = self._data(X, y)
+        self._check_batch_statistics(len(X), batch_size)
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -463,6 +470,20 @@ class Model:
             if getattr(watcher, "monitor", None) is not None:
                 check_monitor(watcher, recorded)
         return optimizer or self.optimizer or SGD(lr=0.01), batch_size, X, T, val
+
+    def _check_batch_statistics(self, rows: int, batch_size: int) -> None:
+        """A BatchNorm layer needs two or more values per feature in every training batch (its
+        running variance is unbiased: ·count/(count − 1)), as PyTorch's does."""
+        net = self.network
+        sizes = {min(batch_size, rows), rows % batch_size or min(batch_size, rows)}
+        for pos, layer in enumerate(net.layers, 1):
+            if not layer.running_keys:
+                continue
+            per_row = math.prod(net.in_shape(pos)[1:])  # H·W values per channel of an image, 1 per feature
+            if min(sizes) * per_row < 2:
+                raise ValueError(f"layer {pos} ({layer!r}) needs at least 2 values per feature in every training "
+                                 f"batch, but {rows} rows in batches of {batch_size} leave a batch of "
+                                 f"{min(sizes)} row: choose a batch size that leaves no single row")
 
     def _adopt(self, opt: Optimizer, schedule: Schedule | None) -> None:
         """Make ``opt`` (and ``schedule``) the model's; a new optimizer's rate is the base rate."""

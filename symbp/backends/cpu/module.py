@@ -95,7 +95,8 @@ class CpuModule(Plan):
         return "np.float32" if self.dtype == "float32" else "np.float64"
 
     def _prelude(self) -> list[str]:
-        return ["nb = X.shape[0]", f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+        return ["nb = X.shape[0]", f"nbf = {self.float_type}(nb)",
+                f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
 
     def build(self) -> ModuleLayout:
         """The model module: forward, loss, gradients, evaluation."""
@@ -107,7 +108,9 @@ class CpuModule(Plan):
         fns = [
             self.function("forward", ["X"] + P + acts, self._prelude(),
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
-                          "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."),
+                          "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."
+                          + ("\n    Inference: the running statistics stand for the batch's." if self.has_modes else "")),
+            *self._training_forward(P, acts),
             self.function("loss_rows", out + ["T", B["dl"][0]],
                           [f"nb = {B['last'][0]}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
                           [self.loss_step()], ["return total, correct"],
@@ -137,6 +140,21 @@ class CpuModule(Plan):
             f"DTYPE = {self.dtype!r}", "", helper_source(self.helpers), *fns,
         ])
         return ModuleLayout(P, self.workspace, with_provenance(src, self.provenance))
+
+    def _training_forward(self, P: list, acts: list) -> list[str]:
+        """``forward_train`` (the batch's statistics) and ``update_running`` (the running
+        statistics from them), where training and inference differ; else aliases."""
+        if not self.has_modes:
+            return ["forward_train = forward  # training and inference run the same forward pass\n",
+                    "\n@njit(cache=True)\ndef update_running(X, " + ", ".join(P + acts) + "):\n"
+                    '    """No running statistics in this network."""\n    return\n']
+        return [
+            self.function("forward_train", ["X"] + P + acts, self._prelude(),
+                          [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)], [],
+                          "Forward pass over a batch in training: batch statistics, fills Z and A."),
+            self.function("update_running", ["X"] + P + acts, self._prelude(), self.running_steps(), [],
+                          "The running statistics from this batch's (after forward_train), as PyTorch updates them."),
+        ]
 
     @staticmethod
     def _glue_names(B: dict) -> dict:
@@ -184,7 +202,8 @@ class CpuModule(Plan):
                       "\n\nUpdate rule (SymPy), for each parameter theta with gradient g, at step t:\n" + rules + "\n"),
             "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
-            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward, loss_rows", "",
+            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
+            "update_running", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
             f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}", "",
             helper_source(self.helpers), update, grads_only, update_only, tidy_args(_TRAIN.format(**names)),
@@ -195,8 +214,9 @@ class CpuModule(Plan):
 _GLUE = '''
 @njit(cache=True)
 def loss_and_grads(X, T, {P}, {WS}):
-    """Mean loss over the batch plus the l2 penalty, and all gradients."""
-    forward(X, {P}, {ACTS})
+    """Mean loss over the batch plus the l2 penalty, and all gradients (as in training: the
+    batch's statistics, the running ones left as they are)."""
+    forward_train(X, {P}, {ACTS})
     total, correct = loss_rows({OUT}, T, {DL})
     backward(X, {P}, {ACTS}, {DELTAS}, {GRADS})
     return total / X.shape[0] + penalty({P}), correct
@@ -240,7 +260,8 @@ def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES} Xb, T
         for r in range(nb):
             Xb[r] = X[order[start + r]]
             Tb[r] = T[order[start + r]]
-        forward(Xb[:nb], {P}, {ACTS_SLICED})
+        forward_train(Xb[:nb], {P}, {ACTS_SLICED})
+        update_running(Xb[:nb], {P}, {ACTS_SLICED})
         loss, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
         if not np.isfinite(loss):
             return total, correct, t - step0, start // batch_size
@@ -257,7 +278,7 @@ def slice_grads(X, T, scale, {P}, {WS}):
     Σ ℓ over its rows, and gradient sums with δ_L scaled by ``scale`` = its rows / the global
     batch's rows, so the sums over every process are the global batch's ∂C/∂θ (λθ aside)."""
     nb = X.shape[0]
-    forward(X, {P}, {ACTS_SLICED})
+    forward_train(X, {P}, {ACTS_SLICED})
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     {DL}[:nb] *= scale
     backward_grads(X, {P}, {SLICED}, {GRADS})

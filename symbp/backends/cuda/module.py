@@ -163,6 +163,21 @@ class CudaBuilder(Plan):
             *(f"E_{s.upper()} = {k}" for k, s in enumerate(EPOCH_SLOTS)),
         ]
 
+    def _training_forward(self, P: list, acts: list, kernels) -> list[str]:
+        """``forward_train`` and ``update_running`` where training and inference differ
+        (batch statistics), else aliases (see the CPU target's)."""
+        if not self.has_modes:
+            return ["forward_train = forward  # training and inference run the same forward pass\n",
+                    f"def update_running(nb, X, {', '.join(P + acts)}):\n"
+                    '    """No running statistics in this network."""\n    return\n']
+        return [
+            self.launcher("forward_train", ["nb", "X"] + P + acts,
+                          [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)],
+                          "Forward pass over the first nb rows in training: batch statistics.", kernels),
+            self.launcher("update_running", ["nb", "X"] + P + acts, self.running_steps(),
+                          "The running statistics from this batch's (after forward_train).", kernels),
+        ]
+
     def build(self) -> str:
         """The model module: forward, loss, gradients, penalty."""
         self.helpers: set[str] = set()
@@ -173,6 +188,7 @@ class CudaBuilder(Plan):
             self.launcher("forward", ["nb", "X"] + P + acts,
                           [s for ld in self.d.layers for s in self.forward_steps(ld)],
                           "Forward pass over the first nb rows; fills Z (pre-activations) and A (outputs).", kernels),
+            *self._training_forward(P, acts, kernels),
             self.launcher("loss_rows", ["nb"] + out + ["T", B["dl"][0], "stats"], [self.loss_step()],
                           "Σ_n ℓ_n and the hits into stats[S_TOTAL], stats[S_CORRECT]; δ_L = ∂C/∂z_L.", kernels),
             self.launcher("backward", ["nb", "X"] + P + acts + deltas + grads, self.backward_steps(),
@@ -260,7 +276,8 @@ class CudaBuilder(Plan):
 _SHARED_NAMES = ["FT", "ONE", "ZERO", "HALF", "NEG_INF", "THREADS", "MAX_BLOCKS", "COLS", "ROW_GROUPS", "TILE", "TILE_K",
                  "MICRO", "SPAN", "GEMM_THREADS", "TILE_PAD", *(f"S_{s.upper()}" for s in STAT_SLOTS),
                  *(f"E_{s.upper()}" for s in EPOCH_SLOTS),
-                 "blocks", "col_blocks", "gemm_blocks", "batch_gemm_blocks", "block_reduce", "forward", "loss_rows"]
+                 "blocks", "col_blocks", "gemm_blocks", "batch_gemm_blocks", "block_reduce", "forward", "loss_rows",
+                 "forward_train", "update_running"]
 
 
 def _import_lines(module: str, names: list[str], width: int = 100) -> list[str]:
@@ -279,7 +296,8 @@ def _signatures(signatures: dict[str, str]) -> str:
                       "SIGNATURES = {", *lines, "}"])
 
 
-_MODEL_NAMES = {"forward", "loss_rows", "backward", "penalty", "loss_and_grads", "blocks", "col_blocks", "gemm_blocks",
+_MODEL_NAMES = {"forward", "forward_train", "update_running", "loss_rows", "backward", "penalty", "loss_and_grads",
+                "blocks", "col_blocks", "gemm_blocks",
                 "batch_gemm_blocks",
                 "block_reduce", "gemm", "cublas_gemm", "sigmoid", "softplus", "relu", "leaky_relu", "elu"}
 _TRAIN_NAMES = _MODEL_NAMES | {"backward_update", "train_epoch", "gather_rows", "check_batch", "finish_batch",
@@ -346,8 +364,8 @@ def gemm(ta, tb, epoch, M, N, K, A, B, C, alpha, beta):
 
 _GLUE = '''def loss_and_grads(nb, X, T, {P}, {WS}, stats):
     """Forward, loss and backward over nb rows: Σ_n ℓ_n, the hits and the penalty into stats,
-    the gradients into the dW, db buffers."""
-    forward(nb, X, {P}, {ACTS})
+    the gradients into the dW, db buffers (as in training: the batch's statistics)."""
+    forward_train(nb, X, {P}, {ACTS})
     loss_rows(nb, {OUT}, T, {DL}, stats)
     backward(nb, X, {P}, {ACTS}, {DELTAS}, {GRADS})
     penalty({P}, stats)
@@ -401,7 +419,8 @@ def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES}Xb, Tb
     for batch, start in enumerate(range(0, n, batch_size)):
         nb = min(batch_size, n - start)
         gather_rows[blocks(nb * max(d0, {DL_WIDTH})), THREADS](nb, start, order, X, T, Xb, Tb)
-        forward(nb, Xb, {P}, {ACTS})
+        forward_train(nb, Xb, {P}, {ACTS})
+        update_running(nb, Xb, {P}, {ACTS})
         loss_rows(nb, {OUT}, Tb, {DL}, stats)
         check_batch[1, 1](batch, stats, epoch)
         backward_update(nb, Xb, {P}, {ACTS}, {DELTAS}, {GRADS}, {STATES}{HYPER}step0 + batch + 1, stats, epoch)

@@ -11,8 +11,8 @@ from .dense import Dense
 from .flatten import Flatten
 from .maxout import Maxout
 from .merge import Add, Concat
-from .norm import LayerNorm
+from .norm import BatchNorm, LayerNorm
 from .pooling import AvgPool2D, MaxPool2D
 
-__all__ = ["LAYERS", "Add", "AvgPool2D", "Concat", "Conv2D", "Dense", "Flatten", "FormulaLayer", "Layer", "LayerForm",
-           "LayerNorm", "MaxPool2D", "Maxout", "Stage", "image_dims", "register"]
+__all__ = ["LAYERS", "Add", "AvgPool2D", "BatchNorm", "Concat", "Conv2D", "Dense", "Flatten", "FormulaLayer", "Layer",
+           "LayerForm", "LayerNorm", "MaxPool2D", "Maxout", "Stage", "image_dims", "register"]

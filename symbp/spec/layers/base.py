@@ -18,18 +18,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
+from ...indices import n as N_SAMPLE
 from .. import activations
 from ..graph import Tensor, as_inputs
 
 
 @dataclass
 class Stage:
-    """One index formula of a layer's forward pass: ``target[n, *idx] = formula``."""
+    """One index formula of a layer's forward pass: ``target[n, *idx] = formula``; a
+    ``batch`` stage is one value for the whole batch, ``target[*idx]`` (BatchNorm's mean,
+    a sum over the samples ν)."""
 
     target: sp.IndexedBase
     idx: tuple
     formula: sp.Expr
     dims: tuple  # symbolic extents of idx
+    batch: bool = False
+
+    def at(self, idx: tuple) -> sp.Indexed:
+        """The target at sample n and ``idx`` (a batch stage: at ``idx``)."""
+        return self.target[tuple(idx)] if self.batch else self.target[(N_SAMPLE, *idx)]
 
 
 @dataclass
@@ -49,6 +57,13 @@ class LayerForm:
     #: z holds the input's values in C order, unchanged (a reshape): the kernels give z the
     #: input's buffer instead of copying it
     view: bool = False
+    #: statistics kept across batches (BatchNorm's running mean and variance): key -> base.
+    #: They are not trained; ``running_updates`` (target, formula) run after each training
+    #: forward pass, and outside training (predict, evaluate) the stages in ``eval_subs``
+    #: are not computed: their reads become reads of the running statistics.
+    running: dict = field(default_factory=dict)
+    running_updates: list = field(default_factory=list)
+    eval_subs: dict = field(default_factory=dict)
 
 
 def size_symbol(name: str, l: int) -> sp.Symbol:
@@ -113,6 +128,10 @@ class Layer:
     #: it joins several inputs (Add, Concat): ``output_shape`` and ``symbolic`` then take a
     #: tuple of shapes, of input bases and of input extents, one per input
     merges = False
+    #: the keys of ``param_shapes`` that are statistics, not trained (BatchNorm's running
+    #: mean and variance): saved, loaded and exported with the parameters, never updated
+    #: by an optimizer and not counted as parameters
+    running_keys: tuple = ()
 
     def __call__(self, inputs):
         """The functional form: ``h = sb.Dense(64)(x)``; a merging layer takes a list."""
