@@ -18,7 +18,7 @@ from .read.report import report
 from .read.walkthrough import Walkthrough, walkthrough
 from .spec.activations import Activation
 from .spec.graph import Input
-from .spec.layers import Add, AvgPool2D, BatchNorm, Concat, Conv2D, Dense, Flatten, LayerNorm, Maxout, MaxPool2D
+from .spec.layers import Add, AvgPool2D, BatchNorm, Concat, Conv2D, Dense, Dropout, Flatten, LayerNorm, Maxout, MaxPool2D
 from .spec.layers import FormulaLayer as Layer  # sb.Layer("z[n, k] = …", units=…, params=…)
 from .spec.losses import Loss
 from .spec.network import Network
@@ -29,7 +29,7 @@ from .train.schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, S
 
 __all__ = [
     "Activation", "Adagrad", "Adam", "AdamW", "Add", "AvgPool2D", "BatchNorm", "Concat", "Conv2D", "CosineDecay",
-    "Dense", "Flatten", "Layer", "LayerNorm",
+    "Dense", "Dropout", "Flatten", "Layer", "LayerNorm",
     "MaxPool2D", "Maxout", "Derivation", "EarlyStopping",
     "ExponentialDecay", "FormulaOptimizer", "from_torch", "History", "Input", "Loss", "Model", "ModelCheckpoint", "Network",
     "Optimizer", "RMSprop", "ReduceLROnPlateau", "SGD", "StepDecay", "__version__", "compile", "derive",

@@ -285,6 +285,8 @@ class Derivation:
                 if not st.formula.has(src):
                     continue
                 stage = next((s_ for s_ in ld.stages if s_.target is src), None)
+                if stage is not None and not _reads_anything(stage, ld):
+                    continue  # a constant of the step (Dropout's mask): no gradient to carry
                 src_dims = dims_of[src] if stage is None else stage.dims
                 free = free_for[len(src_dims)]
                 rng = {sym: (0, ext - 1) for sym, ext in zip(free, src_dims)}
@@ -354,6 +356,13 @@ class Derivation:
 
     def __repr__(self) -> str:
         return f"Derivation({self.network!r})"
+
+
+def _reads_anything(stage, ld) -> bool:
+    """Whether a stage reads a layer input, a parameter or another stage (else its value is
+    a constant of the step, such as a dropout mask)."""
+    bases = [*ld.inputs, *ld.params.values(), *(s_.target for s_ in ld.stages if s_ is not stage)]
+    return any(stage.formula.has(b) for b in bases)
 
 
 def derive(net: Network) -> Derivation:

@@ -545,3 +545,10 @@ def test_graph_networks_match_cpu_target(make, compiled, cuda_compiled):
     for key, value in cpu.params.items():
         assert_close(gpu.params[key], value, 1e-10, key)
     assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
+
+
+def test_dropout_is_refused_when_generated(session_cache_dir):
+    """Dropout's masks are drawn by the CPU kernels only: the CUDA target says so."""
+    net = sb.Network(inputs=3, layers=[sb.Dense(2), sb.Dropout(0.5), sb.Dense(2)])
+    with pytest.raises(NotImplementedError, match="Dropout on the CUDA target"):
+        compile_cuda(net, dtype="float64", cache_dir=session_cache_dir)

@@ -255,6 +255,11 @@ class NumbaPrinter(PythonCodePrinter):
         m, j = expr.args
         return f"(ONE if {self._print(m)} == {j} else ZERO)"
 
+    def _print_dropout_mask(self, expr):
+        # Numba's own generator, seeded per epoch (seed_masks): drawn in loop order, serially.
+        keep = expr.args[0]
+        return f"({self._print(1 / keep)} if np.random.random() < {self._print(keep)} else ZERO)"
+
     def _print_Pow(self, expr, rational=False):
         base, e = expr.args
         if e.is_Integer and 0 < abs(int(e)) <= 4:

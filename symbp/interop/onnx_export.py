@@ -309,6 +309,7 @@ def _concat(g: GraphBuilder, layer, xs: list, params: dict, pos: int) -> str:
 LAYER_EXPORTERS: dict[str, Callable] = {
     "dense": _dense, "conv2d": _conv2d, "maxpool2d": _maxpool2d, "avgpool2d": _avgpool2d,
     "flatten": _flatten, "maxout": _maxout, "layernorm": _layernorm, "batchnorm": _batchnorm,
+    "dropout": lambda g, layer, x, params, pos: x,  # inference: the identity
     "add": _add_layer, "concat": _concat,
 }
 

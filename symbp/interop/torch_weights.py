@@ -263,6 +263,7 @@ TO_TORCH: dict[str, Callable] = {
     "maxout": _maxout_to,
     "layernorm": _layernorm_to,
     "batchnorm": _batchnorm_to,
+    "dropout": lambda layer, s, p, dtype: _torch().nn.Dropout(layer.p),
     "add": lambda layer, s, p, dtype: modules()[2](),
     "concat": lambda layer, s, p, dtype: modules()[3](),
 }
@@ -379,7 +380,8 @@ def _layers_from(torch):
     nn = torch.nn
     return {nn.Linear: _from_linear, nn.Conv2d: _from_conv, nn.MaxPool2d: _from_pool("MaxPool2D"),
             nn.AvgPool2d: _from_pool("AvgPool2D"), nn.Flatten: _from_flatten, nn.LayerNorm: _from_layernorm,
-            nn.BatchNorm1d: _from_batchnorm, nn.BatchNorm2d: _from_batchnorm}
+            nn.BatchNorm1d: _from_batchnorm, nn.BatchNorm2d: _from_batchnorm,
+            nn.Dropout: lambda mod, sb: (sb.Dropout(float(mod.p)), {})}
 
 
 def _with_activation(layer, name: str, params: dict):

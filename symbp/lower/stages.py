@@ -130,8 +130,12 @@ def _evaluating(ld, expr: sp.Expr) -> sp.Expr:
     if not ld.eval_subs:
         return expr
     by_label = {str(k_.label): v_ for k_, v_ in ld.eval_subs.items()}
-    return expr.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) in by_label,
-                        lambda e: by_label[str(e.base.label)][e.indices])
+
+    def read(e):  # a running statistic at the same indices, or a constant (Dropout's mask: 1)
+        value = by_label[str(e.base.label)]
+        return value[e.indices] if isinstance(value, sp.IndexedBase) else value
+
+    return expr.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) in by_label, read)
 
 
 def running_steps(builder, ld) -> list:

@@ -234,8 +234,9 @@ class _Evaluator:
         for ld in d.layers:
             l = ld.index
             # a batch stage (BatchNorm's mean) is one value for the batch: no sample axis
-            self.stages[l] = [(str(st.target.label), fixed(st.formula), st.at(st.idx).indices, extents(st.idx, st.dims))
-                              for st in ld.stages]
+            # (n over the one sample: a formula that reads no array, Dropout's mask, needs it)
+            self.stages[l] = [(str(st.target.label), fixed(st.formula), st.at(st.idx).indices,
+                               {**({} if st.batch else {n: 1}), **extents(st.idx, st.dims)}) for st in ld.stages]
             self.switches += [st[0] for st, raw in zip(self.stages[l], ld.stages) if raw.formula.has(window_argmax)]
             shape = net.shapes[l]
             self.outputs[l] = (fixed(ld.output), (n, *ld.out_idx), dict(zip(ld.out_idx, shape)))
@@ -458,7 +459,7 @@ def walkthrough(
             err = _rel(val, num, scale)
             status = "ok" if err <= tolerance else ("kink" if kinks or any(switched) else "FAILED")
             w.checks.append(Check(f"∂C/∂{pnames.get((name, k), entry)}", entry, val, num, err, status=status, theta=theta))
-    if model is not None:
+    if model is not None and not net.random:  # Dropout's kernels draw their own masks: nothing to compare
         _compare_kernels(w, model)
     return w
 

@@ -135,6 +135,11 @@ class Network:
         """Whether some layer reads anything but the layer before it (a branch, a join)."""
         return any(src != (pos - 1,) for pos, src in enumerate(self.sources, 1))
 
+    @property
+    def random(self) -> bool:
+        """Whether training draws random numbers (Dropout's masks)."""
+        return any(layer.random for layer in self.layers)
+
     def consumers(self, pos: int) -> list[int]:
         """The layers that read position ``pos`` (0: the input), in order."""
         return [l for l, src in enumerate(self.sources, 1) if pos in src]

@@ -250,3 +250,13 @@ class route(sp.Function):  # noqa: N801
 
     def _eval_rewrite_as_Piecewise(self, m, j, **kwargs):
         return sp.Piecewise((1, sp.Eq(m, j)), (0, True))
+
+
+class dropout_mask(sp.Function):  # noqa: N801
+    """dropout_mask(keep, n, *idx): inverted dropout's factor for one entry, 1/keep with
+    probability ``keep`` and 0 otherwise, drawn afresh by the training kernels.  The indices
+    only make each entry its own draw (no code hoists it out of its loop); the value does not
+    depend on any input, so its derivative is 0 (the mask is a constant of the step)."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero

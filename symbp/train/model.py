@@ -366,6 +366,8 @@ class Model:
             for epoch in range(initial_epoch, epochs):
                 hyper = self._epoch_hyper(opt, epoch)
                 order = epoch_order(X.shape[0], shuffle, seed, epoch, rank if sharded else None)
+                if self.network.random:  # Dropout: masks from the seed and the epoch, as the order
+                    self.kernels.seed_masks(mask_seed(seed, epoch))
                 total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step)
                 # The kernel checks each batch's loss before that batch's update; the last
                 # update of the epoch is checked here (no loss of this epoch would see it).
@@ -399,12 +401,12 @@ class Model:
             with distributed.together(comm):
                 raise NotImplementedError(f"data-parallel training (comm=) runs on the CPU target; "
                                           f"{type(self).__name__} is not one")
-        held = [layer for layer in self.network.layers if layer.running_keys]
+        held = [layer for layer in self.network.layers if layer.running_keys or layer.random]
         if held:
             with distributed.together(comm):
                 raise NotImplementedError(f"data-parallel training (comm=) of {held[0]!r}: each process would "
-                                          "normalise by its own rows' statistics, not the global batch's "
-                                          "(synchronised batch statistics are not built yet)")
+                                          "use its own rows' statistics or masks, not the global batch's "
+                                          "(synchronised batch statistics and masks are not built yet)")
         facts = {
             "network": self.network.fingerprint(), "dtype": self.dtype.name, "optimizer": repr(opt),
             "batch_size": batch_size, "epochs, initial_epoch, shuffle": settings[:3],
@@ -569,6 +571,12 @@ def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int, rank: int |
         return np.arange(n)
     key = [seed, epoch] if rank is None else [seed, epoch, rank]
     return np.random.default_rng(key if seed is not None else None).permutation(n)
+
+
+def mask_seed(seed: int | None, epoch: int) -> int:
+    """The seed of an epoch's Dropout masks: a function of the fit's seed and the epoch only,
+    so a resumed fit draws the masks an uninterrupted one would (None: a fresh draw)."""
+    return int(np.random.default_rng(None if seed is None else [seed, epoch, 1]).integers(2**31 - 1))
 
 
 def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:

@@ -120,7 +120,12 @@ class CpuModule(Plan):
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
                           "(λ/2) Σ_l ‖W_l‖²."),
         ]
-        fns.append(tidy_args(_GLUE.format(**self._glue_names(B))))
+        fns.append(_SEED_MASKS)
+        names = self._glue_names(B)
+        # Dropout: the same masks on every call, so that loss_and_grads is a function of its
+        # arguments (finite differences agree with it); training seeds each epoch instead.
+        names["SEED"] = "    seed_masks(0)\n" if self.d.network.random else ""
+        fns.append(tidy_args(_GLUE.format(**names)))
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             module_header(self), "import math", "", "import numpy as np", "from numba import njit", "",
@@ -211,12 +216,20 @@ class CpuModule(Plan):
         return with_provenance(src, self.provenance)
 
 
+_SEED_MASKS = '''
+@njit(cache=True)
+def seed_masks(seed):
+    """Seed the generator Dropout's masks are drawn from (Numba's own, in this thread)."""
+    np.random.seed(seed)
+'''
+
+
 _GLUE = '''
 @njit(cache=True)
 def loss_and_grads(X, T, {P}, {WS}):
     """Mean loss over the batch plus the l2 penalty, and all gradients (as in training: the
     batch's statistics, the running ones left as they are)."""
-    forward_train(X, {P}, {ACTS})
+{SEED}    forward_train(X, {P}, {ACTS})
     total, correct = loss_rows({OUT}, T, {DL})
     backward(X, {P}, {ACTS}, {DELTAS}, {GRADS})
     return total / X.shape[0] + penalty({P}), correct

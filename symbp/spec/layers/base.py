@@ -132,6 +132,8 @@ class Layer:
     #: mean and variance): saved, loaded and exported with the parameters, never updated
     #: by an optimizer and not counted as parameters
     running_keys: tuple = ()
+    #: its training forward pass draws random numbers (Dropout's masks)
+    random = False
 
     def __call__(self, inputs):
         """The functional form: ``h = sb.Dense(64)(x)``; a merging layer takes a list."""
