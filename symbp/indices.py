@@ -26,6 +26,9 @@ c, h, w, u, v, r, s, e = sp.symbols("c h w u v r s e", integer=True, nonnegative
 #: so that ∂/∂x[n, q] of Σ_ν x[ν, i] sees the sample n it differentiates by as free.
 nu = sp.Symbol("nu", integer=True, nonnegative=True)
 
+#: The seed of a training step's random draws (Dropout's masks): a kernel argument.
+seed = sp.Symbol("seed", integer=True, nonnegative=True)
+
 
 def as_size(value) -> sp.Expr:
     """A size as a SymPy object: a size symbol or expression stays, a number becomes one."""

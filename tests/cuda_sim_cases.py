@@ -58,6 +58,10 @@ from symbp.backends.cuda.module import CudaConfig  # noqa: E402
 
 N_SAMPLES = 9  # with batches of 4: two full batches and a short one
 
+# Dropout's counter-based generator multiplies uint64s modulo 2**64; the simulator runs it as
+# NumPy scalars, which warn on that wrap-around (a GPU does not).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in scalar:RuntimeWarning")
+
 
 @pytest.fixture(scope="session")
 def cuda_compiled(session_cache_dir):
@@ -547,8 +551,19 @@ def test_graph_networks_match_cpu_target(make, compiled, cuda_compiled):
     assert_close(gpu.decision_function(X), cpu.decision_function(X), 1e-12, "logits")
 
 
-def test_dropout_is_refused_when_generated(session_cache_dir):
-    """Dropout's masks are drawn by the CPU kernels only: the CUDA target says so."""
-    net = sb.Network(inputs=3, layers=[sb.Dense(2), sb.Dropout(0.5), sb.Dense(2)])
-    with pytest.raises(NotImplementedError, match="Dropout on the CUDA target"):
-        compile_cuda(net, dtype="float64", cache_dir=session_cache_dir)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_dropout_draws_the_cpu_targets_masks(dtype, compiled, cuda_compiled):
+    """The counter-based masks: the same draws on both targets, in the loss and gradients and
+    over two epochs of training (a seed per step); float32 too."""
+    net = sb.Network(inputs=(1, 4, 4), layers=[sb.Conv2D(2, 3, activation="relu"), sb.Dropout(0.3), sb.Flatten(),
+                                               sb.Dense(3, activation="tanh"), sb.Dropout(0.5), sb.Dense(3)])
+    cpu, gpu = compiled(net, dtype, seed=2), cuda_compiled(net, dtype, seed=2)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(7, 16)).astype(dtype), rng.integers(0, 3, 7)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    assert_same_loss_and_grads(cpu, gpu, X, y, tol=tol)
+    kwargs = dict(batch_size=4, epochs=2, seed=1, progress=False)
+    cpu.fit(X, y, optimizer=sb.SGD(lr=0.1, momentum=0.9), **kwargs)
+    gpu.fit(X, y, optimizer=sb.SGD(lr=0.1, momentum=0.9), **kwargs)
+    for key, value in cpu.params.items():
+        assert_close(gpu.params[key], value, tol, key)

@@ -143,12 +143,13 @@ def test_exports_toml_and_errors(compiled, tmp_path, session_cache_dir):
         sb.Dropout(1.0)
 
 
-def test_readers_check_a_fixed_mask():
-    """The walkthrough and the entry graph read one fixed draw (a hash of each entry's
-    indices), so finite differences see one function."""
+def test_readers_check_the_masks_loss_and_grads_draws(compiled):
+    """The walkthrough and the entry graph evaluate the masks of seed 0 that loss_and_grads
+    draws, so finite differences see one function and the kernels compare."""
     net = sb.Network(inputs=3, layers=[sb.Dense(4, activation="tanh"), sb.Dropout(0.5), sb.Dense(2)])
-    w = sb.walkthrough(net)
+    w = sb.walkthrough(compiled(net, "float64", seed=0))
     assert w.ok, str(w)
+    assert w.kernel_loss == pytest.approx(w.loss, rel=1e-12)
     entries = sb.graph(net, collapse=False)
     for name, grad in w.grads.items():
         for idx in np.ndindex(*grad.shape):
@@ -156,4 +157,4 @@ def test_readers_check_a_fixed_mask():
             assert node.grad == pytest.approx(grad[idx], rel=1e-9, abs=1e-12), (name, idx)
     text = sb.derive(net).explain()
     assert "δ1[n,p] = mask2[n,p]·δ2[n,p]·(1 - a1[n,p]²)" in text  # δ through the kept entries only
-    assert "mask2[n,i] = dropout_mask(1/2, n, i)" in text
+    assert "mask2[n,i] = dropout_mask(1/2, seed, n, i)" in text

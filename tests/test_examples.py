@@ -10,7 +10,7 @@ from symbp.cli import main as cli
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("spec, floor", [("digits_mlp.toml", 0.96), ("digits_cnn.toml", 0.98)])
+@pytest.mark.parametrize("spec, floor", [("digits_mlp.toml", 0.96), ("digits_cnn.toml", 0.98), ("digits_resnet.toml", 0.975)])
 def test_example_spec_trains_to_its_accuracy(spec, floor, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("SYMBP_CACHE_DIR", str(tmp_path))
     assert cli(["train", str(EXAMPLES / spec), "-q"]) == 0

@@ -124,6 +124,19 @@ def softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), finite for any x."""
     return max(x, ZERO) + math.log1p(math.exp(-abs(x)))
 ''',
+    "dropout_draw": '''
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def dropout_draw(seed, n, e):
+    """A uniform number in [0, 1) for entry e of sample n under ``seed``: SplitMix64's
+    finaliser of a counter, the same on every target and in any loop order."""
+    x = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(n) * np.uint64(0xD1B54A32D192ED03) + np.uint64(e)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return np.float64(x >> np.uint64(11)) * 1.1102230246251565e-16
+''',
     "relu": '''
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def relu(x):
@@ -256,9 +269,10 @@ class NumbaPrinter(PythonCodePrinter):
         return f"(ONE if {self._print(m)} == {j} else ZERO)"
 
     def _print_dropout_mask(self, expr):
-        # Numba's own generator, seeded per epoch (seed_masks): drawn in loop order, serially.
-        keep = expr.args[0]
-        return f"({self._print(1 / keep)} if np.random.random() < {self._print(keep)} else ZERO)"
+        keep, seed_, n_, e_ = expr.args
+        self.helpers_used.add("dropout_draw")
+        draw = f"dropout_draw({self._print(seed_)}, {self._print(n_)}, {self._print(e_)})"
+        return f"({self._print(1 / keep)} if {draw} < {float(keep)!r} else ZERO)"
 
     def _print_Pow(self, expr, rational=False):
         base, e = expr.args

@@ -515,8 +515,9 @@ def evaluate(X, y):
     return float(total / X.shape[0] + kernels.penalty(*_param_list())), _accuracy(X.shape[0], correct)
 
 
-def _epoch(X, T, order, batch_size, lr):
-    """One pass of the generated training epoch; returns (Σ loss, correct)."""
+def _epoch(X, T, order, batch_size, lr, mask_seed=0):
+    """One pass of the generated training epoch (Dropout's masks under ``mask_seed``); returns
+    (Σ loss, correct)."""
     global step
     hyper = dict(HYPER)
     if lr is not None:
@@ -526,7 +527,7 @@ def _epoch(X, T, order, batch_size, lr):
     Tb = np.empty((rows, T.shape[1]), DTYPE)
     saved = ([p.copy() for p in _param_list()], [s.copy() for s in _state_list()], step)
     total, correct, done, bad = train_kernels.train_epoch(
-        X, T, order, batch_size, np.array(list(hyper.values()), DTYPE), step,
+        X, T, order, batch_size, np.array(list(hyper.values()), DTYPE), step, mask_seed,
         *_param_list(), *_workspace(rows), *_state_list(), Xb, Tb)
     step += int(done)
     if bad >= 0 or not all(np.isfinite(a).all() for a in _param_list() + _state_list()):
@@ -561,7 +562,9 @@ def fit(X, y, epochs=1, batch_size=32, lr=None, shuffle=True, seed=0, initial_ep
     history = {{"loss": []}} if TASK == "regression" else {{"loss": [], "accuracy": []}}
     for epoch in range(initial_epoch, epochs):
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        total, correct = _epoch(X, T, order, int(batch_size), lr)
+        # Dropout's masks of the epoch, as symbp's fit draws them
+        mask_seed = int(np.random.default_rng([seed, epoch, 1]).integers(2**40))
+        total, correct = _epoch(X, T, order, int(batch_size), lr, mask_seed)
         history["loss"].append(float(total) / n)
         if "accuracy" in history:
             history["accuracy"].append(_accuracy(n, correct))

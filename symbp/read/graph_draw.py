@@ -528,10 +528,11 @@ def _entries(w) -> Graph:
     from ..indices import N
     from ..indices import l2 as l2_symbol
     from ..indices import n as n_
+    from ..indices import seed as SEED
     from .index_eval import fixed_mask
 
     d, net = w.derivation, w.network
-    values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
+    values = {N: 1, l2_symbol: net.l2, SEED: 0, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
     fixed = lambda e: sp.sympify(e).subs(values)  # noqa: E731
     stage_of: dict = {}  # label -> (formula, its indices, caption prefix)
     for ld in d.layers:
@@ -568,8 +569,8 @@ def _entries(w) -> Graph:
         formula, sidx, batch = stage_of[label]
         at = idx if batch else idx[1:]  # a batch stage (BatchNorm's mean) has no sample index
         expr = _maxes(_expand(formula.xreplace({n_: sp.Integer(0), **dict(zip(sidx, map(sp.Integer, at)))})))
-        expr = expr.replace(lambda e: isinstance(e, ops.dropout_mask),  # the walkthrough's fixed draw
-                            lambda e: sp.Float(float(fixed_mask(float(e.args[0]), [int(a) for a in e.args[1:]]))))
+        expr = expr.replace(lambda e: isinstance(e, ops.dropout_mask),  # the draw loss_and_grads makes
+                            lambda e: sp.Float(float(fixed_mask(float(e.args[0]), *[int(a) for a in e.args[1:]]))))
         caption = _entry_text(label, at)
         if isinstance(expr, sp.Indexed):  # wiring: a reshape, the padding's copy, an identity
             ref[key] = entry(expr)

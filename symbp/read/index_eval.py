@@ -24,21 +24,25 @@ NUMPY_FUNCTIONS = {
     "relu": lambda x: np.maximum(x, 0.0),
     "leaky_relu": lambda x, s: np.where(x > 0, x, s * x),
     "elu": lambda x, alpha: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0))),
-    "dropout_mask": lambda keep, *idx: fixed_mask(keep, idx),
+    "dropout_mask": lambda keep, seed, n, e: fixed_mask(keep, seed, n, e),
 }
 
 
-def fixed_mask(keep, idx):
-    """Dropout's mask for reading, not training: the same draw for the same entry every time
-    (a hash of its indices), so that finite differences see one function."""
-    key = np.zeros(np.broadcast(*idx).shape if idx else (), np.uint64)
-    with np.errstate(over="ignore"):  # arithmetic modulo 2**64, as a hash wants
-        for pos, ix in enumerate(idx):
-            key = key * np.uint64(1000003) + np.asarray(ix, np.uint64) + np.uint64(pos)
-        key = (key ^ (key >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
-        key ^= key >> np.uint64(33)
-    u = (key >> np.uint64(11)).astype(np.float64) / float(2**53)
-    return np.where(u < keep, 1.0 / float(keep), 0.0)
+def fixed_mask(keep, seed, n, e):
+    """Dropout's mask as the kernels draw it (``dropout_draw``, SplitMix64 of the seed, the
+    sample and the entry), for arrays of samples and entries."""
+    n, e = np.broadcast_arrays(np.asarray(n), np.asarray(e))
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64, as the kernels' uint64
+        x = (np.uint64(int(seed)) * np.uint64(0x9E3779B97F4A7C15) + n.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)
+             + e.astype(np.uint64))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    u = (x >> np.uint64(11)).astype(np.float64) * 1.1102230246251565e-16
+    return np.where(u < float(keep), 1.0 / float(keep), 0.0)
+
 
 def _expit(x):
     # SciPy's special functions take a quarter of a second to import: only when used.

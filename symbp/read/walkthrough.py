@@ -22,6 +22,7 @@ import sympy as sp
 from ..derive import Derivation, derive
 from ..indices import N, n, p
 from ..indices import l2 as l2_symbol
+from ..indices import seed as SEED
 from ..spec.network import Network
 from ..spec.ops import window_argmax
 from .html_tables import MARK as _MARK
@@ -224,7 +225,8 @@ class _Evaluator:
     def __init__(self, d: Derivation) -> None:
         self.d = d
         net = d.network
-        self.values = {N: 1, l2_symbol: net.l2, **{d.dims[l]: w for l, w in enumerate(net.widths)}, **d.sizes}
+        # (seed 0: Dropout's masks as loss_and_grads draws them, so the kernels compare)
+        self.values = {N: 1, l2_symbol: net.l2, SEED: 0, **{d.dims[l]: w for l, w in enumerate(net.widths)}, **d.sizes}
         fixed = lambda e: sp.sympify(e).subs(self.values)  # noqa: E731
         extents = lambda idx, dims: {s_: int(fixed(ext)) for s_, ext in zip(idx, dims)}  # noqa: E731
         self.stages, self.outputs, self.deltas, self.stage_grads, self.grads = {}, {}, {}, {}, {}
@@ -459,7 +461,7 @@ def walkthrough(
             err = _rel(val, num, scale)
             status = "ok" if err <= tolerance else ("kink" if kinks or any(switched) else "FAILED")
             w.checks.append(Check(f"∂C/∂{pnames.get((name, k), entry)}", entry, val, num, err, status=status, theta=theta))
-    if model is not None and not net.random:  # Dropout's kernels draw their own masks: nothing to compare
+    if model is not None:
         _compare_kernels(w, model)
     return w
 

@@ -253,10 +253,10 @@ class route(sp.Function):  # noqa: N801
 
 
 class dropout_mask(sp.Function):  # noqa: N801
-    """dropout_mask(keep, n, *idx): inverted dropout's factor for one entry, 1/keep with
-    probability ``keep`` and 0 otherwise, drawn afresh by the training kernels.  The indices
-    only make each entry its own draw (no code hoists it out of its loop); the value does not
-    depend on any input, so its derivative is 0 (the mask is a constant of the step)."""
+    """dropout_mask(keep, seed, n, e): inverted dropout's factor for entry e of sample n,
+    1/keep with probability ``keep`` and 0 otherwise, from a counter-based generator (the
+    same draw for the same seed, sample and entry on every target and in any loop order).
+    The value depends on no input, so its derivative is 0 (the mask is a constant of the step)."""
 
     def fdiff(self, argindex=1):
         return sp.S.Zero

@@ -366,9 +366,8 @@ class Model:
             for epoch in range(initial_epoch, epochs):
                 hyper = self._epoch_hyper(opt, epoch)
                 order = epoch_order(X.shape[0], shuffle, seed, epoch, rank if sharded else None)
-                if self.network.random:  # Dropout: masks from the seed and the epoch, as the order
-                    self.kernels.seed_masks(mask_seed(seed, epoch))
-                total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step)
+                # Dropout's masks: from the seed and the epoch, as the order is
+                total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step, mask_seed(seed, epoch))
                 # The kernel checks each batch's loss before that batch's update; the last
                 # update of the epoch is checked here (no loss of this epoch would see it).
                 if bad >= 0 or not run.finite():
@@ -576,7 +575,7 @@ def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int, rank: int |
 def mask_seed(seed: int | None, epoch: int) -> int:
     """The seed of an epoch's Dropout masks: a function of the fit's seed and the epoch only,
     so a resumed fit draws the masks an uninterrupted one would (None: a fresh draw)."""
-    return int(np.random.default_rng(None if seed is None else [seed, epoch, 1]).integers(2**31 - 1))
+    return int(np.random.default_rng(None if seed is None else [seed, epoch, 1]).integers(2**40))
 
 
 def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:

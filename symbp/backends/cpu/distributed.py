@@ -78,7 +78,8 @@ class DistributedRun(HostRun):
         return min(self.batch_size, self.n - k * self.batch_size)
 
     # -- an epoch ------------------------------------------------------------------------
-    def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
+    def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int,
+              seed: int = 0) -> tuple[float, int, int, int]:
         """One epoch over every process: (Σ loss, correct, updates made, first bad batch or −1),
         the same numbers on every process."""
         model, k_ = self.model, self.kernels

@@ -79,6 +79,10 @@ class CpuModule(Plan):
                 self.provenance.append((name, 3 + start, 3 + len(body) - 1, step_writes(step, pr),
                                         None if getattr(step, "formula", None) is None else str(step.formula)))
         body += epilogue
+        if body[:1] == ["nb = X.shape[0]"] and any("nbf" in line for line in body):
+            body.insert(1, f"nbf = {self.float_type}(nb)")  # the batch size in the float type (a mean's 1/N)
+            self.provenance = [(f, a + 1, b + 1, *rest) if f == name else (f, a, b, *rest)
+                               for f, a, b, *rest in self.provenance]
         self.helpers |= pr.helpers_used
         parallel = any(getattr(step, "parallel", False) for step in steps)
         flags = 'cache=True, fastmath=FASTMATH, error_model="numpy"' + (", parallel=True" if parallel else "")
@@ -95,8 +99,7 @@ class CpuModule(Plan):
         return "np.float32" if self.dtype == "float32" else "np.float64"
 
     def _prelude(self) -> list[str]:
-        return ["nb = X.shape[0]", f"nbf = {self.float_type}(nb)",
-                f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+        return ["nb = X.shape[0]", f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
 
     def build(self) -> ModuleLayout:
         """The model module: forward, loss, gradients, evaluation."""
@@ -120,12 +123,7 @@ class CpuModule(Plan):
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
                           "(λ/2) Σ_l ‖W_l‖²."),
         ]
-        fns.append(_SEED_MASKS)
-        names = self._glue_names(B)
-        # Dropout: the same masks on every call, so that loss_and_grads is a function of its
-        # arguments (finite differences agree with it); training seeds each epoch instead.
-        names["SEED"] = "    seed_masks(0)\n" if self.d.network.random else ""
-        fns.append(tidy_args(_GLUE.format(**names)))
+        fns.append(tidy_args(_GLUE.format(**self._glue_names(B))))
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             module_header(self), "import math", "", "import numpy as np", "from numba import njit", "",
@@ -149,14 +147,18 @@ class CpuModule(Plan):
     def _training_forward(self, P: list, acts: list) -> list[str]:
         """``forward_train`` (the batch's statistics) and ``update_running`` (the running
         statistics from them), where training and inference differ; else aliases."""
+        args = ", ".join(["X"] + P + acts)
         if not self.has_modes:
-            return ["forward_train = forward  # training and inference run the same forward pass\n",
-                    "\n@njit(cache=True)\ndef update_running(X, " + ", ".join(P + acts) + "):\n"
+            return [f"@njit(cache=True)\ndef forward_train({args}, seed):\n"
+                    '    """Training runs the same forward pass as inference here."""\n'
+                    f"    forward({args})\n",
+                    f"\n@njit(cache=True)\ndef update_running({args}):\n"
                     '    """No running statistics in this network."""\n    return\n']
         return [
-            self.function("forward_train", ["X"] + P + acts, self._prelude(),
+            self.function("forward_train", ["X"] + P + acts + ["seed"], self._prelude(),
                           [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)], [],
-                          "Forward pass over a batch in training: batch statistics, fills Z and A."),
+                          "Forward pass over a batch in training: batch statistics, Dropout's masks drawn under\n"
+                          "    ``seed``; fills Z and A."),
             self.function("update_running", ["X"] + P + acts, self._prelude(), self.running_steps(), [],
                           "The running statistics from this batch's (after forward_train), as PyTorch updates them."),
         ]
@@ -216,20 +218,13 @@ class CpuModule(Plan):
         return with_provenance(src, self.provenance)
 
 
-_SEED_MASKS = '''
-@njit(cache=True)
-def seed_masks(seed):
-    """Seed the generator Dropout's masks are drawn from (Numba's own, in this thread)."""
-    np.random.seed(seed)
-'''
-
-
 _GLUE = '''
 @njit(cache=True)
 def loss_and_grads(X, T, {P}, {WS}):
     """Mean loss over the batch plus the l2 penalty, and all gradients (as in training: the
-    batch's statistics, the running ones left as they are)."""
-{SEED}    forward_train(X, {P}, {ACTS})
+    batch's statistics, the running ones left as they are; Dropout's masks of seed 0, the
+    same on every call)."""
+    forward_train(X, {P}, {ACTS}, 0)
     total, correct = loss_rows({OUT}, T, {DL})
     backward(X, {P}, {ACTS}, {DELTAS}, {GRADS})
     return total / X.shape[0] + penalty({P}), correct
@@ -258,8 +253,9 @@ def logits(X, {P}, {ACTS}):
 
 _TRAIN = '''
 @njit(cache=True)
-def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES} Xb, Tb):
-    """One epoch of mini-batch training over ``order``.
+def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES} Xb, Tb):
+    """One epoch of mini-batch training over ``order`` (Dropout's masks of step t drawn under
+    ``seed + t``).
 
     Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
     not finite or -1).  A non-finite batch stops the epoch before its update, so the
@@ -273,7 +269,7 @@ def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES} Xb, T
         for r in range(nb):
             Xb[r] = X[order[start + r]]
             Tb[r] = T[order[start + r]]
-        forward_train(Xb[:nb], {P}, {ACTS_SLICED})
+        forward_train(Xb[:nb], {P}, {ACTS_SLICED}, seed + t)
         update_running(Xb[:nb], {P}, {ACTS_SLICED})
         loss, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
         if not np.isfinite(loss):
@@ -291,7 +287,7 @@ def slice_grads(X, T, scale, {P}, {WS}):
     Σ ℓ over its rows, and gradient sums with δ_L scaled by ``scale`` = its rows / the global
     batch's rows, so the sums over every process are the global batch's ∂C/∂θ (λθ aside)."""
     nb = X.shape[0]
-    forward_train(X, {P}, {ACTS_SLICED})
+    forward_train(X, {P}, {ACTS_SLICED}, 0)
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     {DL}[:nb] *= scale
     backward_grads(X, {P}, {SLICED}, {GRADS})

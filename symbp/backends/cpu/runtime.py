@@ -49,13 +49,15 @@ class HostRun(OneProcess):
         self.validate = None if val is None else (lambda: model.evaluate(*val))
         self._snapshot = None
 
-    def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
-        """Train one epoch in ``order``: (Σ loss, correct, updates made, first bad batch or −1)."""
+    def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int,
+              seed: int = 0) -> tuple[float, int, int, int]:
+        """Train one epoch in ``order`` (``seed``: of its Dropout masks): (Σ loss, correct,
+        updates made, first bad batch or −1)."""
         model = self.model
         ws = model._workspace(self.rows)
         states = self._begin_epoch()
         total, correct, done, bad = self.kernels.train_epoch(
-            self.X, self.T, order, batch_size, np.array(hyper, model.dtype), step,
+            self.X, self.T, order, batch_size, np.array(hyper, model.dtype), step, seed,
             *model._param_list(), *ws, *states, self.Xb, self.Tb)
         return float(total), int(correct), int(done), int(bad)
 

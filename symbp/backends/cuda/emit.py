@@ -123,10 +123,6 @@ class CudaPrinter(NumbaPrinter):
             return f"{expr.lhs} {expr.rel_op} {expr.rhs}"
         return super()._print_Relational(expr)
 
-    def _print_dropout_mask(self, expr):
-        raise NotImplementedError("Dropout on the CUDA target: its masks are drawn on the CPU only for now "
-                                  "(compile the network for the CPU)")
-
     def _print_route(self, expr):
         # route(m, j): the stored arg-max m (a float buffer) compared in the float type.
         m, j = expr.args

@@ -443,12 +443,12 @@ class DeviceRun(OneProcess):
         self.dorder = model._empty((n,), np.int64, "the epoch's row order")
         self.stats = model._upload(np.zeros(len(model.kernels.STATS)), "the batch's sums")  # zeroed after each batch
 
-    def epoch(self, order, batch_size: int, hyper: list[float], step: int) -> tuple[float, int, int, int]:
+    def epoch(self, order, batch_size: int, hyper: list[float], step: int, seed: int = 0) -> tuple[float, int, int, int]:
         self.dorder.copy_to_device(np.ascontiguousarray(order, dtype=np.int64))
         for copy, live in zip(self.snapshot, self.kept):
             copy.copy_to_device(live)
         self.status.copy_to_device(np.array([0.0, 0.0, -1.0, 0.0]))
-        self.kernels.train_epoch(self.dX, self.dT, self.dorder, batch_size, hyper, step, *self.model._param_list(),
+        self.kernels.train_epoch(self.dX, self.dT, self.dorder, batch_size, hyper, step, seed, *self.model._param_list(),
                                  *self.ws, *self.states, self.dXb, self.dTb, self.stats, self.status)
         result = self.status.copy_to_host()  # the epoch's one wait for the device
         E = {s: k for k, s in enumerate(EPOCH_SLOTS)}

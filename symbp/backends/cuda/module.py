@@ -166,14 +166,18 @@ class CudaBuilder(Plan):
     def _training_forward(self, P: list, acts: list, kernels) -> list[str]:
         """``forward_train`` and ``update_running`` where training and inference differ
         (batch statistics), else aliases (see the CPU target's)."""
+        args = ", ".join(["nb", "X"] + P + acts)
         if not self.has_modes:
-            return ["forward_train = forward  # training and inference run the same forward pass\n",
-                    f"def update_running(nb, X, {', '.join(P + acts)}):\n"
+            return [f"def forward_train({args}, seed):\n"
+                    '    """Training runs the same forward pass as inference here."""\n'
+                    f"    forward({args})\n",
+                    f"def update_running({args}):\n"
                     '    """No running statistics in this network."""\n    return\n']
         return [
-            self.launcher("forward_train", ["nb", "X"] + P + acts,
+            self.launcher("forward_train", ["nb", "X"] + P + acts + ["seed"],
                           [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)],
-                          "Forward pass over the first nb rows in training: batch statistics.", kernels),
+                          "Forward pass over the first nb rows in training: batch statistics, Dropout's masks\n"
+                          "    drawn under ``seed``.", kernels),
             self.launcher("update_running", ["nb", "X"] + P + acts, self.running_steps(),
                           "The running statistics from this batch's (after forward_train).", kernels),
         ]
@@ -365,7 +369,7 @@ def gemm(ta, tb, epoch, M, N, K, A, B, C, alpha, beta):
 _GLUE = '''def loss_and_grads(nb, X, T, {P}, {WS}, stats):
     """Forward, loss and backward over nb rows: Σ_n ℓ_n, the hits and the penalty into stats,
     the gradients into the dW, db buffers (as in training: the batch's statistics)."""
-    forward_train(nb, X, {P}, {ACTS})
+    forward_train(nb, X, {P}, {ACTS}, 0)
     loss_rows(nb, {OUT}, T, {DL}, stats)
     backward(nb, X, {P}, {ACTS}, {DELTAS}, {GRADS})
     penalty({P}, stats)
@@ -406,7 +410,7 @@ def finish_batch(nb, stats, epoch):
 '''
 
 _TRAIN = '''
-def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES}Xb, Tb, stats, epoch):
+def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}Xb, Tb, stats, epoch):
     """One epoch of mini-batch training over ``order`` (a device array of row indices).
 
     The host only launches kernels: per batch, gather its rows, forward, loss, check, backward
@@ -419,7 +423,7 @@ def train_epoch(X, T, order, batch_size, hyper, step0, {P}, {WS}, {STATES}Xb, Tb
     for batch, start in enumerate(range(0, n, batch_size)):
         nb = min(batch_size, n - start)
         gather_rows[blocks(nb * max(d0, {DL_WIDTH})), THREADS](nb, start, order, X, T, Xb, Tb)
-        forward_train(nb, Xb, {P}, {ACTS})
+        forward_train(nb, Xb, {P}, {ACTS}, seed + step0 + batch)
         update_running(nb, Xb, {P}, {ACTS})
         loss_rows(nb, {OUT}, Tb, {DL}, stats)
         check_batch[1, 1](batch, stats, epoch)

@@ -1,19 +1,20 @@
 """Dropout, as PyTorch's ``nn.Dropout(p)``: inverted dropout in training, identity otherwise.
 
-    mask[n, i] = dropout_mask(1 − p, n, i)     1/(1 − p) with probability 1 − p, else 0
+    mask[n, i] = dropout_mask(1 − p, seed, n, i)     1/(1 − p) with probability 1 − p, else 0
     z[n, i]    = x[n, i]·mask[n, i]
 
-The mask is a stage the training kernels draw (from the fit's seed and the epoch, so a
-resumed fit draws the same masks); it reads no input, so no gradient flows into it, and δ
-reaches x through the kept entries only, scaled by 1/(1 − p).  Outside training (predict,
-evaluate, the exports) the mask is 1: z = x.
+The mask is a stage the training kernels draw from a counter-based generator: entry i of
+sample n under the step's ``seed`` (from the fit's seed, the epoch and the step, so a resumed
+fit draws the same masks, and the CPU and CUDA targets draw the same ones).  It reads no
+input, so no gradient flows into it, and δ reaches x through the kept entries only, scaled
+by 1/(1 − p).  Outside training (predict, evaluate, the exports) the mask is 1: z = x.
 """
 
 from __future__ import annotations
 
 import sympy as sp
 
-from ...indices import h, i, k, n, w
+from ...indices import h, i, k, n, seed, w
 from ..ops import dropout_mask
 from .base import Layer, LayerForm, Stage, register
 
@@ -39,11 +40,15 @@ class Dropout(Layer):
         return tuple(in_shape)
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
-        idx = (i,) if len(in_dims) == 1 else (k, h, w)
+        if len(in_dims) == 1:
+            idx, entry = (i,), i
+        else:  # the entry's place in the sample, C·H·W order
+            (_, H, W_), idx = in_dims, (k, h, w)
+            entry = (k * H + h) * W_ + w
         mask = sp.IndexedBase(f"mask{l}", real=True)
         z = sp.IndexedBase(f"z{l}", real=True)
         keep = 1 - sp.nsimplify(self.p, rational=True)
-        stages = [Stage(mask, idx, dropout_mask(keep, n, *idx), in_dims),
+        stages = [Stage(mask, idx, dropout_mask(keep, seed, n, entry), in_dims),
                   Stage(z, idx, x[(n, *idx)] * mask[(n, *idx)], in_dims)]
         return LayerForm({}, {}, {}, stages, eval_subs={mask: sp.Integer(1)})
 
