@@ -223,10 +223,10 @@ def test_toml_and_explain():
     assert again.fingerprint() == net.fingerprint()
     text = sb.derive(net).explain()
     # ∂C/∂x in the textbook's three terms: through z directly, through the variance, through the mean
-    assert ("δ1[n,p] = (1 - a1[n,p]²)·(gv2[p]·(2·a1[n,p] - 2·m2[p])/N + g2[p]·δ2[n,p]/√(v2[p] + 1/100000) "
-            "+ gm2[p]/N)") in text
+    assert "δ1[n,p] = (1 - a1[n,p]²)·(gv2[p]·(2·a1[n,p] - 2·m2[p])/N + g2[p]·rsig2[p]·δ2[n,p] + gm2[p]/N)" in text
     assert re.search(r"m2\[i\] = Σ_nu a1\[nu,i\]/N +\(4,\)", text)  # one value per feature for the batch
-    assert "gm2[q] = ∂C/∂m2[q] = Σ_n (-g2[q]·δ2[n,q]/√(v2[q] + 1/100000)) - 2·gv2[q]·Σ_nu (a1[nu,q] - m2[q])/N" in text
+    assert "gm2[q] = ∂C/∂m2[q] = Σ_n (-g2[q]·rsig2[q]·δ2[n,q]) - 2·gv2[q]·Σ_nu (a1[nu,q] - m2[q])/N" in text
+    assert "gv2[q] = ∂C/∂v2[q] = -grsig2[q]/(2·(v2[q] + 1/100000)^(3/2))" in text  # through rsig = 1/√(v + ε)
     assert "running statistics (rmean (4,), rvar (4,)), not trained" in text
 
 

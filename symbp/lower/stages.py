@@ -162,10 +162,10 @@ def forward_steps(builder, ld, train: bool = False) -> list:
             continue  # (outside training a batch statistic is the running one)
         ranges = _ranges(builder, st.idx, st.dims, st.batch)
         target = builder.value(st.at(st.idx))
-        if st.batch:  # a sum over the samples, one value for the batch
-            steps.append(Nest(ranges, [(target, _fix(builder, ld, st.formula, ranges))]))
-            continue
         formula = st.formula if train else _evaluating(ld, st.formula)
+        if st.batch:  # one value for the batch (a sum over the samples, or a function of such)
+            steps += rows_outer(Nest(ranges, [(target, _fix(builder, ld, formula, ranges))]))
+            continue
         if isinstance(formula, window_argmax):
             value, *window = formula.args
             win = [(sym, int(builder.value(hi)) + 1) for sym, _, hi in window]
@@ -214,8 +214,8 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
         if col2im is not None:
             steps += col2im
             continue
-        steps.append(Nest(ranges, [(builder.value(gb[free] if st.batch else gb[(n, *free)]),
-                                    _fix(builder, ld, formula, ranges))]))
+        nest = Nest(ranges, [(builder.value(gb[free] if st.batch else gb[(n, *free)]), _fix(builder, ld, formula, ranges))])
+        steps += rows_outer(nest) if st.batch else [nest]
     now, later = [], []
     for key in ld.params:
         g = builder.grad_base(ld, key)
@@ -233,7 +233,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
             data = sp.Add(*[t for t in sp.Add.make_args(expr) if t.has(sp.Sum)])
             prange = [(sym, _size(builder, d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
             fixed = numeric(_inline(builder, ld, data), builder.d.sizes, {sym: (0, e_ - 1) for sym, e_ in prange})
-            gsteps = [Nest(prange, [(g[idx], fixed)])]
+            gsteps = rows_outer(Nest(prange, [(g[idx], fixed)]))
             g_expr = g[idx] + (expr - data)
         if opt is None:
             prange = [(sym, builder.extent(d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
@@ -246,6 +246,45 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
             now += a_
             later += b_
     return steps + now, later
+
+
+def rows_outer(step: Nest) -> list:
+    """A Nest writing one value for the whole batch, ``t[idx] = r + Σ_k c_k·Σ_{ν,…} body_k``
+    (the sums over the samples, ν or n, first), as the same sums taken row by row: t = r,
+    then for each term ``for ν: for idx: for …: t[idx] += c_k·body_k``.  The batch index
+    outermost reads each sample's row in order, where the Nest as written strides down a
+    column for every entry (BatchNorm's statistics and their gradients, ∂C/∂γ: measured on
+    the residual benchmark, 1.4 ms of a 3.8 ms step for four (128, 256) BatchNorms).  The
+    step is returned unchanged unless every term fits that form (no c_k reads t)."""
+    if len(step.stmts) != 1 or step.accumulate:
+        return [step]
+    (target, expr), = step.stmts
+    rest, terms = [], []
+    for term in sp.Add.make_args(expr):
+        sums = [f_ for f_ in sp.Mul.make_args(term) if isinstance(f_, sp.Sum)]
+        if len(sums) != 1:
+            if term.has(sp.Sum):
+                return [step]
+            rest.append(term)
+            continue
+        (s_,) = sums
+        first = s_.limits[0]
+        if str(first[0]) not in ("n", "nu") or first[1] != 0 or str(first[2]) != "N - 1":
+            return [step]
+        coeff = term / s_
+        if coeff.has(target.base) or coeff.has(first[0]):
+            return [step]
+        terms.append((coeff, s_))
+    if not terms:
+        return [step]
+    steps = [Nest(step.ranges, [(target, sp.Add(*rest))], step.sum_ranges)]
+    for coeff, s_ in terms:
+        (var, _, _), *inner = s_.limits
+        if any(lo != 0 for _, lo, _ in inner) or any(not sp.sympify(hi).is_Integer for _, _, hi in inner):
+            return [step]
+        loops = [(var, N)] + list(step.ranges) + [(sym, int(hi) + 1) for sym, _, hi in inner]
+        steps.append(Nest(loops, [(target, coeff * s_.function)], step.sum_ranges, accumulate=True))
+    return steps
 
 
 def delta_steps(builder, ld) -> list:

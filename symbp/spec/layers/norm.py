@@ -15,7 +15,8 @@ BatchNorm over the batch, as ``nn.BatchNorm1d(C)`` on (N, C) and ``nn.BatchNorm2
 
     m[i]    = Σ_ν x[ν,i] / N                      batch stages: one number per feature
     v[i]    = Σ_ν (x[ν,i] − m[i])² / N            (biased, for normalising)
-    z[n,i]  = γ[i]·(x[n,i] − m[i]) / √(v[i] + ε) + β[i]
+    rsig[i] = 1/√(v[i] + ε)                       (once per feature, not per entry)
+    z[n,i]  = γ[i]·(x[n,i] − m[i])·rsig[i] + β[i]
 
 SymPy differentiates through m and v, which every sample of the batch reads: ∂C/∂x comes
 out in the textbook's three terms.  Training also keeps running statistics, updated after
@@ -122,6 +123,7 @@ class BatchNorm(Layer):
         g, b = base["g"], base["b"]
         m = sp.IndexedBase(f"m{l}", shape=(C,), real=True)
         v = sp.IndexedBase(f"v{l}", shape=(C,), real=True)
+        rsig = sp.IndexedBase(f"rsig{l}", shape=(C,), real=True)
         z = sp.IndexedBase(f"z{l}", real=True)
         eps = sp.nsimplify(self.eps, rational=True)
         if len(in_dims) == 1:
@@ -134,8 +136,10 @@ class BatchNorm(Layer):
         stages = [
             Stage(m, (ch,), sp.Sum(x[(nu, *read)], *limits) / count, (C,), batch=True),
             Stage(v, (ch,), sp.Sum((x[(nu, *read)] - m[ch]) ** 2, *limits) / count, (C,), batch=True),
-            Stage(z, out_idx, g[at] * (x[(n, *read)] - m[at]) / sp.sqrt(v[at] + eps) + b[at],
-                  (C, *in_dims[1:])),
+            # 1/σ as a stage of its own: its square root and its derivative are taken once per
+            # feature, not once per entry (outside training it is 1/√(running variance + ε))
+            Stage(rsig, (ch,), 1 / sp.sqrt(v[ch] + eps), (C,), batch=True),
+            Stage(z, out_idx, g[at] * (x[(n, *read)] - m[at]) * rsig[at] + b[at], (C, *in_dims[1:])),
         ]
         mom = sp.nsimplify(self.momentum, rational=True)
         updates = [(base["rmean"][ch], (1 - mom) * base["rmean"][ch] + mom * m[ch]),
