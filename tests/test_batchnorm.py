@@ -61,6 +61,16 @@ def torch_cnn(P, X, rmean, rvar, training=True):
     return F.max_pool2d(bn, 2).flatten(1) @ P["W7"].T + P["b7"]
 
 
+def _perturbed(compiled, net, seed):
+    """A model of ``net`` with random weights, γ, β and biases (non-zero), and the running
+    statistics at their start (mean 0, variance 1), as torch's."""
+    model = compiled(net, "float64", seed=seed)
+    perturb_params(model, seed=seed + 1)
+    model.params = {k: np.zeros_like(v) if k.startswith("rmean") else np.ones_like(v) if k.startswith("rvar") else v
+                    for k, v in model.params.items()}
+    return model
+
+
 def _trainable(model):
     return {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items() if not k.startswith("r")}
 
@@ -71,10 +81,7 @@ def _loss(out, y, P, l2):
 
 @pytest.fixture
 def mlp_model(compiled):
-    model = compiled(residual_mlp(), "float64", seed=1)
-    perturb_params(model, seed=2)  # γ, β and every bias non-trivial
-    model.params = {**model.params, "rmean2": np.zeros(4), "rvar2": np.ones(4)}
-    return model
+    return _perturbed(compiled, residual_mlp(), seed=1)
 
 
 def test_residual_mlp_loss_and_gradients_equal_torch(mlp_model):
@@ -93,9 +100,7 @@ def test_residual_mlp_loss_and_gradients_equal_torch(mlp_model):
 
 
 def test_cnn_with_batchnorm2d_and_concat_equals_torch(compiled):
-    model = compiled(branching_cnn(), "float64", seed=1)
-    perturb_params(model, seed=2)
-    model.params = {**model.params, "rmean4": np.zeros(4), "rvar4": np.ones(4)}
+    model = _perturbed(compiled, branching_cnn(), seed=1)
     rng = np.random.default_rng(3)
     X, y = rng.normal(size=(5, 72)), rng.integers(0, 3, 5)
     loss, grads = model.loss_and_grads(X, y)
@@ -112,9 +117,7 @@ def test_cnn_with_batchnorm2d_and_concat_equals_torch(compiled):
 def test_five_steps_and_running_statistics_equal_torch(opt, compiled):
     """Five steps (the last batch shorter), momentum 0.25: parameters, running mean and
     unbiased running variance, then inference logits with the running statistics."""
-    model = compiled(residual_mlp(momentum=0.25), "float64", seed=4)
-    perturb_params(model, seed=5)
-    model.params = {**model.params, "rmean2": np.zeros(4), "rvar2": np.ones(4)}
+    model = _perturbed(compiled, residual_mlp(momentum=0.25), seed=4)
     rng = np.random.default_rng(6)
     X, y = rng.normal(size=(18, 5)), rng.integers(0, 3, 18)
     P = _trainable(model)
@@ -140,9 +143,7 @@ def test_five_steps_and_running_statistics_equal_torch(opt, compiled):
 
 
 def test_cnn_running_statistics_after_training(compiled):
-    model = compiled(branching_cnn(), "float64", seed=7)
-    perturb_params(model, seed=8)
-    model.params = {**model.params, "rmean4": np.zeros(4), "rvar4": np.ones(4)}
+    model = _perturbed(compiled, branching_cnn(), seed=7)
     rng = np.random.default_rng(9)
     X, y = rng.normal(size=(10, 72)), rng.integers(0, 3, 10)
     P = _trainable(model)
