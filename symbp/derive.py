@@ -33,7 +33,7 @@ class LayerDerivation:
 
     index: int
     layer: object
-    x: sp.IndexedBase  # the layer's input (x for layer 1, a_{l-1} otherwise)
+    x: sp.IndexedBase  # the layer's (first) input: x, or the output a_m of the layer it reads
     z: sp.IndexedBase
     a: sp.IndexedBase
     delta: sp.IndexedBase

@@ -157,4 +157,15 @@ def test_readers_check_the_masks_loss_and_grads_draws(compiled):
             assert node.grad == pytest.approx(grad[idx], rel=1e-9, abs=1e-12), (name, idx)
     text = sb.derive(net).explain()
     assert "δ1[n,p] = mask2[n,p]·δ2[n,p]·(1 - a1[n,p]²)" in text  # δ through the kept entries only
-    assert "mask2[n,i] = dropout_mask(1/2, seed, n, i)" in text
+    assert "mask2[n,i] = dropout_mask(1/2, seed, 2, n, i)" in text  # seed, layer, sample, entry
+
+
+def test_two_dropout_layers_draw_apart(compiled):
+    net = sb.Network(inputs=4, layers=[sb.Dense(6, activation="relu"), sb.Dropout(0.5), sb.Dense(6, activation="relu"),
+                                       sb.Dropout(0.5), sb.Dense(2)])
+    model = compiled(net, "float64", seed=0)
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(40, 4)), rng.integers(0, 2, 40)
+    model.loss_and_grads(X, y)
+    first, second = _mask(model, 40, "Amask2"), _mask(model, 40, "Amask4")
+    assert 0.4 < np.mean(first == second) < 0.6  # independent draws agree about half the time

@@ -441,3 +441,18 @@ def test_random_graphs_compile_to_torch_gradients_and_steps(compiled, case):
         opt.step()
     for key, value in P.items():
         assert rel_err(model.params[key], value.detach().numpy()) <= 1e-10, key
+
+
+def test_one_tensor_flattened_twice(compiled):
+    """Two Flattens of one image tensor (and two of the input): each Flatten's δ is a part of
+    its source's, not the source's own buffer, which only a sole reader may share."""
+    x = sb.Input((1, 4, 4))
+    c = sb.Conv2D(2, 3, padding=1, activation="tanh")(x)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(5, 16)), rng.integers(0, 3, 5)
+    for source in (c, x):
+        net = sb.Network(inputs=x, outputs=sb.Dense(3)(sb.Concat()([sb.Dense(4)(sb.Flatten()(source)),
+                                                                    sb.Dense(4)(sb.Flatten()(source))])))
+        model = compiled(net, "float64", seed=1)
+        perturb_params(model, seed=2)
+        assert sb.gradcheck(model, X, y) < 1e-6

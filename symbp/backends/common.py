@@ -269,9 +269,12 @@ class NumbaPrinter(PythonCodePrinter):
         return f"(ONE if {self._print(m)} == {j} else ZERO)"
 
     def _print_dropout_mask(self, expr):
-        keep, seed_, n_, e_ = expr.args
+        keep, seed_, l_, n_, e_ = expr.args
         self.helpers_used.add("dropout_draw")
-        draw = f"dropout_draw({self._print(seed_)}, {self._print(n_)}, {self._print(e_)})"
+        # Integer arithmetic, printed as such: a target that types constants as floats
+        # (the CUDA printer's FT) would round a float32 counter and draw other masks.
+        counter = sp.expand(ops.dropout_counter(l_, e_))
+        draw = f"dropout_draw({seed_}, {n_}, {counter})"
         return f"({self._print(1 / keep)} if {draw} < {float(keep)!r} else ZERO)"
 
     def _print_Pow(self, expr, rational=False):

@@ -123,8 +123,8 @@ class Plan:
     def update_steps(self, ld, key: str, gemm_steps: list, g_expr: sp.Expr, opt) -> tuple[list, list]:
         """The optimizer's statements for parameter ``key`` of layer ``ld``.
 
-        Returns (steps that may run now, steps that must wait until δ_{l-1} has read the
-        old W_l).  An update linear in a GEMM result (plain SGD) rides on that GEMM.
+        Returns (steps that may run now, steps that must wait until the δ of every layer ``ld``
+        reads has read the old θ).  An update linear in a GEMM result (plain SGD) rides on that GEMM.
         """
         theta = self.value(ld.params[key][ld.param_idx[key]])
         idx = theta.indices
@@ -146,8 +146,8 @@ class Plan:
 
     def grad_steps(self, ld, opt=None, apart: bool = False) -> tuple[list, list]:
         """Steps for ∂C/∂θ of layer ``ld``; with an optimizer, also its update steps (second
-        list: they run after δ_{l-1} has used the old parameters, or, ``apart``, after the
-        gradients have been summed over processes)."""
+        list: they run after the δ of every layer it reads has used the old parameters, or,
+        ``apart``, after the gradients have been summed over processes)."""
         return stages.grad_steps(self, ld, opt, stages.reads_input(ld), apart)
 
     def delta_steps(self, ld) -> list:

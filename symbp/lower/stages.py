@@ -29,9 +29,15 @@ def setup(builder, ld) -> None:
         (src,) = ld.sources
         names[f"z{lid}"] = names["x"] if src == 0 else names[f"z{src}"]
         names[f"a{lid}"] = names["x"] if src == 0 else names[f"a{src}"]
-        names[f"delta{lid}"] = "dZflat" if src == 0 else names[f"delta{src}"]
-        if src == 0:
-            builder.buffer("dZflat", ("batch", net.widths[lid]), "delta")
+        if src == 0:  # nobody needs ∂C/∂x: one unused buffer for every Flatten of the input
+            names[f"delta{lid}"] = "dZflat"
+            if "dZflat" not in builder.roles:
+                builder.buffer("dZflat", ("batch", net.widths[lid]), "delta")
+        elif len(net.consumers(src)) == 1:  # its δ is its source's, reshaped: the same memory
+            names[f"delta{lid}"] = names[f"delta{src}"]
+        else:  # the source has other readers: δ of this Flatten is one part of the source's
+            names[f"delta{lid}"] = f"dZ{lid}"
+            builder.buffer(f"dZ{lid}", ("batch", net.widths[lid]), "delta")
         return
     shape = net.shapes[lid]
     for key in [*ld.params, *ld.running]:
@@ -288,7 +294,7 @@ def rows_outer(step: Nest) -> list:
 
 
 def delta_steps(builder, ld) -> list:
-    """δ of image layer ``ld`` from what the layer after it sent back."""
+    """δ of layer ``ld`` from what the layers reading it sent back (their sum)."""
     if ld.view and reads_input(ld):
         return []
     idx = (n, *ld.delta_idx)

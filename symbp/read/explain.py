@@ -479,7 +479,7 @@ def _l2_section(d) -> Section:
 def _update_section(d, opt) -> Section:
     """The optimizer's update statements: ``opt.formulas()``, the rules the training module's
     kernels are generated from (there over each parameter's entries, here over θ and g)."""
-    names = ", ".join(d.network.param_shapes())
+    names = ", ".join(f"{key}{ld.index}" for ld in d.layers for key in ld.params)  # not running statistics
     settings = ", ".join(f"{fmt(sp.Symbol(k))} = {v:g}" for k, v in opt.hyper.items())
     state = ", ".join(fmt(sp.Symbol(s_)) for s_ in opt.state_names)
     intro = (f"After the backward pass, every parameter θ ({names}) with its gradient g = ∂C/∂θ takes this step, "

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import sympy as sp
 
-from ..spec.ops import window_argmax
+from ..spec.ops import dropout_counter, window_argmax
 
 __all__ = ["NUMPY_FUNCTIONS", "evaluate"]
 
@@ -24,7 +24,7 @@ NUMPY_FUNCTIONS = {
     "relu": lambda x: np.maximum(x, 0.0),
     "leaky_relu": lambda x, s: np.where(x > 0, x, s * x),
     "elu": lambda x, alpha: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0))),
-    "dropout_mask": lambda keep, seed, n, e: fixed_mask(keep, seed, n, e),
+    "dropout_mask": lambda keep, seed, l, n, e: fixed_mask(keep, seed, n, dropout_counter(l, e)),
 }
 
 

@@ -37,7 +37,10 @@ def summary_rows(model) -> list[tuple[str, ...]]:
     rows = [("input", "", "", _shape(net.shapes[0]), "", "0")]
     for pos, (layer, count) in enumerate(zip(net.layers, net.param_counts()), 1):
         # Parameters are named by kind and layer position: W1, b1, W4 …
-        params = ", ".join(f"{key} {_shape(sh)}" for key, sh in shapes.items() if re.fullmatch(rf"\D+{pos}", key))
+        # (running statistics, BatchNorm's, are not trained: not listed, not counted)
+        running = {f"{key}{pos}" for key in layer.running_keys}
+        params = ", ".join(f"{key} {_shape(sh)}" for key, sh in shapes.items()
+                           if re.fullmatch(rf"\D+{pos}", key) and key not in running)
         act = layer.activation.describe() if "activation" in layer.config_keys else ""
         rows.append((str(pos), describe_layer(layer), act, _shape(net.shapes[pos]), params, str(count)))
     return rows

@@ -104,7 +104,8 @@ class Network:
         for pos, layer in enumerate(self.layers, 1):
             src = self.sources[pos - 1]
             if layer.merges != (len(src) > 1) or any(not 0 <= s_ < pos for s_ in src):
-                raise ValueError(f"layer {pos} ({layer!r}) reads {src}: "
+                raise ValueError(f"layer {pos}{self._named(pos)} ({layer!r}) reads "
+                                 f"{', '.join(self.layer_name(s_) for s_ in src if 0 <= s_ < pos) or src}: "
                                  + ("a merging layer reads two or more earlier layers" if layer.merges else
                                     "a layer reads one earlier layer (0: the input)"))
             try:
@@ -268,6 +269,7 @@ def _graph_from_tables(layers: list, names: list, reads: list) -> tuple[list, li
     """The [[layers]] tables of a graph spec in the order they can run: (layers, the
     positions each reads, their names).  A table without ``inputs`` reads the table above
     it (the first: the input); the last table is the output."""
+    given = {pos for pos, name in enumerate(names, 1) if name is not None}
     for pos, name in enumerate(names, 1):
         if name is None:
             names[pos - 1] = f"{layers[pos - 1].type_name}{pos}"
@@ -276,7 +278,9 @@ def _graph_from_tables(layers: list, names: list, reads: list) -> tuple[list, li
     where = {}
     for pos, name in enumerate(names, 1):
         if name in where:
-            raise ValueError(f"layer {pos}: the name {name!r} is also layer {where[name]}'s")
+            first = where[name]
+            whose = f"layer {first}'s" if first in given else f"layer {first}'s default name (type and position)"
+            raise ValueError(f"layer {pos}: the name {name!r} is also {whose}")
         where[name] = pos
     edges = []  # per table: the table positions it reads (0: the input)
     for pos, read in enumerate(reads, 1):

@@ -252,8 +252,15 @@ class route(sp.Function):  # noqa: N801
         return sp.Piecewise((1, sp.Eq(m, j)), (0, True))
 
 
+def dropout_counter(l, e):
+    """The entry counter of ``dropout_draw``: the layer above the entry (a sample has fewer
+    than 2³¹ entries, so no two (layer, entry) pairs meet)."""
+    return l * 2**32 + e
+
+
 class dropout_mask(sp.Function):  # noqa: N801
-    """dropout_mask(keep, seed, n, e): inverted dropout's factor for entry e of sample n,
+    """dropout_mask(keep, seed, l, n, e): inverted dropout's factor of layer l for entry e of
+    sample n (the layer is part of the counter: two layers draw apart),
     1/keep with probability ``keep`` and 0 otherwise, from a counter-based generator (the
     same draw for the same seed, sample and entry on every target and in any loop order).
     The value depends on no input, so its derivative is 0 (the mask is a constant of the step)."""

@@ -1,6 +1,6 @@
 """Dropout, as PyTorch's ``nn.Dropout(p)``: inverted dropout in training, identity otherwise.
 
-    mask[n, i] = dropout_mask(1 − p, seed, n, i)     1/(1 − p) with probability 1 − p, else 0
+    mask[n, i] = dropout_mask(1 − p, seed, l, n, i)   1/(1 − p) with probability 1 − p, else 0
     z[n, i]    = x[n, i]·mask[n, i]
 
 The mask is a stage the training kernels draw from a counter-based generator: entry i of
@@ -45,10 +45,11 @@ class Dropout(Layer):
         else:  # the entry's place in the sample, C·H·W order
             (_, H, W_), idx = in_dims, (k, h, w)
             entry = (k * H + h) * W_ + w
+
         mask = sp.IndexedBase(f"mask{l}", real=True)
         z = sp.IndexedBase(f"z{l}", real=True)
         keep = 1 - sp.nsimplify(self.p, rational=True)
-        stages = [Stage(mask, idx, dropout_mask(keep, seed, n, entry), in_dims),
+        stages = [Stage(mask, idx, dropout_mask(keep, seed, l, n, entry), in_dims),
                   Stage(z, idx, x[(n, *idx)] * mask[(n, *idx)], in_dims)]
         return LayerForm({}, {}, {}, stages, eval_subs={mask: sp.Integer(1)})
 
