@@ -83,7 +83,7 @@ def test_from_torch_reads_the_width_of_an_mlp(session_cache_dir):
 
 @pytest.mark.parametrize("module, message", [
     (nn.Sequential(nn.Linear(4, 3), nn.LSTM(3, 3)), "no layer for torch.nn.LSTM"),
-    (nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2)), "no layer for torch.nn.Dropout"),
+    (nn.Sequential(nn.Linear(4, 3), nn.AlphaDropout(0.5), nn.Linear(3, 2)), "no layer for torch.nn.AlphaDropout"),
     (nn.Sequential(nn.Linear(4, 3, bias=False)), r"bias=False"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2)), "dilated convolution"),
     (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), "grouped convolution"),
