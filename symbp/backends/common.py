@@ -456,13 +456,19 @@ def loop_lines(step: Loop, printer: NumbaPrinter) -> list[str]:
     """A :class:`~symbp.lower.ir.Loop` as sequential loops (``prange`` outermost when the step
     asks for threads): its statements bound, hoisted, shared by CSE and stored in order."""
     stored = bind_statements(step.stmts)
+    # a running sum over the batch reads each written entry's new value (its formula, shared by CSE)
+    value_of = dict(stored)
+    adds = [(t, e.xreplace(value_of)) for t, e in step.adds]
     indices = {idx for idx, _ in step.ranges}
-    hoisted, exprs = hoist_invariants([e for _, e in step.sums] + [e for _, e in stored], indices, printer)
+    hoisted, exprs = hoist_invariants([e for _, e in step.sums] + [e for _, e in stored] + [e for _, e in adds],
+                                      indices, printer)
     lines, printed, reduced = cse_lines(printer, exprs)
     body = list(lines)
     for (acc, _), text in zip(step.sums, printed):
         body.append(f"{acc} += {text}")
-    body += store_lines(printer, stored, printed[len(step.sums):], reduced[len(step.sums):])
+    ns, nst = len(step.sums), len(stored)
+    body += store_lines(printer, stored, printed[ns:ns + nst], reduced[ns:ns + nst])
+    body += [f"{printer._print(t)} += {text}" for (t, _), text in zip(adds, printed[ns + nst:])]
     out, indent = list(hoisted), ""
     for pos, (idx, extent) in enumerate(step.ranges):
         loop = "prange" if step.parallel and pos == 0 else "range"

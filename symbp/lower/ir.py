@@ -3,7 +3,8 @@
 * :class:`Gemm` — ``out ← α·op(a)·op(b) + β·out`` (a contraction found in a formula).
 * :class:`BlockGemm` — a GEMM per sample over flat (batch, rows·cols) buffers (im2col).
 * :class:`Loop` — one loop nest over a target's indices evaluating several assignments at
-  once (bias, activation and its derivative fused), optional running sums.
+  once (bias, activation and its derivative fused), optional running sums (scalars, or
+  entries summed over the batch once :mod:`~symbp.lower.fuse` has merged loops).
 * :class:`ColSum` — ``out[p] = Σ_n src[n, p]`` (bias gradients), read row by row.
 * :class:`RowLoop` — per-sample reductions (log-sum-exp, sums over output units) followed
   by a loop over the units: the loss and its gradient in one pass.
@@ -40,6 +41,10 @@ class Loop:
     stmts: list  # [(target Indexed, expr)], in order; later ones may read earlier targets
     sums: list = field(default_factory=list)  # [(scalar Symbol, expr)] accumulated over the nest
     parallel: bool = False  # split the outermost loop across threads (prange)
+    # [(target Indexed, expr)]: target += expr at every entry, after the stores (a sum over the
+    # batch of a fused loop, see lower/fuse.py); they read no array a statement writes except
+    # at the entry itself, where they see the statement's value
+    adds: list = field(default_factory=list)
 
 
 @dataclass

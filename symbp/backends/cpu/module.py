@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ...derive import Derivation
+from ...indices import N
+from ...lower.fuse import fuse_loops
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
 from .emit import emit
@@ -32,7 +34,8 @@ def step_writes(step, printer) -> tuple[str, ...]:
         base = getattr(step, attr, None)
         if base is not None:
             out.append(printer.array(base.base if isinstance(base, sp.Indexed) else base))
-    for target, _ in [*getattr(step, "stmts", ()), *getattr(step, "sums", ()), *getattr(step, "row_sums", ())]:
+    for target, _ in [*getattr(step, "stmts", ()), *getattr(step, "adds", ()), *getattr(step, "sums", ()),
+                      *getattr(step, "row_sums", ())]:
         out.append(printer.array(target.base) if isinstance(target, sp.Indexed) else str(target))
     if getattr(step, "argmax_match", None) is not None or getattr(step, "threshold_match", None) is not None:
         out.append("correct")
@@ -72,6 +75,7 @@ class CpuModule(Plan):
     def function(self, name: str, args: list[str], prologue: list[str], steps: list, epilogue: list[str], doc: str) -> str:
         pr = self.printer()
         body = list(prologue)
+        steps = fuse_loops(steps, self._size, lambda label: self.names.get(label, label))
         for step in steps:
             start = len(body)
             body += emit(step, pr)
@@ -89,6 +93,13 @@ class CpuModule(Plan):
         lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
+
+    def _size(self, extent) -> sp.Expr:
+        """A loop extent's number (the batch size stays N), to tell which loops may merge."""
+        sizes = self.__dict__.setdefault("_sizes", {})
+        if extent not in sizes:
+            sizes[extent] = extent if extent == N else self.value(sp.sympify(extent))
+        return sizes[extent]
 
     def _blas_import(self) -> str:
         kind = "s" if self.dtype == "float32" else "d"
@@ -266,16 +277,26 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
     for start in range(0, X.shape[0], batch_size):
         stop = min(start + batch_size, X.shape[0])
         nb = stop - start
-        for r in range(nb):
-            Xb[r] = X[order[start + r]]
-            Tb[r] = T[order[start + r]]
-        forward_train(Xb[:nb], {P}, {ACTS_SLICED}, seed + t)
-        update_running(Xb[:nb], {P}, {ACTS_SLICED})
-        loss, c = loss_rows({OUT_SLICED}, Tb[:nb], {DL}[:nb])
+        # Rows in order (no shuffle, or data the caller shuffled) are read where they are;
+        # others are gathered into the batch buffers.
+        first = order[start]
+        run = 0
+        while run < nb and order[start + run] == first + run:
+            run += 1
+        if run == nb:
+            Xs, Ts = X[first:first + nb], T[first:first + nb]
+        else:
+            for r in range(nb):
+                Xb[r] = X[order[start + r]]
+                Tb[r] = T[order[start + r]]
+            Xs, Ts = Xb[:nb], Tb[:nb]
+        forward_train(Xs, {P}, {ACTS_SLICED}, seed + t)
+        update_running(Xs, {P}, {ACTS_SLICED})
+        loss, c = loss_rows({OUT_SLICED}, Ts, {DL}[:nb])
         if not np.isfinite(loss):
             return total, correct, t - step0, start // batch_size
         t += 1
-        pen = backward_update(Xb[:nb], {P}, {SLICED}, {GRADS}, {STATES} hyper, t)
+        pen = backward_update(Xs, {P}, {SLICED}, {GRADS}, {STATES} hyper, t)
         total += loss + pen * nb
         correct += c
     return total, correct, t - step0, -1

@@ -249,6 +249,8 @@ def _launch_args(params: list[tuple[str, str]]) -> str:
 def _(step: Loop, printer: CudaPrinter) -> list[str]:
     # As on the CPU (see bind_statements): memory is read as it was when the step began, a
     # later statement reads an earlier target's new value through its local.
+    if step.adds:  # (the CPU printer's fused loops; a thread per entry would need atomic adds)
+        raise NotImplementedError("the CUDA backend does not print fused loops with sums over the batch")
     stored = bind_statements(step.stmts)
     indices = {idx for idx, _ in step.ranges}
     accs = [_stat_name(acc) for acc, _ in step.sums]
