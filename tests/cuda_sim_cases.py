@@ -215,6 +215,27 @@ def test_fit_resumes_with_the_same_state(compiled, cuda_compiled):
         assert_close(gpu.params[key], value, 1e-10, key)
 
 
+def test_train_on_batch_matches_cpu_target(compiled, cuda_compiled):
+    """train_on_batch runs the device runtime one batch at a time: the CPU's losses and
+    parameters, and the same refusal (nothing changed) of an update that overflows."""
+    spec = GRAD_NETS["g1-tanh-sigmoid-ce"]
+    cpu, gpu = twins(spec, compiled, cuda_compiled)
+    X, y = make_data(spec, n=N_SAMPLES)
+    opt_c, opt_g = sb.AdamW(lr=0.05), sb.AdamW(lr=0.05)  # (compiled already, as above)
+    for start in (0, 4, 8):
+        assert_close(gpu.train_on_batch(X[start:start + 4], y[start:start + 4], opt_g),
+                     cpu.train_on_batch(X[start:start + 4], y[start:start + 4], opt_c), 1e-10, "loss")
+    for key, value in cpu.params.items():
+        assert_close(gpu.params[key], value, 1e-10, key)
+    before = {k: np.array(v) for k, v in gpu.params.items()}
+    opt_g.hyper["lr"] = 1e308
+    with pytest.raises(FloatingPointError, match="it was undone"):
+        gpu.train_on_batch(X[:4], y[:4], opt_g)
+    for key, value in before.items():
+        assert_close(gpu.params[key], value, 0.0, key)
+    assert opt_g.step == opt_c.step == 3
+
+
 def test_float32(compiled, cuda_compiled):
     spec = GRAD_NETS["g1-tanh-sigmoid-ce"]
     cpu, gpu = twins(spec, compiled, cuda_compiled, dtype="float32")

@@ -186,7 +186,7 @@ def test_folder_holds_no_symbp_import_and_plain_weights(exported):
                 elif isinstance(node, ast.ImportFrom):
                     imported.add("." * node.level + (node.module or ""))
             assert imported <= {"__future__", "math", "numpy", "numba", "numba.core.extending", "numba.np.linalg",
-                                "os", "tempfile", "pathlib", ".", "._blas", "._model"}, (py.name, imported)
+                                "os", "tempfile", "pathlib", ".", "._blas", "._guard", "._model"}, (py.name, imported)
         with np.load(folder / "weights.npz", allow_pickle=False) as npz:  # plain arrays, no pickles
             assert set(refs[name]["params"]) <= set(npz.files)
         assert (folder / MARKER).is_file()

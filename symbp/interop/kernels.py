@@ -10,11 +10,12 @@ It does not need symbp or SymPy::
       _model.py     the generated forward pass, loss and backward pass (symbp's own file)
       _train.py     the generated training epoch with the optimizer's update fused in
       _blas.py      a copy of symbp/backends/cpu/blas.py (GEMM callable from @njit code)
+      _guard.py     a copy of symbp/backends/cpu/guard.py (the one-batch step's checks)
       weights.npz   the parameters (and the optimizer's state and step), plain arrays
       README.md     what is in the folder
 
 The generated files are copied, not regenerated: their imports are read with :mod:`ast` and
-those that name symbp (``symbp.backends.cpu.blas``, the model module a training module imports
+those that name symbp (``symbp.backends.cpu.blas`` and ``.guard``, the model module a training module imports
 by its cache name) are pointed at the copies in the folder.  An import this module does not
 know how to replace fails the export, naming it, so a change to the generator shows up as a
 clear error rather than a folder that breaks on import.
@@ -173,24 +174,26 @@ def _optimizer_arrays(opt, model) -> dict[str, np.ndarray]:
 def _package_files(model, train, opt, package: str) -> dict[str, str]:
     """File name -> text of every Python and text file of the folder (``train``: the
     loaded training module for ``opt``)."""
-    from ..backends.cpu import blas
+    from ..backends.cpu import blas, guard
 
     _check_train_module(train, model.kernels, opt)
     train_path = Path(train.__file__)
-    blas_where = blas.__name__.replace(".", "/") + ".py"  # the generated code imports it by this name
-    blas_text = Path(blas.__file__).read_text(encoding="utf-8")
-    blas_names = _top_level_names(blas_text, blas_where)
-    _rewrite(blas_text, blas_where, {})  # it must import only what the folder has
+    helpers, copies = {}, {}  # symbp's modules the generated code imports -> their copies in the folder
+    for mod, copy in ((blas, "_blas"), (guard, "_guard")):
+        where = mod.__name__.replace(".", "/") + ".py"  # the generated code imports it by this name
+        text = Path(mod.__file__).read_text(encoding="utf-8")
+        _rewrite(text, where, {})  # it must import only what the folder has
+        helpers[mod.__name__] = (f".{copy}", _top_level_names(text, where))
+        copies[f"{copy}.py"] = f"# Copied from symbp {__version__} ({where}) by symbp's kernel export.\n" + text
     model_text = _generated_text(model.source_path)
     train_text = _generated_text(train_path)
-    model_map = {blas.__name__: ("._blas", blas_names)}
-    train_map = {blas.__name__: ("._blas", blas_names),
+    train_map = {**helpers,
                  cache.module_name(model.source_path): ("._model", _top_level_names(model_text, model.source_path.name))}
     return {
         "__init__.py": _wrapper(model, opt, package),
-        "_model.py": _rewrite(model_text, model.source_path.name, model_map),
+        "_model.py": _rewrite(model_text, model.source_path.name, helpers),
         "_train.py": _rewrite(train_text, train_path.name, train_map),
-        "_blas.py": f"# Copied from symbp {__version__} ({blas_where}) by symbp's kernel export.\n" + blas_text,
+        **copies,
         "README.md": _readme(model, opt, package),
     }
 
@@ -316,7 +319,8 @@ def _readme(model, opt, package: str) -> str:
             f"{package}.fit(X, y, epochs=5, batch_size=32)   # {opt!r}, fused into _train.py\n"
             f"{package}.save_weights()          # back into weights.npz\n```\n\n"
             f"`_model.py` and `_train.py` are symbp's generated files (their headers hold the formulas); "
-            f"`_blas.py` is symbp's GEMM binding. Numba caches the compiled code in `__pycache__/` here.\n")
+            f"`_blas.py` is symbp's GEMM binding, `_guard.py` its step checks. Numba caches the compiled code in "
+            f"`__pycache__/` here.\n")
 
 
 # The package's __init__.py; {constants} are this model's facts, written as Python literals.

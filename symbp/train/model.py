@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from itertools import repeat
+from operator import is_
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,7 @@ class Model:
         self.epoch = 0  # epochs completed
         self.history = History()  # every epoch so far, across fit calls and checkpoints
         self._writes = True  # False on the processes other than rank 0 of a data-parallel fit
+        self._step = None  # train_on_batch's arrays, kept from call to call (see _OneStep)
 
     # -- plumbing ----------------------------------------------------------------------
     def _param_list(self) -> list[np.ndarray]:
@@ -366,8 +369,10 @@ class Model:
             for epoch in range(initial_epoch, epochs):
                 hyper = self._epoch_hyper(opt, epoch)
                 order = epoch_order(X.shape[0], shuffle, seed, epoch, rank if sharded else None)
-                # Dropout's masks: from the seed and the epoch, as the order is
-                total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step, mask_seed(seed, epoch))
+                # Dropout's masks: from the seed and the epoch, as the order is (a network
+                # without Dropout reads no seed: no generator made for it)
+                masks = mask_seed(seed, epoch) if any(layer.random for layer in self.network.layers) else 0
+                total, correct, done, bad = run.epoch(order, batch_size, hyper, opt.step, masks)
                 # The kernel checks each batch's loss before that batch's update; the last
                 # update of the epoch is checked here (no loss of this epoch would see it).
                 if bad >= 0 or not run.finite():
@@ -389,6 +394,66 @@ class Model:
             cb.on_train_end(self)
         history.comm = run.comm_stats()
         return history
+
+    def train_on_batch(self, X, y, optimizer: Optimizer | None = None) -> float:
+        """One training step on one batch (Keras's name); returns the batch's loss as the step
+        computed it, before its update: the mean over the rows plus the l2 penalty.
+
+        It is the step ``fit`` takes (the optimizer's update fused in; ``optimizer.step``
+        counts it; BatchNorm's running statistics move; Dropout draws the masks of that step
+        number), at the optimizer's current learning rate: no epoch is counted, no history
+        recorded, no schedule applied.  The checks are ``fit``'s: bad X or y raise
+        ``ValueError``; a loss that is NaN or infinite raises ``FloatingPointError`` before
+        anything changes; an update that leaves a parameter or optimizer state NaN or infinite
+        is undone, then raises ``FloatingPointError``.  On the CPU the whole step is one
+        compiled call, its checks included: X and the labels are checked there, and the
+        parameters and state are copied, just before the update, into a buffer kept from call
+        to call (no allocation, no Python per array).
+        """
+        opt = self._step_optimizer(optimizer)
+        if type(self)._run is not Model._run:  # another target: its own runtime, one batch
+            return self._train_on_batch_run(X, y, opt)
+        step = self._step
+        if step is None or step.opt is not opt:
+            step = self._step = _OneStep(self, opt)
+        X, T = step.data(X, y)
+        n = X.shape[0]
+        if step.needs_rows:
+            self._check_batch_statistics(n, n)
+        loss, _, pen, status, where = step.kernels.train_batch(
+            X, T, step.hyper(), opt.step, step.seed(), *step.arrays(n), step.keep)
+        if status:
+            raise _step_error(status, where, X.shape[1], opt)
+        opt.step += 1
+        return (float(loss) + float(pen) * n) / n  # as fit counts an epoch's loss
+
+    def _step_optimizer(self, optimizer) -> Optimizer:
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
+        if not self.params:
+            raise ValueError(f"{self.network.name} has no parameters to train: it is a fixed function")
+        opt = optimizer or self.optimizer or SGD(lr=0.01)
+        if opt is not self.optimizer:
+            self._adopt(opt, None)
+        return opt
+
+    def _train_on_batch_run(self, X, y, opt: Optimizer) -> float:
+        """train_on_batch through a target's runtime (one epoch of one batch), with fit's
+        start-of-epoch snapshot for the way back."""
+        X, T = self._data(X, y)
+        n = X.shape[0]
+        self._check_batch_statistics(n, n)
+        run = self._run(X, T, None, opt, n)
+        try:
+            total, _, done, bad = run.epoch(np.arange(n), n, list(opt.hyper.values()), opt.step,
+                                            mask_seed(0, self.epoch))
+            if bad >= 0 or not run.finite():
+                run.restore()
+                raise _step_error(2 if bad >= 0 else 3, -1, X.shape[1], opt)
+            opt.step += done
+        finally:
+            run.close()
+        return float(total) / n
 
     def _distributed_run(self, comm, sharded, X, T, val, opt, batch_size, raw, seed, settings):
         """A data-parallel fit's runtime, once every process is known to have been given data
@@ -589,6 +654,95 @@ def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:
             f"epoch, the last point where every loss and parameter was finite. Try a smaller learning rate "
             f"(lr={opt.lr:g}); a custom formula used outside its domain (log or sqrt of a negative number) or "
             f"values too large for the model's dtype do the same.")
+
+
+def _step_error(status: int, where: int, width: int, opt: Optimizer) -> Exception:
+    """What a failed train_on_batch raises (``status`` as the generated train_batch returns it)."""
+    if status == 1:
+        return ValueError(f"X contains NaN or inf (first at row {where // width}, column {where % width})")
+    what = ("the loss of this batch is NaN or infinite: the update was not made" if status == 2 else
+            "the update left parameters or optimizer state NaN or infinite: it was undone")
+    return FloatingPointError(f"{what}, and the model is as it was before this call. Try a smaller learning "
+                              f"rate (lr={opt.lr:g}); a custom formula used outside its domain or values too "
+                              "large for the model's dtype do the same.")
+
+
+def _state_of(state: dict, key: tuple[str, str]):
+    """An optimizer state array by (parameter, state name), or None."""
+    return state.get(key[0], {}).get(key[1])
+
+
+class _OneStep:
+    """What :meth:`Model.train_on_batch` keeps between calls for one optimizer: the training
+    module, the argument lists (checked again each call by identity only: a parameter or
+    state array the user replaced is picked up), the flat buffer the step stashes parameters
+    and state in, the targets buffer labels are one-hot encoded into, the hyper-parameters."""
+
+    def __init__(self, model: Model, opt: Optimizer) -> None:
+        self.model, self.opt = model, opt
+        self.kernels = model._train_kernels(opt)
+        net = model.network
+        self.needs_rows = any(layer.running_keys for layer in net.layers)
+        self.labels = net.loss.task == "multiclass"
+        self.width = int(np.prod(net.inputs)) if isinstance(net.inputs, tuple) else net.inputs
+        self._keep_for = self._rows = self._buffers = None
+        self._params = self._states = self._args = ()
+        self._hyper_key, self._hyper = None, None
+        self._seed_epoch, self._seed = None, 0
+        self._T = np.empty((0, net.outputs), model.dtype)
+        self._state_keys = [(p, s_) for p in model.kernels.PARAMS for s_ in opt.state_names]
+        from ..backends.cpu.guard import one_hot  # (numba: imported with the first step, not with symbp)
+
+        self._one_hot = one_hot
+
+    def data(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """X and T for the kernel: an X already in the kernels' layout is taken as it is (the
+        kernel checks it for NaN/inf); integer labels are one-hot encoded in compiled code."""
+        model = self.model
+        if not (type(X) is np.ndarray and X.ndim == 2 and X.dtype == model.dtype and X.shape[1] == self.width
+                and X.shape[0] > 0 and X.flags.c_contiguous):
+            X = as_inputs(X, model.network.inputs, model.dtype)
+        n = X.shape[0]
+        if self.labels and type(y) is np.ndarray and y.ndim == 1 and y.dtype.kind in "iu" and y.shape[0] == n:
+            if self._T.shape[0] < n:
+                self._T = np.empty((n, self._T.shape[1]), model.dtype)
+            T = self._T[:n]
+            bad = self._one_hot(y, T)
+            if bad >= 0:
+                classes = T.shape[1]
+                raise ValueError(f"label {y[bad]} out of range: the network has {classes} classes "
+                                 f"(labels 0..{classes - 1})")
+            return X, T
+        return X, as_targets(y, n, model.network.outputs, model.network.loss.task, model.dtype)
+
+    def arrays(self, rows: int) -> list[np.ndarray]:
+        """Parameters, work buffers, optimizer state, in the kernel's order: the last call's
+        list while every parameter and state array is still the one it holds."""
+        model, opt = self.model, self.opt
+        if (rows == self._rows and self._buffers is model._buffers
+                and all(map(is_, map(model.params.get, model.kernels.PARAMS), self._params))
+                and all(map(is_, map(_state_of, repeat(opt.state), self._state_keys), self._states))):
+            return self._args
+        params, states = model._param_list(), model._state_list(opt)
+        size = sum(a.size for a in params + states)
+        if self._keep_for != size:
+            self.keep, self._keep_for = np.empty(size, model.dtype), size
+        ws = model._workspace(rows)  # (fit may have made larger ones since: a new dict)
+        self._params, self._states, self._rows, self._buffers = params, states, rows, model._buffers
+        self._args = [*params, *ws, *states]
+        return self._args
+
+    def hyper(self) -> np.ndarray:
+        key = tuple(self.opt.hyper.values())
+        if key != self._hyper_key:
+            self._hyper_key, self._hyper = key, np.array(key, self.model.dtype)
+        return self._hyper
+
+    def seed(self) -> int:
+        """Dropout's seed: the epoch's, as fit draws it (the step number varies the masks)."""
+        if self._seed_epoch != self.model.epoch:
+            self._seed_epoch, self._seed = self.model.epoch, mask_seed(0, self.model.epoch)
+        return self._seed
 
 
 class _Progress:

@@ -214,12 +214,17 @@ class CpuModule(Plan):
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
         names["STATES"] = ", ".join(states) + ("," if states else "")
+        kept = B["P"] + states  # what train_batch stashes before its update and checks after it
+        names["STASH"] = "\n".join(["    at = 0"] + [f"    at = stash(keep, at, {a})" for a in kept])
+        names["UNSTASH"] = "\n".join(["        at = 0"] + [f"        at = unstash(keep, at, {a})" for a in kept])
+        names["FINITE"] = "\n".join(["    ok = True"] + [f"    ok = ok and all_finite({a})" for a in kept])
         consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
         src = "\n".join([
             docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
                       "\n\nUpdate rule (SymPy), for each parameter theta with gradient g, at step t:\n" + rules + "\n"),
             "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
+            "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
             "update_running", "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
@@ -300,6 +305,36 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
         total += loss + pen * nb
         correct += c
     return total, correct, t - step0, -1
+
+
+@njit(cache=True)
+def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
+    """One step on one batch (Model.train_on_batch) in one call, as a step of train_epoch at
+    step t (Dropout's masks drawn under ``seed + t``), with its checks: the batch is checked
+    for NaN/inf, the update runs only if the loss is finite, and the parameters and optimizer
+    state go back to ``keep`` (stashed just before the update) if the update left any of them
+    NaN or infinite.
+
+    Returns (Σ loss, correct predictions, the l2 penalty before the step, status, where):
+    status 0 updated; 1 X holds NaN or inf at flat index ``where``; 2 the loss was not
+    finite; 3 the update was undone.  Nothing of the model changes unless status is 0.
+    """
+    nb = X.shape[0]
+    bad = first_not_finite(X)
+    if bad >= 0:
+        return 0.0, 0, 0.0, 1, bad
+    forward_train(X, {P}, {ACTS_SLICED}, seed + t)
+    loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
+    if not np.isfinite(loss):
+        return loss, c, 0.0, 2, -1
+{STASH}
+    update_running(X, {P}, {ACTS_SLICED})
+    pen = backward_update(X, {P}, {SLICED}, {GRADS}, {STATES} hyper, t + 1)
+{FINITE}
+    if not ok:
+{UNSTASH}
+        return loss, c, pen, 3, -1
+    return loss, c, pen, 0, -1
 
 
 @njit(cache=True)
