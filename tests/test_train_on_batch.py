@@ -9,6 +9,8 @@ before the call); a parameter array the user replaced between calls is the one t
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,10 @@ def test_a_replaced_parameter_array_is_the_one_trained(compiled):
     model.params["W2"] = [[0.0] * 5] * 3  # a list is brought in line, as fit does
     model.train_on_batch(X, y, opt)
     assert isinstance(model.params["W2"], np.ndarray) and np.abs(model.params["W2"]).max() > 0
+    twin = copy.copy(model)  # shares the arrays until given its own: then trains its own
+    twin.params = {k: v.copy() for k, v in model.params.items()}
+    before = {k: v.copy() for k, v in model.params.items()}
+    twin.train_on_batch(X, y, opt)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+    assert any(np.any(twin.params[k] != v) for k, v in before.items())

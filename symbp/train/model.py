@@ -414,7 +414,7 @@ class Model:
         if type(self)._run is not Model._run:  # another target: its own runtime, one batch
             return self._train_on_batch_run(X, y, opt)
         step = self._step
-        if step is None or step.opt is not opt:
+        if step is None or step.opt is not opt or step.model is not self:  # (a copy of a model gets its own)
             step = self._step = _OneStep(self, opt)
         X, T = step.data(X, y)
         n = X.shape[0]
