@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+
 @njit(cache=True)
 def first_not_finite(a) -> int:
     """The flat index of the first NaN or inf in a C-contiguous array, or −1."""
