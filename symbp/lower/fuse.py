@@ -70,14 +70,14 @@ def _place(out: list, pending: list, step, size, buffer, access_of):
     last step it depends on (returned); a zeroing it needs goes just before it (or before
     that loop)."""
     access = _access(step, buffer)
-    mine = [z for z in pending if _conflict(_access(z, buffer), access)]
+    mine = [z for z in pending if _conflict(access_of(z), access)]
     for z in mine:
         pending.remove(z)
     point = _as_point(step)
     target = None
     if point is not None:
         sums = {buffer(str(t.base.label)) for t, _ in point.adds}
-        if all(_access(z, buffer)[1] <= sums for z in mine):  # only its own sums' zeroings
+        if all(access_of(z)[1] <= sums for z in mine):  # only its own sums' zeroings
             for pos in range(len(out) - 1, -1, -1):
                 other = out[pos]
                 if _is_point_loop(other) and _merge(other, point, size, buffer, dry=True):

@@ -529,7 +529,7 @@ def _entries(w) -> Graph:
     from ..indices import l2 as l2_symbol
     from ..indices import n as n_
     from ..indices import seed as SEED
-    from .index_eval import fixed_mask
+    from .index_eval import NUMPY_FUNCTIONS
 
     d, net = w.derivation, w.network
     values = {N: 1, l2_symbol: net.l2, SEED: 0, **{d.dims[l]: wd for l, wd in enumerate(net.widths)}, **d.sizes}
@@ -570,8 +570,8 @@ def _entries(w) -> Graph:
         at = idx if batch else idx[1:]  # a batch stage (BatchNorm's mean) has no sample index
         expr = _maxes(_expand(formula.xreplace({n_: sp.Integer(0), **dict(zip(sidx, map(sp.Integer, at)))})))
         expr = expr.replace(lambda e: isinstance(e, ops.dropout_mask),  # the draw loss_and_grads makes
-                            lambda e: sp.Float(float(fixed_mask(float(e.args[0]), int(e.args[1]), int(e.args[3]),
-                                                                ops.dropout_counter(int(e.args[2]), int(e.args[4]))))))
+                            lambda e: sp.Float(float(NUMPY_FUNCTIONS["dropout_mask"](float(e.args[0]),
+                                                                                     *map(int, e.args[1:])))))
         caption = _entry_text(label, at)
         if isinstance(expr, sp.Indexed):  # wiring: a reshape, the padding's copy, an identity
             ref[key] = entry(expr)

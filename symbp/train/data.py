@@ -70,8 +70,18 @@ def as_inputs(X, width, dtype: np.dtype, what: str = "X") -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=dtype)
     bad = first_not_finite(arr)
     if bad is not None:
-        raise ValueError(f"{what} contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
+        raise not_finite_error(what, *bad)
     return arr
+
+
+def not_finite_error(what: str, row: int, column: int) -> ValueError:
+    """The error of inputs holding a NaN or inf, first at (row, column)."""
+    return ValueError(f"{what} contains NaN or inf (first at row {row}, column {column})")
+
+
+def label_error(label, classes: int) -> ValueError:
+    """The error of a class label outside 0..classes − 1."""
+    return ValueError(f"label {label} out of range: the network has {classes} classes (labels 0..{classes - 1})")
 
 
 _CHECK_ROWS_BYTES = 1 << 24  # rows checked at a time: np.isfinite makes a byte per entry
@@ -113,7 +123,7 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
         labels = arr.astype(np.int64)
         bad = (labels < 0) | (labels >= outputs)
         if bad.any():
-            raise ValueError(f"label {labels[bad][0]} out of range: the network has {outputs} classes (labels 0..{outputs - 1})")
+            raise label_error(labels[bad][0], outputs)
         out = np.zeros((n, outputs), dtype=dtype)
         out[np.arange(n), labels] = 1
         return out

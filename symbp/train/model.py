@@ -13,7 +13,7 @@ from .. import cache, distributed
 from ..backends.cpu.runtime import HostRun
 from ..spec.network import Network
 from .callbacks import Callback, ProgressBar
-from .data import as_inputs, as_targets, check_batch_size
+from .data import as_inputs, as_targets, check_batch_size, label_error, not_finite_error
 from .optim import SGD, Optimizer
 from .schedules import Schedule, check_monitor
 
@@ -427,11 +427,18 @@ class Model:
         opt.step += 1
         return (float(loss) + float(pen) * n) / n  # as fit counts an epoch's loss
 
-    def _step_optimizer(self, optimizer) -> Optimizer:
+    def _check_trainable(self, optimizer) -> None:
+        """A model with parameters, and ``optimizer`` None or a symbp optimizer (fit, train_on_batch)."""
+        if not self.params:
+            raise ValueError(f"{self.network.name} has no parameters to train (its layers are "
+                             f"{', '.join(layer.kind for layer in self.network.layers)}): it is a fixed "
+                             "function; use predict() or decision_function()")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
-        if not self.params:
-            raise ValueError(f"{self.network.name} has no parameters to train: it is a fixed function")
+
+    def _step_optimizer(self, optimizer) -> Optimizer:
+        """train_on_batch's optimizer (checked as fit checks it), made the model's."""
+        self._check_trainable(optimizer)
         opt = optimizer or self.optimizer or SGD(lr=0.01)
         if opt is not self.optimizer:
             self._adopt(opt, None)
@@ -504,12 +511,7 @@ class Model:
     def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data,
                        callbacks=()):
         """Check fit's arguments without changing the model: (optimizer, batch size, X, T, validation)."""
-        if not self.params:
-            raise ValueError(f"{self.network.name} has no parameters to train (its layers are "
-                             f"{', '.join(layer.kind for layer in self.network.layers)}): it is a fixed "
-                             "function; use predict() or decision_function()")
-        if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a symbp optimizer such as sb.SGD(lr=0.1), got {type(optimizer).__name__}")
+        self._check_trainable(optimizer)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a symbp schedule such as sb.StepDecay(10), got {type(schedule).__name__}")
         batch_size = check_batch_size(batch_size)
@@ -659,7 +661,7 @@ def diverged_message(epoch: int, bad: int, opt: Optimizer, batches: int) -> str:
 def _step_error(status: int, where: int, width: int, opt: Optimizer) -> Exception:
     """What a failed train_on_batch raises (``status`` as the generated train_batch returns it)."""
     if status == 1:
-        return ValueError(f"X contains NaN or inf (first at row {where // width}, column {where % width})")
+        return not_finite_error("X", where // width, where % width)
     what = ("the loss of this batch is NaN or infinite: the update was not made" if status == 2 else
             "the update left parameters or optimizer state NaN or infinite: it was undone")
     return FloatingPointError(f"{what}, and the model is as it was before this call. Try a smaller learning "
@@ -709,9 +711,7 @@ class _OneStep:
             T = self._T[:n]
             bad = self._one_hot(y, T)
             if bad >= 0:
-                classes = T.shape[1]
-                raise ValueError(f"label {y[bad]} out of range: the network has {classes} classes "
-                                 f"(labels 0..{classes - 1})")
+                raise label_error(y[bad], T.shape[1])
             return X, T
         return X, as_targets(y, n, model.network.outputs, model.network.loss.task, model.dtype)
 
