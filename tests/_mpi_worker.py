@@ -48,6 +48,17 @@ def run(case: str, comm, rank: int, args: list[str]) -> dict:
         h = model.fit(X.reshape(37, 1, 6, 6), y, optimizer=sb.SGD(lr=0.05, momentum=0.9), batch_size=8, epochs=2,
                       seed=1, progress=False, comm=comm)
         return {"params": model.params, "history": h.history}
+    if case == "batchnorm":  # BatchNorm and Dropout: the global batch's statistics and masks
+        net = sb.Network(inputs=7, layers=[sb.Dense(6), sb.BatchNorm(), sb.Dense(5, activation="relu"),
+                                           sb.Dropout(0.3), sb.Dense(3)], loss="softmax_cross_entropy", l2=1e-3)
+        model = sb.compile(net, dtype="float64", seed=0)
+        model.params["b2"][:] = np.linspace(-0.2, 0.3, 6)  # BatchNorm's shift, non-zero
+        X, y = data(rows=102)  # the last batch has 2 rows: on 3 processes one has none
+        # (Not Adam: the bias before a BatchNorm has a gradient of 0 up to rounding, which
+        # Adam's division by √v̂ would scale up to whole steps, apart in every run.)
+        h = model.fit(X, y, optimizer=sb.SGD(lr=0.05, momentum=0.9), batch_size=10, epochs=3, seed=4,
+                      validation_data=(X[:17], y[:17]), progress=False, comm=comm)
+        return {"params": model.params, "history": h.history}
     if case == "resume":  # args: epochs to run, the checkpoint to start from ("-": none), where to save
         start, save = args[1], args[2]
         if start == "-":
@@ -110,6 +121,24 @@ def run(case: str, comm, rank: int, args: list[str]) -> dict:
         X, y = data()
         model.fit(X, y, batch_size=10, epochs=50, progress=False, comm=comm,
                   callbacks=[sb.ModelCheckpoint(args[0]), Die()])
+    if case == "bn_fail":  # rank 1's step fails before its kernel: the others wait in a BatchNorm sum
+        import symbp.backends.cpu.distributed as dist
+
+        net = sb.Network(inputs=7, layers=[sb.Dense(6), sb.BatchNorm(), sb.Dense(3)], loss="softmax_cross_entropy")
+        model = sb.compile(net, dtype="float64", seed=0)
+        X, y = data(rows=102)
+        if rank == 1:
+            steps = {"k": 0}
+            real = dist.DistributedRun._row0
+
+            def failing(self, k):
+                steps["k"] += 1
+                if steps["k"] == 4:
+                    raise MemoryError("no memory for this step's rows")
+                return real(self, k)
+
+            dist.DistributedRun._row0 = failing
+        model.fit(X, y, batch_size=10, epochs=1, progress=False, comm=comm)
     if case == "sharded":  # each process its own 40 + 10·rank rows, and its own validation part
         _, model = mlp()
         X, y = data(rows=40 + 10 * rank, seed=10 + rank)

@@ -51,7 +51,7 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mpi")
 
 
-@pytest.mark.parametrize("case", ["adam", "cnn"])
+@pytest.mark.parametrize("case", ["adam", "cnn", "batchnorm"])
 def test_n_processes_equal_one(out, case):
     """2 and 3 processes (uneven slices: the last batch of one row leaves two idle) give the
     one-process parameters and history to 1e-12 in float64; every process the same bits."""
@@ -98,6 +98,7 @@ def test_resume_on_another_process_count(out):
     ("nan", 2, "FloatingPointError", ["NaN or infinite", "epoch 0"]),
     ("callback", 3, "OSError", ["rank 0 of 3", "No space left on device"]),
     ("diverge", 2, "RuntimeError", ["parameters differ between processes", "ranks [1]"]),
+    ("bn_fail", 3, "MemoryError", ["rank 1 of 3", "no memory for this step's rows"]),
 ])
 def test_one_failing_process_stops_all(out, case, ranks, kind, words):
     """The error of one process is raised on every process, the same type and message, and

@@ -35,6 +35,10 @@ CASES = {
                                                            sb.Flatten(), sb.Dense(3)],
                                  loss="softmax_cross_entropy", name="export-cnn"),
               "float32", lambda: sb.Adam(lr=0.01), (1, 6, 6)),
+    # BatchNorm: its kernels also hold the data-parallel variants, which import _sync.py
+    "bn64": (lambda: sb.Network(inputs=6, layers=[sb.Dense(5), sb.BatchNorm(), sb.Dense(3, activation="tanh"),
+                                                  sb.Dense(3)], loss="softmax_cross_entropy", name="export-bn"),
+             "float64", lambda: sb.SGD(lr=0.1, momentum=0.9), (6,)),
 }
 N = 24
 BATCH = 8
@@ -186,7 +190,7 @@ def test_folder_holds_no_symbp_import_and_plain_weights(exported):
                 elif isinstance(node, ast.ImportFrom):
                     imported.add("." * node.level + (node.module or ""))
             assert imported <= {"__future__", "math", "numpy", "numba", "numba.core.extending", "numba.np.linalg",
-                                "os", "tempfile", "pathlib", ".", "._blas", "._guard", "._model"}, (py.name, imported)
+                                "os", "tempfile", "pathlib", ".", "._blas", "._guard", "._sync", "._model"}, (py.name, imported)
         with np.load(folder / "weights.npz", allow_pickle=False) as npz:  # plain arrays, no pickles
             assert set(refs[name]["params"]) <= set(npz.files)
         assert (folder / MARKER).is_file()

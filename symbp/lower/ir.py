@@ -12,6 +12,8 @@
   (accumulator loops, bounds tightened from their guards).
 * :class:`WindowArgmax` — the first maximum of a window (max pooling, Maxout), stored for
   the backward pass.
+* :class:`Sync` — a batch statistic's sum over this process's rows made the sum over every
+  process's rows (data-parallel training: BatchNorm's mean and variance of the global batch).
 """
 
 from __future__ import annotations
@@ -95,3 +97,14 @@ class BlockGemm(Gemm):
     shapes: tuple = ()  # (rows, cols) of a, b, out, as stored (before op)
     per_sample: tuple = (False, False, False)  # a, b, out
     accumulate: bool = False
+
+
+@dataclass
+class Sync:
+    """``out`` (a batch stage's buffer, one value per entry for the whole batch) summed in place
+    over the processes of a data-parallel fit: each holds its rows' share of a sum over the
+    global batch, and after this step every process holds the global batch's value.  Only the
+    data-parallel variants of the kernels (``Plan.sync``) have it; loops never move across it."""
+
+    out: sp.IndexedBase
+    size: int  # its entries (the processes' sums must agree on the buffer's length)

@@ -36,6 +36,9 @@ class Plan:
     def __init__(self, d: Derivation, dtype: str) -> None:
         self.d = d
         self.dtype = dtype
+        #: print the data-parallel kernels' variant: batch statistics summed over the
+        #: processes (a Sync after each), Dropout's draws at the process's rows of the batch
+        self.sync = False
         net = d.network
         self.l2_value = sp.nsimplify(net.l2, rational=True) if net.l2 else sp.Integer(0)
         names: dict = {"x": "X", "t": "T", N: "nbf"}

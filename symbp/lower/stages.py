@@ -15,8 +15,8 @@ import sympy as sp
 
 from ..index_sums import resolve
 from ..indices import N, n
-from ..spec.ops import window_argmax
-from .ir import BlockGemm, Gemm, Loop, Nest, WindowArgmax
+from ..spec.ops import dropout_mask, window_argmax
+from .ir import BlockGemm, Gemm, Loop, Nest, Sync, WindowArgmax
 from .patterns import split_sums
 from .windows import match_conv, numeric
 
@@ -154,9 +154,50 @@ def running_steps(builder, ld) -> list:
     return steps
 
 
+#: The first row of this process's rows in the global batch (data-parallel kernels only):
+#: Dropout's draw for sample n of a process is the one-process draw for row n + row0.
+ROW0 = sp.Symbol("row0", integer=True, nonnegative=True)
+
+
 def _fix(builder, ld, expr, ranges) -> sp.Expr:
-    return numeric(builder.value(_inline(builder, ld, expr)), builder.d.sizes,
+    expr = numeric(builder.value(_inline(builder, ld, expr)), builder.d.sizes,
                    {sym: (0, _size(builder, ext) - 1) for sym, ext in ranges if sym is not n})
+    if builder.sync:
+        expr = expr.replace(lambda e: isinstance(e, dropout_mask),
+                            lambda e: dropout_mask(*e.args[:3], e.args[3] + ROW0, e.args[4]))
+    return expr
+
+
+def _batch_sum(expr: sp.Expr) -> bool:
+    """Whether ``expr`` sums over the batch's samples."""
+    return any(lim[2].has(N) for s_ in expr.atoms(sp.Sum) for lim in s_.limits)
+
+
+def batch_steps(builder, nest: Nest, what: str) -> list:
+    """The steps of a batch stage's Nest (one value per entry for the whole batch), its sums
+    over the samples taken row by row (:func:`rows_outer`).
+
+    In the data-parallel kernels (``builder.sync``) a process holds only its rows: the stage
+    ``t = r + Σ_k c_k·Σ_ν body_k`` becomes t = Σ_k c_k·Σ_ν body_k over its rows (1/N is the
+    global batch's), a :class:`Sync` summing t over the processes, then t += r, so every
+    process holds the global batch's value.  A batch stage that is not of that form (a
+    function of a sum over the samples) cannot be split over processes so: refused, named."""
+    steps = rows_outer(nest)
+    (target, expr), = nest.stmts
+    if not builder.sync or not _batch_sum(expr):
+        return steps
+    if len(steps) == 1:
+        raise NotImplementedError(f"data-parallel training of {what}: {target.base} = {expr} is not a sum over the "
+                                  "samples plus terms without one, so it cannot be summed over processes")
+    first, *terms = steps
+    (_, rest), = first.stmts
+    size = 1
+    for _, ext in first.ranges:
+        size *= _size(builder, ext)
+    out = [Nest(first.ranges, [(target, sp.Integer(0))], first.sum_ranges), *terms, Sync(target.base, size)]
+    if rest != 0:
+        out.append(Nest(first.ranges, [(target, target + rest)], first.sum_ranges))
+    return out
 
 
 def forward_steps(builder, ld, train: bool = False) -> list:
@@ -170,7 +211,7 @@ def forward_steps(builder, ld, train: bool = False) -> list:
         target = builder.value(st.at(st.idx))
         formula = st.formula if train else _evaluating(ld, st.formula)
         if st.batch:  # one value for the batch (a sum over the samples, or a function of such)
-            steps += rows_outer(Nest(ranges, [(target, _fix(builder, ld, formula, ranges))]))
+            steps += batch_steps(builder, Nest(ranges, [(target, _fix(builder, ld, formula, ranges))]), repr(ld.layer))
             continue
         if isinstance(formula, window_argmax):
             value, *window = formula.args
@@ -221,7 +262,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
             steps += col2im
             continue
         nest = Nest(ranges, [(builder.value(gb[free] if st.batch else gb[(n, *free)]), _fix(builder, ld, formula, ranges))])
-        steps += rows_outer(nest) if st.batch else [nest]
+        steps += batch_steps(builder, nest, repr(ld.layer)) if st.batch else [nest]
     now, later = [], []
     for key in ld.params:
         g = builder.grad_base(ld, key)

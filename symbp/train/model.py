@@ -472,12 +472,6 @@ class Model:
             with distributed.together(comm):
                 raise NotImplementedError(f"data-parallel training (comm=) runs on the CPU target; "
                                           f"{type(self).__name__} is not one")
-        held = [layer for layer in self.network.layers if layer.running_keys or layer.random]
-        if held:
-            with distributed.together(comm):
-                raise NotImplementedError(f"data-parallel training (comm=) of {held[0]!r}: each process would "
-                                          "use its own rows' statistics or masks, not the global batch's "
-                                          "(synchronised batch statistics and masks are not built yet)")
         facts = {
             "network": self.network.fingerprint(), "dtype": self.dtype.name, "optimizer": repr(opt),
             "batch_size": batch_size, "epochs, initial_epoch, shuffle": settings[:3],

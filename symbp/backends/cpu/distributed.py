@@ -25,7 +25,9 @@ import time
 import numpy as np
 
 from ... import distributed
+from . import sync
 from .runtime import HostRun
+from .sync import PeerFailed, StepSums
 
 
 class DistributedRun(HostRun):
@@ -46,6 +48,8 @@ class DistributedRun(HostRun):
         self.n = n  # every process's rows, when sharded
         if not hasattr(self.kernels, "slice_grads"):
             raise RuntimeError(f"{self.kernels.__file__} predates data-parallel training: delete it to regenerate")
+        if getattr(self.kernels, "SYNC_ERROR", None):
+            raise NotImplementedError(self.kernels.SYNC_ERROR)
         # The gradient buffers as views into one flat buffer, + 2 status slots: one Allreduce a step.
         names = [name for name, _ in model.kernels.WORKSPACE]
         shapes = dict(model.kernels.WORKSPACE)
@@ -59,6 +63,9 @@ class DistributedRun(HostRun):
         self.grads = [views[g] for g in grads]
         self.ws = [views.get(name, w) for name, w in zip(names, model._workspace(self.rows))]
         self.allreduce_s, self.steps_run, self.seconds = 0.0, 0, 0.0
+        # The batch statistics' sums inside a step (BatchNorm), when the network has any.
+        sizes = getattr(self.kernels, "SYNC_SIZES", ())
+        self.sums = StepSums(MPI, comm, sizes, model.dtype) if sizes else None
         self.validate = None if val is None else (lambda: self._validate(*val))
 
     # -- which rows are whose ------------------------------------------------------------
@@ -71,6 +78,13 @@ class DistributedRun(HostRun):
         first, last = distributed.split(min(self.batch_size, self.n - start), self.size, self.rank)
         return start + first, start + last
 
+    def _row0(self, k: int) -> int:
+        """Where this process's rows of step ``k`` start in its global batch (Dropout's draws
+        for them are the one-process draws for those rows)."""
+        if self.sharded:
+            return sum((k + 1) * c // self.steps - k * c // self.steps for c in self.counts[:self.rank])
+        return distributed.split(min(self.batch_size, self.n - k * self.batch_size), self.size, self.rank)[0]
+
     def _global_rows(self, k: int) -> int:
         """How many rows step ``k``'s global batch has, over every process."""
         if self.sharded:
@@ -82,32 +96,49 @@ class DistributedRun(HostRun):
               seed: int = 0) -> tuple[float, int, int, int]:
         """One epoch over every process: (Σ loss, correct, updates made, first bad batch or −1),
         the same numbers on every process."""
+        before = sync.route(self.sums)
+        try:
+            return self._epoch(order, hyper, step, seed)
+        finally:
+            sync.route(before)
+
+    def _epoch(self, order: np.ndarray, hyper: list[float], step: int, seed: int) -> tuple[float, int, int, int]:
         model, k_ = self.model, self.kernels
         began = time.perf_counter()
         states = self._begin_epoch()
         params, hyper = model._param_list(), np.array(hyper, model.dtype)
         total, correct, t, bad = 0.0, 0, step, -1
         status = self.flat[-2:]
+        sums = self.sums
         for k in range(self.steps):
             rows = self._global_rows(k)
             if rows == 0:
                 continue  # sharded, no process has a row for this step: no batch, no update
             error = None
             try:
+                if sums is not None:
+                    sums.begin_step()
                 start, stop = self._local(k)
                 nb = stop - start
                 status[:] = 0
-                if nb:
+                loss, c = 0.0, 0
+                # A process without rows this step still runs the kernel when the batch's
+                # statistics are summed over the processes: it takes part in those sums.
+                if nb or sums is not None:
                     idx = order[start:stop]
                     np.take(self.X, idx, axis=0, out=self.Xb[:nb])
                     np.take(self.T, idx, axis=0, out=self.Tb[:nb])
-                    loss, c = k_.slice_grads(self.Xb[:nb], self.Tb[:nb], nb / rows, *params, *self.ws)
+                    loss, c = k_.slice_grads(self.Xb[:nb], self.Tb[:nb], nb / rows, rows, self._row0(k), seed + t,
+                                             *params, *self.ws)
                     status[0] = 0 if math.isfinite(loss) else 1
-                else:
+                if not nb:
                     self.flat[:-2] = 0
-                    loss, c = 0.0, 0
+            except PeerFailed:  # another process failed; its error is agreed on below
+                status[1] = 0
             except Exception as err:  # noqa: BLE001 - every process learns of it below
                 error, status[1] = err, 1
+                if sums is not None:
+                    sums.fail()  # into the sum the others may be waiting in
             tic = time.perf_counter()
             self.comm.Allreduce(self.MPI.IN_PLACE, self.flat, op=self.MPI.SUM)
             self.allreduce_s += time.perf_counter() - tic

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import textwrap
 
-from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, WindowArgmax
+from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, Sync, WindowArgmax
 from ..common import NumbaPrinter, extent_text, loop_lines, nest_statements, reads_rows, row_reduction_lines, window_scan
 
 
@@ -30,6 +30,14 @@ def _(step: Gemm, printer: NumbaPrinter) -> list[str]:
         f"# {out} ← {kept}{scaled}, from {step.formula}",
         f"gemm({a}, {step.ta}, {b}, {step.tb}, {out}, {alpha}, {beta}, scal)",
     ]
+
+
+@emit.register
+def _(step: Sync, printer: NumbaPrinter) -> list[str]:
+    # Numba cannot call MPI: the interpreter does, for this one call (a few µs, once per
+    # batch statistic a step); symbp.backends.cpu.sync holds the fit's communicator.
+    return ["with objmode():  # this process's rows' sum -> the global batch's (data-parallel fit)",
+            f"    sum_over_processes({printer.array(step.out)})"]
 
 
 @emit.register

@@ -21,6 +21,7 @@ import sympy as sp
 from ...derive import Derivation
 from ...indices import N
 from ...lower.fuse import fuse_loops
+from ...lower.ir import Sync
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
 from .emit import emit
@@ -83,7 +84,7 @@ class CpuModule(Plan):
                 self.provenance.append((name, 3 + start, 3 + len(body) - 1, step_writes(step, pr),
                                         None if getattr(step, "formula", None) is None else str(step.formula)))
         body += epilogue
-        if body[:1] == ["nb = X.shape[0]"] and any("nbf" in line for line in body):
+        if body[:1] == ["nb = X.shape[0]"] and any("nbf" in line for line in body) and not body[1].startswith("nbf = "):
             body.insert(1, f"nbf = {self.float_type}(nb)")  # the batch size in the float type (a mean's 1/N)
             self.provenance = [(f, a + 1, b + 1, *rest) if f == name else (f, a, b, *rest)
                                for f, a, b, *rest in self.provenance]
@@ -109,8 +110,46 @@ class CpuModule(Plan):
     def float_type(self) -> str:
         return "np.float32" if self.dtype == "float32" else "np.float64"
 
-    def _prelude(self) -> list[str]:
-        return ["nb = X.shape[0]", f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+    def _prelude(self, rows: bool = False) -> list[str]:
+        """The first lines of a kernel over a batch; ``rows``: a data-parallel kernel, whose
+        1/N is the global batch's (its ``rows`` argument), not this process's ``nb``."""
+        first = ["nb = X.shape[0]"] + ([f"nbf = {self.float_type}(rows)  # the global batch's rows"] if rows else [])
+        return first + [f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether a data-parallel fit needs kernels of its own: batch statistics to sum over
+        the processes (BatchNorm), or Dropout's draws to place at the process's rows."""
+        return any(st.batch for ld in self.d.layers for st in ld.stages) or any(
+            getattr(ld.layer, "random", False) for ld in self.d.layers)
+
+    @property
+    def sync_error(self) -> str | None:
+        """Why the network's batch statistics cannot be summed over processes, or None."""
+        self._synced_forward()
+        return self._sync_error
+
+    def _synced_forward(self) -> list:
+        """The data-parallel variant's training forward steps (planned once)."""
+        if "_sync_error" not in self.__dict__:
+            self._sync_error, self._sync_forward = None, []
+            try:
+                self._sync_forward = self._synced(self._train_forward_steps)
+            except NotImplementedError as err:
+                self._sync_error = str(err)
+        return self._sync_forward
+
+    def _synced(self, make):
+        """``make()`` with the plan printing the data-parallel variant (see ``Plan.sync``)."""
+        self.sync = True
+        try:
+            return make()
+        finally:
+            self.sync = False
+
+    def _sync_imports(self) -> list[str]:
+        return (["from numba import objmode", "from symbp.backends.cpu.sync import sum_over_processes"]
+                if self.needs_sync and self.sync_error is None else [])
 
     def build(self) -> ModuleLayout:
         """The model module: forward, loss, gradients, evaluation."""
@@ -134,11 +173,21 @@ class CpuModule(Plan):
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
                           "(λ/2) Σ_l ‖W_l‖²."),
         ]
+        if self.needs_sync and self.sync_error is None:
+            fns += self._synced(lambda: [
+                self.function("forward_train_sync", ["X"] + P + acts + ["seed", "rows", "row0"],
+                              self._prelude(rows=True), self._synced_forward(), [],
+                              "forward_train for one process of a data-parallel fit: its rows are rows row0… of a\n"
+                              "    global batch of ``rows``, whose statistics every process computes together."),
+                self.function("update_running_sync", ["X"] + P + acts + ["rows"], self._prelude(rows=True),
+                              self.running_steps(), [],
+                              "update_running from the global batch's statistics (``rows`` rows)."),
+            ])
         fns.append(tidy_args(_GLUE.format(**self._glue_names(B))))
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             module_header(self), "import math", "", "import numpy as np", "from numba import njit", "",
-            self._blas_import(), "",
+            self._blas_import(), *self._sync_imports(), "",
             f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
             "# (the NaN checks must stay) nor reassociation (sums keep their order).  The kernels",
@@ -166,13 +215,15 @@ class CpuModule(Plan):
                     f"\n@njit(cache=True)\ndef update_running({args}):\n"
                     '    """No running statistics in this network."""\n    return\n']
         return [
-            self.function("forward_train", ["X"] + P + acts + ["seed"], self._prelude(),
-                          [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)], [],
+            self.function("forward_train", ["X"] + P + acts + ["seed"], self._prelude(), self._train_forward_steps(), [],
                           "Forward pass over a batch in training: batch statistics, Dropout's masks drawn under\n"
                           "    ``seed``; fills Z and A."),
             self.function("update_running", ["X"] + P + acts, self._prelude(), self.running_steps(), [],
                           "The running statistics from this batch's (after forward_train), as PyTorch updates them."),
         ]
+
+    def _train_forward_steps(self) -> list:
+        return [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)]
 
     @staticmethod
     def _glue_names(B: dict) -> dict:
@@ -206,6 +257,19 @@ class CpuModule(Plan):
         grads_only = self.function(
             "backward_grads", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"], self._prelude(), apart, [],
             "∂C/∂θ without the λθ term: the data's sums over this process's rows (δ_L as loss_rows left it).")
+        syncs, synced = [], self.needs_sync and self.sync_error is None
+        if synced:  # batch statistics over the global batch: summed over the processes
+            try:
+                forward, (apart_sync, _) = self._synced_forward(), self._synced(lambda: self.backward_apart(opt))
+            except NotImplementedError as err:
+                self._sync_error, synced = str(err), False
+        if synced:
+            syncs = [step.size for step in forward + apart_sync if isinstance(step, Sync)]
+            grads_only += "\n" + self._synced(lambda: self.function(
+                "backward_grads_sync", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"] + ["rows", "row0"],
+                self._prelude(rows=True), apart_sync, [],
+                "backward_grads for one process of a data-parallel fit (its rows are rows row0… of a global\n"
+                "    batch of ``rows``): the batch statistics' gradients summed over every process."))
         update_only = self.function(
             "update", B["P"] + B["grads"] + states + ["hyper", "t"], read_hyper + ["penalty = 0.0"], updates,
             ["return penalty"],
@@ -218,6 +282,16 @@ class CpuModule(Plan):
         names["STASH"] = "\n".join(["    at = 0"] + [f"    at = stash(keep, at, {a})" for a in kept])
         names["UNSTASH"] = "\n".join(["        at = 0"] + [f"        at = unstash(keep, at, {a})" for a in kept])
         names["FINITE"] = "\n".join(["    ok = True"] + [f"    ok = ok and all_finite({a})" for a in kept])
+        shapes = dict(self.workspace)
+        rows = {w: f"{w}[:nb]" if shapes[w][0] == "batch" else w for w in shapes}  # (1, k) buffers stay whole
+        names["SLICE_CALLS"] = (
+            f"    forward_train_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'])}, seed, rows, row0)\n"
+            f"    update_running_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'])}, rows)"
+            if synced else f"    forward_train(X, {names['P']}, {names['ACTS_SLICED']}, seed)")
+        names["SLICE_BACKWARD"] = (
+            f"backward_grads_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'] + B['deltas'])}, "
+            f"{names['GRADS']}, rows, row0)" if synced
+            else f"backward_grads(X, {names['P']}, {names['SLICED']}, {names['GRADS']})")
         consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
         src = "\n".join([
             docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
@@ -226,8 +300,14 @@ class CpuModule(Plan):
             self._blas_import(),
             "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
-            "update_running", "",
+            "update_running" + (", forward_train_sync, update_running_sync" if synced else ""),
+            *(self._sync_imports() if synced else []), "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
+            "# The lengths of the buffers slice_grads sums over the processes, in its order (a data-parallel",
+            "# fit: a process that fails mid-step still takes part in the rest, see backends/cpu/sync.py).",
+            f"SYNC_SIZES = {tuple(syncs)!r}",
+            "# Why a data-parallel fit cannot train this network (None: it can).",
+            f"SYNC_ERROR = {self.sync_error if self.needs_sync else None!r}",
             f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}", "",
             helper_source(self.helpers), update, grads_only, update_only, tidy_args(_TRAIN.format(**names)),
         ])
@@ -338,15 +418,16 @@ def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
 
 
 @njit(cache=True)
-def slice_grads(X, T, scale, {P}, {WS}):
-    """This process's part of a global batch (data-parallel training): the forward pass,
-    Σ ℓ over its rows, and gradient sums with δ_L scaled by ``scale`` = its rows / the global
-    batch's rows, so the sums over every process are the global batch's ∂C/∂θ (λθ aside)."""
+def slice_grads(X, T, scale, rows, row0, seed, {P}, {WS}):
+    """This process's part of a global batch of ``rows`` rows (data-parallel training; its rows
+    are rows row0… of the batch, Dropout's masks drawn under ``seed``): the forward pass, Σ ℓ
+    over its rows, and gradient sums with δ_L scaled by ``scale`` = its rows / ``rows``, so
+    the sums over every process are the global batch's ∂C/∂θ (λθ aside)."""
     nb = X.shape[0]
-    forward_train(X, {P}, {ACTS_SLICED}, 0)
+{SLICE_CALLS}
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     {DL}[:nb] *= scale
-    backward_grads(X, {P}, {SLICED}, {GRADS})
+    {SLICE_BACKWARD}
     return loss, c
 '''
 
