@@ -119,9 +119,9 @@ NETS = {
     "medium": Net("medium", 784, (256, 256), CLASSES, 128, "relu", 8),
     "large": Net("large", 784, (1024, 1024), CLASSES, 256, "relu", 1),
 }
-CONFIGS = ("1p2t", "dist", "1p1t")
+CONFIGS = ("1p2t", "dist", "1p1t", "ceiling")
 CONFIG_LABEL = {"1p2t": "1 process x 2 threads", "dist": "{R} ranks x 1 thread",
-                "1p1t": "1 process x 1 thread"}
+                "1p1t": "1 process x 1 thread", "ceiling": "{R} ranks x 1 thread, gradient sums only"}
 
 
 # ==========================================================================
@@ -241,6 +241,49 @@ def worker_fit(args) -> dict | None:
     }
 
 
+def worker_ceiling(args) -> dict | None:
+    """The distributed run's compute alone: every rank runs the generated ``slice_grads`` on its
+    slice of each global batch (what ``fit(comm=...)`` runs), with a barrier per step to keep the
+    ranks in lockstep as the Allreduce does, but no Allreduce and no update. No data-parallel
+    design that computes each rank's gradient sums this way can beat it: its samples/s over the
+    one-process run's is the ceiling of the ratio. (Reads the model's generated kernels directly.)"""
+    sb = import_symbp()
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    net = NETS[args.net]
+    layers = [sb.Dense(n, activation=net.activation) for n in net.hidden] + [sb.Dense(net.outputs)]
+    model = sb.compile(sb.Network(inputs=net.inputs, layers=layers, loss="softmax_cross_entropy"),
+                       target="cpu", dtype="float32", seed=0)
+    opt = (sb.Adam(lr=ADAM_LR, betas=ADAM_BETAS, eps=ADAM_EPS) if args.optimizer == "adam" else sb.SGD(lr=LR))
+    kernels = model._train_kernels(opt)
+    X, y = make_data(args.rows, net.inputs)
+    T = np.eye(CLASSES, dtype=np.float32)[y]
+    first, last = sb.distributed.split(net.batch, size, rank)
+    ws, params = model._workspace(last - first), model._param_list()
+    steps = args.rows // net.batch
+
+    def epoch():
+        for k in range(steps):
+            lo = k * net.batch
+            kernels.slice_grads(X[lo + first:lo + last], T[lo + first:lo + last], (last - first) / net.batch,
+                                net.batch, first, 0, *params, *ws)
+            comm.Barrier()
+
+    epoch()  # warm-up: JIT or cache load, first touch
+    reps = []
+    for _ in range(args.reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.epochs):
+            epoch()
+        wall = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        reps.append({"wall_s": wall, "samples_per_s": steps * net.batch * args.epochs / wall, "contention": None})
+    return {"reps": reps} if rank == 0 else None
+
+
 def worker_allreduce(args) -> dict | None:
     """Bare in-place float32 Allreduce (SUM) over MPI.COMM_WORLD. Every size: warm-up calls,
     then ``--ar-trials`` trials of ``iters`` calls (iters chosen by rank 0 so one trial lasts
@@ -341,6 +384,9 @@ def run_fit(args, net: Net, optimizer: str, config: str) -> dict:
     wait_idle(args)
     if config == "dist":
         return run_cmd(mpiexec_cmd(args, argv + ["--dist"]), clean_env(ONE_THREAD), args.timeout)
+    if config == "ceiling":
+        argv[1] = "ceiling"
+        return run_cmd(mpiexec_cmd(args, argv), clean_env(ONE_THREAD), args.timeout)
     env = clean_env(ONE_THREAD if config == "1p1t" else None)
     return run_cmd(plain_cmd(argv), env, args.timeout)
 
@@ -467,7 +513,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds before a worker is killed")
     p.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     # Internal: worker modes.
-    p.add_argument("--worker", choices=("fit", "allreduce"), help=argparse.SUPPRESS)
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip the compute-only run (each rank's slice_grads, no Allreduce, no update)")
+    p.add_argument("--worker", choices=("fit", "allreduce", "ceiling"), help=argparse.SUPPRESS)
     p.add_argument("--net", help=argparse.SUPPRESS)
     p.add_argument("--optimizer", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     p.add_argument("--dist", action="store_true", help=argparse.SUPPRESS)
@@ -475,7 +523,7 @@ def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
 
     if args.worker:
-        fn = worker_fit if args.worker == "fit" else worker_allreduce
+        fn = {"fit": worker_fit, "allreduce": worker_allreduce, "ceiling": worker_ceiling}[args.worker]
         try:
             out = fn(args)
         except Exception as exc:
@@ -540,7 +588,8 @@ def main(argv=None) -> int:
             return _finish(args, payload, t_start)
 
     # ---- training throughput ---------------------------------------------------------------
-    configs = [c for c in CONFIGS if not (c == "1p1t" and args.no_single_thread)]
+    configs = [c for c in CONFIGS if not (c == "1p1t" and args.no_single_thread)
+               and not (c == "ceiling" and args.no_ceiling)]
     runs: dict[tuple[str, str, str], list[dict]] = {}
     for rnd in range(args.rounds):
         for net in nets:
@@ -558,6 +607,8 @@ def main(argv=None) -> int:
                "share", "model ms", "compute ms/step"]
     if "1p1t" in configs:
         headers.append("1p x 1t samples/s")
+    if "ceiling" in configs:
+        headers += [f"{R}r gradient sums only, samples/s", "its ratio"]
     headers.append("contention")
     rows, errors, workloads = [], [], []
     for net in nets:
@@ -578,6 +629,10 @@ def main(argv=None) -> int:
                    f"{max(cs['compute_ms_per_rank']):.3f}" if cs else "-"]
             if "1p1t" in configs:
                 row.append(fmt_rate(best["1p1t"], res["1p1t"]))
+            if "ceiling" in configs:
+                bc = best["ceiling"]
+                row += [fmt_rate(bc, res["ceiling"]),
+                        f"{bc['samples_per_s'] / b1['samples_per_s']:.2f}" if bc and b1 else "-"]
             conts = [b["contention"] for b in best.values() if b and b.get("contention") is not None]
             row.append(f"{max(conts):.0%}" if conts else "-")
             rows.append(row)
@@ -598,7 +653,9 @@ def main(argv=None) -> int:
     print(h.format_table(headers, rows, [False] + [True] * (len(headers) - 1)))
     print("  ratio = distributed over 1 process x 2 threads; allreduce ms/step and share: history.comm, mean "
           "over ranks (a rank's\n  wait for the slower one included); model ms: T_ar from the bare Allreduce; "
-          "compute ms/step: (seconds - allreduce_s) / steps, slower rank")
+          "compute ms/step: (seconds - allreduce_s) / steps, slower rank"
+          + ("; gradient sums only: each rank's slice_grads and a barrier per step, no Allreduce and no update "
+             "(the ceiling of the ratio for this way of computing the gradient sums)" if "ceiling" in configs else ""))
     for wl, label, res in errors:
         print(f"\n  {wl}, {label}: {res['error']}")
         if res.get("output_tail"):
@@ -626,7 +683,7 @@ def main(argv=None) -> int:
     print("\n  threads per run (rank 0; first workload):")
     for c in configs:
         r = merged[(nets[0].name, optimizers[0], c)]
-        if "error" not in r:
+        if "error" not in r and "env_info" in r:
             print(f"    {CONFIG_LABEL[c].format(R=R)}: {'; '.join(r['env_info']['threads'])}")
 
     for w in workloads:

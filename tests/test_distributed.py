@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from symbp import distributed
+from symbp.backends.cpu import node_share
 
 WORKER = Path(__file__).with_name("_mpi_worker.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +30,14 @@ MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (the mpich wheel brings one)")
 
 
-def launch(case: str, ranks: int, out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def launch(case: str, ranks: int, out: Path, *args: str, timeout: float = 240,
+           extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the worker's ``case`` on ``ranks`` processes (1: plain python, no launcher)."""
     cmd = [sys.executable, str(WORKER), case, str(out), *args]
     if ranks > 1:
         cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", node_share.ENV)}
+    env.update(extra_env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out)
 
 
@@ -51,15 +54,20 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mpi")
 
 
-@pytest.mark.parametrize("case", ["adam", "cnn", "batchnorm"])
-def test_n_processes_equal_one(out, case):
+@pytest.mark.parametrize("case, transport", [("adam", "shared-memory window"), ("adam", "Allreduce"),
+                                             ("cnn", "shared-memory window"), ("batchnorm", "shared-memory window"),
+                                             ("batchnorm", "Allreduce")])
+def test_n_processes_equal_one(out, case, transport):
     """2 and 3 processes (uneven slices: the last batch of one row leaves two idle) give the
-    one-process parameters and history to 1e-12 in float64; every process the same bits."""
+    one-process parameters and history to 1e-12 in float64; every process the same bits.  On
+    one machine the step goes through a shared-memory window; ``SYMBP_SHARED_WINDOW=0`` takes
+    the Allreduce path that runs between machines."""
     assert launch(case, 1, out).returncode == 0
     (one,) = records(case, 1, out)
     assert "error" not in one, one
+    env = {node_share.ENV: "0"} if transport == "Allreduce" else {}
     for ranks in (2, 3):
-        proc = launch(case, ranks, out)
+        proc = launch(case, ranks, out, extra_env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         every = records(case, ranks, out)
         assert all("error" not in r for r in every), every
@@ -70,6 +78,7 @@ def test_n_processes_equal_one(out, case):
         assert all(r["history"] == every[0]["history"] for r in every)
         if case == "adam":
             assert every[0]["comm"]["ranks"] == ranks and every[0]["comm"]["steps"] == 33
+            assert every[0]["comm"]["transport"] == transport
 
 
 def test_resume_on_another_process_count(out):

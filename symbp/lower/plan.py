@@ -123,11 +123,14 @@ class Plan:
             threshold_match=(out.a, d.loss.t) if task == "binary" else None,
         )
 
-    def update_steps(self, ld, key: str, gemm_steps: list, g_expr: sp.Expr, opt) -> tuple[list, list]:
+    def update_steps(self, ld, key: str, gemm_steps: list, g_expr: sp.Expr, opt,
+                     rows_of_array: bool = False) -> tuple[list, list]:
         """The optimizer's statements for parameter ``key`` of layer ``ld``.
 
         Returns (steps that may run now, steps that must wait until the δ of every layer ``ld``
         reads has read the old θ).  An update linear in a GEMM result (plain SGD) rides on that GEMM.
+        ``rows_of_array``: the loop over θ's first index runs over the rows of the array passed
+        (``W1.shape[0]``), so the update can be given a block of rows (a process's share).
         """
         theta = self.value(ld.params[key][ld.param_idx[key]])
         idx = theta.indices
@@ -145,6 +148,8 @@ class Plan:
                 # θ ← β·θ + α·op(A)op(B): one GEMM, no gradient buffer, no extra pass.
                 return gemm_steps[1:], ([Loop(ranges, [], penalty)] if penalty else []) + [fused]
         size = math.prod(self.d.network.param_shapes()[name])
+        if rows_of_array:
+            ranges[0] = (ranges[0][0], sp.Symbol(f"{self.names.get(name, name)}.shape[0]"))
         return gemm_steps, [Loop(ranges, stmts, penalty, parallel=size >= PARALLEL_UPDATE_MIN)]
 
     def grad_steps(self, ld, opt=None, apart: bool = False) -> tuple[list, list]:

@@ -287,7 +287,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
             now += gsteps + ([Loop(prange, [(g[idx], g_expr)])] if g_expr != g[idx] else [])
         elif apart:  # no GEMM carries the update: the sums must be complete first
             now += gsteps
-            later += builder.update_steps(ld, key, [], g_expr, opt)[1]
+            later += builder.update_steps(ld, key, [], g_expr, opt, rows_of_array=True)[1]
         else:
             a_, b_ = builder.update_steps(ld, key, gsteps, g_expr, opt)
             now += a_

@@ -495,6 +495,7 @@ class Model:
         for arr in self._param_list() + self._state_list(opt):
             comm.Bcast(arr, root=0)
         opt.step = comm.bcast(opt.step)
+        run.share_memory()
         return run, seed
 
     def _run(self, X, T, val, opt, batch_size):

@@ -25,7 +25,8 @@ import time
 import numpy as np
 
 from ... import distributed
-from . import sync
+from . import node_share, sync
+from .node_share import NodeShare
 from .runtime import HostRun
 from .sync import PeerFailed, StepSums
 
@@ -62,11 +63,27 @@ class DistributedRun(HostRun):
             offset += size
         self.grads = [views[g] for g in grads]
         self.ws = [views.get(name, w) for name, w in zip(names, model._workspace(self.rows))]
+        self._grad_names, self._grad_shapes, self._ws_names = grads, {g: shapes[g] for g in grads}, names
+        self.node = None  # the shared-memory window, on one machine (share_memory)
+        self.status = np.zeros(2, model.dtype)
         self.allreduce_s, self.steps_run, self.seconds = 0.0, 0, 0.0
         # The batch statistics' sums inside a step (BatchNorm), when the network has any.
         sizes = getattr(self.kernels, "SYNC_SIZES", ())
         self.sums = StepSums(MPI, comm, sizes, model.dtype) if sizes else None
         self.validate = None if val is None else (lambda: self._validate(*val))
+
+    def share_memory(self) -> None:
+        """On one machine, keep the parameters, their state and the gradients in one shared
+        window and skip the gradient Allreduce (:mod:`.node_share`); collective, after every
+        process holds rank 0's parameters."""
+        if node_share.one_node(self.MPI, self.comm):
+            self.node = NodeShare(self.MPI, self.comm, self.model, self.opt, self._grad_names, self._grad_shapes)
+            own = self.node.own_grads()
+            self.ws = [own.get(name, w) for name, w in zip(self._ws_names, self.ws)]
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
 
     # -- which rows are whose ------------------------------------------------------------
     def _local(self, k: int) -> tuple[int, int]:
@@ -108,8 +125,12 @@ class DistributedRun(HostRun):
         states = self._begin_epoch()
         params, hyper = model._param_list(), np.array(hyper, model.dtype)
         total, correct, t, bad = 0.0, 0, step, -1
-        status = self.flat[-2:]
-        sums = self.sums
+        node, sums = self.node, self.sums
+        private = params
+        if node is not None:  # one machine: the parameters and gradients in the shared window
+            node.load(private, states)
+            params = node.kernel_params(private)
+        status = self.flat[-2:] if node is None else self.status
         for k in range(self.steps):
             rows = self._global_rows(k)
             if rows == 0:
@@ -132,7 +153,10 @@ class DistributedRun(HostRun):
                                              *params, *self.ws)
                     status[0] = 0 if math.isfinite(loss) else 1
                 if not nb:
-                    self.flat[:-2] = 0
+                    if node is None:
+                        self.flat[:-2] = 0
+                    else:
+                        node.zero_own_grads()
             except PeerFailed:  # another process failed; its error is agreed on below
                 status[1] = 0
             except Exception as err:  # noqa: BLE001 - every process learns of it below
@@ -140,7 +164,12 @@ class DistributedRun(HostRun):
                 if sums is not None:
                     sums.fail()  # into the sum the others may be waiting in
             tic = time.perf_counter()
-            self.comm.Allreduce(self.MPI.IN_PLACE, self.flat, op=self.MPI.SUM)
+            if node is None:
+                self.comm.Allreduce(self.MPI.IN_PLACE, self.flat, op=self.MPI.SUM)
+            else:  # only the status: the gradients are in the window (the Allreduce orders the writes)
+                node.win.Sync()
+                self.comm.Allreduce(self.MPI.IN_PLACE, status, op=self.MPI.SUM)
+                node.win.Sync()
             self.allreduce_s += time.perf_counter() - tic
             if status[1]:
                 distributed.agree(self.comm, error)
@@ -148,9 +177,18 @@ class DistributedRun(HostRun):
                 bad = k
                 break
             t += 1
-            pen = k_.update(*params, *self.grads, *states, hyper, t)
-            total += float(loss) + (pen * rows if self.rank == 0 else 0.0)  # λ's term counted once
+            if node is None:
+                pen = k_.update(*params, *self.grads, *states, hyper, t)
+                total += float(loss) + (pen * rows if self.rank == 0 else 0.0)  # λ's term counted once
+            else:  # this process's rows of every parameter; the penalty's parts add up over processes
+                pen = node.update(k_, private, states, hyper, t)
+                tic = time.perf_counter()
+                node.fence()
+                self.allreduce_s += time.perf_counter() - tic
+                total += float(loss) + pen * rows
             correct += int(c)
+        if node is not None:
+            node.store(private, states)
         self.steps_run += t - step
         total, correct = self._sum(total, correct)
         self.seconds += time.perf_counter() - began
@@ -193,5 +231,9 @@ class DistributedRun(HostRun):
         return any(s for s, _ in every)
 
     def comm_stats(self) -> dict:
-        return {"ranks": self.size, "steps": self.steps_run, "allreduce_s": self.allreduce_s, "seconds": self.seconds}
+        """``allreduce_s``: the seconds in the step's collectives (waits for the slower
+        processes included): the gradient Allreduce, or, in the shared window, the status
+        Allreduce and the end-of-step barrier."""
+        return {"ranks": self.size, "steps": self.steps_run, "allreduce_s": self.allreduce_s, "seconds": self.seconds,
+                "transport": "Allreduce" if self.node is None else "shared-memory window"}
 

@@ -21,7 +21,7 @@ import sympy as sp
 from ...derive import Derivation
 from ...indices import N
 from ...lower.fuse import fuse_loops
-from ...lower.ir import Sync
+from ...lower.ir import Loop, Sync
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
 from .emit import emit
@@ -222,6 +222,21 @@ class CpuModule(Plan):
                           "The running statistics from this batch's (after forward_train), as PyTorch updates them."),
         ]
 
+    def _two_gradients(self, updates: list) -> list:
+        """The update loops with every gradient read g[i] made g[i] + g_b[i] (new loops)."""
+        grads = {label for label, name in self.names.items() if isinstance(label, str) and label.startswith("g")
+                 and name.startswith("d") and self.roles.get(name) == "gradient"}
+        out = []
+        for step in updates:
+            def both(e):
+                return e.replace(lambda x: isinstance(x, sp.Indexed) and str(x.base.label) in grads,
+                                 lambda x: x + sp.IndexedBase(f"{x.base.label}_b")[x.indices])
+            out.append(Loop(list(step.ranges), [(t, both(e)) for t, e in step.stmts],
+                            [(a, both(e)) for a, e in step.sums], step.parallel))
+        for label in grads:
+            self.names[f"{label}_b"] = f"{self.names[label]}_b"
+        return out
+
     def _train_forward_steps(self) -> list:
         return [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)]
 
@@ -270,11 +285,17 @@ class CpuModule(Plan):
                 self._prelude(rows=True), apart_sync, [],
                 "backward_grads for one process of a data-parallel fit (its rows are rows row0… of a global\n"
                 "    batch of ``rows``): the batch statistics' gradients summed over every process."))
+        pair = self._two_gradients(updates)  # (made before printing: the printer merges loops in place)
         update_only = self.function(
             "update", B["P"] + B["grads"] + states + ["hyper", "t"], read_hyper + ["penalty = 0.0"], updates,
             ["return penalty"],
             f"The {opt.name} update (step t) from gradient buffers summed over every process; returns the l2 "
             "penalty before the step.")
+        update_only += "\n" + self.function(
+            "update_pair", B["P"] + B["grads"] + [f"{g}_b" for g in B["grads"]] + states + ["hyper", "t"],
+            read_hyper + ["penalty = 0.0"], pair, ["return penalty"],
+            "update with each gradient the sum of two buffers, g + g_b, read in the same pass (the shared-memory\n"
+            "    data-parallel step: two processes' sums, or the first process's and the rest's).")
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
         names["STATES"] = ", ".join(states) + ("," if states else "")

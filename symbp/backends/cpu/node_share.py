@@ -1,0 +1,162 @@
+"""A data-parallel step on one machine through MPI shared memory: no Allreduce of the gradients.
+
+When every process of a data-parallel fit runs on one node (MPI's ``COMM_TYPE_SHARED`` split
+holds them all), :class:`~symbp.backends.cpu.distributed.DistributedRun` keeps the trained
+parameters, their optimizer state and every process's gradient buffers in one MPI-3
+shared-memory window (``Win.Allocate_shared``): one copy of θ, which every process's forward
+pass reads.  A step:
+
+1. each process writes its rows' gradient sums into its own buffers (the generated ``slice_grads``);
+2. a two-entry ``Allreduce`` agrees on the step's status (a non-finite loss, a failure) and,
+   being collective, orders every process's writes before anyone reads them;
+3. each process takes its share of the rows of every parameter (near-equal blocks) and applies
+   the generated ``update_pair`` to those rows only (its loops run over the rows of the arrays
+   given, ``rows_of_array``), reading the gradient as the sum of two buffers in the same pass:
+   the two processes', or, with more, the first's and the others' (summed beforehand);
+4. a barrier: nobody starts the next forward pass on half-updated parameters.
+
+Against one ``Allreduce`` of every gradient and the whole update on every process, each gradient
+entry is read once instead of copied through MPI's buffers several times, and each of p
+processes updates 1/p of the parameters (ZeRO stage 1's sharded update, without its all-gather,
+since the parameters are shared).  The parameters end the step the same bits for everyone: there
+is one copy.  Between nodes the Allreduce path stays (the window needs one machine).
+
+The model's own arrays are not in the window: each process copies its share in at the start of
+an epoch and the whole window out at its end (callbacks, checkpoints, the parameter hash and the
+restore after a blow-up all see the model's arrays, as in the Allreduce path).  Running
+statistics (BatchNorm's) stay each process's own: every process updates them from the same
+global statistics, so they agree without being shared.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ... import distributed
+
+#: ``SYMBP_SHARED_WINDOW=0`` makes a one-node data-parallel fit use the Allreduce path anyway.
+ENV = "SYMBP_SHARED_WINDOW"
+
+
+def one_node(MPI, comm) -> bool:
+    """Whether every process of ``comm`` can share memory with the others (collective)."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return False
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_size() == comm.Get_size()
+    finally:
+        node.Free()
+
+
+class NodeShare:
+    """The window and its views: shared parameters, optimizer state and gradient buffers."""
+
+    def __init__(self, MPI, comm, model, opt, grad_names: list[str], grad_shapes: dict) -> None:
+        self.MPI, self.comm = MPI, comm
+        rank, size = comm.Get_rank(), comm.Get_size()
+        names = list(model.kernels.PARAMS)
+        shape = dict(zip(names, model._param_shapes))
+        self.names, self.state_names = names, list(opt.state_names)
+        # A parameter with a gradient buffer (d<name>) is trained; the others (running
+        # statistics) stay each process's own.
+        self.trained = [p for p in names if f"d{p}" in grad_shapes]
+        dtype = model.dtype
+        n_param = sum(math.prod(shape[p]) for p in self.trained)
+        n_grad = sum(math.prod(grad_shapes[g]) for g in grad_names)
+        total = n_param * (1 + len(self.state_names)) + size * n_grad
+        item = np.dtype(dtype).itemsize
+        self.win = MPI.Win.Allocate_shared(total * item if rank == 0 else 0, item, comm=comm)
+        buf, _ = self.win.Shared_query(0)
+        memory = np.ndarray(buffer=buf, dtype=dtype, shape=(total,))
+        at = 0
+
+        def take(shape_):
+            nonlocal at
+            count = math.prod(shape_)
+            view = memory[at:at + count].reshape(shape_)
+            at += count
+            return view
+
+        self.params = {p: take(shape[p]) for p in self.trained}
+        self.states = {(p, s): take(shape[p]) for p in self.trained for s in self.state_names}
+        self.grads = [{g: take(grad_shapes[g]) for g in grad_names} for _ in range(size)]
+        self.grad_names = grad_names
+        # This process's rows of every trained parameter (and of its gradient and state).
+        self.share = {p: slice(*distributed.split(shape[p][0], size, rank)) for p in self.trained}
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.closed = False
+        self._args = None  # update_pair's arguments: this process's row blocks
+
+    def own_grads(self) -> dict:
+        """This process's gradient buffers (what its ``slice_grads`` writes)."""
+        return self.grads[self.comm.Get_rank()]
+
+    def kernel_params(self, private: list[np.ndarray]) -> list[np.ndarray]:
+        """The parameters in kernel order: the shared ones, and this process's running statistics."""
+        return [self.params.get(p, a) for p, a in zip(self.names, private)]
+
+    def fence(self) -> None:
+        """Every process's writes to the window done and seen: a barrier between memory syncs."""
+        self.win.Sync()
+        self.comm.Barrier()
+        self.win.Sync()
+
+    def load(self, private: list[np.ndarray], states: list[np.ndarray]) -> None:
+        """Start of an epoch: this process's rows of the model's parameters and optimizer state
+        into the window (every process holds the same: checked by hash after every epoch)."""
+        for p, a in zip(self.names, private):
+            if p in self.params:
+                rows = self.share[p]
+                self.params[p][rows] = a[rows]
+        for (p, s), a in zip(((p, s) for p in self.names for s in self.state_names), states):
+            if (p, s) in self.states:
+                rows = self.share[p]
+                self.states[(p, s)][rows] = a[rows]
+        self.fence()
+
+    def store(self, private: list[np.ndarray], states: list[np.ndarray]) -> None:
+        """End of an epoch: the window's parameters and optimizer state into the model's arrays."""
+        for p, a in zip(self.names, private):
+            if p in self.params:
+                a[...] = self.params[p]
+        for (p, s), a in zip(((p, s) for p in self.names for s in self.state_names), states):
+            if (p, s) in self.states:
+                a[...] = self.states[(p, s)]
+
+    def zero_own_grads(self) -> None:
+        for g in self.own_grads().values():
+            g[...] = 0
+
+    def update(self, kernels, private: list[np.ndarray], states: list[np.ndarray], hyper: np.ndarray,
+               t: int) -> float:
+        """Sum every process's gradients over this process's rows and update those rows;
+        returns the l2 penalty of those rows (the processes' parts add up).  The generated
+        ``update_pair`` reads two gradient buffers in its pass: with two processes, theirs;
+        with more, the first's and the sum of the others' (taken in rank order first)."""
+        key = (tuple(map(id, private)), tuple(map(id, states)))
+        if self._args is None or self._args[0] != key:  # the row blocks, made once per fit
+            first, second = self.grads[0], self.grads[1]
+            rows = [self.share[g[1:]] for g in self.grad_names]
+            params = [self.params[p][self.share[p]] if p in self.params else a for p, a in zip(self.names, private)]
+            pairs = ((p, s) for p in self.names for s in self.state_names)
+            st = [self.states[ps][self.share[ps[0]]] if ps in self.states else a for ps, a in zip(pairs, states)]
+            grads = [first[g][r] for g, r in zip(self.grad_names, rows)]
+            grads_b = [second[g][r] for g, r in zip(self.grad_names, rows)]
+            rest = [(b, [other[g][r] for other in self.grads[2:]]) for b, g, r in zip(grads_b, self.grad_names, rows)]
+            self._args = key, params + grads + grads_b + st, rest if self.comm.Get_size() > 2 else []
+        _, args, rest = self._args
+        for into, others in rest:  # three or more processes: the second's buffer takes the others'
+            for other in others:
+                np.add(into, other, out=into)
+        return kernels.update_pair(*args, hyper, t)
+
+    def close(self) -> None:
+        """Free the window (collective: every process's fit ends here)."""
+        if not self.closed:
+            self.closed = True
+            self.win.Unlock_all()
+            self.win.Free()
