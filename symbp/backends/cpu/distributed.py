@@ -76,8 +76,11 @@ class DistributedRun(HostRun):
         """On one machine, keep the parameters, their state and the gradients in one shared
         window and skip the gradient Allreduce (:mod:`.node_share`); collective, after every
         process holds rank 0's parameters."""
-        if node_share.one_node(self.MPI, self.comm):
-            self.node = NodeShare(self.MPI, self.comm, self.model, self.opt, self._grad_names, self._grad_shapes)
+        MPI, comm = self.MPI, self.comm
+        need = node_share.window_bytes(self.model, self.opt, self._grad_shapes, self.size)
+        ok = node_share.one_node(MPI, comm) and node_share.room_for(need)
+        if comm.allreduce(int(ok), op=MPI.MIN):  # all processes or none
+            self.node = NodeShare(MPI, comm, self.model, self.opt, self._grad_names, self._grad_shapes)
             own = self.node.own_grads()
             self.ws = [own.get(name, w) for name, w in zip(self._ws_names, self.ws)]
 

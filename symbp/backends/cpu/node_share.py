@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 
@@ -39,6 +40,16 @@ from ... import distributed
 
 #: ``SYMBP_SHARED_WINDOW=0`` makes a one-node data-parallel fit use the Allreduce path anyway.
 ENV = "SYMBP_SHARED_WINDOW"
+
+
+def room_for(nbytes: int) -> bool:
+    """Whether /dev/shm, where MPICH puts a shared window on Linux, has room for ``nbytes`` (a
+    container's is often 64 MiB: a window past it dies of SIGBUS on first touch, not with an
+    error).  Where there is no /dev/shm the MPI library places the window elsewhere."""
+    try:
+        return shutil.disk_usage("/dev/shm").free >= 1.25 * nbytes + (64 << 20)
+    except OSError:
+        return True
 
 
 def one_node(MPI, comm) -> bool:
@@ -52,6 +63,20 @@ def one_node(MPI, comm) -> bool:
         node.Free()
 
 
+def _layout(model, opt, grad_shapes: dict, size: int) -> tuple[list[str], int]:
+    """(the trained parameters, the window's entries): a parameter with a gradient buffer
+    (d<name>) is trained; the others (running statistics) stay each process's own."""
+    shape = dict(zip(model.kernels.PARAMS, model._param_shapes))
+    trained = [p for p in model.kernels.PARAMS if f"d{p}" in grad_shapes]
+    n_param = sum(math.prod(shape[p]) for p in trained)
+    n_grad = sum(math.prod(s) for s in grad_shapes.values())
+    return trained, n_param * (1 + len(opt.state_names)) + size * n_grad
+
+
+def window_bytes(model, opt, grad_shapes: dict, size: int) -> int:
+    return _layout(model, opt, grad_shapes, size)[1] * np.dtype(model.dtype).itemsize
+
+
 class NodeShare:
     """The window and its views: shared parameters, optimizer state and gradient buffers."""
 
@@ -61,13 +86,8 @@ class NodeShare:
         names = list(model.kernels.PARAMS)
         shape = dict(zip(names, model._param_shapes))
         self.names, self.state_names = names, list(opt.state_names)
-        # A parameter with a gradient buffer (d<name>) is trained; the others (running
-        # statistics) stay each process's own.
-        self.trained = [p for p in names if f"d{p}" in grad_shapes]
+        self.trained, total = _layout(model, opt, grad_shapes, size)
         dtype = model.dtype
-        n_param = sum(math.prod(shape[p]) for p in self.trained)
-        n_grad = sum(math.prod(grad_shapes[g]) for g in grad_names)
-        total = n_param * (1 + len(self.state_names)) + size * n_grad
         item = np.dtype(dtype).itemsize
         self.win = MPI.Win.Allocate_shared(total * item if rank == 0 else 0, item, comm=comm)
         buf, _ = self.win.Shared_query(0)
