@@ -1,8 +1,9 @@
 """What the processes of a data-parallel run (MPI, through mpi4py) agree on.
 
 ``model.fit(X, y, …, comm=MPI.COMM_WORLD)`` trains on every process of ``comm``: each takes
-its slice of every global batch, the gradient sums go through one ``Allreduce`` per step
-and every process applies the same update (:class:`symbp.backends.cpu.distributed.DistributedRun`).
+its slice of every global batch, the gradient sums go through one ``Allreduce`` per step (or,
+on one machine, a shared-memory window) and every process ends the step with the same
+parameters (:class:`symbp.backends.cpu.distributed.DistributedRun`).
 This module holds what is not the step: finding the communicator (the ``mpi`` extra, or a
 launch by ``mpiexec``/``srun``), raising one failure on every process (:func:`together`),
 checking that the processes were given data of the same kind (:func:`check_same`) and that

@@ -8,6 +8,11 @@ kernels' parameter order; two trailing entries count the processes whose loss wa
 finite and those that failed), then run the generated ``update``, the optimizer's rule with
 λθ added once.  Every process applies the same update to the same sums, so the parameters
 stay the same bits on all of them (:meth:`agree_epoch` checks a hash after every epoch).
+That is the path between machines.  When every process is on one machine, the parameters,
+their state and the gradient buffers live in a shared-memory window instead and each process
+updates its block of rows from everyone's buffers, with no gradient Allreduce
+(:mod:`.node_share`).  A network with batch statistics (BatchNorm) stops inside the kernels
+to sum them over the processes (:mod:`.sync`).
 
 The global batch is the single-process one: with the same data on every process
 (``sharded=False``) a batch is the rows ``order[k·B : (k+1)·B]`` of the single-process
