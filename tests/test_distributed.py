@@ -204,3 +204,13 @@ def test_arguments_checked_without_mpi():
         model.fit(X, np.zeros((4, 2)), comm="world", progress=False)
     assert distributed.split(10, 3, 0) == (0, 4) and distributed.split(10, 3, 2) == (7, 10)
     assert distributed.split(1, 3, 1) == (1, 1)
+
+
+def test_shared_window_only_where_dev_shm_has_room(monkeypatch):
+    """A window larger than /dev/shm's free space (a container's is often 64 MiB) would die of
+    SIGBUS on first touch: the fit takes the Allreduce path instead."""
+    monkeypatch.setattr(node_share.shutil, "disk_usage", lambda path: __import__("collections").namedtuple(
+        "usage", "total used free")(64 << 20, 0, 64 << 20))
+    assert not node_share.room_for(8 << 20)  # 8 MiB + the margin MPICH's own segments need
+    monkeypatch.setattr(node_share.shutil, "disk_usage", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)))
+    assert node_share.room_for(8 << 20)  # no /dev/shm: the MPI library places the window elsewhere
