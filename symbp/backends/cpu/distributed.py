@@ -84,10 +84,19 @@ class DistributedRun(HostRun):
         MPI, comm = self.MPI, self.comm
         need = node_share.window_bytes(self.model, self.opt, self._grad_shapes, self.size)
         ok = node_share.one_node(MPI, comm) and node_share.room_for(need)
-        if comm.allreduce(int(ok), op=MPI.MIN):  # all processes or none
-            self.node = NodeShare(MPI, comm, self.model, self.opt, self._grad_names, self._grad_shapes)
-            own = self.node.own_grads()
-            self.ws = [own.get(name, w) for name, w in zip(self._ws_names, self.ws)]
+        if not comm.allreduce(int(ok), op=MPI.MIN):  # all processes or none
+            return
+        try:  # an MPI without shared windows, say: the Allreduce path, on every process
+            node = NodeShare(MPI, comm, self.model, self.opt, self._grad_names, self._grad_shapes)
+        except (MPI.Exception, MemoryError, OSError):
+            node = None
+        if not comm.allreduce(int(node is not None), op=MPI.MIN):
+            if node is not None:
+                node.close()
+            return
+        self.node = node
+        own = node.own_grads()
+        self.ws = [own.get(name, w) for name, w in zip(self._ws_names, self.ws)]
 
     def close(self) -> None:
         if self.node is not None:
