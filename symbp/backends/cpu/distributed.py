@@ -117,7 +117,7 @@ class DistributedRun(HostRun):
         for them are the one-process draws for those rows)."""
         if self.sharded:
             return sum((k + 1) * c // self.steps - k * c // self.steps for c in self.counts[:self.rank])
-        return distributed.split(min(self.batch_size, self.n - k * self.batch_size), self.size, self.rank)[0]
+        return self._local(k)[0] - k * self.batch_size
 
     def _global_rows(self, k: int) -> int:
         """How many rows step ``k``'s global batch has, over every process."""
@@ -198,7 +198,7 @@ class DistributedRun(HostRun):
                 pen = k_.update(*params, *self.grads, *states, hyper, t)
                 total += float(loss) + (pen * rows if self.rank == 0 else 0.0)  # λ's term counted once
             else:  # this process's rows of every parameter; the penalty's parts add up over processes
-                pen = node.update(k_, private, states, hyper, t)
+                pen = node.update(k_, hyper, t)
                 tic = time.perf_counter()
                 node.fence()
                 self.allreduce_s += time.perf_counter() - tic

@@ -86,6 +86,7 @@ class NodeShare:
         names = list(model.kernels.PARAMS)
         shape = dict(zip(names, model._param_shapes))
         self.names, self.state_names = names, list(opt.state_names)
+        self.state_keys = [(p, s_) for p in names for s_ in self.state_names]  # the kernels' state order
         self.trained, total = _layout(model, opt, grad_shapes, size)
         dtype = model.dtype
         item = np.dtype(dtype).itemsize
@@ -102,14 +103,14 @@ class NodeShare:
             return view
 
         self.params = {p: take(shape[p]) for p in self.trained}
-        self.states = {(p, s): take(shape[p]) for p in self.trained for s in self.state_names}
+        self.states = {(p, s_): take(shape[p]) for p in self.trained for s_ in self.state_names}
         self.grads = [{g: take(grad_shapes[g]) for g in grad_names} for _ in range(size)]
         self.grad_names = grad_names
         # This process's rows of every trained parameter (and of its gradient and state).
         self.share = {p: slice(*distributed.split(shape[p][0], size, rank)) for p in self.trained}
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.closed = False
-        self._args = None  # update_pair's arguments: this process's row blocks
+        self._args, self._rest = [], []  # update_pair's arguments, made by load()
 
     def own_grads(self) -> dict:
         """This process's gradient buffers (what its ``slice_grads`` writes)."""
@@ -127,15 +128,24 @@ class NodeShare:
 
     def load(self, private: list[np.ndarray], states: list[np.ndarray]) -> None:
         """Start of an epoch: this process's rows of the model's parameters and optimizer state
-        into the window (every process holds the same: checked by hash after every epoch)."""
-        for p, a in zip(self.names, private):
-            if p in self.params:
-                rows = self.share[p]
-                self.params[p][rows] = a[rows]
-        for (p, s), a in zip(((p, s) for p in self.names for s in self.state_names), states):
-            if (p, s) in self.states:
-                rows = self.share[p]
-                self.states[(p, s)][rows] = a[rows]
+        into the window (every process holds the same: checked by hash after every epoch), and
+        ``update_pair``'s arguments for the epoch: those rows, shared, and the running statistics
+        (and their unused state), the model's own."""
+        blocks = []
+        for key, a in zip(self.names + self.state_keys, private + states):
+            shared = self.params.get(key) if isinstance(key, str) else self.states.get(key)
+            if shared is None:
+                blocks.append(a)
+                continue
+            rows = self.share[key if isinstance(key, str) else key[0]]
+            shared[rows] = a[rows]
+            blocks.append(shared[rows])
+        params, st = blocks[:len(self.names)], blocks[len(self.names):]
+        rows = [self.share[g[1:]] for g in self.grad_names]
+        grads, grads_b = ([buffers[g][r] for g, r in zip(self.grad_names, rows)] for buffers in self.grads[:2])
+        self._args = params + grads + grads_b + st
+        self._rest = [(b, [other[g][r] for other in self.grads[2:]])
+                      for b, g, r in zip(grads_b, self.grad_names, rows)] if len(self.grads) > 2 else []
         self.fence()
 
     def store(self, private: list[np.ndarray], states: list[np.ndarray]) -> None:
@@ -143,36 +153,23 @@ class NodeShare:
         for p, a in zip(self.names, private):
             if p in self.params:
                 a[...] = self.params[p]
-        for (p, s), a in zip(((p, s) for p in self.names for s in self.state_names), states):
-            if (p, s) in self.states:
-                a[...] = self.states[(p, s)]
+        for key, a in zip(self.state_keys, states):
+            if key in self.states:
+                a[...] = self.states[key]
 
     def zero_own_grads(self) -> None:
         for g in self.own_grads().values():
             g[...] = 0
 
-    def update(self, kernels, private: list[np.ndarray], states: list[np.ndarray], hyper: np.ndarray,
-               t: int) -> float:
+    def update(self, kernels, hyper: np.ndarray, t: int) -> float:
         """Sum every process's gradients over this process's rows and update those rows;
         returns the l2 penalty of those rows (the processes' parts add up).  The generated
         ``update_pair`` reads two gradient buffers in its pass: with two processes, theirs;
         with more, the first's and the sum of the others' (taken in rank order first)."""
-        key = (tuple(map(id, private)), tuple(map(id, states)))
-        if self._args is None or self._args[0] != key:  # the row blocks, made once per fit
-            first, second = self.grads[0], self.grads[1]
-            rows = [self.share[g[1:]] for g in self.grad_names]
-            params = [self.params[p][self.share[p]] if p in self.params else a for p, a in zip(self.names, private)]
-            pairs = ((p, s) for p in self.names for s in self.state_names)
-            st = [self.states[ps][self.share[ps[0]]] if ps in self.states else a for ps, a in zip(pairs, states)]
-            grads = [first[g][r] for g, r in zip(self.grad_names, rows)]
-            grads_b = [second[g][r] for g, r in zip(self.grad_names, rows)]
-            rest = [(b, [other[g][r] for other in self.grads[2:]]) for b, g, r in zip(grads_b, self.grad_names, rows)]
-            self._args = key, params + grads + grads_b + st, rest if self.comm.Get_size() > 2 else []
-        _, args, rest = self._args
-        for into, others in rest:  # three or more processes: the second's buffer takes the others'
+        for into, others in self._rest:  # three or more processes: the second's buffer takes the others'
             for other in others:
                 np.add(into, other, out=into)
-        return kernels.update_pair(*args, hyper, t)
+        return kernels.update_pair(*self._args, hyper, t)
 
     def close(self) -> None:
         """Free the window (collective: every process's fit ends here)."""
