@@ -84,7 +84,9 @@ def label_error(label, classes: int) -> ValueError:
     return ValueError(f"label {label} out of range: the network has {classes} classes (labels 0..{classes - 1})")
 
 
-_CHECK_ROWS_BYTES = 1 << 24  # rows checked at a time: np.isfinite makes a byte per entry
+# Rows checked at a time: np.isfinite makes a byte per entry.  1 MiB of mask keeps fit's own
+# memory small next to the data, and blocks in cache check faster than larger ones.
+_CHECK_ROWS_BYTES = 1 << 20
 
 
 def first_not_finite(arr: np.ndarray) -> tuple | None:
@@ -99,12 +101,15 @@ def first_not_finite(arr: np.ndarray) -> tuple | None:
     return None
 
 
-def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = "y") -> np.ndarray:
+def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = "y",
+               labels: bool = False) -> np.ndarray:
     """Targets as an (n, outputs) array of ``dtype``.
 
     ``multiclass``: integer class labels in [0, outputs) or rows of class probabilities;
     ``binary``: values in [0, 1]; ``regression``: any finite values.  A 1-D ``y`` is
-    accepted for a single output unit (and as labels for multiclass).
+    accepted for a single output unit (and as labels for multiclass).  With ``labels``,
+    multiclass labels come back as they are, checked, as a 1-D int64 array (the caller's own
+    when it is one: no copy) for kernels that one-hot encode a batch at a time.
     """
     try:
         arr = np.asarray(y)
@@ -114,19 +119,15 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
     if arr.shape[:1] != (n,):
         got = arr.shape[0] if arr.ndim else "a scalar"
         raise ValueError(f"X has {n} samples but {what} has {got}")
+    if task == "multiclass" and arr.ndim == 1:
+        classes = class_labels(arr, outputs, what)
+        if labels:
+            return classes
+        out = np.zeros((n, outputs), dtype=dtype)
+        out[np.arange(n), classes] = 1
+        return out
     if not np.isfinite(arr).all():
         raise ValueError(f"{what} contains NaN or inf (first at sample {np.argwhere(~np.isfinite(arr))[0][0]})")
-    if task == "multiclass" and arr.ndim == 1:
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            first = arr[np.mod(arr, 1) != 0][0].item()
-            raise ValueError(f"{what} holds class labels, which must be whole numbers; got {first!r}")
-        labels = arr.astype(np.int64)
-        bad = (labels < 0) | (labels >= outputs)
-        if bad.any():
-            raise label_error(labels[bad][0], outputs)
-        out = np.zeros((n, outputs), dtype=dtype)
-        out[np.arange(n), labels] = 1
-        return out
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[1] != outputs:
@@ -137,6 +138,25 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
     if task == "binary" and ((arr < 0) | (arr > 1)).any():
         raise ValueError(f"{what} must lie in [0, 1] for binary_cross_entropy, got values in [{arr.min()}, {arr.max()}]")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def class_labels(arr: np.ndarray, classes: int, what: str = "y") -> np.ndarray:
+    """1-D class labels as a C-contiguous int64 array, each checked to lie in 0..classes − 1.
+    Integer labels cost nothing more than a min and a max (an int64 array is returned as it
+    is); others (floats holding whole numbers, say from a CSV) are checked and converted."""
+    if arr.dtype.kind in "iub":
+        out = np.ascontiguousarray(arr, dtype=np.int64)
+    else:
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise ValueError(f"{what} contains NaN or inf (first at sample {np.argwhere(~finite)[0][0]})")
+        whole = np.mod(arr, 1) == 0
+        if not whole.all():
+            raise ValueError(f"{what} holds class labels, which must be whole numbers; got {arr[~whole][0].item()!r}")
+        out = arr.astype(np.int64)
+    if out.size and (out.min() < 0 or out.max() >= classes):
+        raise label_error(out[(out < 0) | (out >= classes)][0], classes)
+    return out
 
 
 def check_batch_size(batch_size) -> int:

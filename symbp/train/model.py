@@ -90,6 +90,10 @@ class Model:
         The generated module the kernels come from.
     """
 
+    #: Whether this target's fit takes multiclass labels as labels (its epoch kernel one-hot
+    #: encodes a batch at a time) rather than as an (N, classes) array made up front.
+    _LABELS = True
+
     def __init__(self, net: Network, module, path: Path, dtype: str, params: dict[str, np.ndarray]) -> None:
         self.network = net
         self.kernels = module
@@ -144,10 +148,14 @@ class Model:
         return [w[:rows] if shape[0] == "batch" else w
                 for w, (_, shape) in zip(self._workspace(rows), self.kernels.WORKSPACE)]
 
-    def _data(self, X, y=None, what: str = "") -> tuple[np.ndarray, np.ndarray | None]:
+    def _data(self, X, y=None, what: str = "", labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """X and the targets checked, in the kernels' layout; ``labels``: multiclass labels
+        stay labels (the CPU kernels one-hot encode a batch at a time, see
+        :mod:`symbp.backends.cpu.targets`) instead of becoming an (N, classes) array."""
         net = self.network
         X = as_inputs(X, net.inputs, self.dtype, what=f"X{what}")
-        T = None if y is None else as_targets(y, X.shape[0], net.outputs, net.loss.task, self.dtype, what=f"y{what}")
+        T = None if y is None else as_targets(y, X.shape[0], net.outputs, net.loss.task, self.dtype,
+                                              what=f"y{what}", labels=labels)
         return X, T
 
     # -- public API --------------------------------------------------------------------
@@ -211,7 +219,7 @@ class Model:
 
     def evaluate(self, X, y) -> tuple[float, float]:
         """(mean loss with the l2 term, accuracy) on a data set; accuracy is NaN for regression."""
-        X, T = self._data(X, y)
+        X, T = self._data(X, y, labels=True)
         params = self._param_list()
         ws = self._workspace(min(_EVAL_CHUNK, X.shape[0]))
         total, correct = self.kernels.evaluate(X, T, *params, *ws, min(_EVAL_CHUNK, X.shape[0]))
@@ -349,7 +357,8 @@ class Model:
         raw = (getattr(X, "dtype", None), getattr(y, "dtype", None))
         with distributed.together(comm):  # a bad argument on one process stops every process
             opt, batch_size, X, T, val = self._fit_arguments(X, y, optimizer, schedule, batch_size, epochs,
-                                                             initial_epoch, seed, validation_data, callbacks)
+                                                             initial_epoch, seed, validation_data, callbacks,
+                                                             labels=comm is None and self._LABELS)
         rank = 0
         if comm is None:
             # The target's arrays for this call (host buffers, or everything uploaded to a
@@ -368,6 +377,7 @@ class Model:
         try:
             for epoch in range(initial_epoch, epochs):
                 hyper = self._epoch_hyper(opt, epoch)
+                order = None  # (the last epoch's order goes before the next is made)
                 order = epoch_order(X.shape[0], shuffle, seed, epoch, rank if sharded else None)
                 # Dropout's masks: from the seed and the epoch, as the order is (a network
                 # without Dropout reads no seed: no generator made for it)
@@ -504,8 +514,9 @@ class Model:
 
     # -- what every target's fit shares ------------------------------------------------------
     def _fit_arguments(self, X, y, optimizer, schedule, batch_size, epochs, initial_epoch, seed, validation_data,
-                       callbacks=()):
-        """Check fit's arguments without changing the model: (optimizer, batch size, X, T, validation)."""
+                       callbacks=(), labels: bool = False):
+        """Check fit's arguments without changing the model: (optimizer, batch size, X, T, validation);
+        ``labels``: multiclass labels stay labels (see :meth:`_data`)."""
         self._check_trainable(optimizer)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a symbp schedule such as sb.StepDecay(10), got {type(schedule).__name__}")
@@ -515,13 +526,13 @@ class Model:
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be a whole number >= 0 or None, got {seed!r}")
-        X, T = self._data(X, y)
+        X, T = self._data(X, y, labels=labels)
         self._check_batch_statistics(len(X), batch_size)
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
-            val = self._data(*validation_data, what="_val")
+            val = self._data(*validation_data, what="_val", labels=labels)
         for cb in callbacks:
             if not isinstance(cb, Callback) and not all(callable(getattr(cb, m, None))
                                                         for m in ("on_epoch_end", "on_train_end")):
@@ -627,11 +638,15 @@ class Model:
 def epoch_order(n: int, shuffle: bool, seed: int | None, epoch: int, rank: int | None = None) -> np.ndarray:
     """The row order of an epoch: a function of the seed and the epoch number only, so a
     resumed run (and every target, and every process count) visits the same batches.  A
-    process of a sharded run orders its own rows by its ``rank`` too."""
-    if not shuffle:
-        return np.arange(n)
-    key = [seed, epoch] if rank is None else [seed, epoch, rank]
-    return np.random.default_rng(key if seed is not None else None).permutation(n)
+    process of a sharded run orders its own rows by its ``rank`` too.
+
+    The order is NumPy's ``default_rng(key).permutation(n)``, held in int32 where n allows:
+    half the memory of permutation's int64 (the same draws shuffle an arange of either)."""
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    if shuffle:
+        key = [seed, epoch] if rank is None else [seed, epoch, rank]
+        np.random.default_rng(key if seed is not None else None).shuffle(order)
+    return order
 
 
 def mask_seed(seed: int | None, epoch: int) -> int:

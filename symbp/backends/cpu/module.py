@@ -187,7 +187,7 @@ class CpuModule(Plan):
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
             module_header(self), "import math", "", "import numpy as np", "from numba import njit", "",
-            self._blas_import(), *self._sync_imports(), "",
+            self._blas_import(), "from symbp.backends.cpu.targets import batch_targets", *self._sync_imports(), "",
             f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
             "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
             "# (the NaN checks must stay) nor reassociation (sums keep their order).  The kernels",
@@ -320,6 +320,7 @@ class CpuModule(Plan):
             "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
             "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
+            "from symbp.backends.cpu.targets import batch_targets, put_target",
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
             "update_running" + (", forward_train_sync, update_running_sync" if synced else ""),
             *(self._sync_imports() if synced else []), "",
@@ -349,13 +350,15 @@ def loss_and_grads(X, T, {P}, {WS}):
 
 @njit(cache=True)
 def evaluate(X, T, {P}, {WS}, chunk):
-    """Σ_n ℓ_n and argmax hits over a data set, in chunks of the workspace's size."""
+    """Σ_n ℓ_n and argmax hits over a data set, in chunks of the workspace's size (T: target
+    rows, or class labels one-hot encoded a chunk at a time into Tb)."""
     total, correct = 0.0, 0
+    Tb = np.empty_like({DL})
     for start in range(0, X.shape[0], chunk):
         stop = min(start + chunk, X.shape[0])
         nb = stop - start
         forward(X[start:stop], {P}, {ACTS_SLICED})
-        t, c = loss_rows({OUT_SLICED}, T[start:stop], {DL}[:nb])
+        t, c = loss_rows({OUT_SLICED}, batch_targets(T, start, nb, Tb), {DL}[:nb])
         total += t
         correct += c
     return total, correct
@@ -372,7 +375,7 @@ _TRAIN = '''
 @njit(cache=True)
 def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES} Xb, Tb):
     """One epoch of mini-batch training over ``order`` (Dropout's masks of step t drawn under
-    ``seed + t``).
+    ``seed + t``).  T holds target rows, or class labels (one-hot encoded a batch at a time).
 
     Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
     not finite or -1).  A non-finite batch stops the epoch before its update, so the
@@ -390,11 +393,11 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
         while run < nb and order[start + run] == first + run:
             run += 1
         if run == nb:
-            Xs, Ts = X[first:first + nb], T[first:first + nb]
+            Xs, Ts = X[first:first + nb], batch_targets(T, first, nb, Tb)
         else:
             for r in range(nb):
                 Xb[r] = X[order[start + r]]
-                Tb[r] = T[order[start + r]]
+                put_target(T, order[start + r], Tb, r)
             Xs, Ts = Xb[:nb], Tb[:nb]
         forward_train(Xs, {P}, {ACTS_SLICED}, seed + t)
         update_running(Xs, {P}, {ACTS_SLICED})

@@ -45,7 +45,7 @@ class HostRun(OneProcess):
         self.kernels = model._train_kernels(opt)
         self.rows = min(batch_size, X.shape[0])
         self.Xb = np.empty((self.rows, X.shape[1]), model.dtype)
-        self.Tb = np.empty((self.rows, T.shape[1]), model.dtype)
+        self.Tb = np.empty((self.rows, model.network.outputs), model.dtype)  # (T may hold labels)
         self.validate = None if val is None else (lambda: model.evaluate(*val))
         self._snapshot = None
 

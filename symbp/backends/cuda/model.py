@@ -184,6 +184,8 @@ class CudaModel(Model):
         The launch geometry the kernels were generated for.
     """
 
+    _LABELS = False  # the device kernels read (N, classes) targets
+
     def __init__(self, net: Network, module, path: Path, dtype: str, params: dict, config: CudaConfig) -> None:
         from numba import cuda
 
