@@ -307,3 +307,42 @@ def test_the_generator_key_covers_every_module_generation_reads():
         assert needed in names, needed
     for reader in ("train/model.py", "cli.py", "read/report.py", "read/walkthrough.py", "__init__.py"):
         assert reader not in names, reader
+
+
+HELPERS_SCRIPT = """
+import json
+import numpy as np
+from symbp.backends.cpu import blas
+out = {}
+for dtype in (np.float32, np.float64):
+    A, B = np.ones((3, 4), dtype), np.ones((4, 2), dtype)
+    C, scal = np.zeros((3, 2), dtype), np.empty(2, dtype)
+    blas.gemm(A, False, B, False, C, 1.0, 0.0, scal)
+    blas.gemm_block(A, 0, 3, 4, False, B, 0, 4, 2, False, C, 0, 3, 2, 1.0, 1.0, scal)
+    out[str(C.dtype)] = C.tolist()
+for f in (blas.gemm, blas.gemm_block):
+    out[f.__name__] = [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
+print(json.dumps(out))
+"""
+
+
+def test_blas_helpers_are_cached_across_processes(tmp_path, project_root):
+    """symbp's GEMM binding compiles once, then every later process loads it: a process that
+    compiled it anew each time (as a closure over the BLAS function did: Numba keys a closure
+    on its pickled contents, which differed per process) paid it on every cold compile and
+    grew the cache index without bound."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(project_root)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", HELPERS_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["float32"] == first["float64"] == [[8.0, 8.0]] * 3
+    assert first["gemm"] == [0, 2] and first["gemm_block"] == [0, 2]  # compiled: one per dtype
+    assert second["gemm"] == [2, 0] and second["gemm_block"] == [2, 0]  # loaded from the cache
+    files = sorted(p.name for p in tmp_path.rglob("*.nbc"))
+    assert len(files) == 4, files

@@ -10,13 +10,32 @@ that call it stay cacheable (no addresses are baked into the compiled code).
 from __future__ import annotations
 
 from numba import njit, types
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, overload
 from numba.np.linalg import _BLAS, ensure_blas
 
 ensure_blas()
 _sgemm = _BLAS().numba_xxgemm(types.float32)
 _dgemm = _BLAS().numba_xxgemm(types.float64)
 _N, _T = ord("n"), ord("t")
+
+
+def _xxgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """BLAS's sgemm or dgemm, by the element type of the pointers (compiled code only)."""
+    raise NotImplementedError("_xxgemm is called from @njit code only")
+
+
+@overload(_xxgemm)
+def _xxgemm_typed(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    # Chosen here, at typing time, rather than by a closure over the BLAS function: Numba's
+    # cache keys a function on its closure's pickled contents, which differ from process to
+    # process for these objects, so a closure would be compiled again (and its cache index
+    # grow) in every process.
+    xxgemm, kind = (_sgemm, ord("s")) if a.dtype == types.float32 else (_dgemm, ord("d"))
+
+    def impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        return xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    return impl
 
 
 @intrinsic
@@ -30,32 +49,29 @@ def _data_pointer(typingctx, arr):
     return sig, codegen
 
 
-def _make_gemm(xxgemm, kind):
-    @njit(cache=True)
-    def gemm(A, ta, B, tb, C, alpha, beta, scalars):
-        """C = alpha·op(A)@op(B) + beta·C, op(X) = X.T when its flag is true.
+@njit(cache=True)
+def gemm(A, ta, B, tb, C, alpha, beta, scalars):
+    """C = alpha·op(A)@op(B) + beta·C, op(X) = X.T when its flag is true (float32 or float64).
 
-        ``scalars`` is a length-2 array of C's dtype that passes alpha and beta by address
-        (the Fortran BLAS convention).  BLAS is column-major, where a C-ordered matrix is
-        its own transpose, so the call computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
-        """
-        m, n = C.shape
-        k = A.shape[0] if ta else A.shape[1]
-        if m == 0 or n == 0:
-            return
-        scalars[0] = alpha
-        scalars[1] = beta
-        status = xxgemm(kind, _T if tb else _N, _T if ta else _N, n, m, k,
-                        _data_pointer(scalars), _data_pointer(B), B.shape[1], _data_pointer(A), A.shape[1],
-                        _data_pointer(scalars[1:]), _data_pointer(C), n)
-        if status != 0:
-            raise RuntimeError("BLAS gemm failed")
-
-    return gemm
+    ``scalars`` is a length-2 array of C's dtype that passes alpha and beta by address
+    (the Fortran BLAS convention).  BLAS is column-major, where a C-ordered matrix is
+    its own transpose, so the call computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
+    """
+    m, n = C.shape
+    k = A.shape[0] if ta else A.shape[1]
+    if m == 0 or n == 0:
+        return
+    scalars[0] = alpha
+    scalars[1] = beta
+    status = _xxgemm(_T if tb else _N, _T if ta else _N, n, m, k,
+                     _data_pointer(scalars), _data_pointer(B), B.shape[1], _data_pointer(A), A.shape[1],
+                     _data_pointer(scalars[1:]), _data_pointer(C), n)
+    if status != 0:
+        raise RuntimeError("BLAS gemm failed")
 
 
-sgemm = _make_gemm(_sgemm, ord("s"))
-dgemm = _make_gemm(_dgemm, ord("d"))
+# The generated modules import the name of their dtype (one function serves both).
+sgemm = dgemm = gemm
 
 
 @intrinsic
@@ -70,30 +86,26 @@ def _pointer_at(typingctx, arr, offset):
     return sig, codegen
 
 
-def _make_gemm_block(xxgemm, kind):
-    @njit(cache=True)
-    def gemm_block(A, ia, ar, ac, ta, B, ib, br, bc, tb, C, ic, cr, cc, alpha, beta, scalars):
-        """C[ic] ← alpha·op(A[ia])·op(B[ib]) + beta·C[ic], where X[i] is the block that starts
-        at index i of X's first axis, read as a C-ordered (rows × cols) matrix (shapes given
-        as ar, ac …): one sample of a (batch, …) buffer, or a whole weight tensor (i = 0).
+@njit(cache=True)
+def gemm_block(A, ia, ar, ac, ta, B, ib, br, bc, tb, C, ic, cr, cc, alpha, beta, scalars):
+    """C[ic] ← alpha·op(A[ia])·op(B[ib]) + beta·C[ic], where X[i] is the block that starts
+    at index i of X's first axis, read as a C-ordered (rows × cols) matrix (shapes given
+    as ar, ac …): one sample of a (batch, …) buffer, or a whole weight tensor (i = 0).
 
-        The rows of every buffer are contiguous (they are work buffers or their leading
-        slices), so a block is addressed by its first element alone.
-        """
-        k = ar if ta else ac
-        if cr == 0 or cc == 0:
-            return
-        scalars[0] = alpha
-        scalars[1] = beta
-        status = xxgemm(kind, _T if tb else _N, _T if ta else _N, cc, cr, k,
-                        _data_pointer(scalars), _pointer_at(B, ib * (B.strides[0] // B.itemsize)), bc,
-                        _pointer_at(A, ia * (A.strides[0] // A.itemsize)), ac,
-                        _data_pointer(scalars[1:]), _pointer_at(C, ic * (C.strides[0] // C.itemsize)), cc)
-        if status != 0:
-            raise RuntimeError("BLAS gemm failed")
-
-    return gemm_block
+    The rows of every buffer are contiguous (they are work buffers or their leading
+    slices), so a block is addressed by its first element alone.
+    """
+    k = ar if ta else ac
+    if cr == 0 or cc == 0:
+        return
+    scalars[0] = alpha
+    scalars[1] = beta
+    status = _xxgemm(_T if tb else _N, _T if ta else _N, cc, cr, k,
+                     _data_pointer(scalars), _pointer_at(B, ib * (B.strides[0] // B.itemsize)), bc,
+                     _pointer_at(A, ia * (A.strides[0] // A.itemsize)), ac,
+                     _data_pointer(scalars[1:]), _pointer_at(C, ic * (C.strides[0] // C.itemsize)), cc)
+    if status != 0:
+        raise RuntimeError("BLAS gemm failed")
 
 
-sgemm_block = _make_gemm_block(_sgemm, ord("s"))
-dgemm_block = _make_gemm_block(_dgemm, ord("d"))
+sgemm_block = dgemm_block = gemm_block

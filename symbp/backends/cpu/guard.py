@@ -59,7 +59,8 @@ def one_hot(labels, T) -> int:
 def stash(keep, at: int, a) -> int:
     """Copy ``a`` into ``keep[at:]``; returns the offset after it."""
     flat = a.reshape(-1)
-    keep[at:at + flat.size] = flat
+    for k in range(flat.size):  # (a loop, not keep[at:…] = flat: numba compiles an array
+        keep[at + k] = flat[k]  # assignment's shape-mismatch message for seconds, cold)
     return at + flat.size
 
 
@@ -67,5 +68,6 @@ def stash(keep, at: int, a) -> int:
 def unstash(keep, at: int, a) -> int:
     """Put ``a`` back from ``keep[at:]``; returns the offset after it."""
     flat = a.reshape(-1)
-    flat[:] = keep[at:at + flat.size]
+    for k in range(flat.size):
+        flat[k] = keep[at + k]
     return at + flat.size

@@ -396,8 +396,10 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
             Xs, Ts = X[first:first + nb], batch_targets(T, first, nb, Tb)
         else:
             for r in range(nb):
-                Xb[r] = X[order[start + r]]
-                put_target(T, order[start + r], Tb, r)
+                i = order[start + r]
+                for c in range(X.shape[1]):  # (element by element: a row assignment costs
+                    Xb[r, c] = X[i, c]       # numba seconds of cold compile for its shape check)
+                put_target(T, i, Tb, r)
             Xs, Ts = Xb[:nb], Tb[:nb]
         forward_train(Xs, {P}, {ACTS_SLICED}, seed + t)
         update_running(Xs, {P}, {ACTS_SLICED})

@@ -57,7 +57,8 @@ def _batch_targets(T, first, nb, Tb):
 def _put_target(T, i, Tb, r):
     if T.ndim == 2:
         def rows(T, i, Tb, r):
-            Tb[r] = T[i]
+            for k in range(Tb.shape[1]):  # (not Tb[r] = T[i]: see train_epoch)
+                Tb[r, k] = T[i, k]
 
         return rows
 
