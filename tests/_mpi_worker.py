@@ -40,14 +40,26 @@ def run(case: str, comm, rank: int, args: list[str]) -> dict:
         h = model.fit(X, y, optimizer=sb.Adam(lr=0.01), batch_size=10, epochs=3, seed=3, schedule=sb.StepDecay(2),
                       validation_data=(X[:17], y[:17]), progress=False, comm=comm)
         return {"params": model.params, "history": h.history, "comm": h.comm}
-    if case == "cnn":  # conv, pooling, dense; SGD with momentum (the unfused update path)
+    if case == "sgd":  # plain SGD with l2 and a schedule: on one machine, the δ-exchange step
+        net = sb.Network(inputs=7, layers=[sb.Dense(9, activation="tanh"), sb.Dense(6, activation="relu"),
+                                           sb.Dense(3)], loss="softmax_cross_entropy", l2=1e-3)
+        model = sb.compile(net, dtype="float64", seed=0)
+        for k in ("b1", "b2", "b3"):  # non-zero biases
+            model.params[k][:] = np.linspace(-0.1, 0.2, model.params[k].size)
+        X, y = data()
+        h = model.fit(X, y, optimizer=sb.SGD(lr=0.1), batch_size=10, epochs=3, seed=3, schedule=sb.StepDecay(2),
+                      validation_data=(X[:17], y[:17]), progress=False, comm=comm)
+        return {"params": model.params, "history": h.history, "comm": h.comm}
+    if case in ("cnn", "cnn_sgd"):  # conv, pooling, dense; SGD with momentum (the unfused update path), or
+        # plain SGD: the Dense weight's update on the δ exchange, the conv's from gradient buffers
         net = sb.Network(inputs=(1, 6, 6), layers=[sb.Conv2D(2, 3, activation="relu"), sb.MaxPool2D(2),
                                                    sb.Flatten(), sb.Dense(3)], loss="softmax_cross_entropy", l2=1e-3)
         model = sb.compile(net, dtype="float64", seed=0)
         X, y = data(rows=37, width=36)
-        h = model.fit(X.reshape(37, 1, 6, 6), y, optimizer=sb.SGD(lr=0.05, momentum=0.9), batch_size=8, epochs=2,
+        opt = sb.SGD(lr=0.05, momentum=0.9) if case == "cnn" else sb.SGD(lr=0.05)
+        h = model.fit(X.reshape(37, 1, 6, 6), y, optimizer=opt, batch_size=8, epochs=2,
                       seed=1, progress=False, comm=comm)
-        return {"params": model.params, "history": h.history}
+        return {"params": model.params, "history": h.history, "comm": h.comm}
     if case == "batchnorm":  # BatchNorm and Dropout: the global batch's statistics and masks
         net = sb.Network(inputs=7, layers=[sb.Dense(6), sb.BatchNorm(), sb.Dense(5, activation="relu"),
                                            sb.Dropout(0.3), sb.Dense(3)], loss="softmax_cross_entropy", l2=1e-3)
@@ -139,10 +151,11 @@ def run(case: str, comm, rank: int, args: list[str]) -> dict:
 
             dist.DistributedRun._row0 = failing
         model.fit(X, y, batch_size=10, epochs=1, progress=False, comm=comm)
-    if case == "sharded":  # each process its own 40 + 10·rank rows, and its own validation part
+    if case in ("sharded", "sharded_sgd"):  # each process its own 40 + 10·rank rows, and its own validation part
         _, model = mlp()
         X, y = data(rows=40 + 10 * rank, seed=10 + rank)
-        h = model.fit(X, y, optimizer=sb.Adam(lr=0.01), batch_size=16, epochs=3, seed=2, progress=False, comm=comm,
+        opt = sb.Adam(lr=0.01) if case == "sharded" else sb.SGD(lr=0.1)
+        h = model.fit(X, y, optimizer=opt, batch_size=16, epochs=3, seed=2, progress=False, comm=comm,
                       sharded=True, validation_data=(X[:9], y[:9]))
         return {"params": model.params, "history": h.history, "comm": h.comm}
     return {}

@@ -36,7 +36,8 @@ def launch(case: str, ranks: int, out: Path, *args: str, timeout: float = 240,
     cmd = [sys.executable, str(WORKER), case, str(out), *args]
     if ranks > 1:
         cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", node_share.ENV)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", node_share.ENV, node_share.EXCHANGE_ENV)}
     env.update(extra_env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out)
 
@@ -55,13 +56,16 @@ def out(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case, transport", [("adam", "shared-memory window"), ("adam", "Allreduce"),
-                                             ("cnn", "shared-memory window"), ("batchnorm", "shared-memory window"),
-                                             ("batchnorm", "Allreduce")])
+                                             ("sgd", "shared-memory window, δ exchanged"), ("sgd", "Allreduce"),
+                                             ("cnn", "shared-memory window"),
+                                             ("cnn_sgd", "shared-memory window, δ exchanged"),
+                                             ("batchnorm", "shared-memory window"), ("batchnorm", "Allreduce")])
 def test_n_processes_equal_one(out, case, transport):
     """2 and 3 processes (uneven slices: the last batch of one row leaves two idle) give the
     one-process parameters and history to 1e-12 in float64; every process the same bits.  On
-    one machine the step goes through a shared-memory window; ``SYMBP_SHARED_WINDOW=0`` takes
-    the Allreduce path that runs between machines."""
+    one machine the step goes through a shared-memory window (with plain SGD, exchanging δ and
+    the layer inputs for the weights); ``SYMBP_SHARED_WINDOW=0`` takes the Allreduce path that
+    runs between machines."""
     assert launch(case, 1, out).returncode == 0
     (one,) = records(case, 1, out)
     assert "error" not in one, one
@@ -76,8 +80,9 @@ def test_n_processes_equal_one(out, case, transport):
         for key, values in one["history"].items():
             np.testing.assert_allclose(every[0]["history"][key], values, rtol=1e-12, err_msg=key)
         assert all(r["history"] == every[0]["history"] for r in every)
-        if case == "adam":
+        if case in ("adam", "sgd"):
             assert every[0]["comm"]["ranks"] == ranks and every[0]["comm"]["steps"] == 33
+        if "comm" in every[0]:
             assert every[0]["comm"]["transport"] == transport
 
 
@@ -149,6 +154,22 @@ def test_sharded(out):
     assert every[0]["comm"]["steps"] == 3 * 6  # ceil((40 + 50) / 16) steps an epoch
     loss = every[0]["history"]["loss"]
     assert loss[-1] < loss[0]
+
+
+def test_sharded_delta_exchange_equals_gradient_buffers(out):
+    """Sharded data with plain SGD: the δ-exchange step (each process's rows at its offset in
+    the global batch) gives what the window's gradient-buffer step gives, to 1e-12."""
+    runs = {}
+    for exchange in ("1", "0"):
+        proc = launch("sharded_sgd", 2, out, extra_env={node_share.EXCHANGE_ENV: exchange})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[exchange] = records("sharded_sgd", 2, out)
+        assert all("error" not in r for r in runs[exchange]), runs[exchange]
+    assert runs["1"][0]["comm"]["transport"] == "shared-memory window, δ exchanged"
+    assert runs["0"][0]["comm"]["transport"] == "shared-memory window"
+    assert runs["1"][0]["hash"] == runs["1"][1]["hash"]
+    assert rel(runs["0"][0]["params"], runs["1"][0]["params"]) < 1e-12
+    np.testing.assert_allclose(runs["1"][0]["history"]["loss"], runs["0"][0]["history"]["loss"], rtol=1e-12)
 
 
 def test_cli_train_under_mpiexec(out, tmp_path):

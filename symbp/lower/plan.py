@@ -142,14 +142,14 @@ class Plan:
         ranges = [(sym, self.extent(ext)) for sym, ext in zip(ld.param_idx[key], ld.param_dims[key])]
         penalty = [(sp.Symbol("penalty"), self.value(l2 / 2 * theta**2))] if key in ld.decay and self.l2_value else []
         temp = self.grad_base(ld, key)[idx]
+        if rows_of_array:
+            ranges[0] = (ranges[0][0], sp.Symbol(f"{self.names.get(name, name)}.shape[0]"))
         if len(stmts) == 1 and gemm_steps and isinstance(gemm_steps[0], Gemm):
             fused = fuse_update(gemm_steps[0], stmts[0][1], theta, temp)
             if fused is not None:
                 # θ ← β·θ + α·op(A)op(B): one GEMM, no gradient buffer, no extra pass.
                 return gemm_steps[1:], ([Loop(ranges, [], penalty)] if penalty else []) + [fused]
         size = math.prod(self.d.network.param_shapes()[name])
-        if rows_of_array:
-            ranges[0] = (ranges[0][0], sp.Symbol(f"{self.names.get(name, name)}.shape[0]"))
         return gemm_steps, [Loop(ranges, stmts, penalty, parallel=size >= PARALLEL_UPDATE_MIN)]
 
     def grad_steps(self, ld, opt=None, apart: bool = False) -> tuple[list, list]:
@@ -174,7 +174,15 @@ class Plan:
         self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
         return self._backward(opt, apart=True)
 
-    def _backward(self, opt, apart: bool) -> tuple[list, list]:
+    def backward_exchange(self, opt) -> tuple[list, list]:
+        """Data-parallel training on one machine with δ exchanged (see
+        :mod:`symbp.backends.cpu.node_share`): (the backward pass over this process's rows,
+        leaving out each weight gradient whose update a GEMM can carry; the update steps, where
+        those GEMMs read δ and the layer input of the global batch and write a block of θ's rows)."""
+        self.hyper_symbols = {k: sp.Symbol(f"h_{k}", real=True) for k in opt.hyper}
+        return self._backward(opt, apart="exchange")
+
+    def _backward(self, opt, apart: bool | str) -> tuple[list, list]:
         """From the output back: each layer's gradients, then the δ of every layer whose
         readers have all sent theirs.  A layer's update waits until the δ of every layer it
         reads has been computed (they read its old parameters); ``apart``: every update waits

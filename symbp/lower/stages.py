@@ -285,6 +285,11 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
         if opt is None:
             prange = [(sym, builder.extent(d_)) for sym, d_ in zip(idx, ld.param_dims[key])]
             now += gsteps + ([Loop(prange, [(g[idx], g_expr)])] if g_expr != g[idx] else [])
+        elif apart == "exchange" and _carried_by_gemm(fused := builder.update_steps(ld, key, gsteps, g_expr, opt,
+                                                                                     rows_of_array=True)):
+            # δ exchanged: the GEMM θ ← β·θ + α·δᵀx runs after the exchange, over the global
+            # batch's δ and inputs and this process's rows of θ; its gradient is never formed.
+            later += fused[1]
         elif apart:  # no GEMM carries the update: the sums must be complete first
             now += gsteps
             later += builder.update_steps(ld, key, [], g_expr, opt, rows_of_array=True)[1]
@@ -293,6 +298,13 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list
             now += a_
             later += b_
     return steps + now, later
+
+
+def _carried_by_gemm(planned: tuple[list, list]) -> bool:
+    """Whether update_steps fused a parameter's update into a plain GEMM over the batch,
+    θ ← β·θ + α·δᵀx (a Dense weight: a block of θ's rows is a block of δ's columns)."""
+    now, later = planned
+    return bool(later) and type(later[-1]) is Gemm and later[-1].ta and not later[-1].tb and not now
 
 
 def rows_outer(step: Nest) -> list:

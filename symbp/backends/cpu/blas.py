@@ -49,13 +49,22 @@ def _data_pointer(typingctx, arr):
     return sig, codegen
 
 
+@njit(cache=True, inline="always")
+def _lead(M):
+    """The leading dimension BLAS reads a C-ordered matrix with: its row stride in elements
+    (its width for a contiguous array; at least 1, as BLAS requires)."""
+    return max(M.strides[0] // M.itemsize, M.shape[1], 1)
+
+
 @njit(cache=True)
 def gemm(A, ta, B, tb, C, alpha, beta, scalars):
     """C = alpha·op(A)@op(B) + beta·C, op(X) = X.T when its flag is true (float32 or float64).
 
     ``scalars`` is a length-2 array of C's dtype that passes alpha and beta by address
     (the Fortran BLAS convention).  BLAS is column-major, where a C-ordered matrix is
-    its own transpose, so the call computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
+    its own transpose, so the call computes Cᵀ = op(B)ᵀ·op(A)ᵀ.  Each matrix's rows must be
+    contiguous; its leading dimension is its row stride, so a block of columns of a larger
+    array (``D[:, r0:r1]``, as a data-parallel step reads δ) is passed as it is.
     """
     m, n = C.shape
     k = A.shape[0] if ta else A.shape[1]
@@ -64,8 +73,8 @@ def gemm(A, ta, B, tb, C, alpha, beta, scalars):
     scalars[0] = alpha
     scalars[1] = beta
     status = _xxgemm(_T if tb else _N, _T if ta else _N, n, m, k,
-                     _data_pointer(scalars), _data_pointer(B), B.shape[1], _data_pointer(A), A.shape[1],
-                     _data_pointer(scalars[1:]), _data_pointer(C), n)
+                     _data_pointer(scalars), _data_pointer(B), _lead(B), _data_pointer(A), _lead(A),
+                     _data_pointer(scalars[1:]), _data_pointer(C), _lead(C))
     if status != 0:
         raise RuntimeError("BLAS gemm failed")
 

@@ -10,7 +10,8 @@ finite and those that failed), then run the generated ``update``, the optimizer'
 stay the same bits on all of them (:meth:`agree_epoch` checks a hash after every epoch).
 That is the path between machines.  When every process is on one machine, the parameters,
 their state and the gradient buffers live in a shared-memory window instead and each process
-updates its block of rows from everyone's buffers, with no gradient Allreduce
+updates its block of rows from everyone's buffers, with no gradient Allreduce, or, for the
+weights whose update rides on a GEMM (plain SGD), from everyone's δ and layer inputs
 (:mod:`.node_share`).  A network with batch statistics (BatchNorm) stops inside the kernels
 to sum them over the processes (:mod:`.sync`).
 
@@ -82,12 +83,17 @@ class DistributedRun(HostRun):
         window and skip the gradient Allreduce (:mod:`.node_share`); collective, after every
         process holds rank 0's parameters."""
         MPI, comm = self.MPI, self.comm
-        need = node_share.window_bytes(self.model, self.opt, self._grad_shapes, self.size)
+        table = getattr(self.kernels, "EXCHANGE", ())
+        if node_share.exchange_enabled() and table:  # δ and inputs of the global batch in the window too
+            batch = node_share.exchanged(self.model, table, max(map(self._global_rows, range(self.steps))))
+        else:
+            table, batch = (), {}
+        need = node_share.window_bytes(self.model, self.opt, self._grad_shapes, self.size, batch)
         ok = node_share.one_node(MPI, comm) and node_share.room_for(need)
         if not comm.allreduce(int(ok), op=MPI.MIN):  # all processes or none
             return
         try:  # an MPI without shared windows, say: the Allreduce path, on every process
-            node = NodeShare(MPI, comm, self.model, self.opt, self._grad_names, self._grad_shapes)
+            node = NodeShare(MPI, comm, self.model, self.opt, self._grad_names, self._grad_shapes, batch, table)
         except (MPI.Exception, MemoryError, OSError):
             node = None
         if not comm.allreduce(int(node is not None), op=MPI.MIN):
@@ -143,6 +149,7 @@ class DistributedRun(HostRun):
         params, hyper = model._param_list(), np.array(hyper, model.dtype)
         total, correct, t, bad = 0.0, 0, step, -1
         node, sums = self.node, self.sums
+        exchange = node is not None and bool(node.exchange)
         private = params
         if node is not None:  # one machine: the parameters and gradients in the shared window
             node.load(private, states)
@@ -162,7 +169,15 @@ class DistributedRun(HostRun):
                 loss, c = 0.0, 0
                 # A process without rows this step still runs the kernel when the batch's
                 # statistics are summed over the processes: it takes part in those sums.
-                if nb or sums is not None:
+                if nb and exchange:  # δ exchanged: this process's rows of the global batch's buffers
+                    idx, row0 = order[start:stop], self._row0(k)
+                    Xs = node.batch_rows("X", row0, nb) if "X" in node.batch else self.Xb[:nb]
+                    np.take(self.X, idx, axis=0, out=Xs)
+                    np.take(self.T, idx, axis=0, out=self.Tb[:nb])
+                    loss, c = k_.slice_deltas(Xs, self.Tb[:nb], nb / rows, rows, row0, seed + t, *params,
+                                              *node.workspace(self._ws_names, self.ws, row0, nb))
+                    status[0] = 0 if math.isfinite(loss) else 1
+                elif nb or sums is not None:
                     idx = order[start:stop]
                     np.take(self.X, idx, axis=0, out=self.Xb[:nb])
                     np.take(self.T, idx, axis=0, out=self.Tb[:nb])
@@ -198,7 +213,7 @@ class DistributedRun(HostRun):
                 pen = k_.update(*params, *self.grads, *states, hyper, t)
                 total += float(loss) + (pen * rows if self.rank == 0 else 0.0)  # λ's term counted once
             else:  # this process's rows of every parameter; the penalty's parts add up over processes
-                pen = node.update(k_, hyper, t)
+                pen = node.update(k_, hyper, t, rows)
                 tic = time.perf_counter()
                 node.fence()
                 self.allreduce_s += time.perf_counter() - tic
@@ -252,5 +267,6 @@ class DistributedRun(HostRun):
         processes included): the gradient Allreduce, or, in the shared window, the status
         Allreduce and the end-of-step barrier."""
         return {"ranks": self.size, "steps": self.steps_run, "allreduce_s": self.allreduce_s, "seconds": self.seconds,
-                "transport": "Allreduce" if self.node is None else "shared-memory window"}
+                "transport": "Allreduce" if self.node is None else
+                "shared-memory window" + (", δ exchanged" if self.node.exchange else "")}
 

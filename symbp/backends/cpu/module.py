@@ -21,7 +21,7 @@ import sympy as sp
 from ...derive import Derivation
 from ...indices import N
 from ...lower.fuse import fuse_loops
-from ...lower.ir import Loop, Sync
+from ...lower.ir import Gemm, Loop, Sync
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
 from .emit import emit
@@ -228,6 +228,10 @@ class CpuModule(Plan):
                  and name.startswith("d") and self.roles.get(name) == "gradient"}
         out = []
         for step in updates:
+            if isinstance(step, Gemm):  # an update a GEMM carries reads no gradient buffer
+                out.append(step)
+                continue
+
             def both(e):
                 return e.replace(lambda x: isinstance(x, sp.Indexed) and str(x.base.label) in grads,
                                  lambda x: x + sp.IndexedBase(f"{x.base.label}_b")[x.indices])
@@ -296,6 +300,7 @@ class CpuModule(Plan):
             read_hyper + ["penalty = 0.0"], pair, ["return penalty"],
             "update with each gradient the sum of two buffers, g + g_b, read in the same pass (the shared-memory\n"
             "    data-parallel step: two processes' sums, or the first process's and the rest's).")
+        exchange, table = self._exchange_functions(opt, B, states, read_hyper)
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
         names["STATES"] = ", ".join(states) + ("," if states else "")
@@ -328,12 +333,49 @@ class CpuModule(Plan):
             "# The lengths of the buffers slice_grads sums over the processes, in its order (a data-parallel",
             "# fit: a process that fails mid-step still takes part in the rest, see backends/cpu/sync.py).",
             f"SYNC_SIZES = {tuple(syncs)!r}",
+            "# The δ-exchange step (backends/cpu/node_share.py): (θ, δ, x) of each update a GEMM carries,",
+            "# θ ← β·θ + α·δᵀx over the global batch; empty: this network's step exchanges gradients.",
+            f"EXCHANGE = {table!r}",
             "# Why a data-parallel fit cannot train this network (None: it can).",
             f"SYNC_ERROR = {self.sync_error if self.needs_sync else None!r}",
             f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}", "",
             helper_source(self.helpers), update, grads_only, update_only, tidy_args(_TRAIN.format(**names)),
+            exchange and exchange + tidy_args(_EXCHANGE_GLUE.format(**names)),
         ])
         return with_provenance(src, self.provenance)
+
+    def _exchange_functions(self, opt, B: dict, states: list[str], read_hyper: list[str]) -> tuple[str, tuple]:
+        """The δ-exchange step's kernels (see :mod:`symbp.backends.cpu.node_share`):
+        ``backward_deltas``, the backward pass over this process's rows less the weight
+        gradients whose update a GEMM carries, and ``update_rows``, those GEMMs over the global
+        batch's δ and inputs into a block of θ's rows plus the other updates from two gradient
+        buffers; and the table of (θ, δ, x) names.  ("", ()) when no update rides on such a
+        GEMM, or the network's data-parallel step has kernels of its own (batch statistics,
+        Dropout's masks)."""
+        if self.needs_sync:
+            return "", ()
+        steps, updates = self.backward_exchange(opt)
+        pr = self.printer()
+        table = tuple((pr.array(g.out), pr.array(g.a), pr.array(g.b)) for g in updates if isinstance(g, Gemm))
+        shapes = dict(self.workspace)
+        batch = {name for name, shape in shapes.items() if shape[0] == "batch"} | {"X"}
+        if not table or not all({d, x} <= batch for _, d, x in table) or len({d for _, d, _ in table}) < len(table):
+            return "", ()
+        pair = self._two_gradients(updates)
+        operands = list(dict.fromkeys(name for _, d, x in table for name in (d, x)))
+        ft = self.float_type
+        deltas = self.function(
+            "backward_deltas", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"], self._prelude(), steps, [],
+            "backward_grads less the weight gradients update_rows' GEMMs carry (EXCHANGE): δ of every layer\n"
+            "    and the other gradients' sums over this process's rows.")
+        rows = self.function(
+            "update_rows", B["P"] + B["grads"] + [f"{g}_b" for g in B["grads"]] + operands + states + ["hyper", "t"],
+            [f"scal = np.empty(2, {ft})  # alpha and beta, passed to BLAS by address"] + read_hyper + ["penalty = 0.0"],
+            pair, ["return penalty"],
+            f"The {opt.name} update of a block of rows of every parameter (step t): θ ← β·θ + α·δᵀx for those in\n"
+            "    EXCHANGE (δ: the global batch's, its columns of this block; x: the global batch's), the rest\n"
+            "    from two gradient buffers, g + g_b; returns the l2 penalty of those rows before the step.")
+        return deltas + "\n" + rows, table
 
 
 _GLUE = '''
@@ -454,6 +496,20 @@ def slice_grads(X, T, scale, rows, row0, seed, {P}, {WS}):
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     {DL}[:nb] *= scale
     {SLICE_BACKWARD}
+    return loss, c
+'''
+
+
+_EXCHANGE_GLUE = '''
+@njit(cache=True)
+def slice_deltas(X, T, scale, rows, row0, seed, {P}, {WS}):
+    """slice_grads for the δ-exchange step: the forward pass, Σ ℓ over this process's rows, δ of
+    every layer (δ_L scaled by its rows / ``rows``) and the gradients update_rows does not carry."""
+    nb = X.shape[0]
+    forward_train(X, {P}, {ACTS_SLICED}, seed)
+    loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
+    {DL}[:nb] *= scale
+    backward_deltas(X, {P}, {SLICED}, {GRADS})
     return loss, c
 '''
 
