@@ -152,10 +152,11 @@ class Plan:
         size = math.prod(self.d.network.param_shapes()[name])
         return gemm_steps, [Loop(ranges, stmts, penalty, parallel=size >= PARALLEL_UPDATE_MIN)]
 
-    def grad_steps(self, ld, opt=None, apart: bool = False) -> tuple[list, list]:
+    def grad_steps(self, ld, opt=None, apart: bool | str = False) -> tuple[list, list]:
         """Steps for ∂C/∂θ of layer ``ld``; with an optimizer, also its update steps (second
         list: they run after the δ of every layer it reads has used the old parameters, or,
-        ``apart``, after the gradients have been summed over processes)."""
+        ``apart``, after the gradients have been summed over processes; ``apart="exchange"``:
+        see :meth:`backward_exchange`)."""
         return stages.grad_steps(self, ld, opt, stages.reads_input(ld), apart)
 
     def delta_steps(self, ld) -> list:

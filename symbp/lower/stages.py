@@ -243,12 +243,15 @@ def forward_steps(builder, ld, train: bool = False) -> list:
     return steps
 
 
-def grad_steps(builder, ld, opt, first: bool, apart: bool = False) -> tuple[list, list]:
+def grad_steps(builder, ld, opt, first: bool, apart: bool | str = False) -> tuple[list, list]:
     """Stage gradients (∂C/∂x̃ only when a layer before needs it), then ∂C/∂θ.
 
     With ``apart`` (data-parallel training), the gradient buffers get only the data's sum
     over this process's rows and the update (second list) reads them once they have been
     summed over every process: the λθ term and the optimizer's rule are applied there, once.
+    ``apart="exchange"``: a parameter whose update a plain GEMM over the batch carries gets no
+    gradient step at all, only that GEMM among the updates (it will read the global batch's δ
+    and input, see :mod:`symbp.backends.cpu.node_share`).
     """
     steps = []
     for label, (gb, free, formula) in ld.stage_grads.items():  # in the order they can be computed

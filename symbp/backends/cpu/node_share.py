@@ -147,6 +147,7 @@ class NodeShare:
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.closed = False
         self._args, self._rest = [], []  # update_pair's arguments, made by load()
+        self._heads, self._st = [], []
         self._summed = [g for g in grad_names if g not in carried]  # what the others' buffers add up
 
     def own_grads(self) -> dict:
@@ -181,10 +182,10 @@ class NodeShare:
         rows = [self.share[g[1:]] for g in self.grad_names]
         grads, grads_b = ([buffers[g][r] for g, r in zip(self.grad_names, rows)] for buffers in self.grads[:2])
         self._args = params + grads + grads_b + st
+        self._heads, self._st = params + grads + grads_b, st  # update_rows takes δ and x before the state
         self._rest = [(b, [other[g][r] for other in self.grads[2:]])
                       for b, g, r in zip(grads_b, self.grad_names, rows)
                       if g in self._summed] if len(self.grads) > 2 else []
-        self._st = st
         self.fence()
 
     def store(self, private: list[np.ndarray], states: list[np.ndarray]) -> None:
@@ -212,7 +213,7 @@ class NodeShare:
                 np.add(into, other, out=into)
         if not self.exchange:
             return kernels.update_pair(*self._args, hyper, t)
-        return kernels.update_rows(*self._args[:-len(self._st) or None], *self._operands(rows), *self._st, hyper, t)
+        return kernels.update_rows(*self._heads, *self._operands(rows), *self._st, hyper, t)
 
     # -- the δ-exchange step ----------------------------------------------------------------
     def batch_rows(self, name: str, row0: int, nb: int) -> np.ndarray:
