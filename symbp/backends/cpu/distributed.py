@@ -85,7 +85,8 @@ class DistributedRun(HostRun):
         MPI, comm = self.MPI, self.comm
         table = getattr(self.kernels, "EXCHANGE", ())
         if node_share.exchange_enabled() and table:  # δ and inputs of the global batch in the window too
-            batch = node_share.exchanged(self.model, table, max(map(self._global_rows, range(self.steps))))
+            batch = node_share.exchanged(self.model, table, max(map(self._global_rows, range(self.steps))),
+                                         self.X.shape[1])
         else:
             table, batch = (), {}
         need = node_share.window_bytes(self.model, self.opt, self._grad_shapes, self.size, batch)
@@ -169,20 +170,15 @@ class DistributedRun(HostRun):
                 loss, c = 0.0, 0
                 # A process without rows this step still runs the kernel when the batch's
                 # statistics are summed over the processes: it takes part in those sums.
-                if nb and exchange:  # δ exchanged: this process's rows of the global batch's buffers
+                if nb or sums is not None:
                     idx, row0 = order[start:stop], self._row0(k)
-                    Xs = node.batch_rows("X", row0, nb) if "X" in node.batch else self.Xb[:nb]
+                    kernel, Xs, ws = k_.slice_grads, self.Xb[:nb], self.ws
+                    if exchange:  # δ exchanged: this process's rows of the global batch's buffers
+                        kernel, ws = k_.slice_deltas, node.workspace(self._ws_names, self.ws, row0, nb)
+                        Xs = node.batch_rows("X", row0, nb) if "X" in node.batch else Xs
                     np.take(self.X, idx, axis=0, out=Xs)
                     np.take(self.T, idx, axis=0, out=self.Tb[:nb])
-                    loss, c = k_.slice_deltas(Xs, self.Tb[:nb], nb / rows, rows, row0, seed + t, *params,
-                                              *node.workspace(self._ws_names, self.ws, row0, nb))
-                    status[0] = 0 if math.isfinite(loss) else 1
-                elif nb or sums is not None:
-                    idx = order[start:stop]
-                    np.take(self.X, idx, axis=0, out=self.Xb[:nb])
-                    np.take(self.T, idx, axis=0, out=self.Tb[:nb])
-                    loss, c = k_.slice_grads(self.Xb[:nb], self.Tb[:nb], nb / rows, rows, self._row0(k), seed + t,
-                                             *params, *self.ws)
+                    loss, c = kernel(Xs, self.Tb[:nb], nb / rows, rows, row0, seed + t, *params, *ws)
                     status[0] = 0 if math.isfinite(loss) else 1
                 if not nb:
                     if node is None:

@@ -58,8 +58,12 @@ ENV = "SYMBP_SHARED_WINDOW"
 EXCHANGE_ENV = "SYMBP_EXCHANGE_DELTAS"
 
 
+def _switched_off(var: str) -> bool:
+    return os.environ.get(var, "1").strip() == "0"
+
+
 def exchange_enabled() -> bool:
-    return os.environ.get(EXCHANGE_ENV, "1").strip() != "0"
+    return not _switched_off(EXCHANGE_ENV)
 
 
 def room_for(nbytes: int) -> bool:
@@ -74,7 +78,7 @@ def room_for(nbytes: int) -> bool:
 
 def one_node(MPI, comm) -> bool:
     """Whether every process of ``comm`` can share memory with the others (collective)."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    if _switched_off(ENV):
         return False
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
@@ -83,11 +87,10 @@ def one_node(MPI, comm) -> bool:
         node.Free()
 
 
-def exchanged(model, table: tuple, rows: int) -> dict[str, tuple[int, ...]]:
+def exchanged(model, table: tuple, rows: int, width: int) -> dict[str, tuple[int, ...]]:
     """The global batch's buffers of the δ-exchange step (the δ and inputs named in ``table``,
-    the training kernels' ``EXCHANGE``), ``rows`` rows each."""
+    the training kernels' ``EXCHANGE``), ``rows`` rows each (X: ``width`` columns, the data's)."""
     shapes = dict(model.kernels.WORKSPACE)
-    width = int(np.prod(model.network.inputs)) if isinstance(model.network.inputs, tuple) else model.network.inputs
     names = dict.fromkeys(name for _, d, x in table for name in (d, x))
     return {name: (rows, *((width,) if name == "X" else shapes[name][1:])) for name in names}
 
@@ -141,14 +144,13 @@ class NodeShare:
         # (θ, δ, x) of each update a GEMM carries (empty: every update reads gradient buffers).
         self.batch = {name: take(shape_) for name, shape_ in batch.items()}
         self.exchange = exchange
-        carried = {f"d{p}" for p, _, _ in self.exchange}
+        self._carried = {f"d{p}" for p, _, _ in exchange}  # gradient buffers the exchange leaves unused
         # This process's rows of every trained parameter (and of its gradient and state).
         self.share = {p: slice(*distributed.split(shape[p][0], size, rank)) for p in self.trained}
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.closed = False
-        self._args, self._rest = [], []  # update_pair's arguments, made by load()
-        self._heads, self._st = [], []
-        self._summed = [g for g in grad_names if g not in carried]  # what the others' buffers add up
+        # update_pair's arguments (update_rows takes δ and x between the two), made by load()
+        self._heads, self._st, self._rest = [], [], []
 
     def own_grads(self) -> dict:
         """This process's gradient buffers (what its ``slice_grads`` writes)."""
@@ -181,11 +183,10 @@ class NodeShare:
         params, st = blocks[:len(self.names)], blocks[len(self.names):]
         rows = [self.share[g[1:]] for g in self.grad_names]
         grads, grads_b = ([buffers[g][r] for g, r in zip(self.grad_names, rows)] for buffers in self.grads[:2])
-        self._args = params + grads + grads_b + st
-        self._heads, self._st = params + grads + grads_b, st  # update_rows takes δ and x before the state
+        self._heads, self._st = params + grads + grads_b, st
         self._rest = [(b, [other[g][r] for other in self.grads[2:]])
                       for b, g, r in zip(grads_b, self.grad_names, rows)
-                      if g in self._summed] if len(self.grads) > 2 else []
+                      if g not in self._carried] if len(self.grads) > 2 else []
         self.fence()
 
     def store(self, private: list[np.ndarray], states: list[np.ndarray]) -> None:
@@ -212,7 +213,7 @@ class NodeShare:
             for other in others:
                 np.add(into, other, out=into)
         if not self.exchange:
-            return kernels.update_pair(*self._args, hyper, t)
+            return kernels.update_pair(*self._heads, *self._st, hyper, t)
         return kernels.update_rows(*self._heads, *self._operands(rows), *self._st, hyper, t)
 
     # -- the δ-exchange step ----------------------------------------------------------------

@@ -11,27 +11,19 @@ generated modules by name, so functions that call them stay cacheable.
 
 from __future__ import annotations
 
-import numpy as np
 from numba.extending import overload
 
 
 def batch_targets(T, first, nb, Tb):
     """The targets of rows ``first … first + nb − 1``: a view of T (rows), or those rows' labels
-    one-hot encoded into ``Tb[:nb]`` (labels).  (NumPy twin of the compiled overload.)"""
-    if T.ndim == 2:
-        return T[first:first + nb]
-    Tb[:nb] = 0
-    Tb[np.arange(nb), T[first:first + nb]] = 1
-    return Tb[:nb]
+    one-hot encoded into ``Tb[:nb]`` (labels).  Compiled code only (the overload below)."""
+    raise NotImplementedError("batch_targets is called from @njit code only")
 
 
 def put_target(T, i, Tb, r) -> None:
-    """Row ``i``'s target into ``Tb[r]``: copied (rows) or one-hot encoded (labels)."""
-    if T.ndim == 2:
-        Tb[r] = T[i]
-    else:
-        Tb[r] = 0
-        Tb[r, T[i]] = 1
+    """Row ``i``'s target into ``Tb[r]``: copied (rows) or one-hot encoded (labels).  Compiled
+    code only (the overload below)."""
+    raise NotImplementedError("put_target is called from @njit code only")
 
 
 @overload(batch_targets)
@@ -43,12 +35,9 @@ def _batch_targets(T, first, nb, Tb):
         return rows
 
     def labels(T, first, nb, Tb):
-        out = Tb[:nb]
         for r in range(nb):
-            for k in range(out.shape[1]):
-                out[r, k] = 0
-            out[r, T[first + r]] = 1
-        return out
+            put_target(T, first + r, Tb, r)
+        return Tb[:nb]
 
     return labels
 
