@@ -1,26 +1,30 @@
-"""Training-step benchmark of a small CNN: symbp against NumPy, PyTorch and JAX on CPU.
+"""Training-step benchmark of two CNNs: symbp against NumPy, PyTorch and JAX on CPU.
 
 What is measured
 ----------------
 One float32 training step -- forward, softmax cross-entropy (mean over the batch),
 backward, plain SGD (lr=0.01) -- of
 
-    input 1×28×28 → Conv2D(8, 5×5) + relu → 2×2 max pool → Flatten → Dense(10),  batch 64
+    small  input 1×28×28 → Conv2D(8, 5×5) + relu → 2×2 max pool → Flatten → Dense(10),  batch 64
+    wide   input 1×28×28 → Conv2D(32, 3×3) + relu → 2×2 max pool → Conv2D(64, 3×3) + relu
+           → 2×2 max pool → Flatten → Dense(10),  batch 128
 
     numpy          hand-written: im2col by sliding_window_view, GEMMs, max-pool routing by argmax
+                   (the small net only)
     torch          eager nn.Conv2d/MaxPool2d/Linear, F.cross_entropy, torch.optim.SGD
     torch.compile  the same module under torch.compile (default mode; compile time in "setup s")
     jax            the whole step under jax.jit (params -> new params)
     symbp          sb.compile(...).fit(X, y, batch_size=64, epochs=1, shuffle=False)
 
 As in ``bench_mlp.py`` (whose harness this reuses): the peers run a Python loop of
-``steps`` step calls over pre-sliced batches of N = 64·steps samples; symbp runs one
+``steps`` step calls over pre-sliced batches of N = batch·steps samples; symbp runs one
 ``fit`` over the same N samples (the whole epoch is one compiled call) and fit time / steps
-is its per-step cost.  Each implementation runs in its own subprocess, rounds are
-interleaved, the parent waits for the machine to go idle before each worker, and the
-"contention" column says how much of the machine other processes used meanwhile (above
-~10% the number is suspect: on 2 cores one busy neighbour halves a 2-thread step).
-Each library runs in its own default environment (symbp's OMP_WAIT_POLICY and
+is its per-step cost.  The "× floor" column divides by the GEMM floor: 3× the forward pass's
+GEMM FLOPs at the best float32 2048³ GEMM rate NumPy gets in the same run.  Each
+implementation runs in its own subprocess, rounds are interleaved, the parent waits for
+the machine to go idle before each worker, and the "contention" column says how much of
+the machine other processes used meanwhile (above ~10% the number is suspect: on 2 cores
+one busy neighbour halves a 2-thread step).  Each library runs in its own default environment (symbp's OMP_WAIT_POLICY and
 OPENBLAS_CORETYPE only in symbp's worker, set by ``import symbp``); the report prints
 each worker's environment and threads, then every impl's cold and cached start-up.
 
@@ -28,7 +32,7 @@ Usage
 -----
     python benchmarks/bench_cnn.py                 # 3 rounds, every impl that imports
     python benchmarks/bench_cnn.py --quick         # 1 round, short reps, 1 start-up round
-    python benchmarks/bench_cnn.py --rounds 1 --impls torch,symbp
+    python benchmarks/bench_cnn.py --rounds 1 --impls torch,symbp --nets wide
     python benchmarks/bench_cnn.py --check         # every impl's SGD step vs a float64 reference
     python benchmarks/bench_cnn.py --target cuda   # on the GPU: symbp vs PyTorch CUDA (and JAX)
 """
@@ -46,8 +50,13 @@ import _harness as h
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-LR, SEED, BATCH, FILTERS, KERNEL, CLASSES = 0.01, 0, 64, 8, 5, 10
+LR, SEED, CLASSES = 0.01, 0, 10
 IMAGE = (1, 28, 28)
+# Each conv (filters, kernel) is followed by relu and a 2×2 max pool, then Flatten and Dense(10).
+NETS = {"small": {"convs": ((8, 5),), "batch": 64},
+        "wide": {"convs": ((32, 3), (64, 3)), "batch": 128}}
+CONVS, BATCH = NETS["small"]["convs"], NETS["small"]["batch"]
+FILTERS, KERNEL = CONVS[0]  # the small net's (the CUDA comparison's shapes)
 PEERS = ("numpy", "torch", "torch.compile", "jax")
 IMPLS = (*PEERS, "symbp")
 CONTENTION_WARN = 0.10
@@ -56,7 +65,49 @@ IMPL_NEEDS = {"jax": {"JAX_PLATFORMS": "cpu"}}
 COMPILE_CACHE = {"symbp": "SYMBP_CACHE_DIR", "torch.compile": "TORCHINDUCTOR_CACHE_DIR"}
 CACHE_NOTE = {"numpy": "nothing to compile", "torch": "nothing to compile",
               "jax": "no persistent cache by default: every process compiles again"}
-PARAM_NAMES = ("W1", "b1", "W4", "b4")  # symbp's names: conv is layer 1, the dense layer 4
+
+
+def use_net(name: str) -> None:
+    """Make ``name`` the net every function here builds and times."""
+    global CONVS, BATCH
+    CONVS, BATCH = NETS[name]["convs"], NETS[name]["batch"]
+
+
+def shapes() -> list:
+    """(kind, in_shape, out_shape) of every layer: conv, pool, …, dense."""
+    out, (c, hw) = [], (IMAGE[0], IMAGE[1])
+    for filters, kernel in CONVS:
+        out.append(("conv", (c, hw), (filters, hw - kernel + 1)))
+        c, hw = filters, hw - kernel + 1
+        out.append(("pool", (c, hw), (c, hw // 2)))
+        hw //= 2
+    out.append(("dense", c * hw * hw, CLASSES))
+    return out
+
+
+def param_names() -> list:
+    """symbp's names, by layer position: conv l, pool l+1, …, Flatten, Dense."""
+    names, pos = [], 1
+    for _ in CONVS:
+        names += [f"W{pos}", f"b{pos}"]
+        pos += 2
+    return names + [f"W{pos + 1}", f"b{pos + 1}"]
+
+
+def describe() -> str:
+    convs = " → ".join(f"Conv2D({f}, {k}×{k})+relu → maxpool 2" for f, k in CONVS)
+    return f"CNN 1×28×28 → {convs} → Dense(10), batch {BATCH}, float32, SGD step"
+
+
+def forward_gemm_flops() -> int:
+    """The forward pass's multiply-adds × 2 over one batch, as GEMMs count them (im2col)."""
+    flops = 0
+    for kind, a, b in shapes():
+        if kind == "conv":
+            flops += 2 * BATCH * b[0] * a[0] * (a[1] - b[1] + 1) ** 2 * b[1] ** 2
+        elif kind == "dense":
+            flops += 2 * BATCH * a * b
+    return flops
 
 
 def make_data(steps: int, seed: int = SEED):
@@ -69,16 +120,19 @@ def make_data(steps: int, seed: int = SEED):
 
 
 def init_params(seed: int = SEED + 2) -> dict:
-    """PyTorch-style uniform init, small non-zero biases; W1 (8, 1, 5, 5), W4 (10, 1152)."""
+    """PyTorch-style uniform init, small non-zero biases (the small net: W1 (8, 1, 5, 5), W4 (10, 1152))."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    fan = IMAGE[0] * KERNEL * KERNEL
-    pooled = FILTERS * ((IMAGE[1] - KERNEL + 1) // 2) ** 2
-    return {"W1": rng.uniform(-1, 1, (FILTERS, IMAGE[0], KERNEL, KERNEL)).astype(np.float32) / math.sqrt(fan),
-            "b1": rng.uniform(-0.1, 0.1, FILTERS).astype(np.float32),
-            "W4": rng.uniform(-1, 1, (CLASSES, pooled)).astype(np.float32) / math.sqrt(pooled),
-            "b4": rng.uniform(-0.1, 0.1, CLASSES).astype(np.float32)}
+    names, out = iter(param_names()), {}
+    for kind, a, b in shapes():
+        if kind == "pool":
+            continue
+        shape = (b[0], a[0], a[1] - b[1] + 1, a[1] - b[1] + 1) if kind == "conv" else (b, a)
+        fan = math.prod(shape[1:])
+        out[next(names)] = rng.uniform(-1, 1, shape).astype(np.float32) / math.sqrt(fan)
+        out[next(names)] = rng.uniform(-0.1, 0.1, shape[0]).astype(np.float32)
+    return out
 
 
 def batches(X, y):
@@ -95,15 +149,18 @@ class NumpyImpl:
     def __init__(self, params: dict):
         import numpy as np
 
+        if len(CONVS) != 1:
+            raise NotImplementedError("the hand-written NumPy step is the small net's (one conv layer)")
         self.np = np
         self.p = {k: v.copy() for k, v in params.items()}
 
     def step(self, x, y):
         np, p = self.np, self.p
-        B, K = len(x), FILTERS
+        (K, kernel), = CONVS
+        B = len(x)
         W1 = p["W1"].reshape(K, -1)
         # im2col: (B, Ho, Wo, C·kh·kw), then Z = cols·W1ᵀ + b1
-        cols = np.lib.stride_tricks.sliding_window_view(x, (KERNEL, KERNEL), axis=(2, 3))
+        cols = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(2, 3))
         Ho = cols.shape[2]
         cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(B, Ho * Ho, -1)
         z = cols @ W1.T + p["b1"]                      # (B, Ho·Wo, K)
@@ -153,12 +210,24 @@ class TorchImpl:
         import torch.nn.functional as F
 
         self.torch = torch
-        conv, lin = torch.nn.Conv2d(IMAGE[0], FILTERS, KERNEL), torch.nn.Linear(*params["W4"].shape[::-1])
+        layers, self.owners = [], []  # owners: (module, weight name, bias name)
+        names = iter(param_names())
+        for kind, a, b in shapes():
+            if kind == "conv":
+                mod = torch.nn.Conv2d(a[0], b[0], a[1] - b[1] + 1)
+                layers += [mod, torch.nn.ReLU()]
+            elif kind == "pool":
+                layers.append(torch.nn.MaxPool2d(2))
+                continue
+            else:
+                mod = torch.nn.Linear(a, b)
+                layers += [torch.nn.Flatten(), mod]
+            self.owners.append((mod, next(names), next(names)))
         with torch.no_grad():
-            for mod, w, b in ((conv, "W1", "b1"), (lin, "W4", "b4")):
+            for mod, w, b in self.owners:
                 mod.weight.copy_(torch.from_numpy(params[w]))
                 mod.bias.copy_(torch.from_numpy(params[b]))
-        self.model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), lin)
+        self.model = torch.nn.Sequential(*layers)
         opt = torch.optim.SGD(self.model.parameters(), lr=LR)
         model = torch.compile(self.model) if compiled else self.model
 
@@ -178,9 +247,8 @@ class TorchImpl:
         return run
 
     def params(self):
-        conv, lin = self.model[0], self.model[4]
-        return {k: t.detach().numpy().copy() for k, t in
-                (("W1", conv.weight), ("b1", conv.bias), ("W4", lin.weight), ("b4", lin.bias))}
+        return {k: t.detach().numpy().copy() for mod, w, b in self.owners
+                for k, t in ((w, mod.weight), (b, mod.bias))}
 
     def versions(self):
         return {"torch": self.torch.__version__}
@@ -194,10 +262,15 @@ class JaxImpl:
         self.jax = jax
         self.ps = {k: jnp.asarray(v) for k, v in params.items()}
 
+        names = param_names()
+
         def loss(ps, x, y):
-            z = jax.lax.conv_general_dilated(x, ps["W1"], (1, 1), "VALID") + ps["b1"][None, :, None, None]
-            a = jax.lax.reduce_window(jax.nn.relu(z), -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
-            logits = a.reshape(len(x), -1) @ ps["W4"].T + ps["b4"]
+            a = x
+            for i in range(len(CONVS)):
+                w, b = names[2 * i], names[2 * i + 1]
+                z = jax.lax.conv_general_dilated(a, ps[w], (1, 1), "VALID") + ps[b][None, :, None, None]
+                a = jax.lax.reduce_window(jax.nn.relu(z), -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+            logits = a.reshape(len(x), -1) @ ps[names[-2]].T + ps[names[-1]]
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
         @jax.jit
@@ -233,8 +306,8 @@ class SymbpImpl:
         import symbp as sb
 
         self.sb = sb
-        net = sb.Network(inputs=IMAGE, layers=[sb.Conv2D(FILTERS, KERNEL, activation="relu"), sb.MaxPool2D(2),
-                                               sb.Flatten(), sb.Dense(CLASSES)], loss="softmax_cross_entropy")
+        layers = [x for f, k in CONVS for x in (sb.Conv2D(f, k, activation="relu"), sb.MaxPool2D(2))]
+        net = sb.Network(inputs=IMAGE, layers=[*layers, sb.Flatten(), sb.Dense(CLASSES)], loss="softmax_cross_entropy")
         dtype = str(params["W1"].dtype)
         self.model = sb.compile(net, dtype=dtype, seed=0)
         for k, v in params.items():
@@ -313,15 +386,28 @@ def worker_check(args) -> dict:
     import numpy as np
 
     data = np.load(args.check_in)
-    impl = BUILDERS[args.impl]({k: data[k] for k in PARAM_NAMES})
+    impl = BUILDERS[args.impl]({k: data[k] for k in param_names()})
     impl.prepare(data["x"], data["y"])()
     np.savez(args.check_out, **{k: np.asarray(v) for k, v in impl.params().items()})
     return {"impl": args.impl}
 
 
+def worker_gemm(args) -> dict:
+    """The best float32 2048³ GEMM rate NumPy gets here (its own threads): the floor's rate."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    out = np.empty_like(a)
+    best = min(h.time_once(lambda: np.matmul(a, a, out=out)) for _ in range(6))
+    return {"impl": "gemm", "gflops": 2 * 2048 ** 3 / best / 1e9}
+
+
 def worker_main(args) -> int:
+    use_net(args.net)
     try:
-        if args.startup:
+        if args.impl == "gemm":
+            result = worker_gemm(args)
+        elif args.startup:
             result = worker_startup(args)
         else:
             import_library(args.impl)
@@ -346,7 +432,7 @@ def run_benchmark(args, impls, envs: h.WorkerEnv) -> dict:
                 continue
             if args.wait_idle > 0 and h.wait_for_idle(args.wait_idle, CONTENTION_WARN) is None:
                 print(f"  (machine still busy after {args.wait_idle:.0f} s; measuring anyway)", file=sys.stderr)
-            argv = [str(Path(__file__).resolve()), "--worker", impl, "--reps", str(args.reps),
+            argv = [str(Path(__file__).resolve()), "--worker", impl, "--net", args.net, "--reps", str(args.reps),
                     "--target-s", str(args.target_s)] + (["--steps-hint", str(rec["steps"])] if rec["steps"] else [])
             out = h.run_worker(argv, envs.for_impl(impl), args.timeout)
             if "error" in out:
@@ -363,8 +449,11 @@ def run_benchmark(args, impls, envs: h.WorkerEnv) -> dict:
     return res
 
 
-def print_table(impls, res) -> None:
+def print_table(impls, res, gflops: float | None) -> None:
     best_peer = min((min(res[i]["ms"]) for i in impls if i in PEERS and res[i]["ms"]), default=None)
+    # The GEMM floor: 3× the forward GEMMs' FLOPs (forward, δ, weight gradient) at the best
+    # float32 2048³ GEMM rate measured in this run.
+    floor = 3 * forward_gemm_flops() / (gflops * 1e9) * 1e3 if gflops else None
     rows = []
     for impl in impls:
         rec = res[impl]
@@ -377,10 +466,14 @@ def print_table(impls, res) -> None:
         busy = "?" if at_best is None else f"{at_best:.0%}/{max(seen):.0%}"
         setup = f"{rec['setup'][0]:.2f}" + (f" / {rec['setup'][-1]:.2f}" if len(rec["setup"]) > 1 else "")
         rows.append([impl, f"{best:.3f}", f"{h.median(rec['ms']):.3f}",
-                     f"{best / best_peer:.2f}" if best_peer else "-", str(rec["steps"]), setup, busy])
-    print(f"\nCNN 1×28×28 → Conv2D(8, 5×5)+relu → maxpool 2 → Dense(10), batch {BATCH}, float32, SGD step")
-    print(h.format_table(["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "setup s",
-                          "contention best/max"], rows, right=[False] + [True] * 6))
+                     f"{best / best_peer:.2f}" if best_peer else "-", f"{best / floor:.1f}" if floor else "-",
+                     str(rec["steps"]), setup, busy])
+    print(f"\n{describe()}")
+    print(h.format_table(["impl", "best ms/step", "median ms/step", "ratio", "× floor", "steps/rep", "setup s",
+                          "contention best/max"], rows, right=[False] + [True] * 7))
+    if floor:
+        print(f"GEMM floor {floor:.3f} ms/step: 3 × the forward pass's GEMM FLOPs ({forward_gemm_flops() / 1e6:.1f} M) "
+              f"at {gflops:.0f} GFLOP/s, NumPy's best float32 2048³ GEMM in this run")
     print(f"ratio: best ms/step over the best peer's ({', '.join(PEERS)}); setup s: build + first call on\n"
           "2 batches, first round (/ last round) -- JAX's jit and torch.compile's compilation, measured apart\n"
           "from the steps; contention: share of the machine other processes used during the best / the\n"
@@ -410,7 +503,7 @@ def run_check(args, impls, envs: h.WorkerEnv) -> bool:
                 continue
             got = np.load(dst)
             # relative error of the update itself (new − old), the part a wrong gradient changes
-            err = max(np.abs(got[k] - ref.p[k]).max() / np.abs(ref.p[k] - params[k]).max() for k in PARAM_NAMES)
+            err = max(np.abs(got[k] - ref.p[k]).max() / np.abs(ref.p[k] - params[k]).max() for k in param_names())
             good = err < 1e-3
             ok &= good
             rows.append([impl, f"{err:.2e}", "ok" if good else "MISMATCH"])
@@ -439,6 +532,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: symbp's CUDA target against PyTorch CUDA (and JAX on the GPU) on these shapes "
                          "and an 8× batch (see _cuda_bench.py); exits 2 without a GPU")
+    ap.add_argument("--nets", default="small,wide",
+                    help="which nets, of " + ", ".join(f"{k} ({v['convs']}, batch {v['batch']})" for k, v in NETS.items()))
+    ap.add_argument("--net", default="small", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--startup", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
@@ -451,6 +547,8 @@ def main(argv=None) -> int:
     if args.worker:
         args.impl = args.worker
         return worker_main(args)
+    if any(n not in NETS for n in args.nets.split(",")):
+        ap.error(f"unknown net in {args.nets!r}; choose from {tuple(NETS)}")
     impls = [i for i in args.impls.split(",") if i]
     bad = [i for i in impls if i not in IMPLS]
     if bad:
@@ -468,15 +566,23 @@ def main(argv=None) -> int:
     if args.check:
         return 0 if run_check(args, impls, envs) else 1
     t0 = time.perf_counter()
-    res = run_benchmark(args, impls, envs)
-    print(f"rounds {args.rounds} x reps {args.reps}, target {args.target_s} s per rep")
-    print_table(impls, res)
+    gemm = h.run_worker([str(Path(__file__).resolve()), "--worker", "gemm"], envs.for_impl("numpy"), args.timeout)
+    gflops = gemm.get("gflops")
+    for net in args.nets.split(","):
+        use_net(net)
+        args.net = net
+        print(f"\n== {describe()}", file=sys.stderr, flush=True)
+        res = run_benchmark(args, impls, envs)
+        print(f"rounds {args.rounds} x reps {args.reps}, target {args.target_s} s per rep")
+        print_table(impls, res, gflops)
     print("\nenvironment of each worker:")
     print(envs.table(impls, {i: res[i]["env_info"] for i in impls}))
     if not args.no_startup:
-        out = h.run_startup(impls, lambda impl: [str(Path(__file__).resolve()), "--worker", impl, "--startup"],
+        use_net("small")
+        out = h.run_startup(impls, lambda impl: [str(Path(__file__).resolve()), "--worker", impl, "--net", "small",
+                                                 "--startup"],
                             envs, COMPILE_CACHE, args.startup_rounds, args.timeout, args.wait_idle, CONTENTION_WARN)
-        h.print_startup(impls, out, f"CNN, first step on one batch of {BATCH}", COMPILE_CACHE, CACHE_NOTE)
+        h.print_startup(impls, out, f"the small CNN, first step on one batch of {BATCH}", COMPILE_CACHE, CACHE_NOTE)
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

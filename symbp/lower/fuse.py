@@ -163,7 +163,8 @@ def _access(step, buffer):
     if isinstance(step, ColSum):
         return {name(step.src)}, {name(step.out)}
     if isinstance(step, WindowArgmax):
-        return _labels([step.value], buffer), _labels([step.target], buffer)
+        stores = [step.target] + ([step.max_target] if step.max_target is not None else [])
+        return _labels([step.value], buffer), _labels(stores, buffer)
     return BARRIER
 
 

@@ -11,7 +11,7 @@
 * :class:`Nest` — ``target[n, *idx] = expr`` over a loop nest whose expr may hold Sums
   (accumulator loops, bounds tightened from their guards).
 * :class:`WindowArgmax` — the first maximum of a window (max pooling, Maxout), stored for
-  the backward pass.
+  the backward pass, and the maximum itself when a stage reads it.
 * :class:`Sync` — a batch statistic's sum over this process's rows made the sum over every
   process's rows (data-parallel training: BatchNorm's mean and variance of the global batch).
 """
@@ -84,6 +84,9 @@ class WindowArgmax:
     target: sp.Indexed  # where the window-local position of the maximum goes
     value: sp.Expr  # the window entry, in the window's indices
     window: list  # [(index symbol, extent)], scanned in this order (row-major)
+    # where the window's maximum goes, when the next stage is the route-sum that picks it
+    # (max pooling's z, Maxout's z): one pass over the window instead of two
+    max_target: sp.Indexed | None = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ import sympy as sp
 
 from ..index_sums import resolve
 from ..indices import N, n
-from ..spec.ops import dropout_mask, window_argmax
+from ..spec.ops import dropout_mask, route, window_argmax
 from .ir import BlockGemm, Gemm, Loop, Nest, Sync, WindowArgmax
 from .patterns import split_sums
 from .windows import match_conv, numeric
@@ -61,10 +61,15 @@ def setup(builder, ld) -> None:
     conv = _conv(builder, ld)
     if conv is not None:  # the im2col columns, and their gradient when a layer before reads it
         C, kh, kw = conv.extents
-        cols = (C, kh, kw, *shape[1:])
+        cols = (*shape[1:], C, kh, kw)
         names[f"col{lid}"] = f"Acol{lid}"
         builder.buffer(f"Acol{lid}", ("batch", int(sp.prod(cols))), "activation")
         builder.flat[f"col{lid}"] = cols
+        # the GEMM's output and δ with the channel last, (h, w, k): see _col_ranges
+        for label, name, role in ((f"zt{lid}", f"Zt{lid}", "activation"), (f"dt{lid}", f"dZt{lid}", "delta")):
+            names[label] = name
+            builder.buffer(name, ("batch", int(sp.prod(shape))), role)
+            builder.flat[label] = (*shape[1:], shape[0])
         if not reads_input(ld):
             names[f"gcol{lid}"] = f"dZcol{lid}"
             builder.buffer(f"dZcol{lid}", ("batch", int(sp.prod(cols))), "delta")
@@ -124,6 +129,27 @@ def _inline(builder, ld, expr: sp.Expr) -> sp.Expr:
             lambda t, st=st: isinstance(t, sp.Indexed) and t.base.label == st.target.label,
             lambda t, body=body, st=st: body.xreplace(dict(zip((n, *st.idx), t.indices))))
     return expr
+
+
+def _window_max(scanned, st) -> bool:
+    """Whether stage ``st`` is ``Σ_window route(m[n, idx], position)·value`` over the window of
+    ``scanned`` (``m = window_argmax(value, window)``, the same indices): the value at the
+    window's arg-max, i.e. its maximum, which the scan finds anyway."""
+    f = st.formula
+    if not isinstance(f, sp.Sum) or st.batch or scanned.batch or tuple(st.idx) != tuple(scanned.idx):
+        return False
+    value, *window = scanned.formula.args
+    if [tuple(lim) for lim in f.limits] != [tuple(lim) for lim in window] or any(lim[1] != 0 for lim in window):
+        return False
+    routes = [x for x in sp.Mul.make_args(f.function) if isinstance(x, route)]
+    if len(routes) != 1:
+        return False
+    position, stride = sp.Integer(0), sp.Integer(1)
+    for sym, _, hi in reversed(window):  # row-major, as window_argmax counts
+        position, stride = position + stride * sym, stride * (hi + 1)
+    rest = sp.Mul(*[x for x in sp.Mul.make_args(f.function) if x is not routes[0]])
+    return (routes[0].args[0] == scanned.at(scanned.idx) and sp.expand(routes[0].args[1] - position) == 0
+            and rest == value)
 
 
 def _ranges(builder, idx, dims, batch: bool = False) -> list:
@@ -203,13 +229,16 @@ def batch_steps(builder, nest: Nest, what: str) -> list:
 def forward_steps(builder, ld, train: bool = False) -> list:
     if ld.view:
         return []
-    steps = []
+    steps, scan = [], None  # scan: the last window scan and its stage
     for st in ld.stages:
         if _inlined(st) or (st.target in ld.eval_subs and not train):
             continue  # (outside training a batch statistic is the running one)
         ranges = _ranges(builder, st.idx, st.dims, st.batch)
         target = builder.value(st.at(st.idx))
         formula = st.formula if train else _evaluating(ld, st.formula)
+        if scan is not None and _window_max(scan[1], st) and not (st is ld.stages[-1] and not ld.layer.activation.is_identity):
+            scan[0].max_target = target  # the scan has the maximum at hand: no second pass
+            continue
         if st.batch:  # one value for the batch (a sum over the samples, or a function of such)
             steps += batch_steps(builder, Nest(ranges, [(target, _fix(builder, ld, formula, ranges))]), repr(ld.layer))
             continue
@@ -217,6 +246,7 @@ def forward_steps(builder, ld, train: bool = False) -> list:
             value, *window = formula.args
             win = [(sym, int(builder.value(hi)) + 1) for sym, _, hi in window]
             steps.append(WindowArgmax(ranges, target, _fix(builder, ld, value, ranges + win), win))
+            scan = (steps[-1], st)
             continue
         conv = _conv(builder, ld) if st is ld.stages[-1] else None
         if conv is not None:
@@ -253,7 +283,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool | str = False) -> tupl
     gradient step at all, only that GEMM among the updates (it will read the global batch's δ
     and input, see :mod:`symbp.backends.cpu.node_share`).
     """
-    steps = []
+    steps = _delta_t(builder, ld) if _conv(builder, ld) is not None else []
     for label, (gb, free, formula) in ld.stage_grads.items():  # in the order they can be computed
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if first and _inlined(st):
@@ -459,36 +489,53 @@ def _conv(builder, ld):
 
 
 def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple]:
-    """The im2col buffer col[n, c, u, v, h, w] = x̃[n, c, S·h + u, S′·w + v], its loop
-    ranges (w innermost: rows of col are written in order) and its matrix shape per sample."""
+    """The im2col buffer col[n, h, w, c, u, v] = x̃[n, c, S·h + u, S′·w + v], its loop ranges
+    (v innermost: col is written in order) and its matrix shape per sample, (H·W, C·kh·kw).
+
+    Output positions are rows, so the samples' blocks stack: the batch's columns are one
+    (N·H·W, C·kh·kw) matrix and each GEMM of the layer is one call over the batch (the
+    output and δ with the channel last, zt and dt, convert from and to z's (k, h, w) in the
+    loops that read or write them anyway)."""
     st = ld.stages[-1]
     C, kh, kw = (int(x_) for x_ in conv.extents)
     _, Ho, Wo = _numbers(builder, st.dims)
     c_, u_, v_ = conv.dummies
     _, h_, w_ = st.idx
     col = sp.IndexedBase(f"col{ld.index}")
-    return col, [(n, N), (c_, C), (u_, kh), (v_, kw), (h_, Ho), (w_, Wo)], (C * kh * kw, Ho * Wo)
+    return col, [(n, N), (h_, Ho), (w_, Wo), (c_, C), (u_, kh), (v_, kw)], (Ho * Wo, C * kh * kw)
 
 
 def _conv_forward(builder, ld, st, conv, ranges) -> list:
-    """z[n] = W·col[n] (a (K, C·kh·kw)·(C·kh·kw, H·W) GEMM per sample, written straight into
-    z's (K, H·W) rows), then the rest of the formula (the bias) and the activation in one loop."""
+    """zt = col·Wᵀ (an (N·H·W, C·kh·kw)·(C·kh·kw, K) GEMM), then z[n, k, h, w] = zt[n, h, w, k]
+    plus the rest of the formula (the bias) and the activation, in one loop."""
     col, col_ranges, (rows, cols) = _col_ranges(builder, ld, conv)
     K = _size(builder, st.dims[0])
-    entry = col[(n, *conv.dummies, *st.idx[1:])]
+    k_, h_, w_ = st.idx
+    zt = sp.IndexedBase(f"zt{ld.index}")
+    entry = col[(n, h_, w_, *conv.dummies)]
     target = builder.value(st.target[(n, *st.idx)])
-    stmts = [(target, target + _fix(builder, ld, builder.value(st.formula) - conv.sum, ranges))]
+    stmts = [(target, builder.value(zt[n, h_, w_, k_]) + _fix(builder, ld, builder.value(st.formula) - conv.sum, ranges))]
     if not ld.layer.activation.is_identity:
         stmts.append((builder.value(ld.a[(n, *st.idx)]), builder.value(ld.output)))
     return [Nest(col_ranges, [(entry, _fix(builder, ld, conv.source, col_ranges))]),
-            BlockGemm(st.target, conv.weight, False, col, False, conv.sum,
-                      shapes=((K, rows), (rows, cols), (K, cols)), per_sample=(False, True, True)),
+            BlockGemm(zt, col, False, conv.weight, True, conv.sum,
+                      shapes=((rows, cols), (K, cols), (rows, K)), per_sample=(True, False, True)),
             Nest(ranges, stmts)]
 
 
+def _delta_t(builder, ld) -> list:
+    """dt[n, h, w, k] = δ[n, k, h, w]: δ as the rows of the conv's GEMMs read it."""
+    st = ld.stages[-1]
+    k_, h_, w_ = st.idx
+    dt = sp.IndexedBase(f"dt{ld.index}")
+    ranges = _ranges(builder, st.idx, st.dims)
+    return [Nest(ranges, [(builder.value(dt[n, h_, w_, k_]), builder.value(ld.delta[(n, *st.idx)]))])]
+
+
 def _conv_weight_grad(builder, ld, conv, expr, g):
-    """∂C/∂W = Σ_n δ[n]·col[n]ᵀ when the derived gradient is Σ_{n,h,w} δ[n, p, h, w]·x̃[…]
-    with x̃ read exactly as im2col stored it; (steps, the rest of the formula) or None."""
+    """∂C/∂W = dtᵀ·col (one GEMM whose sum runs over the batch's N·H·W rows) when the derived
+    gradient is Σ_{n,h,w} δ[n, p, h, w]·x̃[…] with x̃ read exactly as im2col stored it;
+    (steps, the rest of the formula) or None.  dt must be written before (_delta_t)."""
     idx = ld.param_idx["W"]
     st = ld.stages[-1]
     want = conv.source.xreplace(dict(zip(conv.dummies, idx[1:])))
@@ -497,20 +544,21 @@ def _conv_weight_grad(builder, ld, conv, expr, g):
         if len(factors) != 2 or want not in factors or {lim[0] for lim in s_.limits} != {n, *st.idx[1:]}:
             continue
         delta = next(f_ for f_ in factors if f_ != want)
-        if not isinstance(delta, sp.Indexed) or delta.indices != (n, idx[0], *st.idx[1:]):
+        if not isinstance(delta, sp.Indexed) or delta.indices != (n, idx[0], *st.idx[1:]) or delta.base != ld.delta:
             continue
         col, _, (rows, cols) = _col_ranges(builder, ld, conv)
         K = _size(builder, st.dims[0])
-        gemm = BlockGemm(g, delta.base, False, col, True, s_, shapes=((K, cols), (rows, cols), (K, rows)),
+        dt = sp.IndexedBase(f"dt{ld.index}")
+        gemm = BlockGemm(g, dt, True, col, False, s_, shapes=((rows, K), (rows, cols), (K, cols)),
                          per_sample=(True, True, False), accumulate=True)
         return [gemm], g[idx] + (expr - s_)
     return None
 
 
 def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
-    """∂C/∂x̃ as dcol[n] = Wᵀ·δ[n] (a GEMM per sample) scattered back by col2im, when the
+    """∂C/∂x̃ as dcol = dt·W (one GEMM over the batch) scattered back by col2im, when the
     derived formula is the transposed convolution Σ_{k,h,w} W[k, q, ·, ·]·δ[n, k, h, w]
-    (under its window guard); None otherwise."""
+    (under its window guard); None otherwise.  dt must be written before (_delta_t)."""
     expr = builder.value(formula)
     found = None
     for s_ in expr.atoms(sp.Sum):
@@ -522,11 +570,12 @@ def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
     st = ld.stages[-1]
     col, col_ranges, (rows, cols) = _col_ranges(builder, ld, conv)
     gcol = sp.IndexedBase(f"gcol{ld.index}")
+    dt = sp.IndexedBase(f"dt{ld.index}")
     K = _size(builder, st.dims[0])
-    entry = gcol[(n, *conv.dummies, *st.idx[1:])]
+    entry = gcol[(n, *st.idx[1:], *conv.dummies)]
     return [Nest(ranges, [(gb[(n, *free)], sp.Integer(0))]),
-            BlockGemm(gcol, conv.weight, True, ld.delta, False, found,
-                      shapes=((K, rows), (K, cols), (rows, cols)), per_sample=(False, True, True)),
+            BlockGemm(gcol, dt, False, conv.weight, False, found,
+                      shapes=((rows, K), (K, cols), (rows, cols)), per_sample=(True, False, True)),
             # col2im: each column entry goes back where im2col read it (x̃'s padding included)
             Nest(col_ranges, [(gb[conv.source.indices], entry)], accumulate=True)]
 

@@ -188,7 +188,7 @@ class CpuModule(Plan):
         src = "\n".join([
             module_header(self), "import math", "", "import numpy as np", "from numba import njit", "",
             self._blas_import(), "from symbp.backends.cpu.targets import batch_targets", *self._sync_imports(), "",
-            f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)",
+            f"ONE = {ft}(1.0)", f"ZERO = {ft}(0.0)", f"HALF = {ft}(0.5)", f"NEG_INF = {ft}(-np.inf)",
             "# Fused multiply-add and reciprocal multiplication allowed; never 'assume finite'",
             "# (the NaN checks must stay) nor reassociation (sums keep their order).  The kernels",
             "# use error_model='numpy': x/0 gives inf as in NumPy (caught by the NaN check) instead",
@@ -326,7 +326,7 @@ class CpuModule(Plan):
             self._blas_import(),
             "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
             "from symbp.backends.cpu.targets import batch_targets, put_target",
-            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
+            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, NEG_INF, {consts}, forward_train, loss_rows, "
             "update_running" + (", forward_train_sync, update_running_sync" if synced else ""),
             *(self._sync_imports() if synced else []), "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",

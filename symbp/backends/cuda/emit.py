@@ -747,7 +747,7 @@ def _(step: Nest, printer: CudaPrinter) -> list[str]:
 @emit.register
 def _(step: WindowArgmax, printer: CudaPrinter) -> list[str]:
     indices = {idx for idx, _ in step.ranges} | {idx for idx, _ in step.window}
-    stores = [step.target]
+    stores = [step.target] + ([step.max_target] if step.max_target is not None else [])
     arrays, scalars = printer.operands(stores + [step.value], indices)
     written = [printer.array(t.base) for t in stores]
     sizes = [("nb", "int64")] if any(e == N for _, e in step.ranges) else []

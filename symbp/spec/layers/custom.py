@@ -29,7 +29,7 @@ _SUM_INDICES = (j, u, v, c, h, w, e)
 _GRAD_INDICES = (p, q, r, s)
 _NAME = re.compile(r"[A-Za-z]{1,12}\Z")
 #: Names the generated modules use for their own arrays and constants (X, T, Z1, A1, d0, …).
-_RESERVED = {"x", "n", "X", "T", "Z", "A", "N", "ONE", "ZERO", "HALF", "FASTMATH", "np", "nb", "nbf", "math"}
+_RESERVED = {"x", "n", "X", "T", "Z", "A", "N", "ONE", "ZERO", "HALF", "NEG_INF", "FASTMATH", "np", "nb", "nbf", "math"}
 
 
 def _dims(value, name: str) -> tuple:
