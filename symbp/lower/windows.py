@@ -63,6 +63,9 @@ class ConvMatch:
     source: sp.Indexed  # x̃[n, c, S·h + u, S′·w + v]: one column entry of im2col
     dummies: tuple  # (c, u, v)
     extents: tuple  # (C, kh, kw)
+    # the layer's GEMMs over the whole batch at once, output positions as rows (see
+    # symbp.lower.stages._col_ranges), rather than a GEMM per sample
+    stacked: bool = False
 
 
 def match_conv(formula: sp.Expr, idx: tuple) -> ConvMatch | None:
