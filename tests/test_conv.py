@@ -21,6 +21,11 @@ NETS = {
                                                     sb.Maxout(3, 2), sb.Dense(2)], "mse", 0.0),
     "overlap-pool-s2": ((1, 9, 9), lambda: [sb.Conv2D(2, 3, stride=2, padding=1, activation="sigmoid"),
                                             sb.MaxPool2D(3, stride=1), sb.Flatten(), sb.Dense(4)], "softmax_cross_entropy", 0.0),
+    # columns of 18 and 27 entries: both convs in the stacked layout (one GEMM over the batch,
+    # channel-last output and δ), the second with the input gradient (col2im) and a stride
+    "stacked-two-convs": ((2, 7, 7), lambda: [sb.Conv2D(3, 3, padding=1, activation="relu"),
+                                              sb.Conv2D(4, 3, stride=2, padding=1, activation="tanh"), sb.MaxPool2D(2),
+                                              sb.Flatten(), sb.Dense(3)], "softmax_cross_entropy", 0.05),
 }
 
 
@@ -89,6 +94,34 @@ def test_gradcheck(compiled, name):
     model = compiled(net)
     X, y = data(net, seed=3)
     assert sb.gradcheck(model, X, y) < 1e-6
+
+
+def test_conv_layouts_as_planned(compiled):
+    """The nets above cover both im2col layouts: stacked where a column holds ≥ 16 entries."""
+    src = {name: compiled(build(name)).source_path.read_text() for name in ("stacked-two-convs", "rect-avgpool-maxout-mse")}
+    assert "the samples' blocks stacked into one GEMM" in src["stacked-two-convs"]
+    assert "per sample n" not in src["stacked-two-convs"]
+    assert "per sample n" in src["rect-avgpool-maxout-mse"]
+    assert "stacked" not in src["rect-avgpool-maxout-mse"]
+
+
+def test_max_pool_passes_a_nan_on_like_torch(compiled):
+    """The scan keeps the window's maximum (no second pass reading it back): a NaN in a window
+    still reaches the output, as PyTorch's max pooling gives, and as Maxout's does."""
+    for name, key in (("s2p1-maxpool-ce", "W1"), ("rect-avgpool-maxout-mse", "W5")):  # (a tanh conv; the Maxout)
+        net = build(name)
+        model = compiled(net)
+        X, _ = data(net, seed=5)
+        keep = model.params[key].copy()
+        try:
+            model.params[key][0] = np.nan
+            out = model.decision_function(X)
+            tp = {k: torch.tensor(v) for k, v in model.params.items()}
+            ref = torch_forward(net, tp, X).numpy()
+        finally:
+            model.params[key][...] = keep
+        assert np.isnan(ref).any()
+        assert np.array_equal(np.isnan(out), np.isnan(ref))
 
 
 def test_max_pool_ties_go_to_the_first_maximum_like_torch(compiled):
