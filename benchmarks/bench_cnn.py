@@ -34,6 +34,7 @@ Usage
     python benchmarks/bench_cnn.py --quick         # 1 round, short reps, 1 start-up round
     python benchmarks/bench_cnn.py --rounds 1 --impls torch,symbp --nets wide
     python benchmarks/bench_cnn.py --check         # every impl's SGD step vs a float64 reference
+    python benchmarks/bench_cnn.py --profile       # symbp's kernels, step by step
     python benchmarks/bench_cnn.py --target cuda   # on the GPU: symbp vs PyTorch CUDA (and JAX)
 """
 
@@ -402,6 +403,31 @@ def worker_gemm(args) -> dict:
     return {"impl": "gemm", "gflops": 2 * 2048 ** 3 / best / 1e9}
 
 
+def run_profile(nets: list[str]) -> None:
+    """symbp's forward and SGD backward kernels step by step (benchmarks/_steps.py), in this
+    process, on one batch: where a step's time goes."""
+    import inspect
+
+    import _steps
+    import numpy as np
+
+    for net in nets:
+        use_net(net)
+        impl = SymbpImpl(init_params())
+        X, y = make_data(2)
+        impl.prepare(X, y)()  # compiles the training module
+        model = impl.model
+        fwd, train = model.kernels, next(iter(model._train_modules.values()))
+        ws = {k: np.zeros(tuple(BATCH if d == "batch" else d for d in shape), np.float32) for k, shape in fwd.WORKSPACE}
+        given = {"X": np.ascontiguousarray(X[:BATCH].reshape(BATCH, -1)), "hyper": np.array([LR, 0.0, 0.0]), "t": 1,
+                 "seed": 0, **{k: v.copy() for k, v in model.params.items()}, **ws}
+        print(f"\n{describe()}: symbp's kernels, each step alone on one batch (best of 3 × 10)")
+        for module, name in ((fwd, "forward"), (train, "backward_update")):
+            args = [given[a] for a in inspect.signature(getattr(module, name).py_func).parameters]
+            whole = min(h.time_once(lambda m=module, a=args, f=name: getattr(m, f)(*a)) for _ in range(20)) * 1e3
+            _steps.print_profile(name, _steps.profile(module, name, args), whole)
+
+
 def worker_main(args) -> int:
     use_net(args.net)
     try:
@@ -535,6 +561,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nets", default="small,wide",
                     help="which nets, of " + ", ".join(f"{k} ({v['convs']}, batch {v['batch']})" for k, v in NETS.items()))
     ap.add_argument("--net", default="small", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true",
+                    help="symbp's forward and backward kernels timed step by step (no peers)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--startup", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
@@ -549,6 +577,10 @@ def main(argv=None) -> int:
         return worker_main(args)
     if any(n not in NETS for n in args.nets.split(",")):
         ap.error(f"unknown net in {args.nets!r}; choose from {tuple(NETS)}")
+    if args.profile:
+        import_library("symbp")
+        run_profile(args.nets.split(","))
+        return 0
     impls = [i for i in args.impls.split(",") if i]
     bad = [i for i in impls if i not in IMPLS]
     if bad:

@@ -22,8 +22,9 @@ NETS = {
     "overlap-pool-s2": ((1, 9, 9), lambda: [sb.Conv2D(2, 3, stride=2, padding=1, activation="sigmoid"),
                                             sb.MaxPool2D(3, stride=1), sb.Flatten(), sb.Dense(4)], "softmax_cross_entropy", 0.0),
     # columns of 18 and 27 entries: both convs in the stacked layout (one GEMM over the batch,
-    # channel-last output and δ), the second with the input gradient (col2im) and a stride
-    "stacked-two-convs": ((2, 7, 7), lambda: [sb.Conv2D(3, 3, padding=1, activation="relu"),
+    # channel-last output and δ), the second with the input gradient (col2im) and a stride;
+    # its 5×5 output pooled 2×2 leaves a row and a column no window reads (δ 0 there)
+    "stacked-two-convs": ((2, 9, 9), lambda: [sb.Conv2D(3, 3, padding=1, activation="relu"),
                                               sb.Conv2D(4, 3, stride=2, padding=1, activation="tanh"), sb.MaxPool2D(2),
                                               sb.Flatten(), sb.Dense(3)], "softmax_cross_entropy", 0.05),
 }

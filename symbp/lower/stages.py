@@ -445,12 +445,50 @@ def _window_scatter(builder, ld, ranges):
     window = [(sym, int(hi) + 1) for sym, lo, hi in formula.limits]
     g = ld.delta
     up = builder.value(nxt.delta[(n, *st.idx)])
+    cover = _window_cover(reads[0].indices, out_ranges, window, ranges, builder)
+    if cover is not None:
+        # Windows that never share an entry: each entry of g gets one term or none, so the
+        # scatter stores δ_l itself, f′ applied there (one pass, where zeroing, adding and
+        # multiplying by f′ were three); entries no window reaches are zeroed first, unless
+        # the windows tile the input.
+        fprime = builder.value(ld.fprime(reads[0].indices))
+        store = Nest(out_ranges + window, [(g[reads[0].indices], fprime * coeff * up)])
+        return ([] if cover == "tiles" else [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))])]) + [store]
     steps = [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))]),
              Nest(out_ranges + window, [(g[reads[0].indices], coeff * up)], accumulate=True)]
     fprime = builder.value(ld.fprime((n, *ld.delta_idx)))
     if fprime != 1:
         steps.append(Nest(ranges, [(g[(n, *ld.delta_idx)], fprime * g[(n, *ld.delta_idx)])]))
     return steps
+
+
+def _window_cover(read: tuple, out_ranges: list, window: list, in_ranges: list, builder) -> str | None:
+    """How windows read at ``read`` = (n, k, S·h + u, S′·w + v) cover the input: "tiles" (every
+    entry in exactly one window), "disjoint" (in at most one), or None (windows overlap, or the
+    indices are not of that form)."""
+    outs = {sym: _size(builder, ext) for sym, ext in out_ranges[1:]}  # (past the samples)
+    wins = dict(window)
+    sizes = [_size(builder, ext) for _, ext in in_ranges[1:]]
+    if len(read) != len(in_ranges) or read[0] != n:
+        return None
+    tiles = True
+    for e, size in zip(read[1:], sizes):
+        e = sp.expand(e)
+        used = [sym for sym in e.free_symbols if sym in wins]
+        if not used:
+            if e not in outs:  # the channel: read at its own index
+                return None
+            continue
+        (u_,) = used
+        rest = sp.expand(e - u_)
+        (o_,) = rest.free_symbols if len(rest.free_symbols) == 1 else (None,)
+        if o_ not in outs or e.coeff(u_) != 1 or not rest.coeff(o_).is_Integer or rest != rest.coeff(o_) * o_:
+            return None
+        stride = int(rest.coeff(o_))
+        if stride < wins[u_]:
+            return None
+        tiles &= stride == wins[u_] and outs[o_] * stride == size
+    return "tiles" if tiles else "disjoint"
 
 
 # -- convolution as im2col + GEMM ---------------------------------------------------------

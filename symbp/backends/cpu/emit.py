@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import textwrap
 
+import sympy as sp
+
 from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, Sync, WindowArgmax
 from ..common import NumbaPrinter, extent_text, loop_lines, nest_statements, reads_rows, row_reduction_lines, window_scan
 
@@ -137,11 +139,40 @@ def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
 @emit.register
 def _(step: Nest, printer: NumbaPrinter) -> list[str]:
     step = _merge_inner_loops(step, printer)
+    step, hoisted = _hoist_reads(step, printer)
     out, indent = [], ""
-    for idx, extent in step.ranges:
+    for depth, (idx, extent) in enumerate(step.ranges):
         out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")
         indent += "    "
+        out += [f"{indent}{name} = {printer._print(read)}" for name, read, at in hoisted if at == depth]
     return out + [indent + line for line in nest_statements(step, printer)]
+
+
+def _hoist_reads(step: Nest, printer: NumbaPrinter) -> tuple[Nest, list]:
+    """Array reads that do not change in the innermost loops, read once in the loop that
+    fixes their indices: Numba cannot tell that the stores of the nest leave them unchanged,
+    so it loads them again at every entry (a max pool's δ scatter reads the pooled δ and the
+    arg-max once per window entry: measured 1.6 ms against 7.6 with the four loads per window
+    left in, 128 × 32 × 26 × 26 entries).  Reads of an array the nest writes stay where they are."""
+    depth_of = {idx: d for d, (idx, _) in enumerate(step.ranges)}
+    last = len(step.ranges) - 1
+    written = {printer.array(t.base) for t, _ in step.stmts}
+    hoisted, subs = [], {}
+    for _, expr in step.stmts:
+        for read in sorted(expr.atoms(sp.Indexed), key=str):
+            used = set().union(*(sp.sympify(i).free_symbols for i in read.indices))
+            if read in subs or printer.array(read.base) in written or used - set(depth_of):
+                continue
+            at = max((depth_of[s_] for s_ in used), default=-1)
+            if 0 <= at < last:
+                name = sp.Symbol(f"r{len(hoisted)}")
+                printer.names[name] = str(name)
+                subs[read] = name
+                hoisted.append((name, read, at))
+    if not hoisted:
+        return step, []
+    stmts = [(t, e.xreplace(subs)) for t, e in step.stmts]
+    return Nest(step.ranges, stmts, step.sum_ranges, step.accumulate), hoisted
 
 
 @emit.register
