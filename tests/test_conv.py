@@ -106,6 +106,18 @@ def test_conv_layouts_as_planned(compiled):
     assert "stacked" not in src["rect-avgpool-maxout-mse"]
 
 
+@pytest.mark.parametrize("name, passes", [("s2p1-maxpool-ce", 1), ("stacked-two-convs", 2), ("overlap-pool-s2", 3)])
+def test_max_pool_backward_passes(compiled, name, passes):
+    """δ of the layer a max pool reads: windows that tile their input store it in one pass
+    (f′ applied there); windows that leave entries out zero first; overlapping windows add
+    up, then f′ multiplies (the torch comparisons above check all three give the gradient)."""
+    model = compiled(build(name))
+    pooled = next(pos for pos, layer in enumerate(model.network.layers, 1) if isinstance(layer, sb.MaxPool2D))
+    delta = f"dZ{pooled - 1}"
+    steps = [row for row in model.kernels.PROVENANCE if row[0] == "backward" and row[3] == (delta,)]
+    assert len(steps) == passes
+
+
 def test_max_pool_passes_a_nan_on_like_torch(compiled):
     """The scan keeps the window's maximum (no second pass reading it back): a NaN in a window
     still reaches the output, as PyTorch's max pooling gives, and as Maxout's does."""
