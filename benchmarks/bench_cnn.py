@@ -24,9 +24,10 @@ GEMM FLOPs at the best float32 2048³ GEMM rate NumPy gets in the same run.  Eac
 implementation runs in its own subprocess, rounds are interleaved, the parent waits for
 the machine to go idle before each worker, and the "contention" column says how much of
 the machine other processes used meanwhile (above ~10% the number is suspect: on 2 cores
-one busy neighbour halves a 2-thread step).  Each library runs in its own default environment (symbp's OMP_WAIT_POLICY and
-OPENBLAS_CORETYPE only in symbp's worker, set by ``import symbp``); the report prints
-each worker's environment and threads, then every impl's cold and cached start-up.
+one busy neighbour halves a 2-thread step).  Each library runs in its own default
+environment (symbp's OMP_WAIT_POLICY and OPENBLAS_CORETYPE only in symbp's worker, set by
+``import symbp``); the report prints each worker's environment and threads, then every
+impl's cold and cached start-up (of the small net).
 
 Usage
 -----
