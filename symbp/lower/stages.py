@@ -284,8 +284,7 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool | str = False) -> tupl
     gradient step at all, only that GEMM among the updates (it will read the global batch's δ
     and input, see :mod:`symbp.backends.cpu.node_share`).
     """
-    conv = _conv(builder, ld)
-    steps = _delta_t(builder, ld) if conv is not None and conv.stacked else []
+    steps = _delta_t(builder, ld) if getattr(_conv(builder, ld), "stacked", False) else []
     for label, (gb, free, formula) in ld.stage_grads.items():  # in the order they can be computed
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if first and _inlined(st):
@@ -479,10 +478,12 @@ def _window_cover(read: tuple, out_ranges: list, window: list, in_ranges: list, 
             if e not in outs:  # the channel: read at its own index
                 return None
             continue
-        (u_,) = used
-        rest = sp.expand(e - u_)
-        (o_,) = rest.free_symbols if len(rest.free_symbols) == 1 else (None,)
-        if o_ not in outs or e.coeff(u_) != 1 or not rest.coeff(o_).is_Integer or rest != rest.coeff(o_) * o_:
+        if len(used) != 1 or e.coeff(used[0]) != 1:
+            return None
+        u_ = used[0]
+        rest = sp.expand(e - u_)  # S·o for an output index o
+        o_ = next(iter(rest.free_symbols)) if len(rest.free_symbols) == 1 else None
+        if o_ not in outs or not rest.coeff(o_).is_Integer or rest != rest.coeff(o_) * o_:
             return None
         stride = int(rest.coeff(o_))
         if stride < wins[u_]:
@@ -589,9 +590,13 @@ def _delta_t(builder, ld) -> list:
     """dt[n, h, w, k] = δ[n, k, h, w]: δ as the stacked GEMMs of the layer read it."""
     st = ld.stages[-1]
     k_, h_, w_ = st.idx
-    dt = sp.IndexedBase(f"dt{ld.index}")
     ranges = _channel_last(_ranges(builder, st.idx, st.dims))
-    return [Nest(ranges, [(builder.value(dt[n, h_, w_, k_]), builder.value(ld.delta[(n, *st.idx)]))])]
+    return [Nest(ranges, [(builder.value(_dt(ld)[n, h_, w_, k_]), builder.value(ld.delta[(n, *st.idx)]))])]
+
+
+def _dt(ld) -> sp.IndexedBase:
+    """δ of a stacked conv layer with the channel last (setup gives it the buffer dZt<l>)."""
+    return sp.IndexedBase(f"dt{ld.index}")
 
 
 def _channel_last(ranges: list) -> list:
@@ -622,7 +627,7 @@ def _conv_weight_grad(builder, ld, conv, expr, g):
         col, _, (rows, cols), _ = _col_ranges(builder, ld, conv)
         K = _size(builder, st.dims[0])
         if conv.stacked:
-            gemm = BlockGemm(g, sp.IndexedBase(f"dt{ld.index}"), True, col, False, s_,
+            gemm = BlockGemm(g, _dt(ld), True, col, False, s_,
                              shapes=((rows, K), (rows, cols), (K, cols)), per_sample=(True, True, False), accumulate=True)
         else:
             gemm = BlockGemm(g, delta.base, False, col, True, s_, shapes=((K, cols), (rows, cols), (K, rows)),
@@ -648,7 +653,7 @@ def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
     gcol = sp.IndexedBase(f"gcol{ld.index}")
     K = _size(builder, st.dims[0])
     if conv.stacked:
-        gemm = BlockGemm(gcol, sp.IndexedBase(f"dt{ld.index}"), False, conv.weight, False, found,
+        gemm = BlockGemm(gcol, _dt(ld), False, conv.weight, False, found,
                          shapes=((rows, K), (K, cols), (rows, cols)), per_sample=(True, False, True))
     else:
         gemm = BlockGemm(gcol, conv.weight, True, ld.delta, False, found,

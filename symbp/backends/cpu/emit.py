@@ -86,19 +86,19 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
     names = [printer.array(x_) for x_ in (step.a, step.b, step.out)]
     a, b, out = (f"{x_}[n]" if per else x_ for x_, per in zip(names, step.per_sample))
     alpha, beta = printer.doprint(step.alpha), printer.doprint(step.beta)
-    if step.accumulate and step.beta != 1:
-        beta = f"({beta} if n == 0 else ONE)"  # Σ over the samples: β once, then add
     product = f"{a}{'ᵀ' if step.ta else ''}·{b}{'ᵀ' if step.tb else ''}"
     scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
     kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
     how = f"Σ_n {scaled}" if step.accumulate else scaled
-    args = []
-    for name, per, (rows, cols), flag in zip(names, step.per_sample, step.shapes, (step.ta, step.tb, None)):
-        args.append(f"{name}, {'n' if per else 0}, {rows}, {cols}" + ("" if flag is None else f", {flag}"))
     stacked = _stacked(step, names)
     if stacked is not None:
         return [f"# {out} ← {kept}{how}, the samples' blocks stacked into one GEMM, from {step.formula}",
-                f"gemm_block({stacked}, {printer.doprint(step.alpha)}, {printer.doprint(step.beta)}, scal)"]
+                f"gemm_block({stacked}, {alpha}, {beta}, scal)"]
+    if step.accumulate and step.beta != 1:
+        beta = f"({beta} if n == 0 else ONE)"  # Σ over the samples: β once, then add
+    args = []
+    for name, per, (rows, cols), flag in zip(names, step.per_sample, step.shapes, (step.ta, step.tb, None)):
+        args.append(f"{name}, {'n' if per else 0}, {rows}, {cols}" + ("" if flag is None else f", {flag}"))
     return [
         f"# {out} ← {kept}{how}, per sample n (blocks as (rows, cols) matrices), from {step.formula}",
         "for n in range(nb):",

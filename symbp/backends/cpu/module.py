@@ -326,7 +326,7 @@ class CpuModule(Plan):
             self._blas_import(),
             "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
             "from symbp.backends.cpu.targets import batch_targets, put_target",
-            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, NEG_INF, {consts}, forward_train, loss_rows, "
+            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
             "update_running" + (", forward_train_sync, update_running_sync" if synced else ""),
             *(self._sync_imports() if synced else []), "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
