@@ -21,8 +21,8 @@ NETS = {
                                                     sb.Maxout(3, 2), sb.Dense(2)], "mse", 0.0),
     "overlap-pool-s2": ((1, 9, 9), lambda: [sb.Conv2D(2, 3, stride=2, padding=1, activation="sigmoid"),
                                             sb.MaxPool2D(3, stride=1), sb.Flatten(), sb.Dense(4)], "softmax_cross_entropy", 0.0),
-    # columns of 18 and 27 entries: both convs in the stacked layout (one GEMM over the batch,
-    # channel-last output and δ), the second with the input gradient (col2im) and a stride;
+    # columns of 18 and 27 entries (where the batch cannot go inside, as on CUDA, both convs in
+    # the stacked layout), the second with the input gradient (col2im) and a stride;
     # its 5×5 output pooled 2×2 leaves a row and a column no window reads (δ 0 there)
     "stacked-two-convs": ((2, 9, 9), lambda: [sb.Conv2D(3, 3, padding=1, activation="relu"),
                                               sb.Conv2D(4, 3, stride=2, padding=1, activation="tanh"), sb.MaxPool2D(2),
@@ -98,12 +98,42 @@ def test_gradcheck(compiled, name):
 
 
 def test_conv_layouts_as_planned(compiled):
-    """The nets above cover both im2col layouts: stacked where a column holds ≥ 16 entries."""
-    src = {name: compiled(build(name)).source_path.read_text() for name in ("stacked-two-convs", "rect-avgpool-maxout-mse")}
-    assert "the samples' blocks stacked into one GEMM" in src["stacked-two-convs"]
-    assert "per sample n" not in src["stacked-two-convs"]
-    assert "per sample n" in src["rect-avgpool-maxout-mse"]
-    assert "stacked" not in src["rect-avgpool-maxout-mse"]
+    """The CPU lays every im2col conv out with the batch inside its matrices: one GEMM over the
+    batch per product, conversions row by row."""
+    for name in ("stacked-two-convs", "rect-avgpool-maxout-mse"):
+        src = compiled(build(name)).source_path.read_text()
+        assert "one GEMM with the batch inside its matrices" in src
+        assert "per sample n" not in src and "stacked into one GEMM" not in src
+
+
+@pytest.mark.parametrize("layout, comment", [("sample", "per sample n"), ("stacked", "stacked into one GEMM"),
+                                             ("inner", "the batch inside its matrices")])
+def test_every_conv_layout_trains_like_torch(tmp_path, monkeypatch, layout, comment):
+    """Each im2col layout (forced; the CUDA target prints the first two) gives PyTorch's
+    gradients and SGD steps, a short last batch included (the batch-inside layout's index
+    counts the run's batch)."""
+    from symbp.lower import stages
+
+    monkeypatch.setattr(stages, "CONV_LAYOUT", layout)
+    net = build("stacked-two-convs")
+    model = sb.compile(net, dtype="float64", seed=0, cache_dir=tmp_path)  # (the cache key does not see the layout)
+    assert comment in model.source_path.read_text()
+    X, y = data(net, n=7)
+    tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in model.params.items()}
+    loss, grads = model.loss_and_grads(X, y)
+    ref = torch_loss(net, tp, X, y)
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-10 * abs(ref.item())
+    for k in grads:
+        assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k
+    opt = torch.optim.SGD(list(tp.values()), lr=0.1)
+    for rows in (slice(0, 4), slice(4, 7)):  # batches of 4 and 3
+        opt.zero_grad()
+        torch_loss(net, tp, X[rows], y[rows]).backward()
+        opt.step()
+    model.fit(X, y, optimizer=sb.SGD(lr=0.1), batch_size=4, epochs=1, shuffle=False, progress=False)
+    for k, v in tp.items():
+        assert rel_err(model.params[k], v.detach().numpy()) <= 1e-10, k
 
 
 @pytest.mark.parametrize("name, passes", [("s2p1-maxpool-ce", 1), ("stacked-two-convs", 2), ("overlap-pool-s2", 3)])

@@ -479,13 +479,36 @@ def loop_lines(step: Loop, printer: NumbaPrinter) -> list[str]:
 
 def _flat_index(printer: NumbaPrinter, expr: sp.Indexed):
     """Buffers of image layers are (batch, C·H·W): x[n, c, h, w] reads X[n, (c·H + h)·W + w]."""
-    shape = printer.flat.get(str(expr.base.label)) if hasattr(printer, "flat") else None
+    label = str(expr.base.label)
+    shape = printer.flat.get(label) if hasattr(printer, "flat") else None
     if shape is None or len(expr.indices) != len(shape) + 1:
         return None
+    if label in getattr(printer, "inner", ()):
+        return _inner_index(printer, expr, shape)
     flat = sp.Integer(0)
     for idx, ext in zip(expr.indices[1:], shape):
         flat = flat * ext + idx
     return "%s[%s, %s]" % (printer.array(expr.base), expr.indices[0], sp.expand(flat))
+
+
+def _inner_index(printer: NumbaPrinter, expr: sp.Indexed, shape: tuple) -> str:
+    """A buffer with the batch inside (see :func:`inner_view`): b[n, …, h, w] of a (…, H, W)
+    image stored as the rows (…) of a (…, nb·H·W) matrix, entry ((…)·nb + n)·H·W + h·W + w of
+    its flat view.  The run's nb is part of the index: a short batch uses the buffer's first
+    rows·nb·H·W entries, which its [:nb] slice holds."""
+    *outer, h_, w_ = expr.indices[1:]
+    row = sp.Integer(0)
+    for idx, ext in zip(outer, shape[:-2]):
+        row = row * ext + idx
+    H, W = shape[-2:]
+    n_ = expr.indices[0]
+    return f"{inner_view(printer.array(expr.base))}[(({sp.expand(row)})*nb + {n_})*{H * W} + {sp.expand(h_ * W + w_)}]"
+
+
+def inner_view(name: str) -> str:
+    """The flat view of a work buffer stored with the batch inside, ``name.reshape(size)``:
+    the steps that index it entry by entry bind it first (its GEMMs take the buffer itself)."""
+    return f"{name}_flat"
 
 
 LANES_MAX = 4096  # the most partial sums one accumulator keeps (a row of a large image)

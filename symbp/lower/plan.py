@@ -33,6 +33,11 @@ PARALLEL_UPDATE_MIN = 1 << 18
 class Plan:
     """Buffers and steps of one derivation, for one dtype."""
 
+    #: whether a conv's im2col buffers may hold the batch inside their rows (one GEMM over
+    #: the batch in the best form, see stages._col_ranges): a backend whose printer indexes
+    #: them (common._inner_index) and whose GEMM takes shapes that count the batch says so
+    batch_inner = False
+
     def __init__(self, d: Derivation, dtype: str) -> None:
         self.d = d
         self.dtype = dtype
@@ -49,6 +54,7 @@ class Plan:
         #: backward one), "delta" (∂C/∂ of an activation or stage), "gradient" (∂C/∂θ)
         self.roles: dict[str, str] = {}
         self.names, self.flat = names, {}  # flat: label -> (C, H, W) of a buffer stored (batch, C·H·W)
+        self.inner: set[str] = set()  # labels of flat buffers stored with the batch inside (batch_inner)
         self.extents = extents
         #: buffers holding one value for the whole batch (BatchNorm's statistics and their
         #: gradients): stored (1, size) and read at row 0, so that slicing a work buffer to

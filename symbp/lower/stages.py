@@ -61,20 +61,23 @@ def setup(builder, ld) -> None:
     conv = _conv(builder, ld)
     if conv is not None:  # the im2col columns, and their gradient when a layer before reads it
         C, kh, kw = conv.extents
-        cols = (*shape[1:], C, kh, kw) if conv.stacked else (C, kh, kw, *shape[1:])
+        cols = (*shape[1:], C, kh, kw) if conv.layout == "stacked" else (C, kh, kw, *shape[1:])
         names[f"col{lid}"] = f"Acol{lid}"
         builder.buffer(f"Acol{lid}", ("batch", int(sp.prod(cols))), "activation")
         builder.flat[f"col{lid}"] = cols
-        # the stacked GEMMs' output and δ with the channel last, (h, w, k): see _col_ranges
+        # the GEMMs' output and δ as they read and write them, (h, w, k) stacked or
+        # (k, h, w) with the batch inside: see _col_ranges
         for label, name, role in ((f"zt{lid}", f"Zt{lid}", "activation"), (f"dt{lid}", f"dZt{lid}", "delta")):
-            if conv.stacked:
+            if conv.layout != "sample":
                 names[label] = name
                 builder.buffer(name, ("batch", int(sp.prod(shape))), role)
-                builder.flat[label] = (*shape[1:], shape[0])
+                builder.flat[label] = (*shape[1:], shape[0]) if conv.layout == "stacked" else shape
         if not reads_input(ld):
             names[f"gcol{lid}"] = f"dZcol{lid}"
             builder.buffer(f"dZcol{lid}", ("batch", int(sp.prod(cols))), "delta")
             builder.flat[f"gcol{lid}"] = cols
+        if conv.layout == "inner":
+            builder.inner |= {f"col{lid}", f"gcol{lid}", f"zt{lid}", f"dt{lid}"}
     for label, (gb, _free, _) in ld.stage_grads.items():
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if reads_input(ld) and _inlined(st):
@@ -284,7 +287,8 @@ def grad_steps(builder, ld, opt, first: bool, apart: bool | str = False) -> tupl
     gradient step at all, only that GEMM among the updates (it will read the global batch's δ
     and input, see :mod:`symbp.backends.cpu.node_share`).
     """
-    steps = _delta_t(builder, ld) if getattr(_conv(builder, ld), "stacked", False) else []
+    conv = _conv(builder, ld)
+    steps = _delta_t(builder, ld, conv) if conv is not None and conv.layout != "sample" else []
     for label, (gb, free, formula) in ld.stage_grads.items():  # in the order they can be computed
         st = next(st for st in ld.stages if str(st.target.label) == label)
         if first and _inlined(st):
@@ -513,8 +517,13 @@ def _prefers_im2col(C: int, kh: int, kw: int, K: int, P: int) -> bool:
     return C * kh * kw >= 8
 
 
-#: Columns of at least this many entries (C·kh·kw) use the stacked layout (see _col_ranges).
+#: Columns of at least this many entries (C·kh·kw) use the stacked layout where the batch
+#: cannot go inside (see _col_ranges).
 STACK_MIN = 16
+
+#: None: the layout _conv chooses; "sample", "stacked" or "inner" forces one (for measuring;
+#: the generated module's cache key does not see it).
+CONV_LAYOUT = None
 
 
 def _conv(builder, ld):
@@ -530,16 +539,18 @@ def _conv(builder, ld):
             use = _prefers_im2col(C, kh, kw, K, Ho * Wo) if IM2COL is None else IM2COL
             conv = conv if use else None
             if conv is not None:
-                conv.stacked = C * kh * kw >= STACK_MIN
+                conv.layout = CONV_LAYOUT or ("inner" if builder.batch_inner else
+                                              "stacked" if C * kh * kw >= STACK_MIN else "sample")
         cache[ld.index] = conv
     return cache[ld.index]
 
 
 def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple, tuple]:
     """The im2col buffer, its loop ranges (in its memory order: it is written in order),
-    its matrix shape per sample and the indices of one entry.
+    its matrix shape (per sample, or for the batch where the shape counts N) and the
+    indices of one entry.
 
-    Two layouts.  Per sample, col[n, c, u, v, h, w] = x̃[n, c, S·h + u, S′·w + v]: a
+    Three layouts.  Per sample, col[n, c, u, v, h, w] = x̃[n, c, S·h + u, S′·w + v]: a
     (C·kh·kw, H·W) matrix per sample and a GEMM per sample, whose output is z[n]'s (K, H·W)
     rows as they stand.  Stacked (``conv.stacked``), col[n, h, w, c, u, v]: output positions
     are rows, so the samples' blocks stack into one (N·H·W, C·kh·kw) matrix and each of the
@@ -550,6 +561,12 @@ def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple, tuple]:
     where the per-sample GEMMs are tiny (8 filters 5×5 on one channel: 0.2 against 0.75 ms
     forward); with 9-entry columns (a 3×3 conv on one channel, 32 filters, 26×26 outputs)
     the two conversions cost more than the GEMMs save (2.8 + 2.5 ms against 1 ms gained).
+    With the batch inside (``"inner"``, the CPU's: ``Plan.batch_inner``), col[c, u, v, n, h, w]
+    is one (C·kh·kw, N·H·W) matrix: every GEMM of the layer is one call in the form that
+    reads its long sum along rows (forward W·col, weight gradient δ·colᵀ, input gradient
+    Wᵀ·δ), and its output zt[k, n, h, w] and δ dt[k, n, h, w] differ from z's and δ's
+    (n, k, h, w) only in where whole (h, w) rows lie: the conversions are row copies, and
+    im2col and col2im run along rows of x̃ (see common._inner_index for the flat index).
     """
     st = ld.stages[-1]
     C, kh, kw = (int(x_) for x_ in conv.extents)
@@ -557,8 +574,10 @@ def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple, tuple]:
     c_, u_, v_ = conv.dummies
     _, h_, w_ = st.idx
     col = sp.IndexedBase(f"col{ld.index}")
-    if conv.stacked:
+    if conv.layout == "stacked":
         return col, [(n, N), (h_, Ho), (w_, Wo), (c_, C), (u_, kh), (v_, kw)], (Ho * Wo, C * kh * kw), (n, h_, w_, c_, u_, v_)
+    if conv.layout == "inner":
+        return col, [(c_, C), (u_, kh), (v_, kw), (n, N), (h_, Ho), (w_, Wo)], (C * kh * kw, N * Ho * Wo), (n, c_, u_, v_, h_, w_)
     return col, [(n, N), (c_, C), (u_, kh), (v_, kw), (h_, Ho), (w_, Wo)], (C * kh * kw, Ho * Wo), (n, c_, u_, v_, h_, w_)
 
 
@@ -571,7 +590,11 @@ def _conv_forward(builder, ld, st, conv, ranges) -> list:
     k_, h_, w_ = st.idx
     target = builder.value(st.target[(n, *st.idx)])
     rest = _fix(builder, ld, builder.value(st.formula) - conv.sum, ranges)
-    if conv.stacked:
+    if conv.layout == "inner":
+        zt = sp.IndexedBase(f"zt{ld.index}")
+        gemm = BlockGemm(zt, conv.weight, False, col, False, conv.sum, shapes=((K, rows), (rows, cols), (K, cols)))
+        stmts = [(target, builder.value(zt[n, k_, h_, w_]) + rest)]
+    elif conv.layout == "stacked":
         zt = sp.IndexedBase(f"zt{ld.index}")
         gemm = BlockGemm(zt, col, False, conv.weight, True, conv.sum,
                          shapes=((rows, cols), (K, cols), (rows, K)), per_sample=(True, False, True))
@@ -586,16 +609,19 @@ def _conv_forward(builder, ld, st, conv, ranges) -> list:
     return [Nest(col_ranges, [(col[at], _fix(builder, ld, conv.source, col_ranges))]), gemm, Nest(ranges, stmts)]
 
 
-def _delta_t(builder, ld) -> list:
-    """dt[n, h, w, k] = δ[n, k, h, w]: δ as the stacked GEMMs of the layer read it."""
+def _delta_t(builder, ld, conv) -> list:
+    """dt[n, h, w, k] = δ[n, k, h, w] (stacked) or dt[k, n, h, w] (the batch inside; printed
+    from dt[n, k, h, w]): δ as the layer's GEMMs read it."""
     st = ld.stages[-1]
     k_, h_, w_ = st.idx
-    ranges = _channel_last(_ranges(builder, st.idx, st.dims))
-    return [Nest(ranges, [(builder.value(_dt(ld)[n, h_, w_, k_]), builder.value(ld.delta[(n, *st.idx)]))])]
+    ranges = _ranges(builder, st.idx, st.dims)
+    if conv.layout == "inner":
+        return [Nest(ranges, [(builder.value(_dt(ld)[n, k_, h_, w_]), builder.value(ld.delta[(n, *st.idx)]))])]
+    return [Nest(_channel_last(ranges), [(builder.value(_dt(ld)[n, h_, w_, k_]), builder.value(ld.delta[(n, *st.idx)]))])]
 
 
 def _dt(ld) -> sp.IndexedBase:
-    """δ of a stacked conv layer with the channel last (setup gives it the buffer dZt<l>)."""
+    """δ of a conv layer as its GEMMs read it (setup gives it the buffer dZt<l>)."""
     return sp.IndexedBase(f"dt{ld.index}")
 
 
@@ -626,7 +652,9 @@ def _conv_weight_grad(builder, ld, conv, expr, g):
             continue
         col, _, (rows, cols), _ = _col_ranges(builder, ld, conv)
         K = _size(builder, st.dims[0])
-        if conv.stacked:
+        if conv.layout == "inner":  # the sum over the batch inside the GEMM: no accumulate
+            gemm = BlockGemm(g, _dt(ld), False, col, True, s_, shapes=((K, cols), (rows, cols), (K, rows)))
+        elif conv.layout == "stacked":
             gemm = BlockGemm(g, _dt(ld), True, col, False, s_,
                              shapes=((rows, K), (rows, cols), (K, cols)), per_sample=(True, True, False), accumulate=True)
         else:
@@ -652,7 +680,9 @@ def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
     col, col_ranges, (rows, cols), at = _col_ranges(builder, ld, conv)
     gcol = sp.IndexedBase(f"gcol{ld.index}")
     K = _size(builder, st.dims[0])
-    if conv.stacked:
+    if conv.layout == "inner":
+        gemm = BlockGemm(gcol, conv.weight, True, _dt(ld), False, found, shapes=((K, rows), (K, cols), (rows, cols)))
+    elif conv.layout == "stacked":
         gemm = BlockGemm(gcol, _dt(ld), False, conv.weight, False, found,
                          shapes=((rows, K), (K, cols), (rows, cols)), per_sample=(True, False, True))
     else:

@@ -63,9 +63,10 @@ class ConvMatch:
     source: sp.Indexed  # x̃[n, c, S·h + u, S′·w + v]: one column entry of im2col
     dummies: tuple  # (c, u, v)
     extents: tuple  # (C, kh, kw)
-    # the layer's GEMMs over the whole batch at once, output positions as rows (see
-    # symbp.lower.stages._col_ranges), rather than a GEMM per sample
-    stacked: bool = False
+    # how im2col lays out its columns (see symbp.lower.stages._col_ranges): "sample" (a GEMM
+    # per sample), "stacked" (output positions as rows, one GEMM over the batch) or "inner"
+    # (the batch inside the rows of every matrix, one GEMM over the batch)
+    layout: str = "sample"
 
 
 def match_conv(formula: sp.Expr, idx: tuple) -> ConvMatch | None:

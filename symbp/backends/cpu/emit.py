@@ -12,8 +12,18 @@ import textwrap
 
 import sympy as sp
 
+from ...indices import N
 from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, Sync, WindowArgmax
-from ..common import NumbaPrinter, extent_text, loop_lines, nest_statements, reads_rows, row_reduction_lines, window_scan
+from ..common import (
+    NumbaPrinter,
+    extent_text,
+    inner_view,
+    loop_lines,
+    nest_statements,
+    reads_rows,
+    row_reduction_lines,
+    window_scan,
+)
 
 
 @functools.singledispatch
@@ -90,6 +100,11 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
     scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
     kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
     how = f"Σ_n {scaled}" if step.accumulate else scaled
+    if not any(step.per_sample):  # the batch is inside the matrices (shapes count nb): one call
+        args = [f"{name}, 0, {_dim(rows)}, {_dim(cols)}" + ("" if flag is None else f", {flag}")
+                for name, (rows, cols), flag in zip(names, step.shapes, (step.ta, step.tb, None))]
+        return [f"# {out} ← {kept}{scaled}, one GEMM with the batch inside its matrices, from {step.formula}",
+                f"gemm_block({', '.join(args)}, {alpha}, {beta}, scal)"]
     stacked = _stacked(step, names)
     if stacked is not None:
         return [f"# {out} ← {kept}{how}, the samples' blocks stacked into one GEMM, from {step.formula}",
@@ -104,6 +119,11 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
         "for n in range(nb):",
         f"    gemm_block({', '.join(args)}, {alpha}, {beta}, scal)",
     ]
+
+
+def _dim(size) -> str:
+    """A matrix dimension: a number, or one that counts the batch (N → the run's nb)."""
+    return str(sp.sympify(size).xreplace({N: sp.Symbol("nb")}))
 
 
 def _stacked(step: BlockGemm, names: list) -> str | None:
@@ -140,12 +160,21 @@ def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
 def _(step: Nest, printer: NumbaPrinter) -> list[str]:
     step = _merge_inner_loops(step, printer)
     step, hoisted = _hoist_reads(step, printer)
-    out, indent = [], ""
+    out, indent = _inner_views(step, printer), ""
     for depth, (idx, extent) in enumerate(step.ranges):
         out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")
         indent += "    "
         out += [f"{indent}{name} = {printer._print(read)}" for name, read, at in hoisted if at == depth]
     return out + [indent + line for line in nest_statements(step, printer)]
+
+
+def _inner_views(step: Nest, printer: NumbaPrinter) -> list[str]:
+    """The flat views of the buffers with the batch inside that the nest indexes (see
+    common._inner_index), bound before its loops."""
+    inner = getattr(printer, "inner", ())
+    names = sorted({printer.array(t.base) for st in step.stmts for x_ in st for t in x_.atoms(sp.Indexed)
+                    if str(t.base.label) in inner})
+    return [f"{inner_view(name)} = {name}.reshape({name}.size)" for name in names]
 
 
 def _hoist_reads(step: Nest, printer: NumbaPrinter) -> tuple[Nest, list]:

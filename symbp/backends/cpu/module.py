@@ -67,10 +67,13 @@ class ModuleLayout:
 class CpuModule(Plan):
     """Prints a :class:`~symbp.lower.plan.Plan` as the CPU target's modules."""
 
+    batch_inner = True
+
     def printer(self) -> NumbaPrinter:
         pr = NumbaPrinter(self.dtype, dict(self.names))
         pr.extents = dict(self.extents)
         pr.flat = dict(self.flat)
+        pr.inner = set(self.inner)
         return pr
 
     def function(self, name: str, args: list[str], prologue: list[str], steps: list, epilogue: list[str], doc: str) -> str:
