@@ -24,6 +24,7 @@ from ..common import (
     row_reduction_lines,
     window_scan,
 )
+from .dots import MAX_OUT
 
 
 @functools.singledispatch
@@ -101,6 +102,10 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
     kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
     how = f"Σ_n {scaled}" if step.accumulate else scaled
     if not any(step.per_sample):  # the batch is inside the matrices (shapes count nb): one call
+        (ra, ca), (rb, cb), (ro, co) = step.shapes
+        if not step.ta and step.tb and ro * co <= MAX_OUT and sp.sympify(ca).has(N):
+            return [f"# {out} ← {kept}{scaled}, dot products over the batch (a small output), from {step.formula}",
+                    f"gemm_dots({a}, {b}, {out}, {ro}, {co}, {_dim(ca)}, {alpha}, {beta})"]
         args = [f"{name}, 0, {_dim(rows)}, {_dim(cols)}" + ("" if flag is None else f", {flag}")
                 for name, (rows, cols), flag in zip(names, step.shapes, (step.ta, step.tb, None))]
         return [f"# {out} ← {kept}{scaled}, one GEMM with the batch inside its matrices, from {step.formula}",

@@ -107,7 +107,8 @@ class CpuModule(Plan):
 
     def _blas_import(self) -> str:
         kind = "s" if self.dtype == "float32" else "d"
-        return f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block"
+        return (f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block\n"
+                "from symbp.backends.cpu.dots import gemm_dots")
 
     @property
     def float_type(self) -> str:
