@@ -71,6 +71,17 @@ def one_line_error(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def gemm_rate() -> dict:
+    """The best float32 2048³ GEMM rate NumPy gets here (its own threads, run in a NumPy
+    worker): the rate of issue 16's GEMM floor, 3× a step's forward GEMM FLOPs at this rate."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    out = np.empty_like(a)
+    best = min(time_once(lambda: np.matmul(a, a, out=out)) for _ in range(6))
+    return {"impl": "gemm", "gflops": 2 * 2048 ** 3 / best / 1e9}
+
+
 def time_once(fn: Callable[[], object]) -> float:
     """Wall time of one call, with the cyclic GC held off (as timeit does):
     a collection landing inside one rep and not another is noise, not cost."""

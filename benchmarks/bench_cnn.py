@@ -394,16 +394,6 @@ def worker_check(args) -> dict:
     return {"impl": args.impl}
 
 
-def worker_gemm(args) -> dict:
-    """The best float32 2048³ GEMM rate NumPy gets here (its own threads): the floor's rate."""
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    out = np.empty_like(a)
-    best = min(h.time_once(lambda: np.matmul(a, a, out=out)) for _ in range(6))
-    return {"impl": "gemm", "gflops": 2 * 2048 ** 3 / best / 1e9}
-
-
 def run_profile(nets: list[str]) -> None:
     """symbp's forward and SGD backward kernels step by step (benchmarks/_steps.py), in this
     process, on one batch: where a step's time goes."""
@@ -433,7 +423,7 @@ def worker_main(args) -> int:
     use_net(args.net)
     try:
         if args.impl == "gemm":
-            result = worker_gemm(args)
+            result = h.gemm_rate()
         elif args.startup:
             result = worker_startup(args)
         else:

@@ -62,6 +62,9 @@ How to read the table
     ratio           best ms/step divided by the best peer's (fastest of
                     numpy/torch/torch.compile/jax). The best peer shows 1.00;
                     for symbp, < 1 means symbp is faster than every peer.
+    × floor         best ms/step over the GEMM floor of issue 16: 3× the
+                    forward pass's GEMM FLOPs at the best float32 2048³ GEMM
+                    rate NumPy gets in the same run (a worker of its own)
     setup s         build + first call on 2 batches, in the first round's
                     worker (/ the last round's): JIT and torch.compile time
     contention      share of the machine's CPU that other processes used (or
@@ -707,7 +710,9 @@ def worker_memory(args) -> dict:
 def worker_main(args) -> int:
     impl = args.worker[0] if args.worker else args.worker_startup
     try:
-        if args.worker_memory:
+        if args.worker_gemm:
+            result = h.gemm_rate()
+        elif args.worker_memory:
             result = worker_memory(args)
         elif args.worker_startup:
             result = worker_startup(args)
@@ -801,8 +806,13 @@ def fmt_setup(times: list[float]) -> str:
     return f"{times[0]:.2f}" + (f" / {times[-1]:.2f}" if len(times) > 1 else "")
 
 
-def print_tables(nets, impls, res) -> None:
-    headers = ["impl", "best ms/step", "median ms/step", "ratio", "steps/rep", "reps", "setup s",
+def forward_gemm_flops(net: Net) -> int:
+    """The forward pass's GEMM FLOPs on one batch: 2·batch·Σ fan_in·fan_out."""
+    return sum(2 * net.batch * a * b for a, b in zip(net.sizes[:-1], net.sizes[1:]))
+
+
+def print_tables(nets, impls, res, gflops: float | None = None) -> None:
+    headers = ["impl", "best ms/step", "median ms/step", "ratio", "× floor", "steps/rep", "reps", "setup s",
                "contention best/max"]
     worst_at_best = worst = 0.0
     for net in nets:
@@ -817,6 +827,7 @@ def print_tables(nets, impls, res) -> None:
                 continue
             best, med = min(rec["ms"]), h.median(rec["ms"])
             ratio = f"{best / best_peer:.2f}" if best_peer else "-"
+            floor = 3 * forward_gemm_flops(NETS[net]) / (gflops * 1e9) * 1e3 if gflops else None
             # Contention while the best value was taken, and the worst any
             # worker of this row saw (each worker is one round).
             at_best = min(rec["contention"], key=lambda mc: mc[0])[1]
@@ -824,14 +835,19 @@ def print_tables(nets, impls, res) -> None:
             busy = "?" if at_best is None else f"{at_best:.0%}/{max(seen):.0%}"
             worst_at_best = max(worst_at_best, at_best or 0.0)
             worst = max([worst, *seen])
-            row = [impl, f"{best:.4f}", f"{med:.4f}", ratio, str(rec["steps"]), str(len(rec["ms"])),
+            row = [impl, f"{best:.4f}", f"{med:.4f}", ratio, f"{best / floor:.2f}" if floor else "-",
+                   str(rec["steps"]), str(len(rec["ms"])),
                    fmt_setup(rec["setup"]), busy]
             if rec["info"].get("finite") is False:
                 row[-1] += "  (weights went non-finite!)"
             if rec["error"]:  # measured in early rounds, failed later
                 row[-1] += f"  (later error: {rec['error']})"
             rows.append(row)
-        print(h.format_table(headers, rows, right=[False] + [True] * 7))
+        print(h.format_table(headers, rows, right=[False] + [True] * 8))
+        if gflops:
+            print(f"GEMM floor {3 * forward_gemm_flops(NETS[net]) / (gflops * 1e9) * 1e3:.4f} ms/step: 3 × the forward "
+                  f"pass's GEMM FLOPs ({forward_gemm_flops(NETS[net]) / 1e6:.1f} M) at {gflops:.0f} GFLOP/s, "
+                  "NumPy's best float32 2048³ GEMM in this run")
     print("\nratio = best ms/step over the best peer's (" + ", ".join(i for i in impls if i in PEERS) + ").\n"
           "setup s = build + first call on 2 batches in the worker, first round (/ last round):\n"
           "JAX's jit and torch.compile's compilation (measured apart from the steps), symbp's compile\n"
@@ -1284,6 +1300,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "NET"), help=argparse.SUPPRESS)
     p.add_argument("--worker-startup", metavar="IMPL", help=argparse.SUPPRESS)
     p.add_argument("--worker-memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-gemm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--steps-hint", type=int, help=argparse.SUPPRESS)
     p.add_argument("--check-in", help=argparse.SUPPRESS)
     p.add_argument("--check-out", help=argparse.SUPPRESS)
@@ -1300,7 +1317,7 @@ def main(argv=None) -> int:
     if args.startup_rounds is None:
         args.startup_rounds = 1 if args.quick else 2
 
-    if args.worker or args.worker_startup or args.worker_memory:
+    if args.worker or args.worker_startup or args.worker_memory or args.worker_gemm:
         return worker_main(args)
     if args.target == "cuda":
         return run_cuda(args)
@@ -1325,12 +1342,13 @@ def main(argv=None) -> int:
     what = "sgd and adam steps" if args.adam_overhead else f"{args.optimizer} steps"
     print(f"running {args.rounds} round(s) of {', '.join(impls)} on {', '.join(nets)}, {what} "
           f"(progress on stderr) ...", file=sys.stderr, flush=True)
+    gemm = h.run_worker(worker_argv("--worker-gemm"), envs.for_impl("numpy"), args.timeout)
     res = run_benchmark(args, nets, groups, envs)
     print_header(args, impls, envs, res)
     if args.adam_overhead:
         print_overhead_tables(nets, impls, res)
     else:
-        print_tables(nets, impls, res)
+        print_tables(nets, impls, res, gemm.get("gflops"))
     print_env_table(impls, envs, res)
     startup = memory = None
     if not args.no_startup and not args.adam_overhead:
