@@ -552,7 +552,7 @@ def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple, tuple]:
 
     Three layouts.  Per sample, col[n, c, u, v, h, w] = x̃[n, c, S·h + u, S′·w + v]: a
     (C·kh·kw, H·W) matrix per sample and a GEMM per sample, whose output is z[n]'s (K, H·W)
-    rows as they stand.  Stacked (``conv.stacked``), col[n, h, w, c, u, v]: output positions
+    rows as they stand.  Stacked (``conv.layout == "stacked"``), col[n, h, w, c, u, v]: output positions
     are rows, so the samples' blocks stack into one (N·H·W, C·kh·kw) matrix and each of the
     layer's GEMMs is one call over the batch, but its output and δ are channel-last (zt, dt)
     and a loop converts them from and to z's (k, h, w).  Measured (2-core Zen 3, float32):
@@ -562,11 +562,14 @@ def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple, tuple]:
     forward); with 9-entry columns (a 3×3 conv on one channel, 32 filters, 26×26 outputs)
     the two conversions cost more than the GEMMs save (2.8 + 2.5 ms against 1 ms gained).
     With the batch inside (``"inner"``, the CPU's: ``Plan.batch_inner``), col[c, u, v, n, h, w]
-    is one (C·kh·kw, N·H·W) matrix: every GEMM of the layer is one call in the form that
-    reads its long sum along rows (forward W·col, weight gradient δ·colᵀ, input gradient
-    Wᵀ·δ), and its output zt[k, n, h, w] and δ dt[k, n, h, w] differ from z's and δ's
-    (n, k, h, w) only in where whole (h, w) rows lie: the conversions are row copies, and
+    is one (C·kh·kw, N·H·W) matrix: every GEMM of the layer is one call over the batch
+    (forward W·col, weight gradient δ·colᵀ with its sum over N·H·W along rows, input
+    gradient Wᵀ·δ), and its output zt[k, n, h, w] and δ dt[k, n, h, w] differ from z's and
+    δ's (n, k, h, w) only in where whole (h, w) rows lie: the conversions are row copies, and
     im2col and col2im run along rows of x̃ (see common._inner_index for the flat index).
+    Measured (2-core Zen 5, float32 SGD step, ``fit``): the wide CNN of bench_cnn.py 26.0-27.3
+    ms with the two layouts above, 17.5-18.8 with this one; the small CNN 1.16-1.26 and
+    1.09-1.12.
     """
     st = ld.stages[-1]
     C, kh, kw = (int(x_) for x_ in conv.extents)
@@ -584,7 +587,8 @@ def _col_ranges(builder, ld, conv) -> tuple[sp.IndexedBase, list, tuple, tuple]:
 def _conv_forward(builder, ld, st, conv, ranges) -> list:
     """The layer's GEMM, then the rest of the formula (the bias) and the activation in one
     loop: per sample, z[n] = W·col[n] written straight into z's (K, H·W) rows; stacked,
-    zt = col·Wᵀ over the batch and the loop reads z[n, k, h, w] from zt[n, h, w, k]."""
+    zt = col·Wᵀ over the batch and the loop reads z[n, k, h, w] from zt[n, h, w, k]; with the
+    batch inside, zt = W·col over the batch and the loop reads z's rows from zt[k, n, ·, ·]."""
     col, col_ranges, (rows, cols), at = _col_ranges(builder, ld, conv)
     K = _size(builder, st.dims[0])
     k_, h_, w_ = st.idx
@@ -636,10 +640,11 @@ def _channel_last(ranges: list) -> list:
 
 
 def _conv_weight_grad(builder, ld, conv, expr, g):
-    """∂C/∂W = Σ_n δ[n]·col[n]ᵀ (per sample) or dtᵀ·col (stacked: one GEMM whose sum runs
-    over the batch's N·H·W rows; dt written before, see _delta_t) when the derived gradient
-    is Σ_{n,h,w} δ[n, p, h, w]·x̃[…] with x̃ read exactly as im2col stored it; (steps, the
-    rest of the formula) or None."""
+    """∂C/∂W = Σ_n δ[n]·col[n]ᵀ (per sample), dtᵀ·col (stacked: one GEMM whose sum runs
+    over the batch's N·H·W rows; dt written before, see _delta_t) or dt·colᵀ (the batch
+    inside: the sum along the rows of both; the CPU prints a small one as gemm_dots) when the
+    derived gradient is Σ_{n,h,w} δ[n, p, h, w]·x̃[…] with x̃ read exactly as im2col stored it;
+    (steps, the rest of the formula) or None."""
     idx = ld.param_idx["W"]
     st = ld.stages[-1]
     want = conv.source.xreplace(dict(zip(conv.dummies, idx[1:])))
@@ -665,9 +670,10 @@ def _conv_weight_grad(builder, ld, conv, expr, g):
 
 
 def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
-    """∂C/∂x̃ as dcol[n] = Wᵀ·δ[n] (per sample) or dcol = dt·W (stacked, one GEMM over the
-    batch), scattered back by col2im, when the derived formula is the transposed convolution
-    Σ_{k,h,w} W[k, q, ·, ·]·δ[n, k, h, w] (under its window guard); None otherwise."""
+    """∂C/∂x̃ as dcol[n] = Wᵀ·δ[n] (per sample), dcol = dt·W (stacked, one GEMM over the
+    batch) or dcol = Wᵀ·dt (the batch inside, one GEMM), scattered back by col2im, when the
+    derived formula is the transposed convolution Σ_{k,h,w} W[k, q, ·, ·]·δ[n, k, h, w] (under
+    its window guard); None otherwise."""
     expr = builder.value(formula)
     found = None
     for s_ in expr.atoms(sp.Sum):

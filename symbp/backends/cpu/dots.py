@@ -3,11 +3,12 @@
 A conv's weight gradient with the batch inside its matrices (see symbp.lower.stages._col_ranges)
 is δ·colᵀ: an (8 × 25) or (32 × 9) output, each entry a sum over the batch's N·H·W output
 positions (36,864 or 86,528).  BLAS packs both long operands before multiplying and its kernels
-are tuned for wide outputs: OpenBLAS 0.3.30 (SkylakeX kernels, 2-core Zen 5) took 0.50-0.55 ms
-for the (8 × 36,864)·(36,864 × 25) product, where these dot products take 0.17-0.19 ms (and
-0.68 against 0.92 ms for (32 × 86,528)·(86,528 × 9)).  The rows are read in chunks that stay in
-the L2 cache, two rows of A against four of B at a time (eight running sums, six loads per eight
-multiply-adds), each dot product vectorised by LLVM (fastmath: the sums may be reordered).
+are tuned for wide outputs: OpenBLAS 0.3.30 (SkylakeX kernels, 2-core Zen 5) took 0.35-0.55 ms
+for the (8 × 36,864)·(36,864 × 25) product, where these dot products take 0.15-0.19 ms (and
+0.54-0.68 against 0.87-0.92 ms for (32 × 86,528)·(86,528 × 9)), each timed alone.  The rows are
+read in chunks that stay in the L2 cache, two rows of A against four of B at a time (eight
+running sums, six loads per eight multiply-adds), each dot product vectorised by LLVM (fastmath:
+the sums may be reordered).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-#: the plan uses gemm_dots for an A·Bᵀ whose output has at most this many entries and whose
-#: sum runs over the batch (measured above: 200 and 288 entries); BLAS for anything wider
+#: the CPU emitter prints gemm_dots for an A·Bᵀ whose output has at most this many entries and
+#: whose sum runs over the batch (measured above: 200 and 288 entries); BLAS for anything wider
 MAX_OUT = 512
 
-_CHUNK = 2048  # entries of a row per pass: 2 + 4 rows of float32 fit 48 KiB, 33 rows L2
+# Entries of a row per pass: a block's 6 rows are 48 KiB of float32 (a Zen 5 core's L1), a
+# whole chunk of δ and col (8 + 25 rows) 264 KiB, in L2.
+_CHUNK = 2048
 
 
 @njit(cache=True, fastmath=True, boundscheck=False)
