@@ -522,7 +522,7 @@ def _prefers_im2col(C: int, kh: int, kw: int, K: int, P: int) -> bool:
 STACK_MIN = 16
 
 #: None: the layout _conv chooses; "sample", "stacked" or "inner" forces one (for measuring;
-#: the generated module's cache key does not see it).
+#: the generated module's cache key does not see it; "inner" only where Plan.batch_inner).
 CONV_LAYOUT = None
 
 
@@ -539,8 +539,9 @@ def _conv(builder, ld):
             use = _prefers_im2col(C, kh, kw, K, Ho * Wo) if IM2COL is None else IM2COL
             conv = conv if use else None
             if conv is not None:
-                conv.layout = CONV_LAYOUT or ("inner" if builder.batch_inner else
-                                              "stacked" if C * kh * kw >= STACK_MIN else "sample")
+                chosen = "inner" if builder.batch_inner else "stacked" if C * kh * kw >= STACK_MIN else "sample"
+                # (a backend that cannot index the batch-inside layout never gets it)
+                conv.layout = CONV_LAYOUT if CONV_LAYOUT and (CONV_LAYOUT != "inner" or builder.batch_inner) else chosen
         cache[ld.index] = conv
     return cache[ld.index]
 
