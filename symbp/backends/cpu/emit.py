@@ -164,8 +164,9 @@ def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
 @emit.register
 def _(step: Nest, printer: NumbaPrinter) -> list[str]:
     step = _merge_inner_loops(step, printer)
+    views = _inner_views(step, printer)  # (before hoisting: a hoisted read may index a view too)
     step, hoisted = _hoist_reads(step, printer)
-    out, indent = _inner_views(step, printer), ""
+    out, indent = views, ""
     for depth, (idx, extent) in enumerate(step.ranges):
         out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")
         indent += "    "
