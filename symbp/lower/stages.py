@@ -595,20 +595,17 @@ def _conv_forward(builder, ld, st, conv, ranges) -> list:
     k_, h_, w_ = st.idx
     target = builder.value(st.target[(n, *st.idx)])
     rest = _fix(builder, ld, builder.value(st.formula) - conv.sum, ranges)
-    if conv.layout == "inner":
-        zt = sp.IndexedBase(f"zt{ld.index}")
-        gemm = BlockGemm(zt, conv.weight, False, col, False, conv.sum, shapes=((K, rows), (rows, cols), (K, cols)))
-        stmts = [(target, builder.value(zt[n, k_, h_, w_]) + rest)]
-    elif conv.layout == "stacked":
-        zt = sp.IndexedBase(f"zt{ld.index}")
+    zt = sp.IndexedBase(f"zt{ld.index}")
+    if conv.layout == "stacked":
         gemm = BlockGemm(zt, col, False, conv.weight, True, conv.sum,
                          shapes=((rows, cols), (K, cols), (rows, K)), per_sample=(True, False, True))
         stmts = [(target, builder.value(zt[n, h_, w_, k_]) + rest)]
         ranges = _channel_last(ranges)
-    else:
-        gemm = BlockGemm(st.target, conv.weight, False, col, False, conv.sum,
-                         shapes=((K, rows), (rows, cols), (K, cols)), per_sample=(False, True, True))
-        stmts = [(target, target + rest)]
+    else:  # W·col per sample into z's rows, or once over the batch (its columns hold it) into zt
+        per = conv.layout == "sample"
+        gemm = BlockGemm(st.target if per else zt, conv.weight, False, col, False, conv.sum,
+                         shapes=((K, rows), (rows, cols), (K, cols)), per_sample=(False, per, per))
+        stmts = [(target, (target if per else builder.value(zt[n, k_, h_, w_])) + rest)]
     if not ld.layer.activation.is_identity:
         stmts.append((builder.value(ld.a[(n, *st.idx)]), builder.value(ld.output)))
     return [Nest(col_ranges, [(col[at], _fix(builder, ld, conv.source, col_ranges))]), gemm, Nest(ranges, stmts)]
@@ -658,14 +655,13 @@ def _conv_weight_grad(builder, ld, conv, expr, g):
             continue
         col, _, (rows, cols), _ = _col_ranges(builder, ld, conv)
         K = _size(builder, st.dims[0])
-        if conv.layout == "inner":  # the sum over the batch inside the GEMM: no accumulate
-            gemm = BlockGemm(g, _dt(ld), False, col, True, s_, shapes=((K, cols), (rows, cols), (K, rows)))
-        elif conv.layout == "stacked":
+        if conv.layout == "stacked":
             gemm = BlockGemm(g, _dt(ld), True, col, False, s_,
                              shapes=((rows, K), (rows, cols), (K, cols)), per_sample=(True, True, False), accumulate=True)
-        else:
-            gemm = BlockGemm(g, delta.base, False, col, True, s_, shapes=((K, cols), (rows, cols), (K, rows)),
-                             per_sample=(True, True, False), accumulate=True)
+        else:  # Σ_n δ[n]·col[n]ᵀ, or one δ·colᵀ whose sum runs over the batch inside the columns
+            per = conv.layout == "sample"
+            gemm = BlockGemm(g, delta.base if per else _dt(ld), False, col, True, s_,
+                             shapes=((K, cols), (rows, cols), (K, rows)), per_sample=(per, per, False), accumulate=per)
         return [gemm], g[idx] + (expr - s_)
     return None
 
@@ -687,14 +683,13 @@ def _conv_input_grad(builder, ld, conv, gb, free, formula, ranges):
     col, col_ranges, (rows, cols), at = _col_ranges(builder, ld, conv)
     gcol = sp.IndexedBase(f"gcol{ld.index}")
     K = _size(builder, st.dims[0])
-    if conv.layout == "inner":
-        gemm = BlockGemm(gcol, conv.weight, True, _dt(ld), False, found, shapes=((K, rows), (K, cols), (rows, cols)))
-    elif conv.layout == "stacked":
+    if conv.layout == "stacked":
         gemm = BlockGemm(gcol, _dt(ld), False, conv.weight, False, found,
                          shapes=((rows, K), (K, cols), (rows, cols)), per_sample=(True, False, True))
-    else:
-        gemm = BlockGemm(gcol, conv.weight, True, ld.delta, False, found,
-                         shapes=((K, rows), (K, cols), (rows, cols)), per_sample=(False, True, True))
+    else:  # Wᵀ·δ[n] per sample, or Wᵀ·dt once over the batch inside the columns
+        per = conv.layout == "sample"
+        gemm = BlockGemm(gcol, conv.weight, True, ld.delta if per else _dt(ld), False, found,
+                         shapes=((K, rows), (K, cols), (rows, cols)), per_sample=(False, per, per))
     return [Nest(ranges, [(gb[(n, *free)], sp.Integer(0))]), gemm,
             # col2im: each column entry goes back where im2col read it (x̃'s padding included)
             Nest(col_ranges, [(gb[conv.source.indices], gcol[at])], accumulate=True)]

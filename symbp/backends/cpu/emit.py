@@ -101,13 +101,14 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
     scaled = product if step.alpha == 1 else f"({step.alpha})·{product}"
     kept = "" if step.beta == 0 else f"({step.beta})·{out} + "
     how = f"Σ_n {scaled}" if step.accumulate else scaled
+    # each operand as gemm_block takes it: the buffer, its block (sample n, or 0: the whole), its shape
+    args = [f"{name}, {'n' if per else 0}, {_dim(rows)}, {_dim(cols)}" + ("" if flag is None else f", {flag}")
+            for name, per, (rows, cols), flag in zip(names, step.per_sample, step.shapes, (step.ta, step.tb, None))]
     if not any(step.per_sample):  # the batch is inside the matrices (shapes count nb): one call
-        (ra, ca), (rb, cb), (ro, co) = step.shapes
+        (_, ca), _, (ro, co) = step.shapes
         if not step.ta and step.tb and ro * co <= MAX_OUT and sp.sympify(ca).has(N):
             return [f"# {out} ← {kept}{scaled}, dot products over the batch (a small output), from {step.formula}",
                     f"gemm_dots({a}, {b}, {out}, {ro}, {co}, {_dim(ca)}, {alpha}, {beta})"]
-        args = [f"{name}, 0, {_dim(rows)}, {_dim(cols)}" + ("" if flag is None else f", {flag}")
-                for name, (rows, cols), flag in zip(names, step.shapes, (step.ta, step.tb, None))]
         return [f"# {out} ← {kept}{scaled}, one GEMM with the batch inside its matrices, from {step.formula}",
                 f"gemm_block({', '.join(args)}, {alpha}, {beta}, scal)"]
     stacked = _stacked(step, names)
@@ -116,9 +117,6 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
                 f"gemm_block({stacked}, {alpha}, {beta}, scal)"]
     if step.accumulate and step.beta != 1:
         beta = f"({beta} if n == 0 else ONE)"  # Σ over the samples: β once, then add
-    args = []
-    for name, per, (rows, cols), flag in zip(names, step.per_sample, step.shapes, (step.ta, step.tb, None)):
-        args.append(f"{name}, {'n' if per else 0}, {rows}, {cols}" + ("" if flag is None else f", {flag}"))
     return [
         f"# {out} ← {kept}{how}, per sample n (blocks as (rows, cols) matrices), from {step.formula}",
         "for n in range(nb):",
