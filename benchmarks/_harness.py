@@ -82,6 +82,18 @@ def gemm_rate() -> dict:
     return {"impl": "gemm", "gflops": 2 * 2048 ** 3 / best / 1e9}
 
 
+def gemm_floor_ms(forward_flops: int, gflops: float | None) -> float | None:
+    """Issue 16's GEMM floor of a step, ms: 3× the forward pass's GEMM FLOPs (forward, δ and
+    weight gradient) at ``gflops`` (:func:`gemm_rate`, measured in the same run); None without it."""
+    return 3 * forward_flops / (gflops * 1e9) * 1e3 if gflops else None
+
+
+def gemm_floor_note(forward_flops: int, gflops: float, digits: int = 3) -> str:
+    """The line under a table that says how its × floor column was counted."""
+    return (f"GEMM floor {gemm_floor_ms(forward_flops, gflops):.{digits}f} ms/step: 3 × the forward pass's GEMM "
+            f"FLOPs ({forward_flops / 1e6:.1f} M) at {gflops:.0f} GFLOP/s, NumPy's best float32 2048³ GEMM in this run")
+
+
 def time_once(fn: Callable[[], object]) -> float:
     """Wall time of one call, with the cyclic GC held off (as timeit does):
     a collection landing inside one rep and not another is noise, not cost."""

@@ -468,9 +468,7 @@ def run_benchmark(args, impls, envs: h.WorkerEnv) -> dict:
 
 def print_table(impls, res, gflops: float | None) -> None:
     best_peer = min((min(res[i]["ms"]) for i in impls if i in PEERS and res[i]["ms"]), default=None)
-    # The GEMM floor: 3× the forward GEMMs' FLOPs (forward, δ, weight gradient) at the best
-    # float32 2048³ GEMM rate measured in this run.
-    floor = 3 * forward_gemm_flops() / (gflops * 1e9) * 1e3 if gflops else None
+    floor = h.gemm_floor_ms(forward_gemm_flops(), gflops)
     rows = []
     for impl in impls:
         rec = res[impl]
@@ -489,8 +487,7 @@ def print_table(impls, res, gflops: float | None) -> None:
     print(h.format_table(["impl", "best ms/step", "median ms/step", "ratio", "× floor", "steps/rep", "setup s",
                           "contention best/max"], rows, right=[False] + [True] * 7))
     if floor:
-        print(f"GEMM floor {floor:.3f} ms/step: 3 × the forward pass's GEMM FLOPs ({forward_gemm_flops() / 1e6:.1f} M) "
-              f"at {gflops:.0f} GFLOP/s, NumPy's best float32 2048³ GEMM in this run")
+        print(h.gemm_floor_note(forward_gemm_flops(), gflops))
     print(f"ratio: best ms/step over the best peer's ({', '.join(PEERS)}); setup s: build + first call on\n"
           "2 batches, first round (/ last round) -- JAX's jit and torch.compile's compilation, measured apart\n"
           "from the steps; contention: share of the machine other processes used during the best / the\n"
