@@ -12,10 +12,6 @@ from .compile import compile, load
 from .derive import Derivation, derive
 from .gradcheck import gradcheck
 from .interop.torch_weights import from_torch  # torch is imported when called
-from .read.graph import graph
-from .read.paths import optimizer_paths
-from .read.report import report
-from .read.walkthrough import Walkthrough, walkthrough
 from .spec.activations import Activation
 from .spec.graph import Input
 from .spec.layers import Add, AvgPool2D, BatchNorm, Concat, Conv2D, Dense, Dropout, Flatten, LayerNorm, Maxout, MaxPool2D
@@ -26,6 +22,25 @@ from .train.callbacks import EarlyStopping, ModelCheckpoint
 from .train.model import History, Model
 from .train.optim import SGD, Adagrad, Adam, AdamW, FormulaOptimizer, Optimizer, RMSprop
 from .train.schedules import CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
+
+# The readers (they print SymPy) load when first named, so that a process training a model
+# from the cache never imports SymPy: ``import symbp`` takes a third of the time it did.
+_READERS = {"graph": "graph", "optimizer_paths": "paths", "report": "report", "Walkthrough": "walkthrough",
+            "walkthrough": "walkthrough"}
+
+
+def __getattr__(name: str):
+    if name in _READERS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".read.{_READERS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_READERS))
 
 __all__ = [
     "Activation", "Adagrad", "Adam", "AdamW", "Add", "AvgPool2D", "BatchNorm", "Concat", "Conv2D", "CosineDecay",

@@ -46,9 +46,13 @@ def compile(  # noqa: A001 - the public name the API promises
     if dtype not in ("float32", "float64") and np.dtype(dtype).name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     dtype = np.dtype(dtype).name
-    from .backends.cpu.module import generate_source
 
-    module, path, derivation = cache.model_module(net, dtype, "cpu", cache_dir, lambda d: generate_source(d, dtype))
+    def generate(derivation) -> str:  # the generator (and SymPy) load only on a cache miss
+        from .backends.cpu.module import generate_source
+
+        return generate_source(derivation, dtype)
+
+    module, path, derivation = cache.model_module(net, dtype, "cpu", cache_dir, generate)
     model = Model(net, module, path, dtype, net.init_params(seed, np.dtype(dtype)))
     if derivation is not None:  # derived once: a training module generated later reads this one
         model._derivation = derivation

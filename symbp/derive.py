@@ -16,15 +16,13 @@ by SymPy (``Sum.doit``), which turns ∂z/∂W into the familiar δ xᵀ.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import sympy as sp
-
-from .index_sums import resolve
-from .indices import N, i, j, k, l2, n, p, q, r, s, width
-from .spec.activations import a as a_sym
-from .spec.activations import z as z_sym
 from .spec.layers import image_dims
 from .spec.network import Network
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @dataclass
@@ -45,8 +43,8 @@ class LayerDerivation:
     grads: dict[str, sp.Expr] = field(default_factory=dict)  # name -> ∂C/∂θ[p, (q)]
     is_output: bool = False
     # -- any index structure (image layers; Dense fills them too) ---------------------
-    out_idx: tuple = (i,)  # the forward formula's output indices, z[n, *out_idx]
-    delta_idx: tuple = (p,)  # δ[n, *delta_idx]
+    out_idx: tuple = ()  # the forward formula's output indices, z[n, *out_idx] (Dense: (i,))
+    delta_idx: tuple = ()  # δ[n, *delta_idx] (Dense: (p,))
     param_idx: dict = field(default_factory=dict)  # key -> free indices of ∂C/∂θ
     param_dims: dict = field(default_factory=dict)  # key -> their symbolic extents
     stages: list = field(default_factory=list)  # [conv.Stage]: intermediate formulas, then z
@@ -73,6 +71,10 @@ class LayerDerivation:
         """(weight key, bias key) when the layer is one affine map of its flat input,
         ``z[n, i] = Σ_j W[i, j]·x[n, j] + b[i]`` (the contraction the lowering makes a GEMM):
         the readers' vector form and scalar view apply to it.  None for any other layer."""
+        import sympy as sp
+
+        from .indices import n
+
         if len(self.stages) != 1 or len(self.out_idx) != 1 or len(self.params) != 2:
             return None
         (i_,), by_base = self.out_idx, {base: key for key, base in self.params.items()}
@@ -101,6 +103,9 @@ class LayerDerivation:
 
     def fprime(self, idx: tuple) -> sp.Expr:
         """f′ at this layer, evaluated at the stored z or a for the given indices."""
+        from .spec.activations import a as a_sym
+        from .spec.activations import z as z_sym
+
         act = self.layer.activation
         return act.backward_formula().subs({a_sym: self.a[idx], z_sym: self.z[idx]})
 
@@ -125,6 +130,10 @@ class Derivation:
     """
 
     def __init__(self, net: Network) -> None:
+        import sympy as sp
+
+        from .indices import N, width
+
         self.network = net
         L = len(net.layers)
         self.dims = [width(l) for l in range(L + 1)]
@@ -159,6 +168,12 @@ class Derivation:
 
     def _layer(self, l, layer, x_prev, in_dims) -> LayerDerivation:
         """Layer ``l``'s stages, each differentiated by SymPy (they are chained in _chain)."""
+        import sympy as sp
+
+        from .index_sums import resolve
+        from .indices import N, n, p, r, s
+        from .spec.activations import z as z_sym
+
         form = layer.symbolic(l, x_prev, in_dims)
         inputs, read_dims = (x_prev, in_dims) if layer.merges else ((x_prev,), (in_dims,))
         self.sizes.update(form.sizes)
@@ -200,6 +215,11 @@ class Derivation:
         return ld
 
     def _derive_loss(self) -> LossDerivation:
+        import sympy as sp
+
+        from .index_sums import resolve
+        from .indices import N, i, j, l2, n, p, q
+
         K = self.dims[-1]
         # Real, as the scalar template's y and t are: otherwise SymPy differentiates |y − t|
         # through re() and im() and an L1 loss has no kernel.
@@ -224,6 +244,11 @@ class Derivation:
 
     def _l2_grad(self, ld, key: str) -> sp.Expr:
         """∂/∂θ of (λ/2) Σ θ² for parameter ``key`` of this layer, whatever its number of indices."""
+        import sympy as sp
+
+        from .index_sums import resolve
+        from .indices import l2
+
         W, idx, dims = ld.params[key], ld.param_idx[key], ld.param_dims[key]
         if len(idx) == 2:
             return self.loss.l2_term.subs(sp.IndexedBase("W"), W)
@@ -242,6 +267,10 @@ class Derivation:
         of both parts: the chain rule over every path.  Whatever the number of indices, every
         ∂ is SymPy's.
         """
+        import sympy as sp
+
+        from .indices import N, n
+
         sent: dict[int, list] = {}  # position -> the parts of ∂C/∂a it has been sent so far
         for ld in reversed(self.layers):
             idx = (n, *ld.delta_idx)
@@ -258,6 +287,11 @@ class Derivation:
     def _chain_stages(self, ld) -> dict:
         """∂C/∂θ and the stage gradients of layer ``ld``; returns what it sends back to each
         position it reads (a formula in δ of ``ld``, free indices p, (r, s))."""
+        import sympy as sp
+
+        from .index_sums import resolve
+        from .indices import N, n, p, q, r, s
+
         grad_of = {str(ld.z.label): ld.delta}  # stage label -> IndexedBase of ∂C/∂(stage)
         free_for = {0: (), 1: (q,), 3: (q, r, s)}  # by the source's rank: a per-sample stage has none
         upstream = {}  # input base -> what it is sent
@@ -380,4 +414,4 @@ def derive(net: Network) -> Derivation:
     return Derivation(net)
 
 
-__all__ = ["Derivation", "LayerDerivation", "LossDerivation", "derive", "k", "l2", "resolve"]
+__all__ = ["Derivation", "LayerDerivation", "LossDerivation", "derive"]

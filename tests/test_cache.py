@@ -139,8 +139,10 @@ X = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
 T = np.array([[0.0, 1.0], [1.0, -1.0]])
 loss, grads = model.loss_and_grads(X, T)
 stats = model.kernels.loss_and_grads.stats
+model.fit(X, T, optimizer=sb.SGD(lr=0.1), batch_size=2, epochs=1, progress=False)  # the training module too
 print(json.dumps({"path": str(model.source_path), "loss": loss,
-                  "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values())}))
+                  "hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+                  "sympy": "sympy" in sys.modules, "trained": bool(np.isfinite(model.params["W1"]).all())}))
 """ % NAME
 
 
@@ -192,6 +194,24 @@ def test_second_process_reuses_module_and_machine_code(first_process, project_ro
     assert second["loss"] == first["loss"]
     assert second["misses"] == 0 and second["hits"] >= 1  # Numba loaded the machine code
     assert snapshot(cache_dir) == before  # nothing rewritten: module, index and code files
+    # SymPy derives; a process that finds every module in the cache trains without importing it
+    assert first["sympy"] and not second["sympy"] and second["trained"]
+
+
+def test_import_leaves_sympy_and_the_readers_until_named(project_root):
+    """``import symbp`` loads no SymPy; the readers (sb.report, sb.graph, …) load when first named."""
+    code = ("import sys, json, symbp as sb\n"
+            "before = 'sympy' in sys.modules\n"
+            "net = sb.Network(inputs=2, layers=[sb.Dense(3, activation='relu'), sb.Dense(2)], loss='mse')\n"
+            "declared = 'sympy' in sys.modules\n"
+            "names = [callable(getattr(sb, n)) for n in ('report', 'graph', 'walkthrough', 'Walkthrough', 'optimizer_paths')]\n"
+            "print(json.dumps([before, declared, 'sympy' in sys.modules, names, 'report' in dir(sb), sb.derive.__module__]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(project_root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, declared, after, names, listed, derive_module = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not before and not declared and after  # the readers print SymPy: it comes with them
+    assert names == [True] * 5 and listed and derive_module == "symbp.derive"
 
 
 def test_damaged_module_regenerated_in_new_process(first_process, project_root, tmp_path):

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sympy as sp
 
-from ..spec import ops
-from ..spec.activations import z as Z
-from ..spec.formula import constant_value
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 INSTALL_HINT = 'pip install torch (see pytorch.org for the build that fits your machine)'
 
@@ -39,6 +38,10 @@ def _torch():
 @functools.cache
 def _torch_rules() -> dict[type, Callable]:
     """SymPy class → function of the evaluated arguments (tensors), as torch computes it."""
+    import sympy as sp
+
+    from ..spec import ops
+
     torch = _torch()
     F = torch.nn.functional
 
@@ -74,6 +77,11 @@ def _reduce(fn, args):
 
 def _evaluate(expr: sp.Basic, x, rules: dict, memo: dict):
     """``expr`` evaluated at z = ``x`` (a tensor), by the rule of each node's SymPy class."""
+    import sympy as sp
+
+    from ..spec.activations import z as Z
+    from ..spec.formula import constant_value
+
     if expr in memo:
         return memo[expr]
     torch = _torch()
@@ -96,6 +104,10 @@ def _evaluate(expr: sp.Basic, x, rules: dict, memo: dict):
 
 def _check_formula(expr: sp.Basic, rules: dict, what: str) -> None:
     """Refuse, when the module is built, a formula some node of which has no torch rule."""
+    import sympy as sp
+
+    from ..spec.activations import z as Z
+
     for node in sp.preorder_traversal(expr):
         if node == Z or (isinstance(node, sp.Expr) and node.is_number) or node in (sp.true, sp.false):
             continue

@@ -9,25 +9,48 @@ the textbook form and the cheaper one to evaluate in the backward pass.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import sympy as sp
+# SymPy is imported when a formula is first needed (a derivation, a custom activation's
+# parse), not with symbp: a model loaded from the cache runs without it.
+if TYPE_CHECKING:
+    import sympy as sp
 
-from .formula import FormulaError, constant_problem, formula_text, parse_formula
-from .ops import FORMULA_FUNCTIONS, canonicalize, elu, leaky_relu, relu, sigmoid, simplest, softplus
 
-z = sp.Symbol("z", real=True)
-a = sp.Symbol("a", real=True)
+@functools.cache
+def _symbols():
+    import sympy as sp
 
-# name -> (builder of f(z) from the parameters, default parameters)
-_BUILTINS: dict[str, tuple] = {
-    "identity": (lambda: z, {}),
-    "sigmoid": (lambda: sigmoid(z), {}),
-    "tanh": (lambda: sp.tanh(z), {}),
-    "relu": (lambda: relu(z), {}),
-    "leaky_relu": (lambda slope: leaky_relu(z, slope), {"slope": 0.01}),
-    "elu": (lambda alpha: elu(z, alpha), {"alpha": 1.0}),
-    "softplus": (lambda: softplus(z), {}),
+    return sp.Symbol("z", real=True), sp.Symbol("a", real=True)
+
+
+def __getattr__(name: str):
+    """``z`` and ``a``, the symbols of f(z) and of its output, made on first use."""
+    if name in ("z", "a"):
+        return _symbols()[name == "a"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _builtin_expr(name: str, **params):
+    """f(z) of a built-in activation, its parameters as exact rationals."""
+    import sympy as sp
+
+    from .ops import elu, leaky_relu, relu, sigmoid, softplus
+
+    z = _symbols()[0]
+    exact = {k: sp.nsimplify(v, rational=True) for k, v in params.items()}
+    build = {"identity": lambda: z, "sigmoid": lambda: sigmoid(z), "tanh": lambda: sp.tanh(z),
+             "relu": lambda: relu(z), "leaky_relu": lambda slope: leaky_relu(z, slope),
+             "elu": lambda alpha: elu(z, alpha), "softplus": lambda: softplus(z)}[name]
+    return build(**exact)
+
+
+# name -> default parameters
+_BUILTINS: dict[str, dict] = {
+    "identity": {}, "sigmoid": {}, "tanh": {}, "relu": {}, "leaky_relu": {"slope": 0.01},
+    "elu": {"alpha": 1.0}, "softplus": {},
 }
 _ALIASES = {None: "identity", "linear": "identity", "none": "identity"}
 
@@ -53,9 +76,9 @@ class Activation:
         if isinstance(spec, Activation):
             spec, params = spec.spec, {**spec.params, **params}
         self.spec = spec
-        name = _ALIASES.get(spec.lower() if isinstance(spec, str) else spec, spec)
+        name = _ALIASES.get(spec.lower() if isinstance(spec, str) else spec, spec) if _hashable(spec) else spec
         if isinstance(name, str) and name in _BUILTINS:
-            build, defaults = _BUILTINS[name]
+            defaults = _BUILTINS[name]
             unknown = set(params) - set(defaults)
             if unknown:
                 raise ValueError(
@@ -64,36 +87,52 @@ class Activation:
                 )
             self.params = {k: float(params.get(k, v)) for k, v in defaults.items()}
             for k, v in self.params.items():
-                if not sp.Float(v).is_finite:
+                if not math.isfinite(v):
                     raise ValueError(f"activation {name!r}: parameter {k} must be finite, got {v}")
             self.name = name
             self.custom = False
-            self.expr = build(**{k: sp.nsimplify(v, rational=True) for k, v in self.params.items()})
         else:
             if params:
                 raise ValueError(f"custom activation {spec!r} takes no parameters, got {sorted(params)}")
+            from .ops import canonicalize
+
             self.name = spec if isinstance(spec, str) else str(spec)
             self.params = {}
             self.custom = True
             self.expr = canonicalize(_custom_expr(spec))
 
     @functools.cached_property
+    def expr(self) -> sp.Expr:
+        """f(z), a SymPy expression (a built-in's is made when first read: a model loaded
+        from the cache never reads it; a custom one is parsed, and checked, when declared)."""
+        return _builtin_expr(self.name, **self.params)
+
+    @functools.cached_property
     def derivative(self) -> sp.Expr:
         """f′(z), derived by SymPy and simplified (computed when first needed: a model
         loaded from the cache never needs it)."""
-        return simplest(sp.diff(self.expr, z))
+        import sympy as sp
+
+        from .ops import simplest
+
+        return simplest(sp.diff(self.expr, _symbols()[0]))
 
     @functools.cached_property
     def derivative_in_a(self) -> sp.Expr | None:
         """f′ written with a = f(z) alone (σ′ = a(1 − a)), or None when z remains.
 
         Where it exists the backward pass needs only the stored output."""
+        import sympy as sp
+
+        from .ops import simplest
+
+        z, a = _symbols()
         in_a = simplest(self.derivative.subs(self.expr, a)) if self.expr != z else sp.Integer(1)
         return in_a if z not in in_a.free_symbols else None
 
     @property
     def is_identity(self) -> bool:
-        return self.expr == z
+        return self.name == "identity" if not self.custom else self.expr == _symbols()[0]
 
     def backward_formula(self) -> sp.Expr:
         """f′ as the backward kernel evaluates it: in ``a`` when possible, else in ``z``."""
@@ -114,6 +153,8 @@ class Activation:
 
     def to_config(self) -> str | dict:
         if self.custom:
+            from .formula import formula_text
+
             return formula_text(self.expr) if not isinstance(self.spec, str) else self.spec
         return {"name": self.name, **self.params} if self.params else self.name
 
@@ -121,7 +162,21 @@ class Activation:
         return f"Activation({self.describe()!r}: f(z) = {self.expr}, f'(z) = {self.derivative})"
 
 
+def _hashable(spec: object) -> bool:
+    try:
+        hash(spec)
+    except TypeError:
+        return False
+    return True
+
+
 def _custom_expr(spec: object) -> sp.Expr:
+    import sympy as sp
+
+    from .formula import FormulaError, constant_problem, parse_formula
+    from .ops import FORMULA_FUNCTIONS
+
+    z = _symbols()[0]
     if isinstance(spec, str):
         if spec.strip().isidentifier() and spec.strip() != "z":
             known = ", ".join(sorted(_BUILTINS))

@@ -19,20 +19,34 @@ generated code.  State lives in NumPy arrays, ``optimizer.state[param][name]``.
 
 from __future__ import annotations
 
+import functools
 import keyword
 import math
 import re
 import unicodedata
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sympy as sp
 
-from ..spec.formula import FormulaError, constant_problem, parse_formula
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
-theta_s = sp.Symbol("theta", real=True)
-g_s = sp.Symbol("g", real=True)
-t_s = sp.Symbol("t", positive=True, integer=True)  # the step number, 1 for the first update
+
+@functools.cache
+def _update_symbols():
+    """θ, g and t (the step number, 1 for the first update): the symbols of every update rule
+    (SymPy is imported when a formula is first needed, not with symbp)."""
+    import sympy as sp
+
+    return sp.Symbol("theta", real=True), sp.Symbol("g", real=True), sp.Symbol("t", positive=True, integer=True)
+
+
+def __getattr__(name: str):
+    """``theta_s``, ``g_s`` and ``t_s`` (see :func:`_update_symbols`), made on first use."""
+    if name in ("theta_s", "g_s", "t_s"):
+        return _update_symbols()[("theta_s", "g_s", "t_s").index(name)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _number(name: str, value, *, low=None, high=None, low_open=False, high_open=False, owner="optimizer") -> float:
@@ -122,6 +136,8 @@ class Optimizer:
 
     # -- the formulas --------------------------------------------------------------------
     def symbols(self) -> dict[str, sp.Symbol]:
+        import sympy as sp
+
         return {k: sp.Symbol(k, real=True) for k in self.hyper}
 
     def rules(self, theta: sp.Expr, g: sp.Expr, state: Mapping[str, sp.Expr], h: Mapping[str, sp.Symbol], t: sp.Expr) -> list:
@@ -145,7 +161,10 @@ class Optimizer:
 
     def formulas(self) -> list:
         """The update statements for a generic parameter θ with gradient g (for reading)."""
+        import sympy as sp
+
         state = {s: sp.Symbol(s, real=True) for s in self.state_names}
+        theta_s, g_s, t_s = _update_symbols()
         return self.rules(theta_s, g_s, state, self.symbols(), t_s)
 
     # -- configuration -------------------------------------------------------------------
@@ -254,6 +273,8 @@ class Adagrad(Optimizer):
         return {"initial_accumulator_value": self.initial_accumulator_value}
 
     def rules(self, theta, g, state, h, t):
+        import sympy as sp
+
         if self.hyper["weight_decay"]:
             g = g + h["weight_decay"] * theta
         s = state["sum"]
@@ -287,6 +308,8 @@ class RMSprop(Optimizer):
                 "weight_decay": bool(self.hyper["weight_decay"])}
 
     def rules(self, theta, g, state, h, t):
+        import sympy as sp
+
         if self.hyper["weight_decay"]:
             g = g + h["weight_decay"] * theta
         a = h["alpha"]
@@ -337,6 +360,8 @@ class Adam(Optimizer):
         return {"amsgrad": self.amsgrad, "weight_decay": bool(self.hyper["weight_decay"])}
 
     def rules(self, theta, g, state, h, t):
+        import sympy as sp
+
         out = []
         if self.hyper["weight_decay"]:
             if self.decoupled:
@@ -401,6 +426,8 @@ class FormulaOptimizer(Optimizer):
         return f"{self.name[len('formula-'):]}({', '.join(f'{k}={v:g}' for k, v in self.hyper.items())})"
 
     def __init__(self, update, state: Mapping | None = None, name: str = "custom", **hyper: float) -> None:
+        import sympy as sp
+
         if "lr" not in hyper:
             raise ValueError("a formula optimizer needs an 'lr' hyper-parameter")
         state = dict(state or {})
@@ -412,6 +439,7 @@ class FormulaOptimizer(Optimizer):
         self.name = "formula-" + "".join(c if c.isalnum() else "-" for c in str(name))
         self.state_names = tuple(state)
         self._init = {}
+        theta_s, g_s, t_s = _update_symbols()
         variables = {"theta": theta_s, "g": g_s, "t": t_s, **self.symbols(),
                      **{s: sp.Symbol(s, real=True) for s in state}}
         self._state_exprs = {}
@@ -425,6 +453,10 @@ class FormulaOptimizer(Optimizer):
 
     @staticmethod
     def _parse(text, variables, what):
+        import sympy as sp
+
+        from ..spec.formula import FormulaError, constant_problem, parse_formula
+
         if isinstance(text, sp.Expr):
             unknown = sorted(str(s) for s in text.free_symbols if str(s) not in variables)
             if unknown:
@@ -445,6 +477,9 @@ class FormulaOptimizer(Optimizer):
         return {"formulas": hashlib.sha256(repr(self._source).encode()).hexdigest()[:10]}
 
     def rules(self, theta, g, state, h, t):
+        import sympy as sp
+
+        theta_s, g_s, t_s = _update_symbols()
         subs = {theta_s: theta, g_s: g, t_s: t, **{sp.Symbol(k, real=True): v for k, v in h.items()}}
         subs.update({sp.Symbol(k, real=True): v for k, v in state.items()})
         out = [(state[k], e.xreplace(subs)) for k, e in self._state_exprs.items()]

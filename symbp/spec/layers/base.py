@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sympy as sp
 
-from ...indices import n as N_SAMPLE
 from .. import activations
 from ..graph import Tensor, as_inputs
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Stage:
 
     def at(self, idx: tuple) -> sp.Indexed:
         """The target at sample n and ``idx`` (a batch stage: at ``idx``)."""
+        from ...indices import n as N_SAMPLE
+
         return self.target[tuple(idx)] if self.batch else self.target[(N_SAMPLE, *idx)]
 
 
@@ -68,6 +72,8 @@ class LayerForm:
 
 def size_symbol(name: str, l: int) -> sp.Symbol:
     """A positive integer size of layer l (``kh_1``, ``S_2``, ``d_3``), fixed by the planner."""
+    import sympy as sp
+
     return sp.Symbol(f"{name}_{l}", integer=True, positive=True)
 
 

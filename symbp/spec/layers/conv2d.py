@@ -10,10 +10,10 @@ Output size per axis: ``(N − F + 2P) // S + 1``.  Parameters are laid out as P
 
 from __future__ import annotations
 
-import numpy as np
-import sympy as sp
+from typing import TYPE_CHECKING
 
-from ...indices import c, h, k, n, p, q, r, s, u, v, w
+import numpy as np
+
 from .. import activations
 from .base import (
     Layer,
@@ -29,6 +29,9 @@ from .base import (
     size_symbol,
 )
 from .windows import need_3d, window_count, window_size_lines
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @register
@@ -91,6 +94,10 @@ class Conv2D(Layer):
                 "b": rng.uniform(-bound, bound, (self.filters,)).astype(dtype)}
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import c, h, k, n, p, q, r, s, u, v, w
+
         C, H, W_ = in_dims
         K, Ho, Wo = image_dims(l)
         kh, kw, S = size_symbol("kh", l), size_symbol("kw", l), size_symbol("S", l)

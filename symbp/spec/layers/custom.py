@@ -13,20 +13,32 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sympy as sp
 
-from ...indices import N, c, e, h, i, j, n, p, q, r, s, u, v, w, width
 from .. import activations
-from ..formula import FormulaError, index_formula_text, parse_index_formula
-from ..ops import FORMULA_FUNCTIONS
 from .base import Layer, LayerForm, Stage, positive_int, register, shape_text
 
-#: The index symbols a layer's sums run over (bound by their Sum: no clash with other layers).
-_SUM_INDICES = (j, u, v, c, h, w, e)
-#: The free indices of ∂C/∂θ, by position (θ with up to four indices).
-_GRAD_INDICES = (p, q, r, s)
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
+
+
+def _sum_indices() -> tuple:
+    """The index symbols a layer's sums run over (bound by their Sum: no clash with other layers)."""
+    from ...indices import c, e, h, j, u, v, w
+
+    return (j, u, v, c, h, w, e)
+
+
+def _grad_indices() -> tuple:
+    """The free indices of ∂C/∂θ, by position (θ with up to four indices)."""
+    from ...indices import p, q, r, s
+
+    return (p, q, r, s)
+
+
+_MAX_SUMS, _MAX_GRAD_INDICES = 7, 4  # their lengths, known without SymPy
 _NAME = re.compile(r"[A-Za-z]{1,12}\Z")
 #: Names the generated modules use for their own arrays and constants (X, T, Z1, A1, d0, …).
 _RESERVED = {"x", "n", "X", "T", "Z", "A", "N", "ONE", "ZERO", "HALF", "NEG_INF", "FASTMATH", "np", "nb", "nbf", "math"}
@@ -37,8 +49,8 @@ def _dims(value, name: str) -> tuple:
     if isinstance(value, str) or not isinstance(value, (tuple, list)) or not value:
         raise ValueError(f"Layer params[{name!r}] must be a non-empty list of extents such as "
                          f"('units', 'in'), got {value!r}")
-    if len(value) > len(_GRAD_INDICES):
-        raise ValueError(f"Layer params[{name!r}] has {len(value)} indices; at most {len(_GRAD_INDICES)} are supported")
+    if len(value) > _MAX_GRAD_INDICES:
+        raise ValueError(f"Layer params[{name!r}] has {len(value)} indices; at most {_MAX_GRAD_INDICES} are supported")
     out = []
     for d_ in value:
         if d_ in ("units", "in"):
@@ -91,6 +103,9 @@ class FormulaLayer(Layer):
 
     def __init__(self, formula: str, units: int, params: Mapping, activation: object = None,
                  init: Mapping | None = None, decay=None, **activation_params: float) -> None:
+        from ..formula import index_formula_text, parse_index_formula
+        from ..ops import FORMULA_FUNCTIONS
+
         self.units = positive_int(units, "units", "Layer")
         if not isinstance(params, Mapping) or not params:
             raise ValueError(f"Layer params must be a dict of parameter name -> extents, such as "
@@ -123,6 +138,8 @@ class FormulaLayer(Layer):
 
     # -- checks --------------------------------------------------------------------------
     def _fail(self, why: str):
+        from ..formula import FormulaError
+
         text = self.formula if len(self.formula) <= 80 else self.formula[:77] + "..."
         raise FormulaError(f'layer formula "{text}": {why}')
 
@@ -154,8 +171,8 @@ class FormulaLayer(Layer):
             self._fail(f"parameter {unread[0]} is declared but the formula does not read it")
         if out in f.summed:
             self._fail(f"{out} is the output index and cannot also be summed over")
-        if len(f.summed) > len(_SUM_INDICES):
-            self._fail(f"at most {len(_SUM_INDICES)} summation indices are supported")
+        if len(f.summed) > _MAX_SUMS:
+            self._fail(f"at most {_MAX_SUMS} summation indices are supported")
         # The free index names (an array's label is a symbol too, but not an integer one).
         # (A Sum binds its index: SymPy leaves it out of the free symbols, unless it is also
         # read outside the Sum, where it has no value.)
@@ -184,6 +201,10 @@ class FormulaLayer(Layer):
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
         """The formula with this layer's names (W → W_l, k → i, sums over j, u, v, …) as
         stages: one, or one per contraction plus the one combining them."""
+        import sympy as sp
+
+        from ...indices import N, i, n, width
+
         (fan_in,), fan_out = in_dims, width(l)
         size = {"units": fan_out, "in": fan_in}
 
@@ -193,7 +214,7 @@ class FormulaLayer(Layer):
         bases = {k: sp.IndexedBase(f"{k}{l}", shape=tuple(extent(d_) for d_ in dims), real=True)
                  for k, dims in self.params.items()}
         bases["x"] = x
-        names = {self.out_index: i, "n": n, **dict(zip(self.parsed.summed, _SUM_INDICES))}
+        names = {self.out_index: i, "n": n, **dict(zip(self.parsed.summed, _sum_indices()))}
         index = {sp.Symbol(k_, integer=True, nonnegative=True): v_ for k_, v_ in names.items()}
         ext = {sp.Symbol(f"extent_{k_}", integer=True, positive=True): extent(self.extents[k_])
                for k_ in self.parsed.summed}
@@ -210,7 +231,7 @@ class FormulaLayer(Layer):
             body = body.xreplace({term: target[n, i]})
         stages.append(Stage(z, (i,), body, (fan_out,)))
         params = {k: bases[k] for k in self.params}
-        return LayerForm(params, {k: _GRAD_INDICES[:len(d_)] for k, d_ in self.params.items()},
+        return LayerForm(params, {k: _grad_indices()[:len(d_)] for k, d_ in self.params.items()},
                          {k: tuple(extent(d_) for d_ in dims) for k, dims in self.params.items()},
                          stages, decay=self.decay)
 
@@ -219,6 +240,10 @@ class FormulaLayer(Layer):
         """The sums to give stages of their own: none when the formula is one sum plus terms
         without one (Dense: the lowering fuses the rest into the GEMM's loop), else every
         outermost sum over the output index (a sample-wide sum, free of i, stays inline)."""
+        import sympy as sp
+
+        from ...indices import i
+
         sums = [t for t in sp.preorder_traversal(body) if isinstance(t, sp.Sum)]
         outer = [t for t in sums if not any(o is not t and o.has(t) for o in sums)]
         terms = sp.Add.make_args(body)
@@ -229,6 +254,8 @@ class FormulaLayer(Layer):
     # -- initialisation ------------------------------------------------------------------
     def _fan_ins(self, fan_in: int) -> dict[str, int]:
         """Each parameter's fan_in: the product of the extents of the sums it is read in."""
+        import sympy as sp
+
         found: dict[str, int] = {}
         sums = [t for t in sp.preorder_traversal(self.parsed.body) if isinstance(t, sp.Sum)]
         for t in sums:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-import sympy as sp
+from typing import TYPE_CHECKING
 
-from ...indices import N, i, j, n, p, q, width
+import numpy as np
+
 from .. import activations
 from .base import Layer, LayerForm, Stage, register
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @register
@@ -49,6 +52,10 @@ class Dense(Layer):
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
         """z_l[n, i] = Σ_j W_l[i, j]·x[n, j] + b_l[i], widths d_{l-1} → d_l kept symbolic."""
+        import sympy as sp
+
+        from ...indices import N, i, j, n, p, q, width
+
         (fan_in,), fan_out = in_dims, width(l)
         W = sp.IndexedBase(f"W{l}", shape=(fan_out, fan_in), real=True)
         b = sp.IndexedBase(f"b{l}", shape=(fan_out,), real=True)

@@ -12,11 +12,12 @@ by 1/(1 − p).  Outside training (predict, evaluate, the exports) the mask is 1
 
 from __future__ import annotations
 
-import sympy as sp
+from typing import TYPE_CHECKING
 
-from ...indices import h, i, k, n, seed, w
-from ..ops import dropout_mask
 from .base import Layer, LayerForm, Stage, register
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @register
@@ -40,6 +41,11 @@ class Dropout(Layer):
         return tuple(in_shape)
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import h, i, k, n, seed, w
+        from ..ops import dropout_mask
+
         if len(in_dims) == 1:
             idx, entry = (i,), i
         else:  # the entry's place in the sample, C·H·W order

@@ -8,11 +8,12 @@ A reshape: its form says ``view``, so the kernels give z the input's buffer.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import sympy as sp
-
-from ...indices import c, h, i, n, w
 from .base import Layer, LayerForm, Stage, register, size_symbol
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @register
@@ -33,6 +34,10 @@ class Flatten(Layer):
         return (math.prod(in_shape),)  # Python ints: no int64 wrap-around
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import c, h, i, n, w
+
         z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
         if len(in_dims) == 1:  # already flat: the identity
             return LayerForm({}, {}, {}, [Stage(z, (i,), x[n, i], (size_symbol("d", l),))], view=True)

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import sympy as sp
+from typing import TYPE_CHECKING
 
-from ...indices import e, i, j, n, p, q
-from ..ops import route, window_argmax
+import numpy as np
+
 from .base import Layer, LayerForm, Stage, positive_int, register, shape_text, size_symbol
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @register
@@ -47,6 +49,11 @@ class Maxout(Layer):
         return {key: rng.uniform(-bound, bound, sh).astype(dtype) for key, sh in shapes.items()}
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import e, i, j, n, p, q
+        from ..ops import route, window_argmax
+
         (fan_in,) = in_dims
         pieces, units = size_symbol("pieces", l), size_symbol("d", l)
         Wt = sp.IndexedBase(f"W{l}", shape=(units * pieces, fan_in))

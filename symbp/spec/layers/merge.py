@@ -12,9 +12,6 @@ A tensor read by several layers gets the sum of what each sends back (see
 
 from __future__ import annotations
 
-import sympy as sp
-
-from ...indices import h, i, k, n, w
 from .. import activations
 from .base import Layer, LayerForm, Stage, register, shape_text
 
@@ -51,6 +48,10 @@ class Add(_Merge):
         return first
 
     def symbolic(self, l: int, x: tuple, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import h, i, k, n, w
+
         dims = in_dims[0]  # every input read over the first one's extents (the shapes agree)
         idx = (i,) if len(dims) == 1 else (k, h, w)
         z = sp.IndexedBase(f"z{l}", real=True)
@@ -92,6 +93,10 @@ class Concat(_Merge):
         return (sum(s_[0] for s_ in in_shape), *in_shape[0][1:])
 
     def symbolic(self, l: int, x: tuple, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import h, i, k, n, w
+
         first = in_dims[0]
         idx = (i,) if len(first) == 1 else (k, h, w)
         total = sp.Add(*[d_[0] for d_ in in_dims])

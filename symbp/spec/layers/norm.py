@@ -27,11 +27,14 @@ those instead of the batch's.
 
 from __future__ import annotations
 
-import numpy as np
-import sympy as sp
+from typing import TYPE_CHECKING
 
-from ...indices import N, h, i, j, k, n, nu, p, w, width
+import numpy as np
+
 from .base import Layer, LayerForm, Stage, register, shape_text
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 @register
@@ -58,6 +61,10 @@ class LayerNorm(Layer):
         return {"g": tuple(in_shape), "b": tuple(in_shape)}
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import N, i, j, n, p, width
+
         (D,) = in_dims
         out = width(l)
         g = sp.IndexedBase(f"g{l}", shape=(out,), real=True)
@@ -118,6 +125,10 @@ class BatchNorm(Layer):
         return {"g": C, "b": C, "rmean": C, "rvar": C}
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import N, h, i, k, n, nu, p, w
+
         C = in_dims[0]  # the input's own extent: δ comes back to it unguarded
         base = {key: sp.IndexedBase(f"{key}{l}", shape=(C,), real=True) for key in ("g", "b", "rmean", "rvar")}
         g, b = base["g"], base["b"]

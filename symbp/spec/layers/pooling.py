@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
-import sympy as sp
+from typing import TYPE_CHECKING
 
-from ...indices import h, k, n, u, v, w
-from ..ops import route, window_argmax
 from .base import Layer, LayerForm, Stage, config_pair, image_dims, int_pair, pair_text, register, size_symbol
 from .windows import need_3d, window_count, window_size_lines
+
+if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
+    import sympy as sp
 
 
 class _Pool2D(Layer):
@@ -73,6 +74,11 @@ class MaxPool2D(_Pool2D):
     }
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import h, k, n, u, v, w
+        from ..ops import route, window_argmax
+
         kh, kw, S, S2, sizes = self._window(l, in_dims)
         out = (in_dims[0], *image_dims(l)[1:])  # pooling keeps the channels
         m = sp.IndexedBase(f"m{l}")
@@ -96,6 +102,10 @@ class AvgPool2D(_Pool2D):
     }
 
     def symbolic(self, l: int, x: sp.IndexedBase, in_dims: tuple) -> LayerForm:
+        import sympy as sp
+
+        from ...indices import h, k, n, u, v, w
+
         kh, kw, S, S2, sizes = self._window(l, in_dims)
         z = sp.IndexedBase(f"z{l}", real=True)  # real: see Derivation (SymPy rebuilds f(z) fast)
         mean = sp.Sum(x[n, k, S * h + u, S2 * w + v], (u, 0, kh - 1), (v, 0, kw - 1)) / (kh * kw)
