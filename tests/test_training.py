@@ -4,10 +4,12 @@ prediction / scoring API."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import GRAD_NETS, OUTPUT_ACT_NETS, RANDOM_NETS, make_data
+from _support import GRAD_NETS, OUTPUT_ACT_NETS, RANDOM_NETS, NetSpec, make_data, rel_err, torch_loss_and_grads
 
 import symbp as sb
 
@@ -223,6 +225,26 @@ def test_sgd_step_with_activated_output_layer(compiled):
     X, t = make_data(spec, n=16, seed=12)
     model, ref = compiled(spec, seed=2), compiled(spec, seed=2)
     assert_epoch_is_sgd_steps(model, ref, X, t, 0.2, 10)
+
+
+def test_a_step_too_long_to_inline_is_called_and_trains_like_torch(compiled):
+    """A step function is inlined into the driver that calls it unless it takes more than 30
+    arguments (CPython passes those as one tuple, which Numba cannot inline): this five-layer
+    net's backward pass (37) is called, its forward pass (20) inlined, and both are right —
+    gradients as PyTorch's, an epoch as plain SGD steps."""
+    pytest.importorskip("torch")
+    spec = NetSpec("deep5-mixed-ce-l2", 5, ((4, "tanh"), (4, "relu"), (4, "sigmoid"), (4, "elu"), (3, "identity")),
+                   "ce", 0.1)
+    X, t = make_data(spec, n=16, seed=21)
+    model, ref = compiled(spec, seed=6), compiled(spec, seed=6)
+    loss, grads = model.loss_and_grads(X, t)
+    want_loss, want = torch_loss_and_grads(spec, model.params, X, t)
+    assert rel_err(loss, want_loss) < 1e-10
+    assert max(rel_err(grads[k], want[k]) for k in want) < 1e-10
+    assert_epoch_is_sgd_steps(model, ref, X, t, 0.2, 10)
+    sources = model.source_path.read_text() + "".join(Path(m.__file__).read_text() for m in model._train_modules.values())
+    decorators = {name: flag for flag, name in re.findall(r'@njit\(cache=True, inline="(\w+)".*\)\ndef (\w+)\(', sources)}
+    assert decorators["forward"] == "always" and decorators["backward_update"] == "never"
 
 
 def test_large_data_sets_are_evaluated_in_chunks(compiled):

@@ -1,7 +1,7 @@
 """The CPU module: a plan's steps printed as ``@njit`` functions in one readable Python file.
 
 The model module holds, as ``@njit(cache=True)`` functions (the steps inlined into the glue
-that calls them: see ``INLINE``):
+that calls them: see ``inline_flag``):
 
 ``forward``          z_l = a_{l-1} W_lᵀ + b_l and a_l = f(z_l), layer by layer
 ``loss_rows``        the per-sample loss and δ_L (the loss gradient at the logits) in one pass
@@ -32,9 +32,17 @@ from .emit import emit
 # compiles each step once, as part of its driver, rather than alone and then again when
 # LLVM optimises the driver with the step's code linked in (the small CNN's first fit:
 # 3.7-3.9 → 3.2-3.3 s).  Inlined code is compiled under the driver's flags, so the drivers
-# carry the steps' own (no nnan/ninf: the drivers' isfinite checks stay).
-INLINE = 'inline="always"'
+# carry the steps' own (no nnan/ninf: the drivers' isfinite checks stay).  CPython passes
+# more than 30 positional arguments as one tuple (CALL_FUNCTION_EX, a call with *args), which
+# Numba cannot inline: a step with more parameters (a deep or wide net's backward pass) stays
+# a function of its own.
 STEP_FLAGS = 'fastmath=FASTMATH, error_model="numpy"'
+MAX_INLINE_ARGS = 30
+
+
+def inline_flag(n_args: int) -> str:
+    """The decorator's inline flag for a step taking ``n_args`` arguments (see above)."""
+    return 'inline="always"' if n_args <= MAX_INLINE_ARGS else 'inline="never"'
 
 
 def step_writes(step, printer) -> tuple[str, ...]:
@@ -103,7 +111,7 @@ class CpuModule(Plan):
                                for f, a, b, *rest in self.provenance]
         self.helpers |= pr.helpers_used
         parallel = any(getattr(step, "parallel", False) for step in steps)
-        flags = f"cache=True, {'parallel=True' if parallel else INLINE}, {STEP_FLAGS}"
+        flags = f"cache=True, {'parallel=True' if parallel else inline_flag(len(args))}, {STEP_FLAGS}"
         lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
@@ -221,12 +229,13 @@ class CpuModule(Plan):
     def _training_forward(self, P: list, acts: list) -> list[str]:
         """``forward_train`` (the batch's statistics) and ``update_running`` (the running
         statistics from them), where training and inference differ; else aliases."""
-        args = ", ".join(["X"] + P + acts)
+        names = ["X"] + P + acts
+        args = ", ".join(names)
         if not self.has_modes:
-            return [f"@njit(cache=True, {INLINE}, {STEP_FLAGS})\ndef forward_train({args}, seed):\n"
+            return [f"@njit(cache=True, {inline_flag(len(names) + 1)}, {STEP_FLAGS})\ndef forward_train({args}, seed):\n"
                     '    """Training runs the same forward pass as inference here."""\n'
                     f"    forward({args})\n",
-                    f"\n@njit(cache=True, {INLINE}, {STEP_FLAGS})\ndef update_running({args}):\n"
+                    f"\n@njit(cache=True, {inline_flag(len(names))}, {STEP_FLAGS})\ndef update_running({args}):\n"
                     '    """No running statistics in this network."""\n    return\n']
         return [
             self.function("forward_train", ["X"] + P + acts + ["seed"], self._prelude(), self._train_forward_steps(), [],
