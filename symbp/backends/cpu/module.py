@@ -35,14 +35,15 @@ from .emit import emit
 # carry the steps' own (no nnan/ninf: the drivers' isfinite checks stay).  CPython passes
 # more than 30 positional arguments as one tuple (CALL_FUNCTION_EX, a call with *args), which
 # Numba cannot inline: a step with more parameters (a deep or wide net's backward pass) stays
-# a function of its own.
+# a function of its own, and so does one with a ``with objmode()`` block (a data-parallel
+# fit's batch statistics), which Numba cannot lift out of inlined code.
 STEP_FLAGS = 'fastmath=FASTMATH, error_model="numpy"'
 MAX_INLINE_ARGS = 30
 
 
-def inline_flag(n_args: int) -> str:
+def inline_flag(n_args: int, objmode: bool = False) -> str:
     """The decorator's inline flag for a step taking ``n_args`` arguments (see above)."""
-    return 'inline="always"' if n_args <= MAX_INLINE_ARGS else 'inline="never"'
+    return 'inline="always"' if n_args <= MAX_INLINE_ARGS and not objmode else 'inline="never"'
 
 
 def step_writes(step, printer) -> tuple[str, ...]:
@@ -111,7 +112,9 @@ class CpuModule(Plan):
                                for f, a, b, *rest in self.provenance]
         self.helpers |= pr.helpers_used
         parallel = any(getattr(step, "parallel", False) for step in steps)
-        flags = f"cache=True, {'parallel=True' if parallel else inline_flag(len(args))}, {STEP_FLAGS}"
+        # (a step that leaves compiled code for Python, ``with objmode()``, cannot be inlined)
+        objmode = any(line.lstrip().startswith("with objmode(") for line in body)
+        flags = f"cache=True, {'parallel=True' if parallel else inline_flag(len(args), objmode)}, {STEP_FLAGS}"
         lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
