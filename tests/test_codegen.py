@@ -73,6 +73,26 @@ def test_cuda_helpers_are_the_cpu_helpers_as_device_functions():
         assert text.split("\n", 2)[2] == common.HELPERS[name].split("\n", 2)[2], name  # same body
 
 
+def test_row_argmax_is_numpys_argmax():
+    """The loop that counts a batch's correct predictions picks what np.argmax picks: the
+    first maximum, or the first NaN (ties and NaN drawn often; float32 and float64)."""
+    import numpy as np
+    from numba import njit
+
+    from symbp.backends import common
+
+    space = {"njit": njit, "FASTMATH": {"contract", "arcp", "nsz"}, "np": np}
+    exec(common.HELPERS["row_argmax"].replace("cache=True, ", ""), space)
+    row_argmax = space["row_argmax"]
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        for _ in range(500):
+            x = rng.integers(-2, 3, rng.integers(1, 9)).astype(dtype)
+            if rng.random() < 0.3:
+                x[rng.integers(0, len(x), rng.integers(1, 3))] = np.nan
+            assert row_argmax(x) == np.argmax(x), x
+
+
 def test_readme_kernel_excerpt_is_what_the_generator_writes():
     """The README shows the digits MLP's fused backward + SGD function whole: it must be the
     generator's current text, not a copy that drifted."""

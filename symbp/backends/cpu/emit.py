@@ -76,7 +76,8 @@ def _(step: RowLoop, printer: NumbaPrinter) -> list[str]:
     body = row_reduction_lines(step, printer, "NEG_INF")
     if step.argmax_match is not None:
         y, t = (printer.array(b) for b in step.argmax_match)
-        body.append(f"if np.argmax({y}[{step.row}]) == np.argmax({t}[{step.row}]):")
+        printer.helpers_used.add("row_argmax")
+        body.append(f"if row_argmax({y}[{step.row}]) == row_argmax({t}[{step.row}]):")
         body.append("    correct += 1")
     if step.threshold_match is not None:
         # Binary outputs: a unit is right when logit > 0 agrees with target > 1/2.
