@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # SymPy is imported where a formula is made, not with symbp
     import sympy as sp
 
+
 @functools.cache
 def _symbols():
     import sympy as sp
