@@ -112,8 +112,7 @@ class CpuModule(Plan):
                                for f, a, b, *rest in self.provenance]
         self.helpers |= pr.helpers_used
         parallel = any(getattr(step, "parallel", False) for step in steps)
-        # (a step that leaves compiled code for Python, ``with objmode()``, cannot be inlined)
-        objmode = any(line.lstrip().startswith("with objmode(") for line in body)
+        objmode = any(isinstance(step, Sync) for step in steps)  # printed as ``with objmode()``
         flags = f"cache=True, {'parallel=True' if parallel else inline_flag(len(args), objmode)}, {STEP_FLAGS}"
         lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
