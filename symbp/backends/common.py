@@ -637,26 +637,58 @@ def nest_statements(step: Nest, printer: NumbaPrinter) -> list[str]:
     return body
 
 
+#: A window of at most this many entries is scanned unrolled on the CPU (see window_scan).
+UNROLL_WINDOW = 16
+
+
 def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) -> list[str]:
     """The scan of one output entry's window (every target prints it this way).
 
     ``minus_infinity`` must be a constant of the kernels' float type: a float64 ``-np.inf``
     makes ``best`` float64 and every comparison a conversion (measured 12× slower on a 2×2
-    max pool, float32)."""
+    max pool, float32).
+
+    Strictly greater: on ties the first maximum in row-major window order keeps the gradient,
+    as in PyTorch.  The maximum gets Σ 0·val added, 0 unless the window holds a NaN or an
+    infinity, then NaN, as the route-sum Σ route·val it replaces gave: a NaN anywhere in the
+    window reaches the loss, whose check stops the step.  (``or val != val`` in the test would
+    say so too, but its branch measured 9× slower than this.)  A stage computed in the scan
+    (``step.pre``, see lower/elide.py): each entry's value in a local, stored, and the
+    window's value read from the local, not memory.  On the CPU a small window is unrolled,
+    its positions constants: no loops of two, no counter (LLVM then turns the tests into
+    selects)."""
     keep = step.max_target is not None
-    body = [f"best = {minus_infinity}", "arg = 0", "pos = 0"] + (["poison = ZERO"] if keep else [])
-    inner = ""
-    for idx, extent in step.window:
-        body.append(f"{inner}for {idx} in range({extent}):")
-        inner += "    "
-    # Strictly greater: on ties the first maximum in row-major window order keeps the
-    # gradient, as in PyTorch.  The maximum gets Σ 0·val added, 0 unless the window holds a
-    # NaN or an infinity, then NaN, as the route-sum Σ route·val it replaces gave: a NaN
-    # anywhere in the window reaches the loss, whose check stops the step.  (``or val !=
-    # val`` in the test would say so too, but its branch measured 9× slower than this.)
-    body += [f"{inner}val = {printer.doprint(step.value)}"] + ([f"{inner}poison += ZERO * val"] if keep else [])
-    body += [f"{inner}if val > best:", f"{inner}    best = val", f"{inner}    arg = pos", f"{inner}pos += 1",
-             f"{printer._print(step.target)} = arg"]
+    entries = 1
+    for _, extent in step.window:
+        entries *= int(extent)
+    unroll = printer.target == "CPU" and entries <= UNROLL_WINDOW
+    body = [f"best = {minus_infinity}", "arg = 0"] + ([] if unroll else ["pos = 0"]) + (["poison = ZERO"] if keep else [])
+
+    def entry(indent: str, at: dict, pos: str) -> list[str]:
+        lines, local = [], {}
+        for k, (target, expr) in enumerate(step.pre):
+            name = f"pre{k}"
+            lines += [f"{indent}{name} = {printer.doprint(expr.xreplace(at).xreplace(local))}",
+                      f"{indent}{printer._print(target.xreplace(at))} = {name}"]
+            local[target.xreplace(at)] = sp.Symbol(name)
+            printer.names[local[target.xreplace(at)]] = name
+        lines += [f"{indent}val = {printer.doprint(step.value.xreplace(at).xreplace(local))}"]
+        lines += [f"{indent}poison += ZERO * val"] if keep else []
+        return lines + [f"{indent}if val > best:", f"{indent}    best = val", f"{indent}    arg = {pos}"]
+
+    if unroll:
+        positions = [{}]
+        for idx, extent in step.window:  # row-major: the last index fastest
+            positions = [{**p, idx: sp.Integer(v)} for p in positions for v in range(int(extent))]
+        for pos, at in enumerate(positions):
+            body += entry("", at, str(pos))
+    else:
+        inner = ""
+        for idx, extent in step.window:
+            body.append(f"{inner}for {idx} in range({extent}):")
+            inner += "    "
+        body += entry(inner, {}, "pos") + [f"{inner}pos += 1"]
+    body.append(f"{printer._print(step.target)} = arg")
     if keep:
         body.append(f"{printer._print(step.max_target)} = best + poison")
     return body

@@ -42,7 +42,7 @@ def fuse_loops(steps: list, size, buffer) -> list:
 
     def access(step):
         if id(step) not in seen:
-            seen[id(step)] = (step, _access(step, buffer))  # (the step kept: its id stays its own)
+            seen[id(step)] = (step, access_sets(step, buffer))  # (the step kept: its id stays its own)
         return seen[id(step)][1]
 
     for step in steps:
@@ -69,7 +69,7 @@ def _place(out: list, pending: list, step, size, buffer, access_of):
     """Put ``step`` at the end of ``out``, or into the earliest loop it can join after the
     last step it depends on (returned); a zeroing it needs goes just before it (or before
     that loop)."""
-    access = _access(step, buffer)
+    access = access_sets(step, buffer)
     mine = [z for z in pending if _conflict(access_of(z), access)]
     for z in mine:
         pending.remove(z)
@@ -141,7 +141,7 @@ def _labels(exprs, buffer) -> set:
     return {buffer(str(x.base.label)) for e in exprs for x in sp.sympify(e).atoms(sp.Indexed)}
 
 
-def _access(step, buffer):
+def access_sets(step, buffer):
     """(arrays read, arrays written) by a step, by buffer; BARRIER for a kind not known."""
     def name(base):
         return buffer(str(base.label))
@@ -163,8 +163,8 @@ def _access(step, buffer):
     if isinstance(step, ColSum):
         return {name(step.src)}, {name(step.out)}
     if isinstance(step, WindowArgmax):
-        stores = [step.target] + ([step.max_target] if step.max_target is not None else [])
-        return _labels([step.value], buffer), _labels(stores, buffer)
+        stores = [step.target] + ([step.max_target] if step.max_target is not None else []) + [t for t, _ in step.pre]
+        return _labels([step.value] + [e for _, e in step.pre], buffer), _labels(stores, buffer)
     return BARRIER
 
 

@@ -11,7 +11,8 @@
 * :class:`Nest` — ``target[n, *idx] = expr`` over a loop nest whose expr may hold Sums
   (accumulator loops, bounds tightened from their guards).
 * :class:`WindowArgmax` — the first maximum of a window (max pooling, Maxout), stored for
-  the backward pass, and the maximum itself when a stage reads it.
+  the backward pass, and the maximum itself when a stage reads it; optionally the stage
+  before it computed entry by entry inside the scan (``pre``).
 * :class:`Sync` — a batch statistic's sum over this process's rows made the sum over every
   process's rows (data-parallel training: BatchNorm's mean and variance of the global batch).
 """
@@ -87,6 +88,10 @@ class WindowArgmax:
     # where the window's maximum goes, when the next stage is the route-sum that picks it
     # (max pooling's z, Maxout's z): one pass over the window instead of two
     max_target: sp.Indexed | None = None
+    # [(target Indexed, expr)] stored at each window entry as it is visited, before its value
+    # is read (a bias and activation pass moved into the scan: see lower/elide.py); value may
+    # read these targets at the entry
+    pre: list = field(default_factory=list)
 
 
 @dataclass

@@ -163,7 +163,8 @@ def _merge_inner_loops(step: Nest, printer: NumbaPrinter) -> Nest:
 @emit.register
 def _(step: Nest, printer: NumbaPrinter) -> list[str]:
     step = _merge_inner_loops(step, printer)
-    views = _inner_views(step, printer)  # (before hoisting: a hoisted read may index a view too)
+    # (before hoisting: a hoisted read may index a view too)
+    views = _inner_views([x_ for st in step.stmts for x_ in st], printer)
     step, hoisted = _hoist_reads(step, printer)
     out, indent = views, ""
     for depth, (idx, extent) in enumerate(step.ranges):
@@ -173,12 +174,11 @@ def _(step: Nest, printer: NumbaPrinter) -> list[str]:
     return out + [indent + line for line in nest_statements(step, printer)]
 
 
-def _inner_views(step: Nest, printer: NumbaPrinter) -> list[str]:
-    """The flat views of the buffers with the batch inside that the nest indexes (see
-    common._inner_index), bound before its loops."""
+def _inner_views(exprs: list, printer: NumbaPrinter) -> list[str]:
+    """The flat views of the buffers with the batch inside that a step's expressions index
+    (see common._inner_index), bound before its loops."""
     inner = getattr(printer, "inner", ())
-    names = sorted({printer.array(t.base) for st in step.stmts for x_ in st for t in x_.atoms(sp.Indexed)
-                    if str(t.base.label) in inner})
+    names = sorted({printer.array(t.base) for x_ in exprs for t in x_.atoms(sp.Indexed) if str(t.base.label) in inner})
     return [f"{inner_view(name)} = {name}.reshape({name}.size)" for name in names]
 
 
@@ -216,7 +216,7 @@ def _hoist_reads(step: Nest, printer: NumbaPrinter) -> tuple[Nest, list]:
 
 @emit.register
 def _(step: WindowArgmax, printer: NumbaPrinter) -> list[str]:
-    out, indent = [], ""
+    out, indent = _inner_views([step.value, *(x_ for st in step.pre for x_ in st)], printer), ""
     for idx, extent in step.ranges:
         out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")
         indent += "    "

@@ -21,7 +21,8 @@ import sympy as sp
 
 from ...derive import Derivation
 from ...indices import N
-from ...lower.fuse import fuse_loops
+from ...lower.elide import elide_copies, fuse_scans
+from ...lower.fuse import BARRIER, access_sets, fuse_loops
 from ...lower.ir import Gemm, Loop, Sync
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
@@ -50,12 +51,12 @@ def step_writes(step, printer) -> tuple[str, ...]:
     """The arrays (and running sums: ``total``, ``penalty``) a kernel step writes, by the
     names the module gives them."""
     out = []
-    for attr in ("out", "target"):
+    for attr in ("out", "target", "max_target"):
         base = getattr(step, attr, None)
         if base is not None:
             out.append(printer.array(base.base if isinstance(base, sp.Indexed) else base))
     for target, _ in [*getattr(step, "stmts", ()), *getattr(step, "adds", ()), *getattr(step, "sums", ()),
-                      *getattr(step, "row_sums", ())]:
+                      *getattr(step, "row_sums", ()), *getattr(step, "pre", ())]:
         out.append(printer.array(target.base) if isinstance(target, sp.Indexed) else str(target))
     if getattr(step, "argmax_match", None) is not None or getattr(step, "threshold_match", None) is not None:
         out.append("correct")
@@ -98,7 +99,10 @@ class CpuModule(Plan):
     def function(self, name: str, args: list[str], prologue: list[str], steps: list, epilogue: list[str], doc: str) -> str:
         pr = self.printer()
         body = list(prologue)
-        steps = fuse_loops(steps, self._size, lambda label: self.names.get(label, label))
+        buffer = self._buffer_of
+        steps = elide_copies(steps, buffer, lambda label: self.roles.get(buffer(label)) == "delta", self.flat.get)
+        steps = fuse_scans(steps, buffer, self._read_later)
+        steps = fuse_loops(steps, self._size, buffer)
         for step in steps:
             start = len(body)
             body += emit(step, pr)
@@ -117,6 +121,29 @@ class CpuModule(Plan):
         lines = [f"@njit({flags})", f"def {name}({', '.join(args)}):", f'    """{doc}"""']
         lines += ["    " + line if line else "" for line in body]
         return "\n".join(lines) + "\n"
+
+    def _buffer_of(self, label: str) -> str:
+        """The array a label is stored in (a Flatten's δ shares its source's: two labels, one array)."""
+        return self.names.get(label, label)
+
+    def _read_later(self, name: str) -> bool:
+        """Whether work buffer ``name`` is read after the forward pass that writes it: by the
+        backward pass (whatever the optimizer: its updates read what the gradients read), the
+        running statistics' update, the loss (the network's output).  Planned once, on the
+        first question (a forward pass with a scan to fuse, see lower/elide.py)."""
+        if "_later" not in self.__dict__:
+            self._reads_after_forward(self.backward_steps())
+        return name in self._later
+
+    def _reads_after_forward(self, backward: list) -> None:
+        """Note what ``backward`` (the planned backward pass) and the rest read (see _read_later),
+        before printing changes any step."""
+        B = self.buffers()
+        later = set(B["out"]) | set(B["last"])
+        for step in backward + self.running_steps():
+            acc = access_sets(step, self._buffer_of)
+            later |= set(self.roles) if acc is BARRIER else acc[0]
+        self._later = later
 
     def _size(self, extent) -> sp.Expr:
         """A loop extent's number (the batch size stays N), to tell which loops may merge."""
@@ -182,6 +209,8 @@ class CpuModule(Plan):
         B = self.buffers()
         P, acts, deltas, grads, out = B["P"], B["acts"], B["deltas"], B["grads"], B["out"]
         ft = self.float_type
+        backward = self.backward_steps()
+        self._reads_after_forward(backward)  # (planned once: the forward pass's scans ask, see lower/elide.py)
         fns = [
             self.function("forward", ["X"] + P + acts, self._prelude(),
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
@@ -192,7 +221,7 @@ class CpuModule(Plan):
                           [f"nb = {B['last'][0]}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
                           [self.loss_step()], ["return total, correct"],
                           "Σ_n ℓ_n over the batch and δ_L = ∂C/∂z_L; counts correct predictions for classifiers."),
-            self.function("backward", ["X"] + P + acts + deltas + grads, self._prelude(), self.backward_steps(), [],
+            self.function("backward", ["X"] + P + acts + deltas + grads, self._prelude(), backward, [],
                           "∂C/∂θ for every parameter, given δ_L from loss_rows."),
             self.function("penalty", P, ["penalty = 0.0"], self.penalty_steps(), ["return penalty"],
                           "(λ/2) Σ_l ‖W_l‖²."),
