@@ -298,17 +298,24 @@ class CpuModule(Plan):
     def _train_forward_steps(self) -> list:
         return [s for ld in self.d.layers for s in self.forward_steps(ld, train=True)]
 
-    @staticmethod
-    def _glue_names(B: dict) -> dict:
+    def _glue_names(self, B: dict) -> dict:
         def join(names, sliced=False):
             return ", ".join(f"{w}[:nb]" if sliced else w for w in names)
 
-        return {
+        names = {
             "P": join(B["P"]), "WS": join(B["WS"]), "ACTS": join(B["acts"]), "DELTAS": join(B["deltas"]),
             "GRADS": join(B["grads"]), "LAST": B["last"][0], "DL": B["dl"][0], "OUT": join(B["out"]),
             "OUT_SLICED": join(B["out"], True), "ACTS_SLICED": join(B["acts"], True),
             "SLICED": join(B["acts"] + B["deltas"], True),
         }
+        # Where training runs inference's forward pass, the drivers call forward itself: Numba
+        # inlines its code once (through forward_train it copied forward's IR twice: 0.16 s of
+        # the small CNN's cold start).
+        for key, x, acts, seed in (("EPOCH", "Xs", "ACTS_SLICED", "seed + t"), ("BATCH", "X", "ACTS_SLICED", "seed + t"),
+                                   ("SLICE", "X", "ACTS_SLICED", "seed"), ("GRADS", "X", "ACTS", "0")):
+            names[f"FORWARD_{key}"] = (f"forward_train({x}, {names['P']}, {names[acts]}, {seed})" if self.has_modes
+                                       else f"forward({x}, {names['P']}, {names[acts]})")
+        return names
 
     def build_train(self, opt, model_module: str) -> str:
         """The training module for one optimizer: the backward pass with its update rule
@@ -367,7 +374,7 @@ class CpuModule(Plan):
         names["SLICE_CALLS"] = (
             f"    forward_train_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'])}, seed, rows, row0)\n"
             f"    update_running_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'])}, rows)"
-            if synced else f"    forward_train(X, {names['P']}, {names['ACTS_SLICED']}, seed)")
+            if synced else f"    {names['FORWARD_SLICE']}")
         names["SLICE_BACKWARD"] = (
             f"backward_grads_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'] + B['deltas'])}, "
             f"{names['GRADS']}, rows, row0)" if synced
@@ -380,7 +387,8 @@ class CpuModule(Plan):
             self._blas_import(),
             "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
             "from symbp.backends.cpu.targets import batch_targets, put_target",
-            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, forward_train, loss_rows, "
+            f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, "
+            f"{'forward_train' if self.has_modes else 'forward'}, loss_rows, "
             "update_running" + (", forward_train_sync, update_running_sync" if synced else ""),
             *(self._sync_imports() if synced else []), "",
             f"STATES = {tuple(states)!r}", f"HYPER = {tuple(opt.hyper)!r}",
@@ -438,7 +446,7 @@ def loss_and_grads(X, T, {P}, {WS}):
     """Mean loss over the batch plus the l2 penalty, and all gradients (as in training: the
     batch's statistics, the running ones left as they are; Dropout's masks of seed 0, the
     same on every call)."""
-    forward_train(X, {P}, {ACTS}, 0)
+    {FORWARD_GRADS}
     total, correct = loss_rows({OUT}, T, {DL})
     backward(X, {P}, {ACTS}, {DELTAS}, {GRADS})
     return total / X.shape[0] + penalty({P}), correct
@@ -497,7 +505,7 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
                     Xb[r, c] = X[i, c]       # numba seconds of cold compile for its shape check)
                 put_target(T, i, Tb, r)
             Xs, Ts = Xb[:nb], Tb[:nb]
-        forward_train(Xs, {P}, {ACTS_SLICED}, seed + t)
+        {FORWARD_EPOCH}
         update_running(Xs, {P}, {ACTS_SLICED})
         loss, c = loss_rows({OUT_SLICED}, Ts, {DL}[:nb])
         if not np.isfinite(loss):
@@ -525,7 +533,7 @@ def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
     bad = first_not_finite(X)
     if bad >= 0:
         return 0.0, 0, 0.0, 1, bad
-    forward_train(X, {P}, {ACTS_SLICED}, seed + t)
+    {FORWARD_BATCH}
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     if not np.isfinite(loss):
         return loss, c, 0.0, 2, -1
@@ -560,7 +568,7 @@ def slice_deltas(X, T, scale, rows, row0, seed, {P}, {WS}):
     """slice_grads for the δ-exchange step: the forward pass, Σ ℓ over this process's rows, δ of
     every layer (δ_L scaled by its rows / ``rows``) and the gradients update_rows does not carry."""
     nb = X.shape[0]
-    forward_train(X, {P}, {ACTS_SLICED}, seed)
+    {FORWARD_SLICE}
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     {DL}[:nb] *= scale
     backward_deltas(X, {P}, {SLICED}, {GRADS})
