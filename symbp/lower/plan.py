@@ -91,7 +91,8 @@ class Plan:
         """Fix the compile-time constants (λ, the layer widths) and drop the symbolic shapes
         of indexed bases, so that one array is one SymPy object however it was built."""
         widths = {self.d.dims[l]: w for l, w in enumerate(self.d.network.widths)}
-        expr = expr.subs({l2: self.l2_value, **widths, **self.d.sizes})
+        rule = {k: sp.sympify(v) for k, v in {l2: self.l2_value, **widths, **self.d.sizes}.items()}
+        expr = sp.sympify(expr).xreplace(rule)
         expr = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.shape is not None,
                             lambda e: sp.IndexedBase(e.base.label)[e.indices])
         if self.batch_labels:
