@@ -64,6 +64,7 @@ def _part(s):
     ("A not private to the function", lambda s: s, {"private": ()}),
     ("A read by another label too", lambda s: s + [Nest(IMAGE, [(Z[n, k, h, w], P[n, k, h, w])])], {"buffers": {"P": "A"}}),
     ("a copy of part of A", _part, {}),
+    ("A read before this function sets it", lambda s: [Nest(IMAGE, [(Z[n, k, h, w], A[n, k, h, w])])] + s, {}),
 ])
 def test_a_copy_stays_where_eliding_it_could_change_a_value(why, steps, kw):
     planned = steps(delta_steps())

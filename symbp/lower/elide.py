@@ -95,8 +95,9 @@ def elide_copies(steps: list, buffer, private, shape) -> list:
     """``steps`` with each copy ``B[i] = A[i]`` elided where that is safe: A is ``private``
     (a work buffer no other function reads after this one), stored as an image of the same
     ``shape`` as B (``shape(label)``: its (C, H, W), None for other buffers), named by one
-    label only, never a GEMM operand; the copy covers all of B, which is not touched from A's
-    first write up to the copy nor written after it.  Then every step naming A names B."""
+    label only, never a GEMM operand, first used by a step that sets it; the copy covers all
+    of B, which is not touched from A's first write up to the copy nor written after it.  Then
+    every step naming A names B."""
     steps = list(steps)
     changed = True
     while changed:
@@ -121,6 +122,9 @@ def elide_copies(steps: list, buffer, private, shape) -> list:
             if any(a_ in ls and not isinstance(s, (Nest, Loop, WindowArgmax)) for s, ls in zip(steps, labels)):
                 continue
             first = next(k for k, ls in enumerate(labels) if a_ in ls)
+            acc = _reads_writes(steps[first], buffer)
+            if acc is None or buffer(a_) in acc[0] or buffer(a_) not in acc[1]:
+                continue  # (A's first use must set it: a value it held before this function is not B's)
             if any(b_ in labels[k] for k in range(first, pos)):
                 continue
             if any(buffer(b_) in (_reads_writes(s, buffer) or (set(), {buffer(b_)}))[1] for s in steps[pos + 1:]):
