@@ -667,11 +667,11 @@ def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) 
     def entry(indent: str, at: dict, pos: str) -> list[str]:
         lines, local = [], {}
         for k, (target, expr) in enumerate(step.pre):
-            name = f"pre{k}"
+            name, here = f"pre{k}", target.xreplace(at)
             lines += [f"{indent}{name} = {printer.doprint(expr.xreplace(at).xreplace(local))}",
-                      f"{indent}{printer._print(target.xreplace(at))} = {name}"]
-            local[target.xreplace(at)] = sp.Symbol(name)
-            printer.names[local[target.xreplace(at)]] = name
+                      f"{indent}{printer._print(here)} = {name}"]
+            local[here] = sp.Symbol(name)
+            printer.names[local[here]] = name
         lines += [f"{indent}val = {printer.doprint(step.value.xreplace(at).xreplace(local))}"]
         lines += [f"{indent}poison += ZERO * val"] if keep else []
         return lines + [f"{indent}if val > best:", f"{indent}    best = val", f"{indent}    arg = {pos}"]

@@ -111,14 +111,12 @@ def elide_copies(steps: list, buffer, private, shape) -> list:
                 continue
             if [ext for _, ext in step.ranges] != [N, *shape(b_)]:  # (all of B: no stale entry of it read as A's)
                 continue
-            others = [s for s in steps if s is not step]
             labels = [_labels_of(s) for s in steps]
             # one label per buffer: an alias of A (or B) would keep the old memory
             same = [lab for ls in labels for lab in ls if buffer(lab) in (buffer(a_), buffer(b_))]
             if set(same) - {a_, b_}:
                 continue
-            if any(isinstance(s, (Gemm, BlockGemm)) and a_ in _labels_of(s) for s in others):
-                continue
+            # A read by index only (a GEMM reads its memory as a matrix, whose layout B changes)
             if any(a_ in ls and not isinstance(s, (Nest, Loop, WindowArgmax)) for s, ls in zip(steps, labels)):
                 continue
             first = next(k for k, ls in enumerate(labels) if a_ in ls)
@@ -188,9 +186,9 @@ def _fuse_pair(nest, scan, others: list, buffer, needed):
     idx = tuple(sym for sym, _ in nest.ranges)
     if not nest.ranges or nest.ranges[0][1] != N:
         return None
-    written = {str(t.base.label): t for t, _ in nest.stmts}
-    if any(not isinstance(t, sp.Indexed) or t.indices != idx for t in written.values()):
+    if any(not isinstance(t, sp.Indexed) or t.indices != idx for t, _ in nest.stmts):
         return None
+    written = {str(t.base.label) for t, _ in nest.stmts}
     exprs = [e for _, e in nest.stmts]
     if any(e.has(sp.Sum) for e in exprs):
         return None
@@ -203,9 +201,8 @@ def _fuse_pair(nest, scan, others: list, buffer, needed):
     at = reads[0].indices
     if not _window_map(at, list(nest.ranges), list(scan.ranges), list(scan.window)):
         return None
-    scan_writes = {buffer(str(t.base.label)) for t in [scan.target] + ([scan.max_target] if scan.max_target is not None else [])}
-    nest_reads = {buffer(str(x.base.label)) for e in exprs for x in e.atoms(sp.Indexed)}
-    if scan_writes & (nest_reads | {buffer(lab) for lab in written}):
+    nest_acc, scan_acc = _reads_writes(nest, buffer), _reads_writes(scan, buffer)
+    if scan_acc[1] & (nest_acc[0] | nest_acc[1]):  # (the scan's stores move among the nest's)
         return None
     elsewhere = set()
     for s in others:
@@ -214,13 +211,12 @@ def _fuse_pair(nest, scan, others: list, buffer, needed):
             return None
         elsewhere |= acc[0]
     at_entry = dict(zip(idx, at))
-    pre, local = [], {}
+    pre, local = [], {}  # local: the entries kept in registers, by their formulas
     for t, e in nest.stmts:  # in order: a later statement may read an earlier target
         here = t.xreplace(at_entry)
         value = e.xreplace(at_entry).xreplace(local)
         if needed(buffer(str(t.base.label))) or buffer(str(t.base.label)) in elsewhere:
-            pre.append((here, value))
-            local[here] = here  # (read back as the stored entry: the printer keeps it in a register)
+            pre.append((here, value))  # (read back as the stored entry: the printer keeps it in a register)
         else:
             local[here] = value
     value = sp.sympify(scan.value).xreplace(local)
