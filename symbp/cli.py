@@ -271,7 +271,7 @@ def check_data(net, described: str, *parts) -> None:
     for X, y in parts:
         try:
             X = as_inputs(X, net.inputs, np.dtype(np.float64))
-            as_targets(y, X.shape[0], net.outputs, net.loss.task, np.dtype(np.float64))
+            as_targets(y, X.shape[0], net.output_shape, net.loss.task, np.dtype(np.float64))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{described} does not fit the network: {err}") from None
 

@@ -101,6 +101,12 @@ class LayerDerivation:
         name = wrt if isinstance(wrt, str) else "x" if wrt is self.x else str(wrt.label)
         return f"d{top}/d{name}"
 
+    def flat_position(self) -> sp.Expr:
+        """Where δ[n, p, r, s] of an image output sits in its row, (p·H + r)·W + s: the
+        loss reads an image flat, as the kernels store it."""
+        (c, r, s), (_, H, W) = self.delta_idx, self.out_dims
+        return (c * H + r) * W + s
+
     def fprime(self, idx: tuple) -> sp.Expr:
         """f′ at this layer, evaluated at the stored z or a for the given indices."""
         from .spec.activations import a as a_sym
@@ -277,12 +283,29 @@ class Derivation:
             if ld.is_output:
                 # δ_L = (1/N) ∂ℓ/∂y · f′(z_L): the loss sees a_L as its logits y.
                 dl_dy = self.loss.grad.subs(self.loss.y, ld.a)
+                if len(ld.delta_idx) == 3:
+                    dl_dy = self._at_image_position(dl_dy, ld)
                 ld.delta_formula = dl_dy / N * ld.fprime(idx)
             else:
                 ld.delta_formula = ld.fprime(idx) * sp.Add(*sent[ld.index])
             ld.sent = self._chain_stages(ld)
             for pos, part in ld.sent.items():
                 sent.setdefault(pos, []).append(part)
+
+    def _at_image_position(self, dl_dy: sp.Expr, ld) -> sp.Expr:
+        """∂ℓ/∂y of an image-shaped output at its position (p, r, s): the loss reads the
+        output flat (y[n, p], p < C·H·W, as the kernels store it), so ``a[n, p]`` becomes
+        ``a[n, p, r, s]`` and the targets (or a softmax) are read at the flat position
+        (p·H + r)·W + s, where f′ reads z and a too."""
+        import sympy as sp
+
+        from .indices import n, p
+
+        c, r, s = ld.delta_idx
+        flat = ld.flat_position()
+        return dl_dy.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.indices == (n, p),
+            lambda e: ld.a[n, c, r, s] if e.base == ld.a else e.base[n, flat])
 
     def _chain_stages(self, ld) -> dict:
         """∂C/∂θ and the stage gradients of layer ``ld``; returns what it sends back to each

@@ -27,6 +27,11 @@ NETS = {
     "stacked-two-convs": ((2, 9, 9), lambda: [sb.Conv2D(3, 3, padding=1, activation="relu"),
                                               sb.Conv2D(4, 3, stride=2, padding=1, activation="tanh"), sb.MaxPool2D(2),
                                               sb.Flatten(), sb.Dense(3)], "softmax_cross_entropy", 0.05),
+    # an image-shaped output (the loss reads it flat): δ_L derived at (p, r, s), the loss row
+    # loop at the flat position; a rectangular map, so H and W cannot be swapped unseen
+    "conv-output-mse": ((2, 5, 7), lambda: [sb.Conv2D(3, 3, activation="tanh")], "mse", 0.1),
+    "pool-conv-output-ce": ((1, 8, 6), lambda: [sb.MaxPool2D(2), sb.Conv2D(2, (2, 3), padding=1, activation="sigmoid")],
+                            "softmax_cross_entropy", 0.0),
 }
 
 
@@ -52,7 +57,7 @@ def torch_forward(net, params, X):
         else:
             a = a @ params[f"W{pos}"].T + params[f"b{pos}"]
         a = acts[layer.activation.describe() if hasattr(layer, "activation") else "identity"](a)
-    return a
+    return a.flatten(1)  # an image output as symbp's loss and predictions read it
 
 
 def torch_loss(net, params, X, y):
@@ -256,3 +261,15 @@ def test_training_lowers_the_loss(compiled, opt):
     before = model.evaluate(X, y)[0]
     model.fit(X, y, optimizer=opt, batch_size=8, epochs=15, progress=False)
     assert model.evaluate(X, y)[0] < before
+
+
+def test_an_image_output_takes_image_shaped_targets(compiled):
+    net = build("conv-output-mse")
+    model = compiled(net)
+    assert net.output_shape == (3, 3, 5)
+    X, y = data(net, n=4, seed=5)
+    flat = model.loss_and_grads(X, y)
+    image = model.loss_and_grads(X, y.reshape(4, 3, 3, 5))
+    assert flat[0] == image[0] and all(np.array_equal(flat[1][k], image[1][k]) for k in flat[1])
+    with pytest.raises(ValueError, match=r"y must have shape \(4, 45\) or \(4, 3, 3, 5\) .* got \(4, 3, 5, 3\)"):
+        model.loss_and_grads(X, y.reshape(4, 3, 5, 3))

@@ -29,6 +29,9 @@ NETS = {
     "strided-2ch": lambda: sb.Network(inputs=(2, 4, 5), layers=[
         sb.Conv2D(2, (2, 3), stride=(2, 1), padding=(1, 0), activation="sigmoid"), sb.Flatten(), sb.Dense(2)],
         loss="mse"),
+    # the last layer a conv: the loss reads its image flat
+    "conv-output": lambda: sb.Network(inputs=(1, 3, 4), layers=[sb.Conv2D(2, 2, padding=1, activation="tanh")],
+                                      loss="mse", l2=0.1),
 }
 
 

@@ -118,6 +118,11 @@ class Plan:
     def loss_step(self) -> RowLoop:
         d, out = self.d, self.d.layers[-1]
         delta = out.delta_formula
+        if len(out.delta_idx) == 3:
+            # An image output's δ is derived at (p, r, s); the loop runs over its flat
+            # position p, where every array the formula reads has its entry.
+            at = {(n, *out.delta_idx), (n, out.flat_position())}
+            delta = delta.replace(lambda e: isinstance(e, sp.Indexed) and e.indices in at, lambda e: e.base[n, p])
         for base, definition in d.loss.definitions.items():
             delta = delta.subs(base[n, p], definition.subs(d.loss.y, out.a))
         per_sample = d.loss.per_sample.subs(d.loss.y, out.a)

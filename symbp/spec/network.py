@@ -157,6 +157,12 @@ class Network:
         return self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """One sample's output: ``(outputs,)``, or ``(C, H, W)`` where the last layer makes an
+        image (its targets may come so shaped; predictions are read flat, C, H, W order)."""
+        return tuple(self.shapes[-1])
+
+    @property
     def widths(self) -> list[int]:
         """Values per sample at the input and after each layer (C·H·W for images)."""
         return [math.prod(shape) for shape in self.shapes]

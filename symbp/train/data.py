@@ -101,9 +101,12 @@ def first_not_finite(arr: np.ndarray) -> tuple | None:
     return None
 
 
-def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = "y",
+def as_targets(y, n: int, outputs: int | tuple, task: str, dtype: np.dtype, what: str = "y",
                labels: bool = False) -> np.ndarray:
     """Targets as an (n, outputs) array of ``dtype``.
+
+    ``outputs`` may be an image shape (C, H, W) (a network whose last layer makes one): y is
+    then (n, C, H, W), or flat (n, C·H·W), and comes back flat.
 
     ``multiclass``: integer class labels in [0, outputs) or rows of class probabilities;
     ``binary``: values in [0, 1]; ``regression``: any finite values.  A 1-D ``y`` is
@@ -119,6 +122,10 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
     if arr.shape[:1] != (n,):
         got = arr.shape[0] if arr.ndim else "a scalar"
         raise ValueError(f"X has {n} samples but {what} has {got}")
+    shape = outputs if isinstance(outputs, tuple) else (outputs,)
+    outputs = int(np.prod(shape))
+    if len(shape) > 1 and arr.shape[1:] == shape:
+        arr = arr.reshape(n, outputs)
     if task == "multiclass" and arr.ndim == 1:
         classes = class_labels(arr, outputs, what)
         if labels:
@@ -131,7 +138,8 @@ def as_targets(y, n: int, outputs: int, task: str, dtype: np.dtype, what: str = 
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[1] != outputs:
-        raise ValueError(f"{what} must have shape ({n}, {outputs}) for {outputs} output units, got {arr.shape}")
+        image = f" or ({n}, {', '.join(map(str, shape))})" if len(shape) > 1 else ""
+        raise ValueError(f"{what} must have shape ({n}, {outputs}){image} for {outputs} output units, got {arr.shape}")
     if task == "multiclass":
         if (arr < 0).any() or not np.allclose(arr.sum(axis=1), 1.0, atol=1e-6):
             raise ValueError(f"{what} rows must be one-hot or class probabilities (non-negative, summing to 1)")

@@ -154,7 +154,7 @@ class Model:
         :mod:`symbp.backends.cpu.targets`) instead of becoming an (N, classes) array."""
         net = self.network
         X = as_inputs(X, net.inputs, self.dtype, what=f"X{what}")
-        T = None if y is None else as_targets(y, X.shape[0], net.outputs, net.loss.task, self.dtype,
+        T = None if y is None else as_targets(y, X.shape[0], net.output_shape, net.loss.task, self.dtype,
                                               what=f"y{what}", labels=labels)
         return X, T
 
@@ -723,7 +723,7 @@ class _OneStep:
             if bad >= 0:
                 raise label_error(y[bad], T.shape[1])
             return X, T
-        return X, as_targets(y, n, model.network.outputs, model.network.loss.task, model.dtype)
+        return X, as_targets(y, n, model.network.output_shape, model.network.loss.task, model.dtype)
 
     def arrays(self, rows: int) -> list[np.ndarray]:
         """Parameters, work buffers, optimizer state, in the kernel's order: the last call's
