@@ -305,3 +305,28 @@ def test_issue12_losses_compile_and_match(formula, cache):
     close(ours_loss, loss.item(), formula)
     for k in P:
         close(ours_grads[k], ref[k].numpy(), f"∂C/∂{k} of {formula}")
+
+
+# -- NaN goes through, as in PyTorch ----------------------------------------------------------
+# The fuzzer skips points where the reference is not finite; a NaN weight (a diverged step)
+# must still reach the predictions and the loss, whose check stops training.  relu(NaN) was 0
+# and max/min kept their other argument (Python's comparisons), so a NaN weight trained on
+# silently.
+NAN_FORMULAS = {
+    "relu": torch.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.01), "tanh": torch.tanh,
+    "max(z, 0)": lambda z: torch.maximum(z, ZERO), "max(0, z)": lambda z: torch.maximum(ZERO, z),
+    "min(z, 1)": lambda z: torch.minimum(z, ZERO + 1), "max(0, min(z, 6))": PINNED["max(0, min(z, 6))"],
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("formula", sorted(NAN_FORMULAS))
+def test_a_nan_weight_reaches_the_predictions_and_loss_like_torch(formula, dtype, cache):
+    net = sb.Network(inputs=3, layers=[sb.Dense(4, activation=formula), sb.Dense(2)], loss="mse")
+    model = sb.compile(net, dtype=dtype, seed=3, cache_dir=cache)
+    model.params["W1"][1, 2] = np.nan  # unit 1's z is NaN for every sample
+    P = _torch_params(model)
+    y = NAN_FORMULAS[formula](torch.tensor(X) @ P["W1"].T + P["b1"]) @ P["W2"].T + P["b2"]
+    assert torch.isnan(y).all()  # PyTorch: every output reads unit 1
+    assert np.isnan(model.decision_function(X)).all(), formula
+    assert np.isnan(model.loss_and_grads(X, T)[0]), formula

@@ -151,7 +151,21 @@ def row_argmax(x):
     "relu": '''
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def relu(x):
-    return x if x > ZERO else ZERO
+    """max(x, 0) with a NaN passed on, as PyTorch's relu (x > 0 would make it 0)."""
+    return ZERO if x <= ZERO else x
+''',
+    "maximum": '''
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def maximum(x, y):
+    """The larger of x and y, NaN if either is (torch.maximum, np.maximum); Python's max
+    keeps whichever argument a comparison with NaN leaves it."""
+    return x if x > y or x != x else y
+''',
+    "minimum": '''
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def minimum(x, y):
+    """The smaller of x and y, NaN if either is (torch.minimum, np.minimum)."""
+    return x if x < y or x != x else y
 ''',
     "leaky_relu": '''
 @njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -320,10 +334,12 @@ class NumbaPrinter(PythonCodePrinter):
         return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
 
     def _print_Max(self, expr):
-        return functools.reduce(lambda a, b: f"max({a}, {b})", map(self._print, expr.args))
+        self.helpers_used.add("maximum")  # NaN-propagating, as PyTorch's max of tensors
+        return functools.reduce(lambda a, b: f"maximum({a}, {b})", map(self._print, expr.args))
 
     def _print_Min(self, expr):
-        return functools.reduce(lambda a, b: f"min({a}, {b})", map(self._print, expr.args))
+        self.helpers_used.add("minimum")
+        return functools.reduce(lambda a, b: f"minimum({a}, {b})", map(self._print, expr.args))
 
     target = "CPU"
     helpers = HELPERS  # the helper functions this target can emit, by name

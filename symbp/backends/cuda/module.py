@@ -303,7 +303,8 @@ def _signatures(signatures: dict[str, str]) -> str:
 _MODEL_NAMES = {"forward", "forward_train", "update_running", "loss_rows", "backward", "penalty", "loss_and_grads",
                 "blocks", "col_blocks", "gemm_blocks",
                 "batch_gemm_blocks",
-                "block_reduce", "gemm", "cublas_gemm", "sigmoid", "softplus", "relu", "leaky_relu", "elu"}
+                "block_reduce", "gemm", "cublas_gemm", "sigmoid", "softplus", "relu", "leaky_relu", "elu", "maximum",
+                "minimum"}
 _TRAIN_NAMES = _MODEL_NAMES | {"backward_update", "train_epoch", "gather_rows", "check_batch", "finish_batch",
                                "gemm_scalars"}
 
