@@ -322,7 +322,7 @@ def test_explain_says_what_each_layer_reads_and_sums():
     assert "inputs a1 (4,) and a2 (4,) → output (4,)" in text  # the Add
     assert "the add gate copies δ unchanged to every input" in text
     assert "the sum of ∂C/∂a sent back by layers 2 (Dense(4)), 3 (Add()), 4 (Dense(3))" in text  # h, read thrice
-    assert "δ1[n,p] = H(z1[n,p])·(Σ_i W2[i,p]·δ2[n,i] + Σ_i W4[i,p]·δ4[n,i] + δ3[n,p])" in text
+    assert "δ1[n,p] = H(a1[n,p])·(Σ_i W2[i,p]·δ2[n,i] + Σ_i W4[i,p]·δ4[n,i] + δ3[n,p])" in text  # relu′ read from a
     assert "δ4[n,p] = δ5[n,p + d₃]·σ′(z4[n,p])" in text  # s gets its slice of the Concat's δ
 
 

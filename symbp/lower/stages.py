@@ -455,6 +455,13 @@ def _window_scatter(builder, ld, ranges):
         # multiplying by f′ were three); entries no window reaches are zeroed first, unless
         # the windows tile the input.
         fprime = builder.value(ld.fprime(reads[0].indices))
+        if isinstance(coeff, route) and nxt.layer.activation.is_identity:
+            # Max pooling: only the window's arg-max gets δ, and there a_l is the window's
+            # maximum, z of the pool.  f′ in a reads it there (one value a window, stored
+            # for the layer after), so z_l and a_l need not be kept for the backward pass.
+            at_max = fprime.xreplace({builder.value(ld.a[reads[0].indices]): builder.value(nxt.z[(n, *st.idx)])})
+            if not at_max.has(builder.value(ld.z[reads[0].indices]).base, builder.value(ld.a[reads[0].indices]).base):
+                fprime = at_max
         store = Nest(out_ranges + window, [(g[reads[0].indices], fprime * coeff * up)])
         return ([] if cover == "tiles" else [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))])]) + [store]
     steps = [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))]),

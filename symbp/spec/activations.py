@@ -128,7 +128,27 @@ class Activation:
 
         z, a = _symbols()
         in_a = simplest(self.derivative.subs(self.expr, a)) if self.expr != z else sp.Integer(1)
-        return in_a if z not in in_a.free_symbols else None
+        if z not in in_a.free_symbols:
+            return in_a
+        return self._step_in_a()
+
+    def _step_in_a(self) -> sp.Expr | None:
+        """f′ of a piecewise-constant derivative whose pieces f keeps apart (relu: H(z) = H(a),
+        leaky relu's 1 or s by the sign of z, which a shares): f′ with z renamed a, when SymPy
+        proves f′(f(z)) = f′(z) for every z, the kinks included."""
+        import sympy as sp
+
+        z, a = _symbols()
+        try:
+            pieces = self.derivative.rewrite(sp.Piecewise)
+            if not isinstance(pieces, sp.Piecewise) or any(e.free_symbols for e, _ in pieces.args):
+                return None
+            gap = (self.derivative.subs(z, self.expr) - self.derivative).rewrite(sp.Piecewise)
+            if sp.simplify(sp.piecewise_fold(gap)) != 0:
+                return None
+        except Exception:  # noqa: BLE001 - a form SymPy cannot decide keeps z
+            return None
+        return self.derivative.subs(z, a)
 
     @property
     def is_identity(self) -> bool:
