@@ -273,3 +273,31 @@ def test_an_image_output_takes_image_shaped_targets(compiled):
     assert flat[0] == image[0] and all(np.array_equal(flat[1][k], image[1][k]) for k in flat[1])
     with pytest.raises(ValueError, match=r"y must have shape \(4, 45\) or \(4, 3, 3, 5\) .* got \(4, 3, 5, 3\)"):
         model.loss_and_grads(X, y.reshape(4, 3, 5, 3))
+
+
+@pytest.mark.parametrize("size, stride", [(2, None), ((2, 3), None), ((3, 2), (2, 2)), (2, (2, 3))])
+def test_max_pool_ties_between_rows_and_columns_go_where_torch_sends_them(tmp_path, size, stride):
+    """Windows side by side along a row are scanned a column at a time (down the column, then
+    across): ties between entries of other rows and columns ((0, 1) against (1, 0)) must still
+    go to the first in row-major order.  A 1×1 conv over two channels with weights (1, 1)
+    sums small integers split at random between the channels: ties everywhere, and the
+    weight gradient tells which entry got δ (the channels differ between tied entries)."""
+    net = sb.Network(inputs=(2, 6, 7), layers=[sb.Conv2D(1, 1, activation="relu"), sb.MaxPool2D(size, stride),
+                                               sb.Flatten(), sb.Dense(2)], loss="mse")
+    model = sb.compile(net, dtype="float64", seed=2, cache_dir=tmp_path)
+    model.params["W1"][...] = 1.0
+    model.params["b1"][...] = 0.0
+    rng = np.random.default_rng(9)
+    total = rng.integers(-1, 3, size=(5, 1, 6, 7)).astype(float)
+    share = rng.integers(0, 2, size=total.shape) * total
+    X = np.concatenate([share, total - share], axis=1)
+    y = rng.normal(size=(5, 2))
+    loss, grads = model.loss_and_grads(X, y)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    kh, kw = (size, size) if isinstance(size, int) else size
+    a = F.max_pool2d(torch.relu(F.conv2d(torch.tensor(X), tp["W1"], tp["b1"])), (kh, kw), stride or (kh, kw))
+    ref = F.mse_loss(a.flatten(1) @ tp["W4"].T + tp["b4"], torch.tensor(y))
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-12 * abs(ref.item())
+    for k in grads:
+        assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k

@@ -15,6 +15,7 @@ import sympy as sp
 from ...indices import N
 from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, Sync, WindowArgmax
 from ..common import (
+    UNROLL_WINDOW,
     NumbaPrinter,
     extent_text,
     inner_view,
@@ -217,9 +218,86 @@ def _hoist_reads(step: Nest, printer: NumbaPrinter) -> tuple[Nest, list]:
 @emit.register
 def _(step: WindowArgmax, printer: NumbaPrinter) -> list[str]:
     out, indent = _inner_views([step.value, *(x_ for st in step.pre for x_ in st)], printer), ""
+    rows = _row_form(step)
+    if rows is not None:
+        return out + _row_scan(step, printer, *rows)
     for idx, extent in step.ranges:
         out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")
         indent += "    "
     return out + [indent + line for line in window_scan(step, printer, "NEG_INF")]
+
+
+def _row_form(step: WindowArgmax) -> tuple | None:
+    """(column symbol, the window entry at (u, column) as (value, pre)) when a row of
+    windows can be scanned a column at a time: a 2-D window of at most UNROLL_WINDOW entries
+    whose column offset v and the output column w meet only as kw·w + v (windows side by side
+    along the row, as a max pool whose stride is its width), w the innermost output index."""
+    if len(step.window) != 2 or len(step.ranges) < 2:
+        return None
+    (u, kh), (v, kw) = step.window
+    w = step.ranges[-1][0]
+    if not (sp.sympify(kh).is_Integer and sp.sympify(kw).is_Integer) or int(kh) * int(kw) > UNROLL_WINDOW:
+        return None
+    j = sp.Symbol("j", integer=True, nonnegative=True)
+    at_column = {v: j - int(kw) * w}
+
+    def moved(e):
+        out = e.xreplace(at_column).replace(lambda x: isinstance(x, sp.Indexed),
+                                            lambda x: x.base[tuple(sp.expand(i) for i in x.indices)])
+        return out if not any(w in sp.sympify(i).free_symbols for x in out.atoms(sp.Indexed) for i in x.indices) else None
+
+    value = moved(step.value)
+    pre = [(moved(t), moved(e)) for t, e in step.pre]
+    if value is None or value.has(w) or any(t is None or e is None or e.has(w) for t, e in pre):
+        return None
+    return j, value, pre
+
+
+def _row_scan(step: WindowArgmax, printer: NumbaPrinter, j, value, pre) -> list[str]:
+    """A row of max-pool windows in two passes: down each column of the row (the kh entries
+    of column j, contiguous in j: LLVM vectorises it), then across the kw column maxima of
+    each window.  The same arg-max as window_scan: the first maximum in row-major order (the
+    column pass keeps its first row on ties; the row pass takes a later column only if it
+    is larger, or as large and earlier in row-major order), NaN never taken, a window of
+    -inf and NaN at position 0, and Σ 0·val added to the maximum.  Measured on the wide
+    CNN's first pool (128 × 32 × 26 × 26, float32, alone): 1.1 ms against 2.0-2.4 for the
+    window-at-a-time scan, which LLVM left scalar."""
+    (u, kh), (v, kw) = step.window
+    kh, kw = int(kh), int(kw)
+    w, wo = step.ranges[-1]
+    keep = step.max_target is not None
+    cols = sp.expand(sp.sympify(wo) * kw)
+    width = extent_text(printer, cols)
+    dtype = "np.float32" if printer.dtype == "float32" else "np.float64"
+    out = [f"col_best = np.empty({width}, {dtype})", f"col_arg = np.empty({width}, {dtype})"]
+    out += [f"col_poison = np.empty({width}, {dtype})"] if keep else []
+    indent = ""
+    for idx, extent in step.ranges[:-1]:
+        out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")
+        indent += "    "
+    printer.names[j] = "j"
+    body = [f"for j in range({width}):"]
+    body += ["    cb = NEG_INF", "    cu = ZERO"] + (["    cp = ZERO"] if keep else [])
+    for row in range(kh):
+        at, local = {u: sp.Integer(row)}, {}
+        for k, (target, expr) in enumerate(pre):
+            name, here = f"pre{k}", target.xreplace(at)
+            body += [f"    {name} = {printer.doprint(expr.xreplace(at).xreplace(local))}",
+                     f"    {printer._print(here)} = {name}"]
+            local[here] = sp.Symbol(name)
+            printer.names[local[here]] = name
+        body += [f"    val = {printer.doprint(value.xreplace(at).xreplace(local))}"]
+        body += ["    cp += ZERO * val"] if keep else []
+        body += ["    c = val > cb", "    cb = val if c else cb", f"    cu = {printer._print(sp.Integer(row * kw))} if c else cu"]
+    body += ["    col_best[j] = cb", "    col_arg[j] = cu"] + (["    col_poison[j] = cp"] if keep else [])
+    body += [f"for {w} in range({extent_text(printer, wo)}):", f"    best = col_best[{kw}*{w}]", f"    arg = col_arg[{kw}*{w}]"]
+    body += [f"    poison = col_poison[{kw}*{w}]"] if keep else []
+    for col in range(1, kw):
+        body += [f"    m = col_best[{kw}*{w} + {col}]", f"    a = col_arg[{kw}*{w} + {col}] + {printer._print(sp.Integer(col))}",
+                 "    c = (m > best) | ((m == best) & (a < arg))", "    best = m if c else best", "    arg = a if c else arg"]
+        body += [f"    poison += col_poison[{kw}*{w} + {col}]"] if keep else []
+    body += [f"    {printer._print(step.target)} = arg"]
+    body += [f"    {printer._print(step.max_target)} = best + poison"] if keep else []
+    return out + [indent + line for line in body]
 
 
