@@ -16,8 +16,8 @@ from _support import rel_err
 
 import symbp as sb
 from symbp.indices import N
-from symbp.lower.elide import elide_copies, fuse_scans
-from symbp.lower.ir import BlockGemm, Nest, WindowArgmax
+from symbp.lower.elide import drop_dead_stores, elide_copies, fuse_scans
+from symbp.lower.ir import BlockGemm, Gemm, Loop, Nest, WindowArgmax
 from symbp.spec.ops import relu
 
 torch = pytest.importorskip("torch")
@@ -100,6 +100,30 @@ def test_a_value_another_step_reads_stays_stored():
     assert [t.base for t, _ in out[0].pre] == [Z, A]
 
 
+ROW = [(n, N), (p, 3)]
+
+
+def bias_relu():
+    """A GEMM into Z, then z = b + z and a = relu(z) at each entry (a Dense layer's pass)."""
+    return [Gemm(Z, A, False, Wt, True), Loop(ROW, [(Z[n, p], b[p] + Z[n, p]), (B[n, p], relu(Z[n, p]))])]
+
+
+def test_a_store_no_one_reads_is_dropped_and_its_formula_read_in_its_place():
+    out = drop_dead_stores(bias_relu(), lambda lab: lab, lambda name: name == "B")  # (B: the layer's output)
+    assert out[1].stmts == [(B[n, p], relu(b[p] + Z[n, p]))] and out[0] == bias_relu()[0]
+
+
+@pytest.mark.parametrize("why, steps, needed", [
+    ("read by a later function", bias_relu(), {"Z"}),
+    ("read by another step", bias_relu() + [Loop(ROW, [(G[n, p], 2 * Z[n, p])])], set()),
+    ("read at another entry", [Loop(ROW, [(Z[n, p], b[p]), (B[n, p], Z[n, 2 - p])])], set()),
+    ("read by the loop's sum", [Loop(ROW, [(Z[n, p], b[p])], [(sp.Symbol("total"), Z[n, p])])], set()),
+    ("a step the pass cannot read", bias_relu() + [object()], set()),
+])
+def test_a_store_someone_reads_stays(why, steps, needed):
+    assert drop_dead_stores(steps, lambda lab: lab, lambda name: name in needed | {"B", "G"}) == steps, why
+
+
 NET = sb.Network(inputs=(1, 14, 14), layers=[sb.Conv2D(3, 3, activation="relu"), sb.MaxPool2D(2),
                                              sb.Conv2D(4, 2, activation="relu"), sb.MaxPool2D(2), sb.Flatten(),
                                              sb.Dense(3)], loss="softmax_cross_entropy", name="elide-two-convs")
@@ -121,7 +145,9 @@ def test_generated_code_has_no_activation_pass_nor_delta_copy_and_matches_torch(
     # maximum (H(z) = H(a), a = max there), so z₁ is neither stored nor read back
     assert ("forward", ("Am2", "Z2")) in writes
     assert not any("Z1" in w_ or "A1" in w_ for _, w_ in writes)
-    assert ("forward", ("Z3", "A3")) in writes  # conv 3's 5×5 map is pooled leaving entries out: its own pass
+    # conv 3's 5×5 map is pooled leaving entries out: its own pass, which stores a₃ alone (the
+    # pool's δ reads relu′ at each window's maximum, so no one reads z₃)
+    assert ("forward", ("A3",)) in writes
     backward = [w_ for fn, w_ in writes if fn == "backward"]
     assert not any(w_ in (("dZ1",), ("dZ3",)) for w_ in backward), backward  # δ straight into dZt1, dZt3
     rng = np.random.default_rng(4)

@@ -221,3 +221,42 @@ def _fuse_pair(nest, scan, others: list, buffer, needed):
             local[here] = value
     value = sp.sympify(scan.value).xreplace(local)
     return WindowArgmax(list(scan.ranges), scan.target, value, list(scan.window), scan.max_target, pre)
+
+
+def drop_dead_stores(steps: list, buffer, needed) -> list:
+    """``steps`` (a forward pass) without the stores no one reads: a statement of a point-wise
+    Loop or Nest writing an array that no other step of ``steps`` reads and ``needed(buffer)``
+    says no later function reads (z of a layer whose f′ reads a, or whose max pool's δ reads
+    the window's maximum) is dropped, and a later statement of the same entry reading its value
+    gets the formula instead: ``A1 = relu(Z1)`` after ``Z1 = b + Z1`` becomes
+    ``A1 = relu(b + Z1)``, one store an entry fewer.  A step this pass cannot read keeps
+    everything."""
+    acc = [_reads_writes(step, buffer) for step in steps]
+    if any(a is None for a in acc):
+        return list(steps)
+    out = []
+    for pos, step in enumerate(steps):
+        if not isinstance(step, (Loop, Nest)) or getattr(step, "accumulate", False):
+            out.append(step)
+            continue
+        read_elsewhere = set().union(*(a[0] for k, a in enumerate(acc) if k != pos))
+        extra = [sp.sympify(e) for _, e in [*getattr(step, "sums", ()), *getattr(step, "adds", ())]]
+        kept, local = [], {}
+        for k, (t, e) in enumerate(step.stmts):
+            e = sp.sympify(e).xreplace(local)
+            name = buffer(str(t.base.label)) if isinstance(t, sp.Indexed) else None
+            later = [sp.sympify(e2) for _, e2 in step.stmts[k + 1:]] + extra
+            # later statements of this entry may read the target at the entry itself only
+            here_only = all(x == t for e2 in later for x in e2.atoms(sp.Indexed) if buffer(str(x.base.label)) == name)
+            if name is None or needed(name) or name in read_elsewhere or not here_only or any(e2.has(t) for e2 in extra):
+                kept.append((t, e))
+            else:
+                local[t] = e
+        if not local:
+            out.append(step)
+        elif isinstance(step, Nest):
+            if kept:
+                out.append(Nest(list(step.ranges), kept, dict(step.sum_ranges), step.accumulate))
+        elif kept or extra:
+            out.append(Loop(list(step.ranges), kept, list(step.sums), step.parallel, list(step.adds)))
+    return out

@@ -21,7 +21,7 @@ import sympy as sp
 
 from ...derive import Derivation
 from ...indices import N
-from ...lower.elide import elide_copies, fuse_scans
+from ...lower.elide import drop_dead_stores, elide_copies, fuse_scans
 from ...lower.fuse import BARRIER, access_sets, fuse_loops
 from ...lower.ir import Gemm, Loop, Sync
 from ...lower.plan import Plan
@@ -102,6 +102,8 @@ class CpuModule(Plan):
         buffer = self._buffer_of
         steps = elide_copies(steps, buffer, lambda label: self.roles.get(buffer(label)) == "delta", self.flat.get)
         steps = fuse_scans(steps, buffer, self._read_later)
+        if name.startswith("forward"):  # (what the backward pass and the loss read: _read_later)
+            steps = drop_dead_stores(steps, buffer, self._read_later)
         steps = fuse_loops(steps, self._size, buffer)
         for step in steps:
             start = len(body)
