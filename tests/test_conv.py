@@ -281,14 +281,15 @@ def test_max_pool_ties_between_rows_and_columns_go_where_torch_sends_them(tmp_pa
     across): ties between entries of other rows and columns ((0, 1) against (1, 0)) must still
     go to the first in row-major order.  A 1×1 conv over two channels with weights (1, 1)
     sums small integers split at random between the channels: ties everywhere, and the
-    weight gradient tells which entry got δ (the channels differ between tied entries)."""
-    net = sb.Network(inputs=(2, 6, 7), layers=[sb.Conv2D(1, 1, activation="relu"), sb.MaxPool2D(size, stride),
+    weight gradient tells which entry got δ (the channels differ between tied entries).  Rows of
+    34 columns: scanned a column at a time (ROW_FORM_MIN) but for the strided case."""
+    net = sb.Network(inputs=(2, 6, 34), layers=[sb.Conv2D(1, 1, activation="relu"), sb.MaxPool2D(size, stride),
                                                sb.Flatten(), sb.Dense(2)], loss="mse")
     model = sb.compile(net, dtype="float64", seed=2, cache_dir=tmp_path)
     model.params["W1"][...] = 1.0
     model.params["b1"][...] = 0.0
     rng = np.random.default_rng(9)
-    total = rng.integers(-1, 3, size=(5, 1, 6, 7)).astype(float)
+    total = rng.integers(-1, 3, size=(5, 1, 6, 34)).astype(float)
     share = rng.integers(0, 2, size=total.shape) * total
     X = np.concatenate([share, total - share], axis=1)
     y = rng.normal(size=(5, 2))
