@@ -1,4 +1,5 @@
-"""Fewer passes over image buffers: a layout copy elided, an activation scanned where it is made.
+"""Fewer passes over image buffers: a layout copy elided, an activation scanned where it is made,
+stores no one reads dropped.
 
 The planner lowers each stage on its own, so a conv layer followed by max pooling passes over
 its (batch, K, H, W) maps more often than the formulas need:
@@ -13,8 +14,12 @@ its (batch, K, H, W) maps more often than the formulas need:
   pool's scan reading ``a`` in another.  When the pool's windows tile the map (each entry in
   exactly one window), :func:`fuse_scans` moves the first pass into the scan: each window
   entry computes z and f(z) as it is visited, stores what a later step or function reads
-  (z, for f′ in the backward pass) and keeps the rest (a) in a register: one pass, and one
+  (z, where the backward pass reads f′ from it) and keeps the rest in a register: one pass, and one
   buffer the size of the map neither written nor read again.
+* **stores no one reads** — ``z = b + zt`` kept for f′ when f′ reads a (relu's H(z) = H(a)) or
+  when a max pool's δ reads f′ at each window's maximum: :func:`drop_dead_stores` drops a
+  forward-pass statement whose array no later step or function reads, and the statements
+  after it read its formula.
 
 Measured (2-core AMD EPYC Zen 5, float32, ``fit`` over 16 batches, best of 7, three interleaved
 runs against the code without these passes): the wide CNN of ``benchmarks/bench_cnn.py`` 16.5 →
