@@ -302,3 +302,31 @@ def test_max_pool_ties_between_rows_and_columns_go_where_torch_sends_them(tmp_pa
     assert abs(loss - ref.item()) <= 1e-12 * abs(ref.item())
     for k in grads:
         assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k
+
+
+CONV_POOL_ACTS = {"relu": torch.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.01), "tanh": torch.tanh,
+                  "sigmoid": torch.sigmoid, "elu": F.elu, "softplus": F.softplus,
+                  "max(z, 0.1*z)": lambda z: torch.maximum(z, 0.1 * z), "z*sigmoid(z)": lambda z: z * torch.sigmoid(z)}
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("act", sorted(CONV_POOL_ACTS))
+def test_conv_activation_pool_equals_torch(tmp_path, act, size):
+    """A conv's activation before a max pool: f′ read at each window's maximum where it is
+    written in a (relu's H(z) = H(a), tanh, σ, leaky relu), from z where it is not (elu,
+    softplus, swish); 2×2 windows tile the 8×34 map (bias and activation in the pool's scan,
+    a row of windows at a time), 3×3 ones leave entries out."""
+    net = sb.Network(inputs=(2, 8, 34), layers=[sb.Conv2D(3, 3, padding=1, activation=act), sb.MaxPool2D(size),
+                                                sb.Flatten(), sb.Dense(4)], loss="softmax_cross_entropy")
+    model = sb.compile(net, dtype="float64", seed=1, cache_dir=tmp_path)
+    rng = np.random.default_rng(3)
+    model.params["b1"] = rng.normal(size=3) * 0.5
+    X, y = rng.normal(size=(5, 2 * 8 * 34)), rng.integers(0, 4, 5)
+    loss, grads = model.loss_and_grads(X, y)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    a = F.max_pool2d(CONV_POOL_ACTS[act](F.conv2d(torch.tensor(X).reshape(5, 2, 8, 34), tp["W1"], tp["b1"], padding=1)), size)
+    ref = F.cross_entropy(a.flatten(1) @ tp["W4"].T + tp["b4"], torch.tensor(y))
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-12 * abs(ref.item())
+    for k in grads:
+        assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k
