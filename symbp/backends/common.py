@@ -657,6 +657,21 @@ def nest_statements(step: Nest, printer: NumbaPrinter) -> list[str]:
 UNROLL_WINDOW = 16
 
 
+def window_entry(pre: list, value: sp.Expr, at: dict, printer: NumbaPrinter, indent: str, poison: str | None) -> list[str]:
+    """The lines that visit one window entry (its indices fixed by ``at``): each stage
+    computed there (``pre``) into a local and stored, then ``val``, the entry's value, read
+    from those locals, and ``poison`` (if named) += 0·val."""
+    lines, local = [], {}
+    for k, (target, expr) in enumerate(pre):
+        name, here = f"pre{k}", target.xreplace(at)
+        lines += [f"{indent}{name} = {printer.doprint(expr.xreplace(at).xreplace(local))}",
+                  f"{indent}{printer._print(here)} = {name}"]
+        local[here] = sp.Symbol(name)
+        printer.names[local[here]] = name
+    lines += [f"{indent}val = {printer.doprint(value.xreplace(at).xreplace(local))}"]
+    return lines + ([f"{indent}{poison} += ZERO * val"] if poison else [])
+
+
 def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) -> list[str]:
     """The scan of one output entry's window (every target prints it this way).
 
@@ -681,15 +696,7 @@ def window_scan(step: WindowArgmax, printer: NumbaPrinter, minus_infinity: str) 
     body = [f"best = {minus_infinity}", "arg = 0"] + ([] if unroll else ["pos = 0"]) + (["poison = ZERO"] if keep else [])
 
     def entry(indent: str, at: dict, pos: str) -> list[str]:
-        lines, local = [], {}
-        for k, (target, expr) in enumerate(step.pre):
-            name, here = f"pre{k}", target.xreplace(at)
-            lines += [f"{indent}{name} = {printer.doprint(expr.xreplace(at).xreplace(local))}",
-                      f"{indent}{printer._print(here)} = {name}"]
-            local[here] = sp.Symbol(name)
-            printer.names[local[here]] = name
-        lines += [f"{indent}val = {printer.doprint(step.value.xreplace(at).xreplace(local))}"]
-        lines += [f"{indent}poison += ZERO * val"] if keep else []
+        lines = window_entry(step.pre, step.value, at, printer, indent, "poison" if keep else None)
         return lines + [f"{indent}if val > best:", f"{indent}    best = val", f"{indent}    arg = {pos}"]
 
     if unroll:

@@ -23,6 +23,7 @@ from ..common import (
     nest_statements,
     reads_rows,
     row_reduction_lines,
+    window_entry,
     window_scan,
 )
 from .dots import MAX_OUT
@@ -291,15 +292,7 @@ def _row_scan(step: WindowArgmax, printer: NumbaPrinter, j, value, pre) -> list[
     body = [f"for j in range({width}):"]
     body += ["    cb = NEG_INF", "    cu = ZERO"] + (["    cp = ZERO"] if keep else [])
     for row in range(kh):
-        at, local = {u: sp.Integer(row)}, {}
-        for k, (target, expr) in enumerate(pre):
-            name, here = f"pre{k}", target.xreplace(at)
-            body += [f"    {name} = {printer.doprint(expr.xreplace(at).xreplace(local))}",
-                     f"    {printer._print(here)} = {name}"]
-            local[here] = sp.Symbol(name)
-            printer.names[local[here]] = name
-        body += [f"    val = {printer.doprint(value.xreplace(at).xreplace(local))}"]
-        body += ["    cp += ZERO * val"] if keep else []
+        body += window_entry(pre, value, {u: sp.Integer(row)}, printer, "    ", "cp" if keep else None)
         body += ["    c = val > cb", "    cb = val if c else cb", f"    cu = {printer._print(sp.Integer(row * kw))} if c else cu"]
     body += ["    col_best[j] = cb", "    col_arg[j] = cu"] + (["    col_poison[j] = cp"] if keep else [])
     body += [f"for {w} in range({extent_text(printer, wo)}):", f"    best = col_best[{kw}*{w}]", f"    arg = col_arg[{kw}*{w}]"]
