@@ -459,8 +459,9 @@ def _window_scatter(builder, ld, ranges):
             # Max pooling: only the window's arg-max gets δ, and there a_l is the window's
             # maximum, z of the pool.  f′ in a reads it there (one value a window, stored
             # for the layer after), so z_l and a_l need not be kept for the backward pass.
-            at_max = fprime.xreplace({builder.value(ld.a[reads[0].indices]): builder.value(nxt.z[(n, *st.idx)])})
-            if not at_max.has(builder.value(ld.z[reads[0].indices]).base, builder.value(ld.a[reads[0].indices]).base):
+            a_entry, z_entry = builder.value(ld.a[reads[0].indices]), builder.value(ld.z[reads[0].indices])
+            at_max = fprime.xreplace({a_entry: builder.value(nxt.z[(n, *st.idx)])})
+            if not at_max.has(z_entry.base, a_entry.base):
                 fprime = at_max
         store = Nest(out_ranges + window, [(g[reads[0].indices], fprime * coeff * up)])
         return ([] if cover == "tiles" else [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))])]) + [store]

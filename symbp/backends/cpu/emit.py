@@ -237,8 +237,8 @@ ROW_FORM_MIN = 16
 
 
 def _row_form(step: WindowArgmax) -> tuple | None:
-    """(column symbol, the window entry at (u, column) as (value, pre)) when a row of
-    windows can be scanned a column at a time: a 2-D window of at most UNROLL_WINDOW entries
+    """(column symbol, the row's columns, the window entry at (u, column) as value and pre)
+    when a row of windows can be scanned a column at a time: a 2-D window of at most UNROLL_WINDOW entries
     whose column offset v and the output column w meet only as kw·w + v (windows side by side
     along the row, as a max pool whose stride is its width), w the innermost output index, and
     rows of at least ROW_FORM_MIN columns."""
@@ -263,10 +263,10 @@ def _row_form(step: WindowArgmax) -> tuple | None:
     pre = [(moved(t), moved(e)) for t, e in step.pre]
     if value is None or value.has(w) or any(t is None or e is None or e.has(w) for t, e in pre):
         return None
-    return j, value, pre
+    return j, int(cols), value, pre
 
 
-def _row_scan(step: WindowArgmax, printer: NumbaPrinter, j, value, pre) -> list[str]:
+def _row_scan(step: WindowArgmax, printer: NumbaPrinter, j, cols: int, value, pre) -> list[str]:
     """A row of max-pool windows in two passes: down each column of the row (the kh entries
     of column j, contiguous in j: LLVM vectorises it), then across the kw column maxima of
     each window.  The same arg-max as window_scan: the first maximum in row-major order (the
@@ -279,8 +279,7 @@ def _row_scan(step: WindowArgmax, printer: NumbaPrinter, j, value, pre) -> list[
     kh, kw = int(kh), int(kw)
     w, wo = step.ranges[-1]
     keep = step.max_target is not None
-    cols = sp.expand(sp.sympify(wo) * kw)
-    width = extent_text(printer, cols)
+    width = str(cols)  # (the row's columns, wo·kw, a number: see _row_form)
     dtype = "np.float32" if printer.dtype == "float32" else "np.float64"
     out = [f"col_best = np.empty({width}, {dtype})", f"col_arg = np.empty({width}, {dtype})"]
     out += [f"col_poison = np.empty({width}, {dtype})"] if keep else []
