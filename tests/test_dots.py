@@ -32,3 +32,23 @@ def test_gemm_dots_reads_the_leading_entries_of_larger_buffers():
         one, zero = dtype(1), dtype(0)
         gemm_dots(A[:3].astype(dtype), B[:6].astype(dtype), W, 2, 4, 60, one, zero)
         assert np.allclose(W.reshape(2, 4), ref, rtol=1e-12 if dtype == np.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("m, n, k, chunks", [(3, 5, 40, 3), (8, 25, _CHUNK + 5, 2), (2, 4, 7, 1)])
+def test_dots_add_sums_chunks_of_columns(m, n, k, chunks):
+    """dots_add, a chunk of the batch's columns at a time (A the chunk's own rows, B's rows
+    ldb apart from the chunk's offset on), then dots_finish: α·Σ + β·C, as gemm_dots."""
+    from symbp.backends.cpu.dots import dots_add, dots_finish
+
+    rng = np.random.default_rng(k)
+    A, B = rng.normal(size=(m, chunks * k)), rng.normal(size=(n, chunks * k + 3))  # (B's rows: 3 more)
+    acc = np.zeros((m, n))
+    for c in range(chunks):
+        dots_add(np.ascontiguousarray(A[:, c * k:(c + 1) * k]), B, acc, k, chunks * k + 3, c * k)
+    C0 = rng.normal(size=(m, n))
+    C = C0.copy()
+    dots_finish(acc, C, -0.5, 2.0)
+    assert np.allclose(C, -0.5 * (A @ B[:, :chunks * k].T) + 2.0 * C0, rtol=1e-12, atol=1e-12)
+    C = np.full((m, n), np.nan)
+    dots_finish(acc, C, 1.0, 0.0)
+    assert np.allclose(C, A @ B[:, :chunks * k].T, rtol=1e-12, atol=1e-12)

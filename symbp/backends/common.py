@@ -15,6 +15,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from .._version import __version__
 from ..indices import as_size, n
+from ..lower.chunk import N0
 from ..lower.ir import Loop, Nest, WindowArgmax
 from ..lower.windows import linear_bounds, numeric
 from ..spec import ops
@@ -529,7 +530,9 @@ def _inner_index(printer: NumbaPrinter, expr: sp.Indexed, shape: tuple) -> str:
         row = row * ext + idx
     H, W = shape[-2:]
     n_ = expr.indices[0]
-    return f"{inner_view(printer.array(expr.base))}[(({sp.expand(row)})*nb + {n_})*{H * W} + {sp.expand(h_ * W + w_)}]"
+    # a chunk of samples at the head of the buffer (lower/chunk.py): cn of them, from n0 on
+    count, at = ("cn", sp.expand(n_ - N0)) if str(expr.base.label) in getattr(printer, "chunked", ()) else ("nb", n_)
+    return f"{inner_view(printer.array(expr.base))}[(({sp.expand(row)})*{count} + {at})*{H * W} + {sp.expand(h_ * W + w_)}]"
 
 
 def inner_view(name: str) -> str:

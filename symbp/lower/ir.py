@@ -13,6 +13,8 @@
 * :class:`WindowArgmax` — the first maximum of a window (max pooling, Maxout), stored for
   the backward pass, and the maximum itself when a stage reads it; optionally the stage
   before it computed entry by entry inside the scan (``pre``).
+* :class:`SampleChunks` — steps run a chunk of samples at a time, a buffer they alone use kept
+  for one chunk (a conv's δ between the pool that scatters it and the sums that read it).
 * :class:`Sync` — a batch statistic's sum over this process's rows made the sum over every
   process's rows (data-parallel training: BatchNorm's mean and variance of the global batch).
 """
@@ -116,3 +118,20 @@ class Sync:
 
     out: sp.IndexedBase
     size: int  # its entries (the processes' sums must agree on the buffer's length)
+
+
+@dataclass
+class SampleChunks:
+    """``steps`` over the batch ``size`` samples at a time (see :mod:`symbp.lower.chunk`).
+
+    Inside, the loops over the samples run over the chunk's ``cn`` (``CN``) and read sample
+    ``n + n0`` (``N0``) of the batch's buffers; ``scratch``, which only these steps touch,
+    holds the chunk alone, at the head of its own buffer: its entry [n + n0, row…, h, w] is
+    ((row…)·cn + n)·H·W + h·W + w.  ``zero`` runs once before the chunks (the sums the steps
+    add to); a :class:`BlockGemm` among the steps sums over the batch inside its matrices
+    (δ·colᵀ): each chunk adds its columns' share, and α, β apply once, after the last."""
+
+    steps: list
+    scratch: sp.IndexedBase
+    size: int
+    zero: list = field(default_factory=list)

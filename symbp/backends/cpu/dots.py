@@ -30,24 +30,49 @@ def gemm_dots(A, B, C, m, n, k, alpha, beta):
     """C (the first m·n entries, an (m × n) matrix) ← α·A·Bᵀ + β·C, where A's first m·k
     entries are an (m × k) matrix and B's first n·k an (n × k) one, all C-ordered (work
     buffers, their [:nb] slices, parameter arrays).  β = 0 overwrites C, as BLAS does."""
-    a = A.reshape(A.size)[:m * k].reshape((m, k))
-    b = B.reshape(B.size)[:n * k].reshape((n, k))
-    c = C.reshape(C.size)[:m * n].reshape((m, n))
     acc = np.zeros((m, n), C.dtype)
+    dots_add(A, B, acc, k, k, 0)
+    dots_finish(acc, C, alpha, beta)
+
+
+@njit(cache=True, fastmath=True, boundscheck=False)
+def dots_add(A, B, acc, k, ldb, offset):
+    """acc (m × n) += A·B[:, offset:offset + k]ᵀ, where A's first m·k entries are an (m × k)
+    matrix and B's rows start ``ldb`` entries apart (B a C-ordered buffer read flat): the
+    dot products of a chunk of the batch's columns (a conv's weight gradient a few samples
+    at a time, see symbp.lower.chunk), added to those of the chunks before."""
+    m, n = acc.shape
+    a = A.reshape(A.size)
+    b = B.reshape(B.size)
     for p0 in range(0, k, _CHUNK):
         w = min(_CHUNK, k - p0)
         for i0 in range(0, m, 2):
             for j0 in range(0, n, 4):
                 if i0 + 2 <= m and j0 + 4 <= n:
-                    _block(a[i0, p0:p0 + w], a[i0 + 1, p0:p0 + w], b[j0, p0:p0 + w], b[j0 + 1, p0:p0 + w],
-                           b[j0 + 2, p0:p0 + w], b[j0 + 3, p0:p0 + w], acc, i0, j0)
+                    _block(_row(a, i0, k, p0, w), _row(a, i0 + 1, k, p0, w), _row(b, j0, ldb, offset + p0, w),
+                           _row(b, j0 + 1, ldb, offset + p0, w), _row(b, j0 + 2, ldb, offset + p0, w),
+                           _row(b, j0 + 3, ldb, offset + p0, w), acc, i0, j0)
                 else:
                     for i in range(i0, min(m, i0 + 2)):
                         for j in range(j0, min(n, j0 + 4)):
-                            acc[i, j] += _dot(a[i, p0:p0 + w], b[j, p0:p0 + w])
+                            acc[i, j] += _dot(_row(a, i, k, p0, w), _row(b, j, ldb, offset + p0, w))
+
+
+@njit(cache=True, fastmath=True, boundscheck=False)
+def dots_finish(acc, C, alpha, beta):
+    """C (its first m·n entries) ← α·acc + β·C; β = 0 overwrites C."""
+    m, n = acc.shape
+    c = C.reshape(C.size)
     for i in range(m):
         for j in range(n):
-            c[i, j] = alpha * acc[i, j] if beta == 0 else alpha * acc[i, j] + beta * c[i, j]
+            c[i * n + j] = alpha * acc[i, j] if beta == 0 else alpha * acc[i, j] + beta * c[i * n + j]
+
+
+@njit(cache=True, fastmath=True, boundscheck=False, inline="always")
+def _row(flat, i, ld, start, w):
+    """Entries start … start + w of row i of a matrix stored flat with rows ld apart (a
+    contiguous slice: LLVM vectorises the dot products over it)."""
+    return flat[i * ld + start:i * ld + start + w]
 
 
 @njit(cache=True, fastmath=True, boundscheck=False, inline="always")

@@ -13,7 +13,8 @@ import textwrap
 import sympy as sp
 
 from ...indices import N
-from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, Sync, WindowArgmax
+from ...lower.chunk import N0
+from ...lower.ir import BlockGemm, ColSum, Gemm, Loop, Nest, RowLoop, SampleChunks, Sync, WindowArgmax
 from ..common import (
     UNROLL_WINDOW,
     NumbaPrinter,
@@ -127,6 +128,43 @@ def _(step: BlockGemm, printer: NumbaPrinter) -> list[str]:
     ]
 
 
+@emit.register
+def _(step: SampleChunks, printer: NumbaPrinter) -> list[str]:
+    label = str(step.scratch.label)
+    out = [f"# {printer.array(step.scratch)} {size_note(step)}"]
+    for st in step.zero:
+        out += emit(st, printer)
+    dtype = "np.float32" if printer.dtype == "float32" else "np.float64"
+    gemms = [st for st in step.steps if isinstance(st, BlockGemm)]
+    for st in gemms:
+        (_, _), _, (ro, co) = st.shapes
+        out.append(f"acc_{printer.array(st.out)} = np.zeros(({ro}, {co}), {dtype})")
+    out += [f"for n0 in range(0, nb, {step.size}):", f"    cn = min({step.size}, nb - n0)"]
+    printer.chunked = getattr(printer, "chunked", set()) | {label}
+    try:
+        for st in step.steps:
+            if isinstance(st, BlockGemm):
+                hw = sp.sympify(st.shapes[0][1]) / N  # the columns of one sample
+                a, b, o = (printer.array(x_) for x_ in (st.a, st.b, st.out))
+                lines = [f"# {o} ← {st.beta}·{o} + ({st.alpha})·Σ_chunks {a}·{b}ᵀ, from {st.formula}",
+                         f"dots_add({a}, {b}, acc_{o}, cn * {hw}, nb * {hw}, n0 * {hw})"]
+            else:
+                lines = emit(st, printer)
+            out += ["    " + line for line in lines]
+    finally:
+        printer.chunked = printer.chunked - {label}
+    for st in gemms:
+        o = printer.array(st.out)
+        out.append(f"dots_finish(acc_{o}, {o}, {printer.doprint(st.alpha)}, {printer.doprint(st.beta)})")
+    return out
+
+
+def size_note(step: SampleChunks) -> str:
+    """The comment above a chunked run: what it holds and how many samples a chunk has."""
+    return (f"holds {step.size} samples at a time (at its head): the steps that write and read it "
+            "run a chunk of the batch at a time, the chunk's δ kept in cache (lower/chunk.py)")
+
+
 def _dim(size) -> str:
     """A matrix dimension: a number, or one that counts the batch (N → the run's nb)."""
     return str(sp.sympify(size).xreplace({N: sp.Symbol("nb")}))
@@ -200,7 +238,7 @@ def _hoist_reads(step: Nest, printer: NumbaPrinter) -> tuple[Nest, list]:
         kept = set().union(*(s_.atoms(sp.Indexed) for s_ in expr.atoms(sp.Sum)),
                            *(e_.atoms(sp.Indexed) for pw in expr.atoms(sp.Piecewise) for e_, _ in pw.args))
         for read in sorted(expr.atoms(sp.Indexed) - kept, key=str):
-            used = set().union(*(sp.sympify(i).free_symbols for i in read.indices))
+            used = set().union(*(sp.sympify(i).free_symbols for i in read.indices)) - {N0}  # (a chunk's first sample: fixed)
             if read in subs or printer.array(read.base) in written or used - set(depth_of):
                 continue
             at = max((depth_of[s_] for s_ in used), default=-1)

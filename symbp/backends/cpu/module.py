@@ -21,11 +21,13 @@ import sympy as sp
 
 from ...derive import Derivation
 from ...indices import N
+from ...lower.chunk import chunk_samples
 from ...lower.elide import drop_dead_stores, elide_copies, fuse_scans
 from ...lower.fuse import BARRIER, access_sets, fuse_loops
-from ...lower.ir import Gemm, Loop, Sync
+from ...lower.ir import Gemm, Loop, SampleChunks, Sync
 from ...lower.plan import Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
+from .dots import MAX_OUT
 from .emit import emit
 
 # The step functions (forward, loss_rows, backward_update, …) are inlined, as Numba IR, into
@@ -50,6 +52,8 @@ def inline_flag(n_args: int, objmode: bool = False) -> str:
 def step_writes(step, printer) -> tuple[str, ...]:
     """The arrays (and running sums: ``total``, ``penalty``) a kernel step writes, by the
     names the module gives them."""
+    if isinstance(step, SampleChunks):
+        return tuple(dict.fromkeys(w_ for st in step.steps for w_ in step_writes(st, printer)))
     out = []
     for attr in ("out", "target", "max_target"):
         base = getattr(step, attr, None)
@@ -105,6 +109,7 @@ class CpuModule(Plan):
         if name.startswith("forward"):  # (what the backward pass and the loss read: _read_later)
             steps = drop_dead_stores(steps, buffer, self._read_later)
         steps = fuse_loops(steps, self._size, buffer)
+        steps = chunk_samples(steps, buffer, self.inner, self.flat, 4 if self.dtype == "float32" else 8, MAX_OUT)
         for step in steps:
             start = len(body)
             body += emit(step, pr)
@@ -157,7 +162,7 @@ class CpuModule(Plan):
     def _blas_import(self) -> str:
         kind = "s" if self.dtype == "float32" else "d"
         return (f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block\n"
-                "from symbp.backends.cpu.dots import gemm_dots")
+                "from symbp.backends.cpu.dots import dots_add, dots_finish, gemm_dots")
 
     @property
     def float_type(self) -> str:
