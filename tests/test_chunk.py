@@ -116,11 +116,43 @@ def test_plain_sgd_fuses_its_update_into_the_chunks(two_sample_chunks, tmp_path)
         assert rel_err(m32.params[k], v.detach().numpy()) <= 1e-4, k
 
 
-def test_a_conv_whose_delta_goes_on_back_is_not_chunked(tmp_path):
-    """The second conv's δ is also read by its input gradient (Wᵀ·δ, then col2im), which needs
-    W before the update: only the first conv's run is chunked."""
-    two = sb.Network(inputs=(1, 12, 12), layers=[sb.Conv2D(4, 3, activation="relu"), sb.MaxPool2D(2),
-                                                 sb.Conv2D(5, 3, activation="relu"), sb.MaxPool2D(2),
-                                                 sb.Flatten(), sb.Dense(3)], loss="softmax_cross_entropy")
-    src = sb.compile(two, dtype="float64", seed=0, cache_dir=tmp_path).source_path.read_text()
-    assert "dZt1 holds" in src and "dZt3 holds" not in src
+def two_convs():
+    return sb.Network(inputs=(1, 12, 12), layers=[sb.Conv2D(4, 3, activation="relu"), sb.MaxPool2D(2),
+                                                  sb.Conv2D(5, 3, padding=1, activation="tanh"), sb.MaxPool2D(2),
+                                                  sb.Flatten(), sb.Dense(3)], loss="softmax_cross_entropy")
+
+
+@pytest.fixture(scope="module")
+def two_conv_chunks(tmp_path_factory):
+    """The two-conv net, chunks of 2 samples for its second conv's columns (4·3·3 × 5 × 5 each)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunk, "CHUNK_BYTES", 2 * 36 * 25 * 8)
+        return sb.compile(two_convs(), dtype="float64", seed=1, cache_dir=tmp_path_factory.mktemp("two"))
+
+
+def test_a_later_conv_chunks_its_columns_not_its_delta(two_conv_chunks):
+    """The second conv's δ is read by its weight gradient and its input gradient (Wᵀ·δ, which
+    needs W before the update): it stays whole; its columns Wᵀ·δ and their col2im run in chunks."""
+    src = two_conv_chunks.source_path.read_text()
+    assert "dZcol3 holds 2 samples at a time" in src and "dZt3 holds" not in src
+    assert "gemm_at(W3, 0, 5, 36, 36, True, dZt3, n0 * 25, 5, cn * 25, nb * 25, False, dZcol3, 0, 36, cn * 25" in src
+
+
+@pytest.mark.parametrize("rows", [5, 2, 1])
+def test_chunked_columns_give_torch_gradients(two_conv_chunks, rows):
+    model = two_conv_chunks
+    rng = np.random.default_rng(rows + 10)
+    for k in ("b1", "b3"):
+        model.params[k] = rng.normal(size=model.params[k].shape) * 0.3
+    X, y = rng.normal(size=(rows, 144)), rng.integers(0, 3, rows)
+    for w in model._workspace(rows):  # stale buffers: each chunk zeroes its samples' δ first
+        w.fill(np.nan)
+    loss, grads = model.loss_and_grads(X, y)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    a = F.max_pool2d(torch.relu(F.conv2d(torch.as_tensor(X).reshape(-1, 1, 12, 12), tp["W1"], tp["b1"])), 2)
+    a = F.max_pool2d(torch.tanh(F.conv2d(a, tp["W3"], tp["b3"], padding=1)), 2)
+    ref = F.cross_entropy(a.flatten(1) @ tp["W6"].T + tp["b6"], torch.as_tensor(y))
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-12 * abs(ref.item())
+    for k in grads:
+        assert rel_err(grads[k], tp[k].grad.numpy()) <= 1e-10, k

@@ -118,3 +118,24 @@ def gemm_block(A, ia, ar, ac, ta, B, ib, br, bc, tb, C, ic, cr, cc, alpha, beta,
 
 
 sgemm_block = dgemm_block = gemm_block
+
+
+@njit(cache=True)
+def gemm_at(A, a0, ar, ac, lda, ta, B, b0, br, bc, ldb, tb, C, c0, cr, cc, ldc, alpha, beta, scalars):
+    """C ← alpha·op(A)·op(B) + beta·C for matrices anywhere in their buffers: X is the
+    (rows × cols) matrix whose entry (i, j) is X's flat entry x0 + i·ldx + j (a chunk of the
+    columns of a batch-inside buffer: its first column's entry, the buffer's row length).
+    Buffers are read flat, as their C-ordered memory."""
+    k = ar if ta else ac
+    if cr == 0 or cc == 0:
+        return
+    scalars[0] = alpha
+    scalars[1] = beta
+    status = _xxgemm(_T if tb else _N, _T if ta else _N, cc, cr, k,
+                     _data_pointer(scalars), _pointer_at(B, b0), ldb, _pointer_at(A, a0), lda,
+                     _data_pointer(scalars[1:]), _pointer_at(C, c0), ldc)
+    if status != 0:
+        raise RuntimeError("BLAS gemm failed")
+
+
+sgemm_at = dgemm_at = gemm_at

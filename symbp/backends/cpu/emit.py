@@ -135,7 +135,7 @@ def _(step: SampleChunks, printer: NumbaPrinter) -> list[str]:
     for st in step.zero:
         out += emit(st, printer)
     dtype = "np.float32" if printer.dtype == "float32" else "np.float64"
-    gemms = [st for st in step.steps if isinstance(st, BlockGemm)]
+    gemms = [st for st in step.steps if isinstance(st, BlockGemm) and str(st.out.label) != label]  # (sums over chunks)
     for st in gemms:
         (_, _), _, (ro, co) = st.shapes
         out.append(f"acc_{printer.array(st.out)} = np.zeros(({ro}, {co}), {dtype})")
@@ -143,8 +143,15 @@ def _(step: SampleChunks, printer: NumbaPrinter) -> list[str]:
     printer.chunked = getattr(printer, "chunked", set()) | {label}
     try:
         for st in step.steps:
-            if isinstance(st, BlockGemm):
-                hw = sp.sympify(st.shapes[0][1]) / N  # the columns of one sample
+            if isinstance(st, BlockGemm) and str(st.out.label) == label:  # the chunk's columns: Wᵀ·δ
+                (ar, ac), (br, bcols), (orows, _) = st.shapes
+                hw = sp.sympify(bcols) / N  # the columns of one sample
+                a, b, o = (printer.array(x_) for x_ in (st.a, st.b, st.out))
+                lines = [f"# {o} ← {a}ᵀ·{b} for the chunk's samples, from {st.formula}",
+                         f"gemm_at({a}, 0, {ar}, {ac}, {ac}, True, {b}, n0 * {hw}, {br}, cn * {hw}, nb * {hw}, False, "
+                         f"{o}, 0, {orows}, cn * {hw}, cn * {hw}, {printer.doprint(st.alpha)}, ZERO, scal)"]
+            elif isinstance(st, BlockGemm):  # the chunk's share of δ·colᵀ
+                hw = sp.sympify(st.shapes[0][1]) / N
                 a, b, o = (printer.array(x_) for x_ in (st.a, st.b, st.out))
                 lines = [f"# {o} ← {st.beta}·{o} + ({st.alpha})·Σ_chunks {a}·{b}ᵀ, from {st.formula}",
                          f"dots_add({a}, {b}, acc_{o}, cn * {hw}, nb * {hw}, n0 * {hw})"]
@@ -162,7 +169,7 @@ def _(step: SampleChunks, printer: NumbaPrinter) -> list[str]:
 def size_note(step: SampleChunks) -> str:
     """The comment above a chunked run: what it holds and how many samples a chunk has."""
     return (f"holds {step.size} samples at a time (at its head): the steps that write and read it "
-            "run a chunk of the batch at a time, the chunk's δ kept in cache (lower/chunk.py)")
+            "run a chunk of the batch at a time, the chunk kept in cache (lower/chunk.py)")
 
 
 def _dim(size) -> str:

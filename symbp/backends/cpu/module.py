@@ -161,7 +161,8 @@ class CpuModule(Plan):
 
     def _blas_import(self) -> str:
         kind = "s" if self.dtype == "float32" else "d"
-        return (f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_block as gemm_block\n"
+        return (f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_at as gemm_at, "
+                f"{kind}gemm_block as gemm_block\n"
                 "from symbp.backends.cpu.dots import dots_add, dots_finish, gemm_dots")
 
     @property
