@@ -69,9 +69,10 @@ def chunk_samples(steps: list, buffer, inner: set, flat: dict, itemsize: int, sm
 
 
 def _writes_only(step, label: str) -> bool:
-    """Whether ``step`` is a Nest over the samples (n outermost) storing into ``label`` alone."""
+    """Whether ``step`` is a Nest over the samples (n outermost) storing into ``label`` alone,
+    each sample's entries from that sample's."""
     return (isinstance(step, Nest) and not step.accumulate and step.ranges[:1] == [(n, N)]
-            and all(str(t.base.label) == label for t, _ in step.stmts))
+            and all(str(t.base.label) == label and t.indices[0] == n for t, _ in step.stmts))
 
 
 def _bias_sum(step, label: str) -> bool:
@@ -148,8 +149,10 @@ def _col2im_run_at(steps: list, k: int, buffer, inner: set, flat: dict):
     if not (isinstance(back, Nest) and back.accumulate and back.ranges[:1] == [(n, N)] and back.stmts):
         return None
     target = str(back.stmts[0][0].base.label)
-    if zeroed not in (None, target) or not all(str(t.base.label) == target for t, _ in back.stmts):
+    if zeroed not in (None, target) or not all(str(t.base.label) == target and t.indices[0] == n for t, _ in back.stmts):
         return None
+    if any(t.indices[0] != n for _, e in back.stmts for t in e.atoms(sp.Indexed) if str(t.base.label) == label):
+        return None  # (col2im adds sample n's columns into sample n)
     end += 2
     if any(buffer(label) in _touches(st, buffer) for st in steps[end:]):
         return None  # the columns are read after the run: they must hold the whole batch
