@@ -369,6 +369,10 @@ class CpuModule(Plan):
             read_hyper + ["penalty = 0.0"], pair, ["return penalty"],
             "update with each gradient the sum of two buffers, g + g_b, read in the same pass (the shared-memory\n"
             "    data-parallel step: two processes' sums, or the first process's and the rest's).")
+        # Two halves of each batch on two threads (train_epoch_halves): where a process's step is
+        # slice_grads and update_pair alone -- no batch statistics, no Dropout masks, every update
+        # read from the gradient buffers.
+        halves = not self.has_modes and not self.needs_sync and not any(isinstance(st, Gemm) for st in pair)
         exchange, table = self._exchange_functions(opt, B, states, read_hyper)
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
@@ -387,6 +391,9 @@ class CpuModule(Plan):
             f"backward_grads_sync(X, {names['P']}, {', '.join(rows[w] for w in B['acts'] + B['deltas'])}, "
             f"{names['GRADS']}, rows, row0)" if synced
             else f"backward_grads(X, {names['P']}, {names['SLICED']}, {names['GRADS']})")
+        names["WS_B"] = ", ".join(f"{w}_b" for w in B["WS"])
+        names["GRADS_B"] = ", ".join(f"{g}_b" for g in B["grads"])
+        names["FT"] = self.float_type
         consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
         src = "\n".join([
             docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
@@ -409,7 +416,9 @@ class CpuModule(Plan):
             "# Why a data-parallel fit cannot train this network (None: it can).",
             f"SYNC_ERROR = {self.sync_error if self.needs_sync else None!r}",
             f"ROLES = {dict.fromkeys(states, 'optimizer state')!r}", "",
+            f"# Whether train_epoch_halves is here (see its docstring).\nHALVES = {halves!r}", "",
             helper_source(self.helpers), update, grads_only, update_only, tidy_args(_TRAIN.format(**names)),
+            tidy_args(_HALVES.format(**names)) if halves else "",
             exchange and exchange + tidy_args(_EXCHANGE_GLUE.format(**names)),
         ])
         return with_provenance(src, self.provenance)
@@ -484,7 +493,7 @@ def logits(X, {P}, {ACTS}):
 
 
 _TRAIN = '''
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES} Xb, Tb):
     """One epoch of mini-batch training over ``order`` (Dropout's masks of step t drawn under
     ``seed + t``).  T holds target rows, or class labels (one-hot encoded a batch at a time).
@@ -567,6 +576,87 @@ def slice_grads(X, T, scale, rows, row0, seed, {P}, {WS}):
     {DL}[:nb] *= scale
     {SLICE_BACKWARD}
     return loss, c
+'''
+
+
+# One batch as two halves on two threads, each half's forward and backward pass a slice_grads
+# call with its own work buffers and BLAS on one thread, the update one pass over both halves'
+# gradient sums (update_pair).  Measured (2-core AMD EPYC Zen 5, float32, one process, best of
+# 5 × 10, against forward + loss + backward_update): the wide CNN of benchmarks/bench_cnn.py
+# 13.6-13.8 → 9.5-10.1 ms a step, the small one 0.77-0.78 → 0.46-0.55; with BLAS left on its
+# two threads inside the halves, 17.4 and 0.77 (its threads and Numba's take turns).
+_HALVES = '''
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def half_grads(X, T, scale, {P}, {WS}):
+    """One half of a batch (train_epoch_halves): the forward pass, Σ ℓ over its rows and its
+    gradient sums, δ_L scaled by ``scale`` = its share of the batch's rows."""
+    nb = X.shape[0]
+    {FORWARD_SLICE}
+    loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
+    for r in range(nb):  # (a loop: an array expression costs Numba seconds of cold compile)
+        for k in range({DL}.shape[1]):
+            {DL}[r, k] *= scale
+    backward_grads(X, {P}, {SLICED}, {GRADS})
+    return loss, c
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def both_halves(Xs, Ts, half, {P}, {WS}, {WS_B}):
+    """Rows :half and half: of a batch on two threads, each into its own work buffers: (Σ ℓ,
+    correct predictions) of the batch.  BLAS must be on one thread (each half calls it)."""
+    nb = Xs.shape[0]
+    losses = np.zeros(2)
+    counts = np.zeros(2, np.int64)
+    for h in prange(2):
+        if h == 0:
+            l0, c0 = half_grads(Xs[:half], Ts[:half], {FT}(half / nb), {P}, {WS})
+            losses[0] = l0
+            counts[0] = c0
+        else:
+            l1, c1 = half_grads(Xs[half:], Ts[half:], {FT}((nb - half) / nb), {P}, {WS_B})
+            losses[1] = l1
+            counts[1] = c1
+    return losses[0] + losses[1], counts[0] + counts[1]
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def train_epoch_halves(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES} Xb, Tb, {WS_B}):
+    """train_epoch with each batch's gradients computed as two halves on two threads
+    (both_halves: the first half's rows into the work buffers, the second's into the ``_b``
+    ones), then one update from the two gradient sums (update_pair).  The caller holds BLAS to
+    one thread.  Same returns as train_epoch; a batch of one row runs whole."""
+    total, correct = 0.0, 0
+    t = step0
+    for start in range(0, X.shape[0], batch_size):
+        stop = min(start + batch_size, X.shape[0])
+        nb = stop - start
+        first = order[start]
+        run = 0
+        while run < nb and order[start + run] == first + run:
+            run += 1
+        if run == nb:
+            Xs, Ts = X[first:first + nb], batch_targets(T, first, nb, Tb)
+        else:
+            for r in range(nb):
+                i = order[start + r]
+                for c in range(X.shape[1]):
+                    Xb[r, c] = X[i, c]
+                put_target(T, i, Tb, r)
+            Xs, Ts = Xb[:nb], Tb[:nb]
+        if nb < 2:
+            loss, c = half_grads(Xs, Ts, {FT}(1.0), {P}, {WS})
+        else:
+            loss, c = both_halves(Xs, Ts, (nb + 1) // 2, {P}, {WS}, {WS_B})
+        if not np.isfinite(loss):
+            return total, correct, t - step0, start // batch_size
+        t += 1
+        if nb < 2:
+            pen = update({P}, {GRADS}, {STATES} hyper, t)
+        else:
+            pen = update_pair({P}, {GRADS}, {GRADS_B}, {STATES} hyper, t)
+        total += loss + pen * nb
+        correct += c
+    return total, correct, t - step0, -1
 '''
 
 

@@ -9,8 +9,21 @@ and optimizer state, puts it back when an epoch diverges, and validates.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 
 import numpy as np
+
+#: The fewest rows a batch needs for train_epoch_halves (two threads) to run it.
+HALVES_MIN_ROWS = 16
+#: Compile train_epoch_halves before the first epoch instead of beside it (tests: the halves run
+#: from the first step on).
+HALVES_WAIT = False
+
+# The training modules whose train_epoch_halves is compiled (or loaded from the cache) in this
+# process, and those being compiled, by module name.
+_READY: set[str] = set()
+_STARTED: dict[str, threading.Thread] = {}
 
 
 def all_finite(arrays) -> bool:
@@ -48,18 +61,69 @@ class HostRun(OneProcess):
         self.Tb = np.empty((self.rows, model.network.outputs), model.dtype)  # (T may hold labels)
         self.validate = None if val is None else (lambda: model.evaluate(*val))
         self._snapshot = None
+        # train_epoch has run once in this process (its kernels are compiled): a background
+        # compile of train_epoch_halves may start
+        self._first_epoch_done = self.kernels.train_epoch.signatures != []
 
     def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int,
               seed: int = 0) -> tuple[float, int, int, int]:
         """Train one epoch in ``order`` (``seed``: of its Dropout masks): (Σ loss, correct,
         updates made, first bad batch or −1)."""
         model = self.model
-        ws = model._workspace(self.rows)
         states = self._begin_epoch()
+        hyper = np.array(hyper, model.dtype)
+        one_thread = self._halves()
+        if one_thread is not None:
+            half = (self.rows + 1) // 2
+            if getattr(self, "_ws_b", None) is None:  # the second half's work buffers, for the fit
+                self._ws_b = [np.empty(tuple(half if d == "batch" else d for d in shape), model.dtype)
+                              for _, shape in model.kernels.WORKSPACE]
+            args = [*model._param_list(), *model._workspace(half), *states, self.Xb, self.Tb, *self._ws_b]
+            name = self.kernels.__name__
+            if name not in _READY and name not in _STARTED:
+                # Not compiled in this process yet: beside the epochs that train_epoch runs meanwhile
+                # (a cold start's first step does not wait for it), or before, with HALVES_WAIT.
+                warm = (self.kernels.train_epoch_halves, (self.X[:0], self.T[:0], order[:0], batch_size, hyper,
+                                                          step, seed, *args))
+                _STARTED[name] = threading.Thread(target=_compile, args=(name, *warm), daemon=True,
+                                                  name="symbp-compile-halves")
+                if HALVES_WAIT:
+                    _STARTED[name].run()
+                elif self._first_epoch_done:
+                    _STARTED[name].start()
+                else:
+                    del _STARTED[name]  # (started after the first epoch: it must not delay the first step)
+            if name in _READY:
+                with one_thread():
+                    total, correct, done, bad = self.kernels.train_epoch_halves(
+                        self.X, self.T, order, batch_size, hyper, step, seed, *args)
+                return float(total), int(correct), int(done), int(bad)
+        ws = model._workspace(self.rows)
         total, correct, done, bad = self.kernels.train_epoch(
-            self.X, self.T, order, batch_size, np.array(hyper, model.dtype), step, seed,
-            *model._param_list(), *ws, *states, self.Xb, self.Tb)
+            self.X, self.T, order, batch_size, hyper, step, seed, *model._param_list(), *ws, *states, self.Xb, self.Tb)
+        self._first_epoch_done = True
         return float(total), int(correct), int(done), int(bad)
+
+    def _halves(self):
+        """BLAS held to one thread (a context), where this fit's batches run as two halves on two
+        threads (the generated train_epoch_halves); None where they run whole.
+
+        Halves for networks with image layers: their im2col, pools, scatters and col2im are
+        Numba loops on one core, and two halves put them on two.  A dense network's step is its
+        GEMMs, which BLAS already runs on both cores: measured (2-core Zen 5, float32, SGD, fit
+        over 16 batches) the small and wide CNNs of benchmarks/bench_cnn.py 0.72-1.05 → 0.51 and
+        13.4-13.9 → 9.5 ms a step as halves, the MLPs of bench_mlp.py slower as halves (tiny
+        0.009 → 0.050 ms, medium 0.45-0.49 → 0.66, large 5.9-7.0 → 7.2).  Not on one core, nor
+        for a network the halves cannot train (HALVES false: batch statistics, Dropout, an
+        update a GEMM carries), nor for batches under HALVES_MIN_ROWS rows."""
+        model = self.model
+        if not getattr(self.kernels, "HALVES", False) or self.rows < HALVES_MIN_ROWS:
+            return None
+        if not any(len(shape) == 3 for shape in model.network.shapes[1:]):
+            return None
+        import numba
+
+        return _blas_one_thread() if numba.get_num_threads() >= 2 else None
 
     def _begin_epoch(self) -> list[np.ndarray]:
         """The optimizer's state arrays, after keeping the parameters and state as they are:
@@ -89,3 +153,35 @@ class HostRun(OneProcess):
     def close(self) -> None:
         """Release the run (nothing to copy back on the host)."""
 
+
+
+@functools.cache
+def _controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # (finds the loaded BLAS libraries once: a scan of the process)
+
+
+def _blas_one_thread():
+    """A context factory: every BLAS library of the process on one thread inside it."""
+    return lambda: _controller().limit(limits=1, user_api="blas")
+
+
+def _compile(name: str, kernel, args: tuple) -> None:
+    """Compile (or load from the cache) ``kernel`` for ``args`` by calling it on them (an epoch of
+    no rows: nothing changes), then mark module ``name`` ready; a failure leaves it unready, and
+    train_epoch keeps running its epochs."""
+    try:
+        kernel(*args)
+    except Exception:  # noqa: BLE001 - the halves are an optimisation: any failure means "not used"
+        return
+    _READY.add(name)
+
+
+def wait_for_halves(kernels, timeout: float | None = None) -> bool:
+    """Wait for a training module's train_epoch_halves to be compiled (its background compile,
+    if one started); whether it is ready."""
+    thread = _STARTED.get(kernels.__name__)
+    if thread is not None and thread.is_alive():
+        thread.join(timeout)
+    return kernels.__name__ in _READY
