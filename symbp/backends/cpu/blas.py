@@ -96,31 +96,6 @@ def _pointer_at(typingctx, arr, offset):
 
 
 @njit(cache=True)
-def gemm_block(A, ia, ar, ac, ta, B, ib, br, bc, tb, C, ic, cr, cc, alpha, beta, scalars):
-    """C[ic] ← alpha·op(A[ia])·op(B[ib]) + beta·C[ic], where X[i] is the block that starts
-    at index i of X's first axis, read as a C-ordered (rows × cols) matrix (shapes given
-    as ar, ac …): one sample of a (batch, …) buffer, or a whole weight tensor (i = 0).
-
-    The rows of every buffer are contiguous (they are work buffers or their leading
-    slices), so a block is addressed by its first element alone.
-    """
-    k = ar if ta else ac
-    if cr == 0 or cc == 0:
-        return
-    scalars[0] = alpha
-    scalars[1] = beta
-    status = _xxgemm(_T if tb else _N, _T if ta else _N, cc, cr, k,
-                     _data_pointer(scalars), _pointer_at(B, ib * (B.strides[0] // B.itemsize)), bc,
-                     _pointer_at(A, ia * (A.strides[0] // A.itemsize)), ac,
-                     _data_pointer(scalars[1:]), _pointer_at(C, ic * (C.strides[0] // C.itemsize)), cc)
-    if status != 0:
-        raise RuntimeError("BLAS gemm failed")
-
-
-sgemm_block = dgemm_block = gemm_block
-
-
-@njit(cache=True)
 def gemm_at(A, a0, ar, ac, lda, ta, B, b0, br, bc, ldb, tb, C, c0, cr, cc, ldc, alpha, beta, scalars):
     """C ← alpha·op(A)·op(B) + beta·C for matrices anywhere in their buffers: X is the
     (rows × cols) matrix whose entry (i, j) is X's flat entry x0 + i·ldx + j (a chunk of the
@@ -139,3 +114,19 @@ def gemm_at(A, a0, ar, ac, lda, ta, B, b0, br, bc, ldb, tb, C, c0, cr, cc, ldc, 
 
 
 sgemm_at = dgemm_at = gemm_at
+
+
+@njit(cache=True)
+def gemm_block(A, ia, ar, ac, ta, B, ib, br, bc, tb, C, ic, cr, cc, alpha, beta, scalars):
+    """C[ic] ← alpha·op(A[ia])·op(B[ib]) + beta·C[ic], where X[i] is the block that starts
+    at index i of X's first axis, read as a C-ordered (rows × cols) matrix (shapes given
+    as ar, ac …): one sample of a (batch, …) buffer, or a whole weight tensor (i = 0).
+
+    The rows of every buffer are contiguous (they are work buffers or their leading
+    slices), so a block is addressed by its first element alone.
+    """
+    gemm_at(A, ia * (A.strides[0] // A.itemsize), ar, ac, ac, ta, B, ib * (B.strides[0] // B.itemsize), br, bc, bc, tb,
+            C, ic * (C.strides[0] // C.itemsize), cr, cc, cc, alpha, beta, scalars)
+
+
+sgemm_block = dgemm_block = gemm_block

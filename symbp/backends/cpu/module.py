@@ -394,6 +394,7 @@ class CpuModule(Plan):
         names["WS_B"] = ", ".join(f"{w}_b" for w in B["WS"])
         names["GRADS_B"] = ", ".join(f"{g}_b" for g in B["grads"])
         names["FT"] = self.float_type
+        names["GATHER"] = _GATHER
         consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
         src = "\n".join([
             docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
@@ -492,17 +493,8 @@ def logits(X, {P}, {ACTS}):
 '''
 
 
-_TRAIN = '''
-@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES} Xb, Tb):
-    """One epoch of mini-batch training over ``order`` (Dropout's masks of step t drawn under
-    ``seed + t``).  T holds target rows, or class labels (one-hot encoded a batch at a time).
-
-    Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
-    not finite or -1).  A non-finite batch stops the epoch before its update, so the
-    parameters are the last good ones.
-    """
-    total, correct = 0.0, 0
+# An epoch's loop over its batches, to each batch's rows and targets (train_epoch, train_epoch_halves).
+_GATHER = '''    total, correct = 0.0, 0
     t = step0
     for start in range(0, X.shape[0], batch_size):
         stop = min(start + batch_size, X.shape[0])
@@ -521,7 +513,19 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
                 for c in range(X.shape[1]):  # (element by element: a row assignment costs
                     Xb[r, c] = X[i, c]       # numba seconds of cold compile for its shape check)
                 put_target(T, i, Tb, r)
-            Xs, Ts = Xb[:nb], Tb[:nb]
+            Xs, Ts = Xb[:nb], Tb[:nb]'''
+
+_TRAIN = '''
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES} Xb, Tb):
+    """One epoch of mini-batch training over ``order`` (Dropout's masks of step t drawn under
+    ``seed + t``).  T holds target rows, or class labels (one-hot encoded a batch at a time).
+
+    Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
+    not finite or -1).  A non-finite batch stops the epoch before its update, so the
+    parameters are the last good ones.
+    """
+{GATHER}
         {FORWARD_EPOCH}
         update_running(Xs, {P}, {ACTS_SLICED})
         loss, c = loss_rows({OUT_SLICED}, Ts, {DL}[:nb])
@@ -625,24 +629,7 @@ def train_epoch_halves(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {
     (both_halves: the first half's rows into the work buffers, the second's into the ``_b``
     ones), then one update from the two gradient sums (update_pair).  The caller holds BLAS to
     one thread.  Same returns as train_epoch; a batch of one row runs whole."""
-    total, correct = 0.0, 0
-    t = step0
-    for start in range(0, X.shape[0], batch_size):
-        stop = min(start + batch_size, X.shape[0])
-        nb = stop - start
-        first = order[start]
-        run = 0
-        while run < nb and order[start + run] == first + run:
-            run += 1
-        if run == nb:
-            Xs, Ts = X[first:first + nb], batch_targets(T, first, nb, Tb)
-        else:
-            for r in range(nb):
-                i = order[start + r]
-                for c in range(X.shape[1]):
-                    Xb[r, c] = X[i, c]
-                put_target(T, i, Tb, r)
-            Xs, Ts = Xb[:nb], Tb[:nb]
+{GATHER}
         if nb < 2:
             loss, c = half_grads(Xs, Ts, {FT}(1.0), {P}, {WS})
         else:
