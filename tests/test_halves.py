@@ -119,3 +119,13 @@ def test_the_halves_compile_beside_the_epochs(tmp_path):
     before = {k: v.copy() for k, v in model.params.items()}
     model.fit(X, y, optimizer=opt, batch_size=32, epochs=1, shuffle=False, progress=False)
     assert kernels.train_epoch_halves.signatures and any(not np.array_equal(before[k], model.params[k]) for k in before)
+
+
+def test_a_halves_compile_that_fails_warns_and_leaves_train_epoch():
+    def broken(*args):
+        raise TypeError("no matching definition")
+
+    with pytest.warns(RuntimeWarning, match="two-thread training step of mod_x did not compile .*TypeError: no "
+                                            "matching definition.*one-thread step"):
+        runtime._compile("mod_x", broken, ())
+    assert "mod_x" not in runtime._READY

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 
 import numpy as np
 
@@ -154,7 +155,6 @@ class HostRun(OneProcess):
         """Release the run (nothing to copy back on the host)."""
 
 
-
 @functools.cache
 def _controller():
     from threadpoolctl import ThreadpoolController
@@ -170,10 +170,12 @@ def _blas_one_thread():
 def _compile(name: str, kernel, args: tuple) -> None:
     """Compile (or load from the cache) ``kernel`` for ``args`` by calling it on them (an epoch of
     no rows: nothing changes), then mark module ``name`` ready; a failure leaves it unready, and
-    train_epoch keeps running its epochs."""
+    train_epoch keeps running the epochs (with a warning that says why)."""
     try:
         kernel(*args)
-    except Exception:  # noqa: BLE001 - the halves are an optimisation: any failure means "not used"
+    except Exception as err:  # noqa: BLE001 - the halves are an optimisation: a failure means "not used"
+        warnings.warn(f"symbp: the two-thread training step of {name} did not compile ({type(err).__name__}: "
+                      f"{err}); training goes on with the one-thread step", RuntimeWarning, stacklevel=1)
         return
     _READY.add(name)
 
