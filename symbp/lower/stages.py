@@ -448,7 +448,7 @@ def _window_scatter(builder, ld, ranges):
     window = [(sym, int(hi) + 1) for sym, lo, hi in formula.limits]
     g = ld.delta
     up = builder.value(nxt.delta[(n, *st.idx)])
-    cover = _window_cover(reads[0].indices, out_ranges, window, ranges, builder)
+    cover, covered = _window_cover(reads[0].indices, out_ranges, window, ranges, builder)
     if cover is not None:
         # Windows that never share an entry: each entry of g gets one term or none, so the
         # scatter stores δ_l itself, f′ applied there (one pass, where zeroing, adding and
@@ -466,7 +466,7 @@ def _window_scatter(builder, ld, ranges):
         store = Nest(out_ranges + window, [(g[reads[0].indices], fprime * coeff * up)])
         if cover == "tiles":
             return [store]
-        return _zero_uncovered(g, reads[0].indices, out_ranges, window, ranges, builder) + [store]
+        return _zero_uncovered(g, covered, ranges, builder) + [store]
     steps = [Nest(ranges, [(g[(n, *ld.delta_idx)], sp.Integer(0))]),
              Nest(out_ranges + window, [(g[reads[0].indices], coeff * up)], accumulate=True)]
     fprime = builder.value(ld.fprime((n, *ld.delta_idx)))
@@ -475,61 +475,55 @@ def _window_scatter(builder, ld, ranges):
     return steps
 
 
-def _window_cover(read: tuple, out_ranges: list, window: list, in_ranges: list, builder) -> str | None:
+def _window_cover(read: tuple, out_ranges: list, window: list, in_ranges: list, builder) -> tuple:
     """How windows read at ``read`` = (n, k, S·h + u, S′·w + v) cover the input: "tiles" (every
     entry in exactly one window), "disjoint" (in at most one), or None (windows overlap, or the
-    indices are not of that form)."""
+    indices are not of that form); and, where the windows sit side by side along every axis
+    (S = the window's extent), the length they cover along each axis past the samples (None
+    where there are gaps between them)."""
     outs = {sym: _size(builder, ext) for sym, ext in out_ranges[1:]}  # (past the samples)
     wins = dict(window)
     sizes = [_size(builder, ext) for _, ext in in_ranges[1:]]
     if len(read) != len(in_ranges) or read[0] != n:
-        return None
-    tiles = True
+        return None, None
+    tiles, covered = True, []
     for e, size in zip(read[1:], sizes):
         e = sp.expand(e)
         used = [sym for sym in e.free_symbols if sym in wins]
         if not used:
             if e not in outs:  # the channel: read at its own index
-                return None
+                return None, None
+            if covered is not None:
+                covered.append(size)  # (every entry its own window's)
             continue
         if len(used) != 1 or e.coeff(used[0]) != 1:
-            return None
+            return None, None
         u_ = used[0]
         rest = sp.expand(e - u_)  # S·o for an output index o
         o_ = next(iter(rest.free_symbols)) if len(rest.free_symbols) == 1 else None
         if o_ not in outs or not rest.coeff(o_).is_Integer or rest != rest.coeff(o_) * o_:
-            return None
+            return None, None
         stride = int(rest.coeff(o_))
         if stride < wins[u_]:
-            return None
+            return None, None
         tiles &= stride == wins[u_] and outs[o_] * stride == size
-    return "tiles" if tiles else "disjoint"
+        covered = covered if stride == wins[u_] and covered is not None else None
+        if covered is not None:
+            covered.append(outs[o_] * stride)
+    return ("tiles" if tiles else "disjoint"), covered
 
 
-def _zero_uncovered(g, read: tuple, out_ranges: list, window: list, ranges: list, builder) -> list:
+def _zero_uncovered(g, covered: list | None, ranges: list, builder) -> list:
     """Zeroings of the entries of g that no window of a "disjoint" cover reaches.
 
-    Where the windows sit side by side along every axis (stride = window), those are the
-    tail of each spatial axis past the last window (an 11×11 map under a 2×2 pool: row 10 and
-    column 10, 21 entries of 121), zeroed as one nest per axis: axis i past its covered
-    length, the axes before it inside theirs, the axes after it whole.  Zeroing the whole
-    buffer first wrote every entry twice (the wide CNN's second pool, batch 128: a 4 MB pass,
-    0.28 ms of its step).  Windows with gaps between them: the whole buffer."""
-    outs = {sym: _size(builder, ext) for sym, ext in out_ranges[1:]}
-    wins = dict(window)
-    covered = []  # per axis past the samples: the length the windows cover
-    for e, (_, ext) in zip(read[1:], ranges[1:]):
-        size = _size(builder, ext)
-        e = sp.expand(e)
-        used = [sym for sym in e.free_symbols if sym in wins]
-        if not used:
-            covered.append(size)  # the channel: every entry its own window's
-            continue
-        rest = sp.expand(e - used[0])
-        o_ = next(iter(rest.free_symbols))
-        if int(rest.coeff(o_)) != wins[used[0]]:
-            return [Nest(ranges, [(g[tuple(sym for sym, _ in ranges)], sp.Integer(0))])]
-        covered.append(outs[o_] * wins[used[0]])
+    Where the windows sit side by side along every axis (``covered``: the length they cover
+    along each), those are the tail of each spatial axis past the last window (an 11×11 map
+    under a 2×2 pool: row 10 and column 10, 21 entries of 121), zeroed as one nest per axis:
+    axis i past its covered length, the axes before it inside theirs, the axes after it whole.
+    Zeroing the whole buffer first wrote every entry twice (the wide CNN's second pool, batch
+    128: a 4 MB pass, 0.28 ms of its step).  Windows with gaps between them: the whole buffer."""
+    if covered is None:
+        return [Nest(ranges, [(g[tuple(sym for sym, _ in ranges)], sp.Integer(0))])]
     steps = []
     sizes = [_size(builder, ext) for _, ext in ranges[1:]]
     for i, (c_, size) in enumerate(zip(covered, sizes)):

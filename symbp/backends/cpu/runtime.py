@@ -62,9 +62,6 @@ class HostRun(OneProcess):
         self.Tb = np.empty((self.rows, model.network.outputs), model.dtype)  # (T may hold labels)
         self.validate = None if val is None else (lambda: model.evaluate(*val))
         self._snapshot = None
-        # train_epoch has run once in this process (its kernels are compiled): a background
-        # compile of train_epoch_halves may start
-        self._first_epoch_done = self.kernels.train_epoch.signatures != []
 
     def epoch(self, order: np.ndarray, batch_size: int, hyper: list[float], step: int,
               seed: int = 0) -> tuple[float, int, int, int]:
@@ -90,7 +87,7 @@ class HostRun(OneProcess):
                                                   name="symbp-compile-halves")
                 if HALVES_WAIT:
                     _STARTED[name].run()
-                elif self._first_epoch_done:
+                elif self.kernels.train_epoch.signatures:  # (train_epoch has run in this process)
                     _STARTED[name].start()
                 else:
                     del _STARTED[name]  # (started after the first epoch: it must not delay the first step)
@@ -102,7 +99,6 @@ class HostRun(OneProcess):
         ws = model._workspace(self.rows)
         total, correct, done, bad = self.kernels.train_epoch(
             self.X, self.T, order, batch_size, hyper, step, seed, *model._param_list(), *ws, *states, self.Xb, self.Tb)
-        self._first_epoch_done = True
         return float(total), int(correct), int(done), int(bad)
 
     def _halves(self):
