@@ -471,8 +471,10 @@ def row_reduction_lines(step, printer: NumbaPrinter, minus_infinity: str) -> lis
         term, ext = printer.doprint(expr), extent_text(printer, extent)
         if kind == "logsumexp":
             # log Σ exp(u) = m + log Σ exp(u − m), m = max u: no overflow for any logits.
-            body += [f"m = {minus_infinity}", f"for {k} in range({ext}):", f"    m = max(m, {term})", f"{acc} = ZERO",
-                     f"for {k} in range({ext}):", f"    {acc} += math.exp({term} - m)", f"{acc} = m + math.log({acc})"]
+            # (max(m, u) written out, as Python computes it: an overload Numba would compile.)
+            body += [f"m = {minus_infinity}", f"for {k} in range({ext}):", f"    m = {term} if {term} > m else m",
+                     f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += math.exp({term} - m)",
+                     f"{acc} = m + math.log({acc})"]
         else:
             body += [f"{acc} = ZERO", f"for {k} in range({ext}):", f"    {acc} += {term}"]
     for acc, expr in step.row_sums:
@@ -613,7 +615,7 @@ def _lane_sum(printer: NumbaPrinter, acc: sp.Symbol, limits: list, body: sp.Expr
     vec, dtype = f"{acc}_lanes", "np.float32" if printer.dtype == "float32" else "np.float64"
     # Zeroed and summed by loops, not np.zeros and .sum(): the same values in the same order,
     # and a cold start does not compile those two NumPy functions (0.1-0.2 s) for them.
-    out, indent = [f"{vec} = np.empty({hi + 1}, {dtype})", f"for {sym} in range({hi + 1}):", f"    {vec}[{sym}] = ZERO"], ""
+    out, indent = [f"{vec} = empty({hi + 1}, {dtype})", f"for {sym} in range({hi + 1}):", f"    {vec}[{sym}] = ZERO"], ""
     for s_, _, h_ in limits:
         extent = as_size(h_) + 1
         extent = extent.xreplace({x: sp.Symbol("nb") for x in extent.free_symbols if x.name == "N"})

@@ -138,8 +138,8 @@ def _(step: SampleChunks, printer: NumbaPrinter) -> list[str]:
     gemms = [st for st in step.steps if isinstance(st, BlockGemm) and str(st.out.label) != label]  # (sums over chunks)
     for st in gemms:
         (_, _), _, (ro, co) = st.shapes
-        out.append(f"acc_{printer.array(st.out)} = np.zeros(({ro}, {co}), {dtype})")
-    out += [f"for n0 in range(0, nb, {step.size}):", f"    cn = min({step.size}, nb - n0)"]
+        out.append(f"acc_{printer.array(st.out)} = zeros(({ro}, {co}), {dtype})")
+    out += [f"for n0 in range(0, nb, {step.size}):", f"    cn = {step.size} if {step.size} < nb - n0 else nb - n0"]
     printer.chunked = getattr(printer, "chunked", set()) | {label}
     try:
         for st in step.steps:
@@ -326,8 +326,8 @@ def _row_scan(step: WindowArgmax, printer: NumbaPrinter, j, cols: int, value, pr
     keep = step.max_target is not None
     width = str(cols)  # (the row's columns, wo·kw, a number: see _row_form)
     dtype = "np.float32" if printer.dtype == "float32" else "np.float64"
-    out = [f"col_best = np.empty({width}, {dtype})", f"col_arg = np.empty({width}, {dtype})"]
-    out += [f"col_poison = np.empty({width}, {dtype})"] if keep else []
+    out = [f"col_best = empty({width}, {dtype})", f"col_arg = empty({width}, {dtype})"]
+    out += [f"col_poison = empty({width}, {dtype})"] if keep else []
     indent = ""
     for idx, extent in step.ranges[:-1]:
         out.append(f"{indent}for {idx} in range({extent_text(printer, extent)}):")

@@ -40,6 +40,10 @@ from .emit import emit
 # Numba cannot inline: a step with more parameters (a deep or wide net's backward pass) stays
 # a function of its own, and so does one with a ``with objmode()`` block (a data-parallel
 # fit's batch statistics), which Numba cannot lift out of inlined code.
+# The steps write the min or max of two numbers as a conditional expression (Python's rule:
+# max(a, b) is b if b > a else a) and allocate their scratch arrays through alloc.py: Numba
+# compiles its builtins' and NumPy's overloads again in every process that compiles a new
+# model, where alloc's functions load from its cache.
 STEP_FLAGS = 'fastmath=FASTMATH, error_model="numpy"'
 MAX_INLINE_ARGS = 30
 
@@ -163,7 +167,8 @@ class CpuModule(Plan):
         kind = "s" if self.dtype == "float32" else "d"
         return (f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_at as gemm_at, "
                 f"{kind}gemm_block as gemm_block\n"
-                "from symbp.backends.cpu.dots import dots_add, dots_finish, gemm_dots")
+                "from symbp.backends.cpu.dots import dots_add, dots_finish, gemm_dots\n"
+                "from symbp.backends.cpu.alloc import empty, zeros")
 
     @property
     def float_type(self) -> str:
@@ -173,7 +178,7 @@ class CpuModule(Plan):
         """The first lines of a kernel over a batch; ``rows``: a data-parallel kernel, whose
         1/N is the global batch's (its ``rows`` argument), not this process's ``nb``."""
         first = ["nb = X.shape[0]"] + ([f"nbf = {self.float_type}(rows)  # the global batch's rows"] if rows else [])
-        return first + [f"scal = np.empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
+        return first + [f"scal = empty(2, {self.float_type})  # alpha and beta, passed to BLAS by address"]
 
     @property
     def needs_sync(self) -> bool:
@@ -323,6 +328,11 @@ class CpuModule(Plan):
                                    ("SLICE", "X", "ACTS_SLICED", "seed"), ("GRADS", "X", "ACTS", "0")):
             names[f"FORWARD_{key}"] = (f"forward_train({x}, {names['P']}, {names[acts]}, {seed})" if self.has_modes
                                        else f"forward({x}, {names['P']}, {names[acts]})")
+        # The running statistics' update, where the network has any: a call to the empty
+        # update_running would still cost a cold start the typing and lowering of its slices.
+        for key, x, indent in (("EPOCH", "Xs", 8), ("BATCH", "X", 4)):
+            names[f"RUNNING_{key}"] = (f"\n{' ' * indent}update_running({x}, {names['P']}, {names['ACTS_SLICED']})"
+                                       if self.has_modes else "")
         return names
 
     def build_train(self, opt, model_module: str) -> str:
@@ -450,7 +460,7 @@ class CpuModule(Plan):
             "    and the other gradients' sums over this process's rows.")
         rows = self.function(
             "update_rows", B["P"] + B["grads"] + [f"{g}_b" for g in B["grads"]] + operands + states + ["hyper", "t"],
-            [f"scal = np.empty(2, {ft})  # alpha and beta, passed to BLAS by address"] + read_hyper + ["penalty = 0.0"],
+            [f"scal = empty(2, {ft})  # alpha and beta, passed to BLAS by address"] + read_hyper + ["penalty = 0.0"],
             pair, ["return penalty"],
             f"The {opt.name} update of a block of rows of every parameter (step t): θ ← β·θ + α·δᵀx for those in\n"
             "    EXCHANGE (δ: the global batch's, its columns of this block; x: the global batch's), the rest\n"
@@ -475,9 +485,9 @@ def evaluate(X, T, {P}, {WS}, chunk):
     """Σ_n ℓ_n and argmax hits over a data set, in chunks of the workspace's size (T: target
     rows, or class labels one-hot encoded a chunk at a time into Tb)."""
     total, correct = 0.0, 0
-    Tb = np.empty_like({DL})
+    Tb = empty({DL}.shape, {DL}.dtype)
     for start in range(0, X.shape[0], chunk):
-        stop = min(start + chunk, X.shape[0])
+        stop = start + chunk if start + chunk < X.shape[0] else X.shape[0]
         nb = stop - start
         forward(X[start:stop], {P}, {ACTS_SLICED})
         t, c = loss_rows({OUT_SLICED}, batch_targets(T, start, nb, Tb), {DL}[:nb])
@@ -497,7 +507,7 @@ def logits(X, {P}, {ACTS}):
 _GATHER = '''    total, correct = 0.0, 0
     t = step0
     for start in range(0, X.shape[0], batch_size):
-        stop = min(start + batch_size, X.shape[0])
+        stop = start + batch_size if start + batch_size < X.shape[0] else X.shape[0]
         nb = stop - start
         # Rows in order (no shuffle, or data the caller shuffled) are read where they are;
         # others are gathered into the batch buffers.
@@ -526,8 +536,7 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
     parameters are the last good ones.
     """
 {GATHER}
-        {FORWARD_EPOCH}
-        update_running(Xs, {P}, {ACTS_SLICED})
+        {FORWARD_EPOCH}{RUNNING_EPOCH}
         loss, c = loss_rows({OUT_SLICED}, Ts, {DL}[:nb])
         if not np.isfinite(loss):
             return total, correct, t - step0, start // batch_size
@@ -558,8 +567,7 @@ def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
     loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
     if not np.isfinite(loss):
         return loss, c, 0.0, 2, -1
-{STASH}
-    update_running(X, {P}, {ACTS_SLICED})
+{STASH}{RUNNING_BATCH}
     pen = backward_update(X, {P}, {SLICED}, {GRADS}, {STATES} hyper, t + 1)
 {FINITE}
     if not ok:
@@ -609,8 +617,8 @@ def both_halves(Xs, Ts, half, {P}, {WS}, {WS_B}):
     """Rows :half and half: of a batch on two threads, each into its own work buffers: (Σ ℓ,
     correct predictions) of the batch.  BLAS must be on one thread (each half calls it)."""
     nb = Xs.shape[0]
-    losses = np.zeros(2)
-    counts = np.zeros(2, np.int64)
+    losses = zeros(2, np.float64)
+    counts = zeros(2, np.int64)
     for h in prange(2):
         if h == 0:
             l0, c0 = half_grads(Xs[:half], Ts[:half], {FT}(half / nb), {P}, {WS})
