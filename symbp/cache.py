@@ -53,11 +53,15 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 # The modules whose text decides what code is generated; editing any other file (the CLI,
 # the explanations) leaves the cache valid.
-#: The modules that write generated code, and the one generated code imports; with everything
-#: they import from symbp (found by reading their import statements, so a new dependency is
-#: never missed) they make up the generator whose source goes into every module key.  The
-#: package's own ``__init__`` only re-exports: a ``from . import x`` does not pull it in.
-_GENERATORS = ("symbp.backends.cpu.module", "symbp.backends.cuda.module", "symbp.backends.cpu.blas")
+#: The modules that write generated code, and the helpers generated code imports (their code
+#: is compiled into a cached kernel: a kernel cached against an older helper would keep running
+#: it); with everything they import from symbp (found by reading their import statements, so a
+#: new dependency is never missed) they make up the generator whose source goes into every
+#: module key.  The package's own ``__init__`` only re-exports: a ``from . import x`` does not
+#: pull it in.
+_GENERATORS = ("symbp.backends.cpu.module", "symbp.backends.cuda.module", "symbp.backends.cpu.blas",
+               "symbp.backends.cpu.dots", "symbp.backends.cpu.targets", "symbp.backends.cpu.guard",
+               "symbp.backends.cpu.alloc")
 
 
 def _module_path(name: str) -> Path | None:

@@ -316,14 +316,15 @@ def test_cli_version_and_cache_of_a_missing_directory(tmp_path, capsys):
 
 def test_the_generator_key_covers_every_module_generation_reads():
     """The module key hashes the generator's source, found by following its imports: the
-    network spec, every layer file and the BLAS binding the generated code imports are in it,
+    network spec, every layer file and the helpers the generated code imports are in it,
     the readers that only print formulas and the training loop are not."""
     from symbp import cache
 
     names = {path.relative_to(cache._PKG_DIR).as_posix() for path in cache.generator_files()}
     for needed in ("spec/network.py", "derive.py", "lower/plan.py", "lower/stages.py", "spec/layers/dense.py",
                    "spec/layers/conv2d.py", "spec/layers/base.py", "backends/cpu/blas.py", "backends/cpu/emit.py",
-                   "backends/cuda/module.py", "train/optim.py"):
+                   "backends/cuda/module.py", "train/optim.py", "backends/cpu/dots.py", "backends/cpu/targets.py",
+                   "backends/cpu/guard.py", "backends/cpu/alloc.py"):
         assert needed in names, needed
     for reader in ("train/model.py", "cli.py", "read/report.py", "read/walkthrough.py", "__init__.py"):
         assert reader not in names, reader

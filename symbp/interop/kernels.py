@@ -15,11 +15,12 @@ It does not need symbp or SymPy::
       _sync.py      a copy of symbp/backends/cpu/sync.py (what data-parallel kernels call; a
                     network with BatchNorm or Dropout imports it, nothing in the folder runs it)
       _targets.py   a copy of symbp/backends/cpu/targets.py (a batch's targets: rows, or labels)
+      _alloc.py     a copy of symbp/backends/cpu/alloc.py (the kernels' scratch arrays)
       weights.npz   the parameters (and the optimizer's state and step), plain arrays
       README.md     what is in the folder
 
 The generated files are copied, not regenerated: their imports are read with :mod:`ast` and
-those that name symbp (``symbp.backends.cpu.blas``, ``.dots``, ``.guard``, ``.sync`` and ``.targets``, the model
+those that name symbp (``symbp.backends.cpu.blas``, ``.dots``, ``.guard``, ``.sync``, ``.targets`` and ``.alloc``, the model
 module a training module imports by its cache name) are pointed at the copies in the folder.  An import this module does not
 know how to replace fails the export, naming it, so a change to the generator shows up as a
 clear error rather than a folder that breaks on import.
@@ -178,12 +179,13 @@ def _optimizer_arrays(opt, model) -> dict[str, np.ndarray]:
 def _package_files(model, train, opt, package: str) -> dict[str, str]:
     """File name -> text of every Python and text file of the folder (``train``: the
     loaded training module for ``opt``)."""
-    from ..backends.cpu import blas, dots, guard, sync, targets
+    from ..backends.cpu import alloc, blas, dots, guard, sync, targets
 
     _check_train_module(train, model.kernels, opt)
     train_path = Path(train.__file__)
     helpers, copies = {}, {}  # symbp's modules the generated code imports -> their copies in the folder
-    for mod, copy in ((blas, "_blas"), (dots, "_dots"), (guard, "_guard"), (sync, "_sync"), (targets, "_targets")):
+    for mod, copy in ((blas, "_blas"), (dots, "_dots"), (guard, "_guard"), (sync, "_sync"), (targets, "_targets"),
+                      (alloc, "_alloc")):
         where = mod.__name__.replace(".", "/") + ".py"  # the generated code imports it by this name
         text = Path(mod.__file__).read_text(encoding="utf-8")
         _rewrite(text, where, {})  # it must import only what the folder has
@@ -324,7 +326,8 @@ def _readme(model, opt, package: str) -> str:
             f"{package}.save_weights()          # back into weights.npz\n```\n\n"
             f"`_model.py` and `_train.py` are symbp's generated files (their headers hold the formulas); "
             f"`_blas.py` is symbp's GEMM binding, `_dots.py` the small GEMM of a conv's weight gradient, "
-            f"`_guard.py` its step checks, `_targets.py` how a batch's targets are read, "
+            f"`_guard.py` its step checks, `_targets.py` how a batch's targets are read, `_alloc.py` the "
+            f"kernels' scratch arrays, "
             f"`_sync.py` what a data-parallel fit's kernels call (unused here). Numba caches the compiled code in "
             f"`__pycache__/` here.\n")
 
