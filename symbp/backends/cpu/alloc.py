@@ -3,7 +3,7 @@ accumulator's lanes), as ``@njit(cache=True)`` functions of this package.
 
 ``np.empty`` and ``np.zeros`` written in a generated kernel are NumPy overloads, which Numba
 compiles again in every process that compiles a new model (their code is not cached apart
-from the caller's): 0.1-0.15 s of the small CNN's cold start.  Called through these, a cold
+from the caller's): 0.17 s of the small CNN's cold start.  Called through these, a cold
 start loads them from Numba's cache, one entry per (shape, dtype) kind.
 """
 
