@@ -325,8 +325,8 @@ class CpuModule(Plan):
         # inlines its code once (through forward_train it copied forward's IR twice: 0.16 s of
         # the small CNN's cold start).
         # train_epoch slices each work buffer to the batch's rows once, into x_n, rather than at
-        # every call that passes it: a slice costs Numba ~14 ms of compile (the small CNN's epoch
-        # loop sliced its 11 buffers 20 times: 2.83 -> 2.68 s for train_epoch's compile).
+        # every call that passes it: each slice costs Numba's compile time (the small CNN's epoch
+        # loop sliced its 11 buffers 20 times; once each, its cold compile 2.85-2.98 -> 2.75-2.94 s).
         rows = B["acts"] + B["deltas"]
         names["ROWS"] = "\n".join(["        # The work buffers' first nb rows, each sliced once (a slice costs a cold start)."]
                                   + [f"        {w}_n = {w}[:nb]" for w in rows])
