@@ -29,6 +29,7 @@ import numba
 
 from ._output import write_atomic
 from ._version import __version__
+from .backends.cpu import KERNEL_HELPERS
 
 ENV_VAR = "SYMBP_CACHE_DIR"
 _CHECKSUM = "# symbp-checksum: "
@@ -59,9 +60,8 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 #: new dependency is never missed) they make up the generator whose source goes into every
 #: module key.  The package's own ``__init__`` only re-exports: a ``from . import x`` does not
 #: pull it in.
-_GENERATORS = ("symbp.backends.cpu.module", "symbp.backends.cuda.module", "symbp.backends.cpu.blas",
-               "symbp.backends.cpu.dots", "symbp.backends.cpu.targets", "symbp.backends.cpu.guard",
-               "symbp.backends.cpu.alloc")
+_GENERATORS = ("symbp.backends.cpu.module", "symbp.backends.cuda.module",
+               *(f"symbp.backends.cpu.{name}" for name in KERNEL_HELPERS))
 
 
 def _module_path(name: str) -> Path | None:

@@ -33,6 +33,7 @@ export (it holds the marker file ``.symbp-kernels``); anything else is refused.
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import keyword
 import os
@@ -179,13 +180,13 @@ def _optimizer_arrays(opt, model) -> dict[str, np.ndarray]:
 def _package_files(model, train, opt, package: str) -> dict[str, str]:
     """File name -> text of every Python and text file of the folder (``train``: the
     loaded training module for ``opt``)."""
-    from ..backends.cpu import alloc, blas, dots, guard, sync, targets
+    from ..backends.cpu import KERNEL_HELPERS
 
     _check_train_module(train, model.kernels, opt)
     train_path = Path(train.__file__)
     helpers, copies = {}, {}  # symbp's modules the generated code imports -> their copies in the folder
-    for mod, copy in ((blas, "_blas"), (dots, "_dots"), (guard, "_guard"), (sync, "_sync"), (targets, "_targets"),
-                      (alloc, "_alloc")):
+    for name in KERNEL_HELPERS:
+        mod, copy = importlib.import_module(f"symbp.backends.cpu.{name}"), f"_{name}"
         where = mod.__name__.replace(".", "/") + ".py"  # the generated code imports it by this name
         text = Path(mod.__file__).read_text(encoding="utf-8")
         _rewrite(text, where, {})  # it must import only what the folder has
