@@ -328,7 +328,7 @@ class CpuModule(Plan):
         # every call that passes it: each slice costs Numba's compile time (the small CNN's epoch
         # loop sliced its 11 buffers 20 times; once each, its cold compile 2.85-2.98 -> 2.75-2.94 s).
         rows = B["acts"] + B["deltas"]
-        names["ROWS"] = "\n".join(["        # The work buffers' first nb rows, each sliced once (a slice costs a cold start)."]
+        names["ROWS"] = "\n".join(["        # The work buffers' first nb rows, each sliced once (a slice costs compile time)."]
                                   + [f"        {w}_n = {w}[:nb]" for w in rows])
         names["ACTS_N"], names["OUT_N"], names["SLICED_N"] = (", ".join(f"{w}_n" for w in ws)
                                                               for ws in (B["acts"], B["out"], rows))
