@@ -324,7 +324,7 @@ def test_the_generator_key_covers_every_module_generation_reads():
     for needed in ("spec/network.py", "derive.py", "lower/plan.py", "lower/stages.py", "spec/layers/dense.py",
                    "spec/layers/conv2d.py", "spec/layers/base.py", "backends/cpu/blas.py", "backends/cpu/emit.py",
                    "backends/cuda/module.py", "train/optim.py", "backends/cpu/dots.py", "backends/cpu/targets.py",
-                   "backends/cpu/guard.py", "backends/cpu/alloc.py"):
+                   "backends/cpu/guard.py", "backends/cpu/arrays.py"):
         assert needed in names, needed
     for reader in ("train/model.py", "cli.py", "read/report.py", "read/walkthrough.py", "__init__.py"):
         assert reader not in names, reader

@@ -191,7 +191,7 @@ def test_folder_holds_no_symbp_import_and_plain_weights(exported):
                     imported.add("." * node.level + (node.module or ""))
             assert imported <= {"__future__", "math", "numpy", "numba", "numba.core.extending", "numba.extending",
                                 "numba.np.linalg", "os", "tempfile", "pathlib", ".", "._blas", "._dots", "._guard", "._sync",
-                                "._targets", "._alloc", "._model"}, (py.name, imported)
+                                "._targets", "._arrays", "._model"}, (py.name, imported)
         with np.load(folder / "weights.npz", allow_pickle=False) as npz:  # plain arrays, no pickles
             assert set(refs[name]["params"]) <= set(npz.files)
         assert (folder / MARKER).is_file()

@@ -12,6 +12,7 @@ import pytest
 from _support import GRAD_NETS, OUTPUT_ACT_NETS, RANDOM_NETS, NetSpec, make_data, rel_err, torch_loss_and_grads
 
 import symbp as sb
+from symbp.train.model import epoch_order
 
 # 40 epochs, not 20: this exact run (which matches PyTorch to 1e-15, see
 # test_training_matches_torch_sgd) reaches 0.956 held-out accuracy after 20 epochs, 0.962
@@ -216,6 +217,57 @@ def test_minibatch_epoch_is_a_sequence_of_steps(compiled, regression_data):
     model = compiled(regression_net(), dtype="float64", seed=4)
     ref = compiled(regression_net(), dtype="float64", seed=4)
     assert_epoch_is_sgd_steps(model, ref, X, t, 0.1, 64)
+
+
+def test_a_shuffled_epoch_with_a_ragged_last_batch_is_a_sequence_of_steps(compiled, regression_data):
+    """A shuffled epoch of 180 rows in batches of 64 runs its two whole batches in one
+    train_epoch call and the last 52 rows in a second (runtime.epoch_calls): the same SGD steps,
+    on the rows in the fit's order, as one step per batch."""
+    X, t, _, _ = regression_data
+    model = compiled(regression_net(), dtype="float64", seed=4)
+    ref = compiled(regression_net(), dtype="float64", seed=4)
+    model.fit(X, t, optimizer=sb.SGD(lr=0.1), batch_size=64, epochs=1, shuffle=True, seed=9, progress=False)
+    order = epoch_order(len(X), True, 9, 0)
+    assert sorted(order) == list(range(len(X))) and list(order) != sorted(order)
+    for lo in range(0, len(X), 64):
+        rows = order[lo:lo + 64]
+        _, grads = ref.loss_and_grads(X[rows], t[rows])
+        ref.params = {k: v - 0.1 * grads[k] for k, v in ref.params.items()}
+    for key in ref.params:
+        np.testing.assert_allclose(model.params[key], ref.params[key], rtol=1e-12, atol=1e-14)
+
+
+def test_a_loss_that_overflows_in_the_ragged_last_batch_names_it(compiled):
+    """The last, shorter batch runs in a train_epoch call of its own: a loss that is not
+    finite there is reported as that batch of the epoch (batch 2 of 4 + 4 + 2 rows), and the
+    parameters go back to the epoch's start."""
+    rng = np.random.default_rng(3)
+    X, t = rng.normal(size=(10, 3)), rng.normal(size=10)
+    X[9] = 1e200  # its squared error overflows
+    model = compiled(sb.Network(inputs=3, layers=[sb.Dense(1)], loss="mse", name="linear"), dtype="float64", seed=4)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(FloatingPointError, match=r"epoch 0 \(0-based\), batch 2\b"):
+        model.fit(X, t, optimizer=sb.SGD(lr=0.1), batch_size=4, epochs=1, shuffle=False, progress=False)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_train_epoch_refuses_buffers_that_are_not_its_batches(compiled, regression_data):
+    """train_epoch slices no buffer: given an order that is not whole batches, or batch
+    buffers of other rows, it returns -2 and changes nothing."""
+    X, t, _, _ = regression_data
+    model = compiled(regression_net(), dtype="float64", seed=4)
+    opt = sb.SGD(lr=0.1)
+    kernels = model._train_kernels(opt)
+    before = {k: v.copy() for k, v in model.params.items()}
+    T = t.reshape(-1, 1)
+    # 10 rows in batches of 4; batches of 4 with batch buffers of 5 rows; with work buffers of 5
+    for n, ws_rows, xb_rows in ((10, 4, 4), (8, 4, 5), (8, 5, 4)):
+        out = kernels.train_epoch(X, T, np.arange(n), 4, np.array([0.1, 0.0, 0.0]), 0, 0, *model._param_list(),
+                                  *model._sized(ws_rows), np.empty((xb_rows, 3)), np.empty((xb_rows, 1)))
+        assert tuple(out) == (0.0, 0, 0, -2)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
 
 
 def test_sgd_step_with_activated_output_layer(compiled):

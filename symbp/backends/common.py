@@ -538,7 +538,7 @@ def _inner_index(printer: NumbaPrinter, expr: sp.Indexed, shape: tuple) -> str:
 
 
 def inner_view(name: str) -> str:
-    """The flat view of a work buffer stored with the batch inside, ``name.reshape(size)``:
+    """The flat view of a work buffer stored with the batch inside, ``flat(name)`` (its reshape):
     the steps that index it entry by entry bind it first (its GEMMs take the buffer itself)."""
     return f"{name}_flat"
 

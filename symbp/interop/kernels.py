@@ -15,12 +15,12 @@ It does not need symbp or SymPy::
       _sync.py      a copy of symbp/backends/cpu/sync.py (what data-parallel kernels call; a
                     network with BatchNorm or Dropout imports it, nothing in the folder runs it)
       _targets.py   a copy of symbp/backends/cpu/targets.py (a batch's targets: rows, or labels)
-      _alloc.py     a copy of symbp/backends/cpu/alloc.py (the kernels' scratch arrays)
+      _arrays.py    a copy of symbp/backends/cpu/arrays.py (the kernels' scratch arrays, flat views)
       weights.npz   the parameters (and the optimizer's state and step), plain arrays
       README.md     what is in the folder
 
 The generated files are copied, not regenerated: their imports are read with :mod:`ast` and
-those that name symbp (``symbp.backends.cpu.blas``, ``.dots``, ``.guard``, ``.sync``, ``.targets`` and ``.alloc``, the model
+those that name symbp (``symbp.backends.cpu.blas``, ``.dots``, ``.guard``, ``.sync``, ``.targets`` and ``.arrays``, the model
 module a training module imports by its cache name) are pointed at the copies in the folder.  An import this module does not
 know how to replace fails the export, naming it, so a change to the generator shows up as a
 clear error rather than a folder that breaks on import.
@@ -327,8 +327,8 @@ def _readme(model, opt, package: str) -> str:
             f"{package}.save_weights()          # back into weights.npz\n```\n\n"
             f"`_model.py` and `_train.py` are symbp's generated files (their headers hold the formulas); "
             f"`_blas.py` is symbp's GEMM binding, `_dots.py` the small GEMM of a conv's weight gradient, "
-            f"`_guard.py` its step checks, `_targets.py` how a batch's targets are read, `_alloc.py` the "
-            f"kernels' scratch arrays, "
+            f"`_guard.py` its step checks, `_targets.py` how a batch's targets are read, `_arrays.py` the "
+            f"kernels' scratch arrays and flat views, "
             f"`_sync.py` what a data-parallel fit's kernels call (unused here). Numba caches the compiled code in "
             f"`__pycache__/` here.\n")
 
@@ -540,10 +540,19 @@ def _epoch(X, T, order, batch_size, lr, mask_seed=0):
     Xb = np.empty((rows, X.shape[1]), DTYPE)
     Tb = np.empty((rows, T.shape[1]), DTYPE)
     saved = ([p.copy() for p in _param_list()], [s.copy() for s in _state_list()], step)
-    total, correct, done, bad = train_kernels.train_epoch(
-        X, T, order, batch_size, np.array(list(hyper.values()), DTYPE), step, mask_seed,
-        *_param_list(), *_workspace(rows), *_state_list(), Xb, Tb)
-    step += int(done)
+    total, correct, bad = 0.0, 0, -1
+    # The whole batches in one call, a shorter last batch in a second: train_epoch slices no
+    # buffer, so every batch of a call has its buffers' rows.
+    whole = len(order) - len(order) % rows
+    for lo, hi in ((0, whole), (whole, len(order))):
+        if hi == lo or bad >= 0:
+            continue
+        n = min(rows, hi - lo)
+        t, c, done, bad = train_kernels.train_epoch(
+            X, T, order[lo:hi], n, np.array(list(hyper.values()), DTYPE), step, mask_seed,
+            *_param_list(), *_sized(n), *_state_list(), Xb[:n], Tb[:n])
+        total, correct, step = total + t, correct + c, step + int(done)
+        bad = lo // rows + bad if bad >= 0 else bad
     if bad >= 0 or not all(np.isfinite(a).all() for a in _param_list() + _state_list()):
         for arr, old in zip(_param_list() + _state_list(), saved[0] + saved[1]):
             arr[...] = old

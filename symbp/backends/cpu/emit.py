@@ -226,7 +226,7 @@ def _inner_views(exprs: list, printer: NumbaPrinter) -> list[str]:
     (see common._inner_index), bound before its loops."""
     inner = getattr(printer, "inner", ())
     names = sorted({printer.array(t.base) for x_ in exprs for t in x_.atoms(sp.Indexed) if str(t.base.label) in inner})
-    return [f"{inner_view(name)} = {name}.reshape({name}.size)" for name in names]
+    return [f"{inner_view(name)} = flat({name})" for name in names]
 
 
 def _hoist_reads(step: Nest, printer: NumbaPrinter) -> tuple[Nest, list]:

@@ -41,9 +41,9 @@ from .emit import emit
 # a function of its own, and so does one with a ``with objmode()`` block (a data-parallel
 # fit's batch statistics), which Numba cannot lift out of inlined code.
 # The steps write the min or max of two numbers as a conditional expression (Python's rule:
-# max(a, b) is b if b > a else a) and allocate their scratch arrays through alloc.py: Numba
-# compiles its builtins' and NumPy's overloads again in every process that compiles a new
-# model, where alloc's functions load from its cache.
+# max(a, b) is b if b > a else a), allocate their scratch arrays and take flat views through
+# arrays.py: Numba compiles its builtins' and NumPy's overloads again in every process that
+# compiles a new model, where arrays.py's functions load from its cache.
 STEP_FLAGS = 'fastmath=FASTMATH, error_model="numpy"'
 MAX_INLINE_ARGS = 30
 
@@ -168,7 +168,7 @@ class CpuModule(Plan):
         return (f"from symbp.backends.cpu.blas import {kind}gemm as gemm, {kind}gemm_at as gemm_at, "
                 f"{kind}gemm_block as gemm_block\n"
                 "from symbp.backends.cpu.dots import dots_add, dots_finish, gemm_dots\n"
-                "from symbp.backends.cpu.alloc import empty, zeros")
+                "from symbp.backends.cpu.arrays import empty, flat, zeros")
 
     @property
     def float_type(self) -> str:
@@ -324,21 +324,17 @@ class CpuModule(Plan):
         # Where training runs inference's forward pass, the drivers call forward itself: Numba
         # inlines its code once (through forward_train it copied forward's IR twice: 0.16 s of
         # the small CNN's cold start).
-        # train_epoch slices each work buffer to the batch's rows once, into x_n, rather than at
-        # every call that passes it: each slice costs Numba's compile time (the small CNN's epoch
-        # loop sliced its 11 buffers 20 times; once each, its cold compile 2.85-2.98 -> 2.75-2.94 s).
-        rows = B["acts"] + B["deltas"]
-        names["ROWS"] = "\n".join(["        # The work buffers' first nb rows, each sliced once (a slice costs compile time)."]
-                                  + [f"        {w}_n = {w}[:nb]" for w in rows])
-        names["ACTS_N"], names["OUT_N"], names["SLICED_N"] = (", ".join(f"{w}_n" for w in ws)
-                                                              for ws in (B["acts"], B["out"], rows))
-        for key, x, acts, seed in (("EPOCH", "Xs", "ACTS_N", "seed + t"), ("BATCH", "X", "ACTS_SLICED", "seed + t"),
+        # train_epoch slices no work buffer: its caller passes buffers of the batch's rows (a
+        # shorter last batch runs in a call of its own, see backends/cpu/runtime.py epoch_calls).
+        # Each slice costs Numba's compile time (the small CNN's epoch loop sliced 11 buffers).
+        names["BUFFERS"] = join(B["acts"] + B["deltas"])
+        for key, x, acts, seed in (("EPOCH", "Xs", "ACTS", "seed + t"), ("BATCH", "X", "ACTS_SLICED", "seed + t"),
                                    ("SLICE", "X", "ACTS_SLICED", "seed"), ("GRADS", "X", "ACTS", "0")):
             names[f"FORWARD_{key}"] = (f"forward_train({x}, {names['P']}, {names[acts]}, {seed})" if self.has_modes
                                        else f"forward({x}, {names['P']}, {names[acts]})")
         # The running statistics' update, where the network has any: a call to the empty
         # update_running would still cost a cold start the typing and lowering of its slices.
-        for key, x, indent, acts in (("EPOCH", "Xs", 8, "ACTS_N"), ("BATCH", "X", 4, "ACTS_SLICED")):
+        for key, x, indent, acts in (("EPOCH", "Xs", 8, "ACTS"), ("BATCH", "X", 4, "ACTS_SLICED")):
             names[f"RUNNING_{key}"] = (f"\n{' ' * indent}update_running({x}, {names['P']}, {names[acts]})"
                                        if self.has_modes else "")
         return names
@@ -412,7 +408,8 @@ class CpuModule(Plan):
         names["WS_B"] = ", ".join(f"{w}_b" for w in B["WS"])
         names["GRADS_B"] = ", ".join(f"{g}_b" for g in B["grads"])
         names["FT"] = self.float_type
-        names["GATHER"] = _GATHER
+        names["GATHER"] = _GATHER.replace("GATHERED", "Xb, Tb")
+        names["GATHER_HALVES"] = _GATHER.replace("GATHERED", "Xb[:nb], Tb[:nb]")
         consts = ", ".join(f"d{l}" for l in range(len(self.d.network.widths)))
         src = "\n".join([
             docstring(f"symbp-generated training step for {self.d.network.name} ({self.dtype}) with {one_line(repr(opt))}."
@@ -511,11 +508,12 @@ def logits(X, {P}, {ACTS}):
 '''
 
 
-# An epoch's loop over its batches, to each batch's rows and targets (train_epoch, train_epoch_halves).
+# An epoch's loop over its batches, to each batch's rows and targets (train_epoch, train_epoch_halves);
+# GATHERED: what the gathered rows are (train_epoch's batch buffers have a batch's rows exactly).
 _GATHER = '''    total, correct = 0.0, 0
     t = step0
-    for start in range(0, X.shape[0], batch_size):
-        stop = start + batch_size if start + batch_size < X.shape[0] else X.shape[0]
+    for start in range(0, order.shape[0], batch_size):
+        stop = start + batch_size if start + batch_size < order.shape[0] else order.shape[0]
         nb = stop - start
         # Rows in order (no shuffle, or data the caller shuffled) are read where they are;
         # others are gathered into the batch buffers.
@@ -531,7 +529,7 @@ _GATHER = '''    total, correct = 0.0, 0
                 for c in range(X.shape[1]):  # (element by element: a row assignment costs
                     Xb[r, c] = X[i, c]       # numba seconds of cold compile for its shape check)
                 put_target(T, i, Tb, r)
-            Xs, Ts = Xb[:nb], Tb[:nb]'''
+            Xs, Ts = GATHERED'''
 
 _TRAIN = '''
 @njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -539,18 +537,24 @@ def train_epoch(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {STATES}
     """One epoch of mini-batch training over ``order`` (Dropout's masks of step t drawn under
     ``seed + t``).  T holds target rows, or class labels (one-hot encoded a batch at a time).
 
+    Every batch has ``batch_size`` rows, and so have the work buffers, Xb and Tb: a shorter
+    last batch runs in a call of its own, with buffers of its rows (see backends/cpu/runtime.py
+    epoch_calls).  Nothing is sliced here: each slice costs Numba compile time.
+
     Returns (Σ loss, correct predictions, updates made, index of the batch whose loss was
-    not finite or -1).  A non-finite batch stops the epoch before its update, so the
-    parameters are the last good ones.
+    not finite or -1; -2 if ``order`` or the buffers do not hold whole batches).  A
+    non-finite batch stops the epoch before its update, so the parameters are the last good
+    ones.
     """
+    if Xb.shape[0] != batch_size or {DL}.shape[0] != batch_size or order.shape[0] % batch_size != 0:
+        return 0.0, 0, 0, -2
 {GATHER}
-{ROWS}
         {FORWARD_EPOCH}{RUNNING_EPOCH}
-        loss, c = loss_rows({OUT_N}, Ts, {DL}_n)
+        loss, c = loss_rows({OUT}, Ts, {DL})
         if not np.isfinite(loss):
             return total, correct, t - step0, start // batch_size
         t += 1
-        pen = backward_update(Xs, {P}, {SLICED_N}, {GRADS}, {STATES} hyper, t)
+        pen = backward_update(Xs, {P}, {BUFFERS}, {GRADS}, {STATES} hyper, t)
         total += loss + pen * nb
         correct += c
     return total, correct, t - step0, -1
@@ -646,7 +650,7 @@ def train_epoch_halves(X, T, order, batch_size, hyper, step0, seed, {P}, {WS}, {
     (both_halves: the first half's rows into the work buffers, the second's into the ``_b``
     ones), then one update from the two gradient sums (update_pair).  The caller holds BLAS to
     one thread.  Same returns as train_epoch; a batch of one row runs whole."""
-{GATHER}
+{GATHER_HALVES}
         if nb < 2:
             loss, c = half_grads(Xs, Ts, {FT}(1.0), {P}, {WS})
         else:

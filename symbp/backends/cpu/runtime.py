@@ -27,6 +27,15 @@ _READY: set[str] = set()
 _STARTED: dict[str, threading.Thread] = {}
 
 
+def epoch_calls(n: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """The train_epoch calls of an epoch of ``n`` rows, as (first, end, rows of each batch) of
+    the order: the whole batches in one call, a shorter last batch in a second.  train_epoch
+    slices no buffer (each slice costs Numba compile time), so every batch of a call has its
+    buffers' rows."""
+    whole = n - n % batch_size
+    return [part for part in ((0, whole, batch_size), (whole, n, n - whole)) if part[1] > part[0]]
+
+
 def all_finite(arrays) -> bool:
     """Whether every entry of every array is finite."""
     return all(np.isfinite(a).all() for a in arrays)
@@ -96,10 +105,17 @@ class HostRun(OneProcess):
                     total, correct, done, bad = self.kernels.train_epoch_halves(
                         self.X, self.T, order, batch_size, hyper, step, seed, *args)
                 return float(total), int(correct), int(done), int(bad)
-        ws = model._workspace(self.rows)
-        total, correct, done, bad = self.kernels.train_epoch(
-            self.X, self.T, order, batch_size, hyper, step, seed, *model._param_list(), *ws, *states, self.Xb, self.Tb)
-        return float(total), int(correct), int(done), int(bad)
+        total, correct, done = 0.0, 0, 0
+        for lo, hi, rows in epoch_calls(len(order), batch_size):
+            t, c, d, bad = self.kernels.train_epoch(
+                self.X, self.T, order[lo:hi], rows, hyper, step + done, seed, *model._param_list(),
+                *model._sized(rows), *states, self.Xb[:rows], self.Tb[:rows])
+            total, correct, done = total + float(t), correct + int(c), done + int(d)
+            if bad == -2:
+                raise RuntimeError(f"train_epoch was given batches of {rows} rows with other buffers")
+            if bad >= 0:
+                return total, correct, done, lo // batch_size + int(bad)
+        return total, correct, done, -1
 
     def _halves(self):
         """BLAS held to one thread (a context), where this fit's batches run as two halves on two
