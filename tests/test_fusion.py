@@ -12,7 +12,9 @@ fused kernels compute the right numbers is what every gradient test against PyTo
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import numpy as np
 import sympy as sp
 
 import symbp as sb
@@ -96,3 +98,26 @@ def test_residual_add_and_batch_mean_ride_in_the_relu_loop():
     assert re.search(r"\n {12}A3\[n, i\] = (\w+)\n {12}Z4\[n, i\] = (\w+)\n {12}Am5\[0, i\] \+= \w*\*?\2\n", fwd), fwd
     loops = len(re.findall(r"for (?:n|nu) in range\(nb\)", fwd))
     assert loops == 7, fwd  # 2 BatchNorms × (values + mean, variance, normalised) + the output bias
+
+
+def test_work_buffers_no_step_uses_are_not_allocated(tmp_path):
+    """A conv fused into its pool (relu applied as the pool reads the GEMM's output, the pool's
+    δ written straight into the GEMM's) never fills its own z, a and δ: the modules drop them
+    from their work buffers and parameter lists, and every buffer kept is named by some
+    step of the model or training module."""
+    net = sb.Network(inputs=(1, 8, 8), layers=[sb.Conv2D(2, 3, activation="relu"), sb.MaxPool2D(2), sb.Flatten(),
+                                               sb.Dense(3)], loss="softmax_cross_entropy")
+    model = sb.compile(net, cache_dir=tmp_path)
+    names = [w for w, _ in model.kernels.WORKSPACE]
+    assert not {"Z1", "A1", "dZ1"} & set(names), names
+    assert set(model.kernels.ROLES) == set(names)
+    train = Path(model._train_kernels(sb.SGD(lr=0.1)).__file__).read_text(encoding="utf-8")
+    src = model.source_path.read_text(encoding="utf-8") + train
+    bodies = "\n".join(line for line in src.split("\n") if not line.startswith(("def ", "WORKSPACE", "ROLES")))
+    assert all(re.search(rf"\b{w}\b", bodies) for w in names)
+    assert not re.search(r"\b(Z1|A1|dZ1)\b", src)
+    # and the model trains as before: one epoch's loss is finite and falls
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 64)), rng.integers(0, 3, 40)
+    hist = model.fit(X, y, optimizer=sb.SGD(lr=0.1), batch_size=16, epochs=3, progress=False)
+    assert np.isfinite(hist["loss"]).all() and hist["loss"][-1] < hist["loss"][0]

@@ -271,7 +271,8 @@ class Model:
         def generate() -> str:
             from ..backends.cpu.module import generate_train_source
 
-            return generate_train_source(self.derivation, self.dtype.name, opt, cache.module_name(self.source_path))
+            return generate_train_source(self.derivation, self.dtype.name, opt, cache.module_name(self.source_path),
+                                         self.kernels.WORKSPACE)
 
         return cache.load_or_generate(path, generate)
 

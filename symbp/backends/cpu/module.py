@@ -15,6 +15,7 @@ evaluate is printed from the derivation's SymPy expressions; the module's header
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy as sp
@@ -81,6 +82,19 @@ def with_provenance(src: str, provenance: list[tuple]) -> str:
     table = "".join(f"\n    {row!r}," for row in rows)
     return (src.rstrip("\n") + "\n\n\n# The lines of each kernel step: (function, first, last, arrays it writes, "
             f"the sum it implements).\nPROVENANCE = ({table}\n)\n")
+
+
+def names_in_bodies(functions: list[str]) -> set[str]:
+    """The identifiers the printed functions' bodies name (their parameter lists left out)."""
+    return {name for text in functions for line in text.split("\n") if not line.startswith(("def ", "@njit"))
+            for name in re.findall(r"[A-Za-z_]\w*", line)}
+
+
+def drop_params(text: str, names: set[str]) -> str:
+    """A printed function with ``names`` left out of its parameter list."""
+    def keep(m):
+        return m.group(1) + ", ".join(a for a in m.group(2).split(", ") if a not in names) + "):"
+    return re.sub(r"^(def \w+\()(.*)\):$", keep, text, count=1, flags=re.M)
 
 
 @dataclass
@@ -229,7 +243,7 @@ class CpuModule(Plan):
                           [s for ld in self.d.layers for s in self.forward_steps(ld)], [],
                           "Forward pass over a batch; fills Z (pre-activations) and A (outputs)."
                           + ("\n    Inference: the running statistics stand for the batch's." if self.has_modes else "")),
-            *self._training_forward(P, acts),
+            *(self._training_forward(P, acts) if self.has_modes else []),
             self.function("loss_rows", out + ["T", B["dl"][0]],
                           [f"nb = {B['last'][0]}.shape[0]", f"nbf = {ft}(nb)", "total = 0.0", "correct = 0"],
                           [self.loss_step()], ["return total, correct"],
@@ -249,6 +263,19 @@ class CpuModule(Plan):
                               self.running_steps(), [],
                               "update_running from the global batch's statistics (``rows`` rows)."),
             ])
+        # Work buffers no step reads or writes (a conv's z, a and δ where its pool reads the GEMM's
+        # output, relu applied, and its δ goes straight into the GEMM's): not allocated, not passed.
+        kept = set(B["last"] + B["out"] + B["dl"])
+        used = names_in_bodies(fns)
+        dropped = {w for w in acts + deltas if w not in used and w not in kept}
+        if dropped:
+            self.workspace = [(w, shape) for w, shape in self.workspace if w not in dropped]
+            self.roles = {w: role for w, role in self.roles.items() if w not in dropped}
+            fns = [drop_params(f, dropped) for f in fns]
+            B = self.buffers()
+            P, acts = B["P"], B["acts"]
+        if not self.has_modes:  # forward_train and update_running as aliases, with the buffers kept
+            fns[1:1] = self._training_forward(P, acts)
         fns.append(tidy_args(_GLUE.format(**self._glue_names(B))))
         consts = [f"d{l} = {w}" for l, w in enumerate(self.d.network.widths)]
         src = "\n".join([
@@ -339,12 +366,16 @@ class CpuModule(Plan):
                                        if self.has_modes else "")
         return names
 
-    def build_train(self, opt, model_module: str) -> str:
+    def build_train(self, opt, model_module: str, workspace: tuple | None = None) -> str:
         """The training module for one optimizer: the backward pass with its update rule
         fused in, and the epoch loop.  It imports the forward pass and loss from the model
-        module (``model_module``, already imported under that name)."""
+        module (``model_module``, already imported under that name), and takes the work
+        buffers that module keeps (its ``workspace``: no step reads those it dropped)."""
         self.helpers = set()
         self.provenance = []
+        if workspace is not None:
+            keep = {w for w, _ in workspace}
+            self.workspace = [(w, shape) for w, shape in self.workspace if w in keep]
         B = self.buffers()
         states = [f"{s_}_{name}" for name in B["P"] for s_ in opt.state_names]
         ft = self.float_type
@@ -437,6 +468,10 @@ class CpuModule(Plan):
             tidy_args(_HALVES.format(**names)) if halves else "",
             exchange and exchange + tidy_args(_EXCHANGE_GLUE.format(**names)),
         ])
+        missing = names_in_bodies([src]) & ({w for w in self.roles} - {w for w, _ in self.workspace})
+        if missing:  # (a generator error: the model module dropped a buffer this module's steps use)
+            raise RuntimeError(f"the training module's steps use work buffers the model module does not keep: "
+                               f"{sorted(missing)}")
         return with_provenance(src, self.provenance)
 
     def _exchange_functions(self, opt, B: dict, states: list[str], read_hyper: list[str]) -> tuple[str, tuple]:
@@ -682,9 +717,10 @@ def slice_deltas(X, T, scale, rows, row0, seed, {P}, {WS}):
 '''
 
 
-def generate_train_source(derivation: Derivation, dtype: str, optimizer, model_module: str) -> str:
-    """The training module text for ``optimizer`` (see :meth:`_Builder.build_train`)."""
-    return CpuModule(derivation, dtype).build_train(optimizer, model_module)
+def generate_train_source(derivation: Derivation, dtype: str, optimizer, model_module: str,
+                          workspace: tuple | None = None) -> str:
+    """The training module text for ``optimizer`` (see :meth:`CpuModule.build_train`)."""
+    return CpuModule(derivation, dtype).build_train(optimizer, model_module, workspace)
 
 
 def generate_source(derivation: Derivation, dtype: str) -> str:
