@@ -147,3 +147,26 @@ def test_a_replaced_parameter_array_is_the_one_trained(compiled):
     for k, v in before.items():
         np.testing.assert_array_equal(model.params[k], v)
     assert any(np.any(twin.params[k] != v) for k, v in before.items())
+
+
+def test_batches_of_other_sizes_and_a_step_given_other_rows(compiled):
+    """The step slices no work buffer: train_on_batch passes buffers of each batch's rows, so
+    batches of 8, 3 and 8 rows in turn train as fit's full-batch steps do; the compiled step
+    given buffers of other rows refuses (status 4) and changes nothing."""
+    a, b = pair(compiled, tiny())
+    oa, ob = sb.SGD(lr=0.1), sb.SGD(lr=0.1)
+    for rows, seed in ((8, 1), (3, 2), (8, 3)):
+        X, y = data(rows, seed)
+        loss = a.train_on_batch(X, y, oa)
+        assert loss == b.fit(X, y, optimizer=ob, batch_size=rows, epochs=1, shuffle=False,
+                             progress=False).history["loss"][-1]
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    X, y = data(3, 4)
+    step = a._step
+    before = {k: v.copy() for k, v in a.params.items()}
+    X_, T = step.data(X, y)
+    out = step.kernels.train_batch(X_, T, step.hyper(), oa.step, step.seed(), *step.arrays(8), step.keep)
+    assert out[3] == 4
+    for k, v in before.items():
+        np.testing.assert_array_equal(a.params[k], v)

@@ -673,6 +673,8 @@ def _step_error(status: int, where: int, width: int, opt: Optimizer) -> Exceptio
     """What a failed train_on_batch raises (``status`` as the generated train_batch returns it)."""
     if status == 1:
         return not_finite_error("X", where // width, where % width)
+    if status == 4:  # (a runtime error: the step was given buffers of other rows)
+        return RuntimeError("train_batch was given work buffers whose rows are not the batch's")
     what = ("the loss of this batch is NaN or infinite: the update was not made" if status == 2 else
             "the update left parameters or optimizer state NaN or infinite: it was undone")
     return FloatingPointError(f"{what}, and the model is as it was before this call. Try a smaller learning "
@@ -738,7 +740,7 @@ class _OneStep:
         size = sum(a.size for a in params + states)
         if self._keep_for != size:
             self.keep, self._keep_for = np.empty(size, model.dtype), size
-        ws = model._workspace(rows)  # (fit may have made larger ones since: a new dict)
+        ws = model._sized(rows)  # (fit may have made larger ones since: a new dict)
         self._params, self._states, self._rows, self._buffers = params, states, rows, model._buffers
         self._args = [*params, *ws, *states]
         return self._args

@@ -351,17 +351,18 @@ class CpuModule(Plan):
         # Where training runs inference's forward pass, the drivers call forward itself: Numba
         # inlines its code once (through forward_train it copied forward's IR twice: 0.16 s of
         # the small CNN's cold start).
-        # train_epoch slices no work buffer: its caller passes buffers of the batch's rows (a
-        # shorter last batch runs in a call of its own, see backends/cpu/runtime.py epoch_calls).
-        # Each slice costs Numba's compile time (the small CNN's epoch loop sliced 11 buffers).
+        # train_epoch and train_batch slice no work buffer: their callers pass buffers of the
+        # batch's rows (an epoch's shorter last batch runs in a call of its own, see
+        # backends/cpu/runtime.py epoch_calls).  Each slice costs Numba's compile time (the small
+        # CNN's epoch loop sliced 11 buffers).
         names["BUFFERS"] = join(B["acts"] + B["deltas"])
-        for key, x, acts, seed in (("EPOCH", "Xs", "ACTS", "seed + t"), ("BATCH", "X", "ACTS_SLICED", "seed + t"),
+        for key, x, acts, seed in (("EPOCH", "Xs", "ACTS", "seed + t"), ("BATCH", "X", "ACTS", "seed + t"),
                                    ("SLICE", "X", "ACTS_SLICED", "seed"), ("GRADS", "X", "ACTS", "0")):
             names[f"FORWARD_{key}"] = (f"forward_train({x}, {names['P']}, {names[acts]}, {seed})" if self.has_modes
                                        else f"forward({x}, {names['P']}, {names[acts]})")
         # The running statistics' update, where the network has any: a call to the empty
         # update_running would still cost a cold start the typing and lowering of its slices.
-        for key, x, indent, acts in (("EPOCH", "Xs", 8, "ACTS"), ("BATCH", "X", 4, "ACTS_SLICED")):
+        for key, x, indent, acts in (("EPOCH", "Xs", 8, "ACTS"), ("BATCH", "X", 4, "ACTS")):
             names[f"RUNNING_{key}"] = (f"\n{' ' * indent}update_running({x}, {names['P']}, {names[acts]})"
                                        if self.has_modes else "")
         return names
@@ -603,20 +604,24 @@ def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
     state go back to ``keep`` (stashed just before the update) if the update left any of them
     NaN or infinite.
 
-    Returns (Σ loss, correct predictions, the l2 penalty before the step, status, where):
-    status 0 updated; 1 X holds NaN or inf at flat index ``where``; 2 the loss was not
-    finite; 3 the update was undone.  Nothing of the model changes unless status is 0.
+    The work buffers have the batch's rows (nothing is sliced here: each slice costs Numba
+    compile time).  Returns (Σ loss, correct predictions, the l2 penalty before the step,
+    status, where): status 0 updated; 1 X holds NaN or inf at flat index ``where``; 2 the
+    loss was not finite; 3 the update was undone; 4 the buffers' rows are not the batch's.
+    Nothing of the model changes unless status is 0.
     """
     nb = X.shape[0]
+    if {DL}.shape[0] != nb:
+        return 0.0, 0, 0.0, 4, -1
     bad = first_not_finite(X)
     if bad >= 0:
         return 0.0, 0, 0.0, 1, bad
     {FORWARD_BATCH}
-    loss, c = loss_rows({OUT_SLICED}, T, {DL}[:nb])
+    loss, c = loss_rows({OUT}, T, {DL})
     if not np.isfinite(loss):
         return loss, c, 0.0, 2, -1
 {STASH}{RUNNING_BATCH}
-    pen = backward_update(X, {P}, {SLICED}, {GRADS}, {STATES} hyper, t + 1)
+    pen = backward_update(X, {P}, {BUFFERS}, {GRADS}, {STATES} hyper, t + 1)
 {FINITE}
     if not ok:
 {UNSTASH}
