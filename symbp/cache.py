@@ -34,6 +34,9 @@ from .backends.cpu import KERNEL_HELPERS
 ENV_VAR = "SYMBP_CACHE_DIR"
 _CHECKSUM = "# symbp-checksum: "
 _STAMP = "# symbp-generator: "
+#: How many times this process wrote each module file (the CLI's summary tells the modules a
+#: run generated from those it found in the cache by this, not by file times).
+WRITES: dict[Path, int] = {}
 _PKG_DIR = Path(__file__).resolve().parent
 _NUMBA_SUFFIXES = (".nbi", ".nbc")  # Numba's index and code files
 _MANIFEST_SUFFIX = ".nbsum"  # ours: their digests
@@ -170,6 +173,7 @@ def write_module(path: Path, source: str, target: str = "cpu") -> None:
     body = source if source.endswith("\n") else source + "\n"
     body += _STAMP + generator_stamp(target) + "\n"
     write_atomic(path, body + _CHECKSUM + _checksum(body) + "\n", "generated module")
+    WRITES[path.resolve()] = WRITES.get(path.resolve(), 0) + 1
 
 
 def _stamp(text: str) -> str | None:

@@ -282,9 +282,10 @@ def _compile_for_training(net, opts: dict, optimizer, X, y, comm=None, sharded: 
     throwaway copy (on every process of ``comm``: the data-parallel kernels).
     Returns (model, {module path: role, ..., "seconds": s, "new": n})."""
     import symbp as sb
+    from symbp import cache
     from symbp.train.optim import optimizer_from_config
 
-    start, wall = time.perf_counter(), time.time()
+    start, writes = time.perf_counter(), dict(cache.WRITES)
     model = sb.compile(net, dtype=opts["dtype"], seed=opts["seed"])
     rows = min(opts["batch_size"], len(y))
     warm = sb.compile(net, dtype=opts["dtype"], seed=opts["seed"])  # the same modules, its own weights
@@ -294,8 +295,8 @@ def _compile_for_training(net, opts: dict, optimizer, X, y, comm=None, sharded: 
     train_module = getattr(model._train_kernels(optimizer), "__file__", None)
     if train_module:
         modules[Path(train_module)] = f"backward pass with the {type(optimizer).__name__} update fused in"
-    # A module this run wrote is newer than its start; the others came from the cache.
-    new = [p for p in modules if p.stat().st_mtime >= wall - 1]
+    # The modules this run wrote; the others came from the cache.
+    new = [p for p in modules if cache.WRITES.get(p.resolve(), 0) > writes.get(p.resolve(), 0)]
     return model, {"modules": modules, "new": new, "seconds": time.perf_counter() - start}
 
 

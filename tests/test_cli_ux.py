@@ -80,8 +80,13 @@ def test_a_learning_rate_that_makes_things_worse_is_reported(spec, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
-def test_the_summary_says_what_it_measured(spec, capsys):
-    assert cli(["train", str(spec), "-q"]) == 0  # the modules exist after this run
+def test_the_summary_says_what_it_measured(spec, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMBP_CACHE_DIR", str(tmp_path / "cache"))  # (empty: this run writes the modules)
+    assert cli(["train", str(spec), "-q"]) == 0
+    out = capsys.readouterr().out.split("data:")[-1]
+    assert [role for _, role in re.findall(r"^  (\S+\.py)  \((.*)\)$", out, re.M)] == [
+        "forward pass and loss; new", "backward pass with the SGD update fused in; new"]
+    # at once again: the modules written a moment ago (not by this run) come from the cache
     assert cli(["train", str(spec), "-q"]) == 0
     out = capsys.readouterr().out.split("data:")[-1]
     modules = re.findall(r"^  (\S+\.py)  \((.*)\)$", out, re.M)
