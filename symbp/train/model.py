@@ -144,9 +144,17 @@ class Model:
         return self._buffers[cap]
 
     def _sized(self, rows: int) -> list[np.ndarray]:
-        """The work buffers with their batch dimension cut to exactly ``rows``."""
-        return [w[:rows] if shape[0] == "batch" else w
-                for w, (_, shape) in zip(self._workspace(rows), self.kernels.WORKSPACE)]
+        """The work buffers with their batch dimension cut to exactly ``rows`` (the views kept
+        while the buffers are the same: a one-batch fit asks for them at every call)."""
+        buffers = self._workspace(rows)
+        kept = self.__dict__.get("_sized_views")
+        if kept is None or kept[0] is not buffers:
+            kept = self._sized_views = (buffers, {})
+        views = kept[1].get(rows)
+        if views is None:
+            views = kept[1][rows] = [w[:rows] if shape[0] == "batch" else w
+                                     for w, (_, shape) in zip(buffers, self.kernels.WORKSPACE)]
+        return views
 
     def _data(self, X, y=None, what: str = "", labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """X and the targets checked, in the kernels' layout; ``labels``: multiclass labels

@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+from .guard import all_finite as finite
+
 #: The fewest rows a batch needs for train_epoch_halves (two threads) to run it.
 HALVES_MIN_ROWS = 16
 #: Compile train_epoch_halves before the first epoch instead of beside it (tests: the halves run
@@ -37,8 +39,10 @@ def epoch_calls(n: int, batch_size: int) -> list[tuple[int, int, int]]:
 
 
 def all_finite(arrays) -> bool:
-    """Whether every entry of every array is finite."""
-    return all(np.isfinite(a).all() for a in arrays)
+    """Whether every entry of every array is finite: a compiled pass over each, read as one
+    row (one compiled signature), with no temporary array (np.isfinite(a).all() makes one:
+    22.6 against 10.7 µs over the medium MLP's parameters, a fit call's check)."""
+    return all(finite(a.reshape(-1)) if a.flags.c_contiguous else np.isfinite(a).all() for a in arrays)
 
 
 class OneProcess:
