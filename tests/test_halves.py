@@ -129,3 +129,28 @@ def test_a_halves_compile_that_fails_warns_and_leaves_train_epoch():
                                             "matching definition.*one-thread step"):
         runtime._compile("mod_x", broken, ())
     assert "mod_x" not in runtime._READY
+
+
+def test_a_process_that_ends_while_the_halves_compile_exits_cleanly(tmp_path):
+    """A script that ends while the halves still compile in the background (their compile
+    starts with a fit's second epoch) waits for that compile, then exits with status 0: the
+    halves' compiled code is in the cache afterwards.  It used to end in the interpreter's
+    teardown, which freed LLVM's objects beneath the compiling thread: an LLVM assertion
+    (status 134) or a segfault, when the script ended 2-4 s after its fit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import numpy as np, symbp as sb\n"
+        "net = sb.Network(inputs=(1, 10, 10), layers=[sb.Conv2D(4, 3, activation='relu'), sb.MaxPool2D(2),\n"
+        "                 sb.Flatten(), sb.Dense(3)], loss='softmax_cross_entropy')\n"
+        "m = sb.compile(net, dtype='float32', seed=0)\n"
+        "X, y = np.random.default_rng(0).normal(size=(64, 100)).astype(np.float32), np.arange(64) % 3\n"
+        "m.fit(X, y, batch_size=32, epochs=2, progress=False)\n"
+        "print('fitted', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SYMBP_CACHE_DIR": str(tmp_path)})
+    assert proc.returncode == 0 and "fitted" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    assert list(Path(tmp_path).glob("__pycache__/*.train_epoch_halves-*.nbi")), sorted(Path(tmp_path).rglob("*"))

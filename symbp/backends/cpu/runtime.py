@@ -8,6 +8,7 @@ and optimizer state, puts it back when an epoch diverges, and validates.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import threading
@@ -194,6 +195,17 @@ def _compile(name: str, kernel, args: tuple) -> None:
                       f"{err}); training goes on with the one-thread step", RuntimeWarning, stacklevel=1)
         return
     _READY.add(name)
+
+
+@atexit.register
+def _finish_compiles() -> None:
+    """At exit, wait for the background compiles still running.  Numba compiles through LLVM,
+    whose objects the interpreter's teardown frees beneath a thread still optimizing with them:
+    a script that ended its fit while the halves compiled died of an LLVM assertion (abort,
+    exit status 134) instead of exiting."""
+    for thread in list(_STARTED.values()):
+        if thread.is_alive():
+            thread.join()
 
 
 def wait_for_halves(kernels, timeout: float | None = None) -> bool:
