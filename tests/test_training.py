@@ -200,13 +200,18 @@ def test_full_batch_epoch_is_one_gradient_step(compiled, regression_data):
         np.testing.assert_allclose(model.params[key], expected[key], rtol=1e-12, atol=1e-14)
 
 
-def assert_epoch_is_sgd_steps(model, ref, X, t, lr, batch_size):
-    """One unshuffled epoch of ``model.fit`` equals plain steps θ ← θ − lr·∂C/∂θ taken on
-    ``ref`` (same start) with its own gradients, batch by batch, the last one ragged."""
+def assert_epoch_is_sgd_steps(model, ref, X, t, lr, batch_size, seed=None):
+    """One epoch of ``model.fit`` (unshuffled, or shuffled under ``seed``) equals plain steps
+    θ ← θ − lr·∂C/∂θ taken on ``ref`` (same start) with its own gradients, batch by batch on
+    the rows in the fit's order, the last one ragged."""
+    order = np.arange(len(X)) if seed is None else epoch_order(len(X), True, seed, 0)
     for lo in range(0, len(X), batch_size):
-        _, grads = ref.loss_and_grads(X[lo:lo + batch_size], t[lo:lo + batch_size])
+        rows = order[lo:lo + batch_size]
+        _, grads = ref.loss_and_grads(X[rows], t[rows])
         ref.params = {k: v - lr * grads[k] for k, v in ref.params.items()}
-    model.fit(X, t, optimizer=sb.SGD(lr=lr), batch_size=batch_size, epochs=1, shuffle=False, progress=False)
+    model.fit(X, t, optimizer=sb.SGD(lr=lr), batch_size=batch_size, epochs=1, shuffle=seed is not None,
+              seed=0 if seed is None else seed,
+              progress=False)
     for key in ref.params:
         np.testing.assert_allclose(model.params[key], ref.params[key], rtol=1e-12, atol=1e-14)
 
@@ -226,15 +231,9 @@ def test_a_shuffled_epoch_with_a_ragged_last_batch_is_a_sequence_of_steps(compil
     X, t, _, _ = regression_data
     model = compiled(regression_net(), dtype="float64", seed=4)
     ref = compiled(regression_net(), dtype="float64", seed=4)
-    model.fit(X, t, optimizer=sb.SGD(lr=0.1), batch_size=64, epochs=1, shuffle=True, seed=9, progress=False)
     order = epoch_order(len(X), True, 9, 0)
-    assert sorted(order) == list(range(len(X))) and list(order) != sorted(order)
-    for lo in range(0, len(X), 64):
-        rows = order[lo:lo + 64]
-        _, grads = ref.loss_and_grads(X[rows], t[rows])
-        ref.params = {k: v - 0.1 * grads[k] for k, v in ref.params.items()}
-    for key in ref.params:
-        np.testing.assert_allclose(model.params[key], ref.params[key], rtol=1e-12, atol=1e-14)
+    assert sorted(order) == list(range(len(X))) and list(order) != sorted(order)  # (a real shuffle)
+    assert_epoch_is_sgd_steps(model, ref, X, t, 0.1, 64, seed=9)
 
 
 def test_a_loss_that_overflows_in_the_ragged_last_batch_names_it(compiled):

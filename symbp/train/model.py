@@ -101,6 +101,7 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.params = params
         self._buffers: dict[int, list[np.ndarray]] = {}
+        self._sized_views: tuple = (None, {})  # (the buffers, {rows: their views}): see _sized
         # Fixed by the generated kernels; every call checks the params against them.
         self._param_shapes = tuple(net.param_shapes().values())
         # Training modules by optimizer kind, once loaded: a fit call does not re-read and
@@ -147,8 +148,8 @@ class Model:
         """The work buffers with their batch dimension cut to exactly ``rows`` (the views kept
         while the buffers are the same: a one-batch fit asks for them at every call)."""
         buffers = self._workspace(rows)
-        kept = self.__dict__.get("_sized_views")
-        if kept is None or kept[0] is not buffers:
+        kept = self._sized_views
+        if kept[0] is not buffers:
             kept = self._sized_views = (buffers, {})
         views = kept[1].get(rows)
         if views is None:
