@@ -426,9 +426,14 @@ class Model:
         ``ValueError``; a loss that is NaN or infinite raises ``FloatingPointError`` before
         anything changes; an update that leaves a parameter or optimizer state NaN or infinite
         is undone, then raises ``FloatingPointError``.  On the CPU the whole step is one
-        compiled call, its checks included: X and the labels are checked there, and the
-        parameters and state are copied, just before the update, into a buffer kept from call
-        to call (no allocation, no Python per array).
+        compiled call, its checks included: X and the labels are checked there, and the way
+        back is kept there.  For a network of 65,536 parameter and state values or more, once
+        every δ is computed the update's own formulas are bounded in interval arithmetic over
+        the extents of the arrays they read; when that proves every new value finite (an
+        ordinary step), nothing is copied (see ``symbp/backends/cpu/bounds.py``).  Otherwise,
+        and for smaller networks, the parameters and state are copied just before the update
+        into a buffer kept from call to call (no allocation, no Python per array) and checked
+        after it.
         """
         opt = self._step_optimizer(optimizer)
         if type(self)._run is not Model._run:  # another target: its own runtime, one batch

@@ -5,8 +5,9 @@ The generated ``train_batch`` calls them inside one compiled call, so that a ste
 batch pays no Python for its safety: the batch is checked for NaN/inf and bad labels there,
 the parameters and optimizer state are stashed in one flat buffer (a copy of the arrays
 already in cache, no allocation) before the update and put back if the update left any of
-them NaN or infinite.  Imported by the generated training modules by name, so functions
-that call them stay cacheable.
+them NaN or infinite -- unless the update is proven finite beforehand (a larger network's
+ordinary step: :mod:`symbp.backends.cpu.intervals`).  Imported by the generated training
+modules by name, so functions that call them stay cacheable.
 """
 
 from __future__ import annotations
@@ -71,3 +72,4 @@ def unstash(keep, at: int, a) -> int:
     for k in range(flat.size):
         flat[k] = keep[at + k]
     return at + flat.size
+

@@ -15,9 +15,11 @@ evaluate is printed from the derivation's SymPy expressions; the module's header
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
 from ...derive import Derivation
@@ -26,8 +28,9 @@ from ...lower.chunk import chunk_samples
 from ...lower.elide import drop_dead_stores, elide_copies, fuse_scans
 from ...lower.fuse import BARRIER, access_sets, fuse_loops
 from ...lower.ir import Gemm, Loop, SampleChunks, Sync
-from ...lower.plan import Plan
+from ...lower.plan import T_STEP, Plan
 from ..common import NumbaPrinter, docstring, helper_source, module_header, one_line, tidy_args
+from .bounds import INTERVAL_NAMES, PROOF_MIN_VALUES, bound_function
 from .dots import MAX_OUT
 from .emit import emit
 
@@ -419,14 +422,11 @@ class CpuModule(Plan):
         # slice_grads and update_pair alone -- no batch statistics, no Dropout masks, every update
         # read from the gradient buffers.
         halves = not self.has_modes and not self.needs_sync and not any(isinstance(st, Gemm) for st in pair)
-        exchange, table = self._exchange_functions(opt, B, states, read_hyper)
+        exchange, table, proof = self._split_functions(opt, B, states, read_hyper)
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
         names["STATES"] = ", ".join(states) + ("," if states else "")
-        kept = B["P"] + states  # what train_batch stashes before its update and checks after it
-        names["STASH"] = "\n".join(["    at = 0"] + [f"    at = stash(keep, at, {a})" for a in kept])
-        names["UNSTASH"] = "\n".join(["        at = 0"] + [f"        at = unstash(keep, at, {a})" for a in kept])
-        names["FINITE"] = "\n".join(["    ok = True"] + [f"    ok = ok and all_finite({a})" for a in kept])
+        names["BATCH_UPDATE"] = self._batch_update(names, B["P"] + states, proof)
         shapes = dict(self.workspace)
         rows = {w: f"{w}[:nb]" if shapes[w][0] == "batch" else w for w in shapes}  # (1, k) buffers stay whole
         names["SLICE_CALLS"] = (
@@ -449,6 +449,8 @@ class CpuModule(Plan):
             "import math", "", "import numpy as np", "from numba import njit, prange", "",
             self._blas_import(),
             "from symbp.backends.cpu.guard import all_finite, first_not_finite, stash, unstash",
+            *([f"from symbp.backends.cpu.intervals import {', '.join(INTERVAL_NAMES)}, "
+               f"extent{32 if self.dtype == 'float32' else 64}, run_bounds"] if proof else []),
             "from symbp.backends.cpu.targets import batch_targets, put_target",
             f"from {model_module} import FASTMATH, ONE, ZERO, HALF, {consts}, "
             f"{'forward_train' if self.has_modes else 'forward'}, loss_rows, "
@@ -475,38 +477,91 @@ class CpuModule(Plan):
                                f"{sorted(missing)}")
         return with_provenance(src, self.provenance)
 
-    def _exchange_functions(self, opt, B: dict, states: list[str], read_hyper: list[str]) -> tuple[str, tuple]:
-        """The δ-exchange step's kernels (see :mod:`symbp.backends.cpu.node_share`):
-        ``backward_deltas``, the backward pass over this process's rows less the weight
-        gradients whose update a GEMM carries, and ``update_rows``, those GEMMs over the global
-        batch's δ and inputs into a block of θ's rows plus the other updates from two gradient
-        buffers; and the table of (θ, δ, x) names.  ("", ()) when no update rides on such a
-        GEMM, or the network's data-parallel step has kernels of its own (batch statistics,
-        Dropout's masks)."""
+    def _split_functions(self, opt, B: dict, states: list[str], read_hyper: list[str]) -> tuple[str, tuple, dict | None]:
+        """The kernels of the backward pass split from the update (every δ first, then every
+        update: :meth:`~symbp.lower.plan.Plan.backward_exchange`), for two callers.
+
+        The δ-exchange step (see :mod:`symbp.backends.cpu.node_share`): ``backward_deltas``,
+        the backward pass over this process's rows less the weight gradients whose update a
+        GEMM carries, and ``update_rows``, those GEMMs over the global batch's δ and inputs
+        into a block of θ's rows plus the other updates from two gradient buffers; and the
+        table of (θ, δ, x) names (empty when no update rides on such a GEMM).
+
+        train_batch's update without a copy (see :mod:`symbp.backends.cpu.bounds`):
+        ``backward_deltas``, ``update_from_deltas`` (the update steps over this batch) and
+        ``update_bounded`` (whether they provably stay finite); the third value says how to call
+        them (None: train_batch keeps its copy on every call).
+
+        Neither where the data-parallel step has kernels of its own (batch statistics); no
+        proof where training runs another forward pass (Dropout's masks, batch statistics)."""
         if self.needs_sync:
-            return "", ()
+            return "", (), None
         steps, updates = self.backward_exchange(opt)
         pr = self.printer()
         table = tuple((pr.array(g.out), pr.array(g.a), pr.array(g.b)) for g in updates if isinstance(g, Gemm))
         shapes = dict(self.workspace)
         batch = {name for name, shape in shapes.items() if shape[0] == "batch"} | {"X"}
-        if not table or not all({d, x} <= batch for _, d, x in table) or len({d for _, d, _ in table}) < len(table):
-            return "", ()
-        pair = self._two_gradients(updates)
-        operands = list(dict.fromkeys(name for _, d, x in table for name in (d, x)))
+        if not all({d, x} <= batch for _, d, x in table) or len({d for _, d, _ in table}) < len(table):
+            return "", (), None  # (a δ or input a later step overwrites: no split)
         ft = self.float_type
-        deltas = self.function(
+        limit = f"{0.0625 * float(np.finfo(self.dtype).max)!r}"  # (a sixteenth of the largest float: slack)
+        # (printed before the updates: the printer merges their loops in place)
+        values = sum(math.prod(shape) for shape in self.d.network.param_shapes().values()) * (1 + len(opt.state_names))
+        proof = None if self.has_modes or values < PROOF_MIN_VALUES else bound_function(
+            "update_bounded", updates, pr, self.dtype, list(opt.hyper), limit, str(T_STEP))
+        if not table and proof is None:
+            return "", (), None
+        pair = self._two_gradients(updates) if table else None
+        operands = list(dict.fromkeys(name for _, d, x in table for name in (d, x)))
+        text = self.function(
             "backward_deltas", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"], self._prelude(), steps, [],
-            "backward_grads less the weight gradients update_rows' GEMMs carry (EXCHANGE): δ of every layer\n"
-            "    and the other gradients' sums over this process's rows.")
-        rows = self.function(
-            "update_rows", B["P"] + B["grads"] + [f"{g}_b" for g in B["grads"]] + operands + states + ["hyper", "t"],
-            [f"scal = empty(2, {ft})  # alpha and beta, passed to BLAS by address"] + read_hyper + ["penalty = 0.0"],
-            pair, ["return penalty"],
-            f"The {opt.name} update of a block of rows of every parameter (step t): θ ← β·θ + α·δᵀx for those in\n"
-            "    EXCHANGE (δ: the global batch's, its columns of this block; x: the global batch's), the rest\n"
-            "    from two gradient buffers, g + g_b; returns the l2 penalty of those rows before the step.")
-        return deltas + "\n" + rows, table
+            "backward_grads less the weight gradients whose update a GEMM carries (EXCHANGE): δ of every\n"
+            "    layer and the other gradients' sums over this process's rows.")
+        scal = [f"scal = empty(2, {ft})  # alpha and beta, passed to BLAS by address"] if table else []
+        if table:
+            text += "\n" + self.function(
+                "update_rows", B["P"] + B["grads"] + [f"{g}_b" for g in B["grads"]] + operands + states + ["hyper", "t"],
+                scal + read_hyper + ["penalty = 0.0"], pair, ["return penalty"],
+                f"The {opt.name} update of a block of rows of every parameter (step t): θ ← β·θ + α·δᵀx for those in\n"
+                "    EXCHANGE (δ: the global batch's, its columns of this block; x: the global batch's), the rest\n"
+                "    from two gradient buffers, g + g_b; returns the l2 penalty of those rows before the step.")
+        if proof is None:
+            return text, table, None
+        source, reads = proof
+        update_args = B["P"] + B["grads"] + operands + states
+        text += "\n" + self.function(
+            "update_from_deltas", update_args + ["hyper", "t"], scal + read_hyper + ["penalty = 0.0"], updates,
+            ["return penalty"],
+            f"The {opt.name} update (step t) once backward_deltas has run: θ ← β·θ + α·δᵀx for those in\n"
+            "    EXCHANGE, the rest from the gradient buffers; returns the l2 penalty before the step.")
+        text += "\n" + source
+        return text, table, {"update": ", ".join(update_args), "bounded": ", ".join(reads)}
+
+    def _batch_update(self, names: dict, kept: list[str], proof: dict | None) -> str:
+        """train_batch's backward pass and update, with the way back: ``kept`` (parameters and
+        optimizer state) stashed before the update and checked after it -- on every call, or,
+        with ``proof`` (see _split_functions), only when update_bounded cannot tell the update
+        stays finite."""
+        def block(pad: str) -> list[str]:
+            return ([f"{pad}at = 0"] + [f"{pad}at = stash(keep, at, {a})" for a in kept],
+                    [f"{pad}ok = True"] + [f"{pad}ok = ok and all_finite({a})" for a in kept],
+                    [f"{pad}    at = 0"] + [f"{pad}    at = unstash(keep, at, {a})" for a in kept])
+        if proof is None:
+            stash, finite, unstash = block("    ")
+            return "\n".join([*stash, *names["RUNNING_BATCH"].splitlines()[1:],
+                              f"    pen = backward_update(X, {names['P']}, {names['BUFFERS']}, {names['GRADS']}, "
+                              f"{names['STATES']} hyper, t + 1)",
+                              *finite, "    if not ok:", *unstash, "        return loss, c, pen, 3, -1",
+                              "    return loss, c, pen, 0, -1"])
+        stash, finite, unstash = block("        ")
+        return "\n".join([
+            f"    backward_deltas(X, {names['P']}, {names['BUFFERS']}, {names['GRADS']})",
+            "    # every value the update computes provably finite: nothing to keep for the way back",
+            f"    safe = update_bounded({proof['bounded']}, hyper, t + 1)",
+            "    if not safe:", *stash,
+            f"    pen = update_from_deltas({proof['update']}, hyper, t + 1)",
+            "    if not safe:", *finite, "        if not ok:", *unstash, "            return loss, c, pen, 3, -1",
+            "    return loss, c, pen, 0, -1"])
 
 
 _GLUE = '''
@@ -602,7 +657,8 @@ def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
     step t (Dropout's masks drawn under ``seed + t``), with its checks: the batch is checked
     for NaN/inf, the update runs only if the loss is finite, and the parameters and optimizer
     state go back to ``keep`` (stashed just before the update) if the update left any of them
-    NaN or infinite.
+    NaN or infinite.  Where the module has update_bounded, the stash and the check run only
+    when it cannot prove the update finite (see backends/cpu/bounds.py).
 
     The work buffers have the batch's rows (nothing is sliced here: each slice costs Numba
     compile time).  Returns (Σ loss, correct predictions, the l2 penalty before the step,
@@ -620,13 +676,7 @@ def train_batch(X, T, hyper, t, seed, {P}, {WS}, {STATES} keep):
     loss, c = loss_rows({OUT}, T, {DL})
     if not np.isfinite(loss):
         return loss, c, 0.0, 2, -1
-{STASH}{RUNNING_BATCH}
-    pen = backward_update(X, {P}, {BUFFERS}, {GRADS}, {STATES} hyper, t + 1)
-{FINITE}
-    if not ok:
-{UNSTASH}
-        return loss, c, pen, 3, -1
-    return loss, c, pen, 0, -1
+{BATCH_UPDATE}
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
