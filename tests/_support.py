@@ -212,6 +212,21 @@ def torch_loss_and_grads(spec: NetSpec, params: dict, X, y) -> tuple[float, dict
     return float(loss.detach()), {k: v.grad.numpy().copy() for k, v in tp.items()}
 
 
+def assert_steps_are_fits(a, b, make_opt, X, y, steps: int = 3):
+    """``steps`` calls of ``a.train_on_batch(X, y)`` against ``b.fit`` (the same start) for as
+    many one-batch epochs: the same losses, parameters and optimizer state, bit for bit.
+    Returns the two optimizers."""
+    oa, ob = make_opt(), make_opt()
+    losses = [a.train_on_batch(X, y, oa) for _ in range(steps)]
+    history = b.fit(X, y, optimizer=ob, batch_size=len(X), epochs=steps, shuffle=False, progress=False)
+    assert losses == history.history["loss"]
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+        for s_ in oa.state_names:
+            np.testing.assert_array_equal(oa.state[k][s_], ob.state[k][s_])
+    return oa, ob
+
+
 def rel_err(a, b) -> float:
     """Norm-wise relative difference max|a − b| / max|b| (0 when both are all zero)."""
     a = np.asarray(a, np.float64)

@@ -13,6 +13,7 @@ import copy
 
 import numpy as np
 import pytest
+from _support import assert_steps_are_fits
 
 import symbp as sb
 
@@ -46,14 +47,7 @@ def pair(compiled, net):
 def test_steps_are_fits_steps(compiled, make_opt):
     a, b = pair(compiled, tiny())
     X, y = data()
-    oa, ob = make_opt(), make_opt()
-    losses = [a.train_on_batch(X, y, oa) for _ in range(3)]
-    history = b.fit(X, y, optimizer=ob, batch_size=len(X), epochs=3, shuffle=False, progress=False)
-    assert losses == history.history["loss"]
-    for k in a.params:
-        np.testing.assert_array_equal(a.params[k], b.params[k])
-        for s_ in oa.state_names:
-            np.testing.assert_array_equal(oa.state[k][s_], ob.state[k][s_])
+    oa, ob = assert_steps_are_fits(a, b, make_opt, X, y)
     assert oa.step == ob.step == 3
     assert a.optimizer is oa and a.epoch == 0 and a.history.epoch == []  # no epoch counted
 

@@ -10,8 +10,7 @@ inf − inf in a bound) makes the interval (nan, nan), which no check accepts.
 
 :func:`run_bounds` runs a proof: a table with one row per interval (an array's extent, a
 hyper-parameter, an operation on earlier rows), each of which must lie within ±limit.  One
-compiled interpreter for every model: a model's proof is data, so it costs no compile time
-of its own (printed as code, one line per node, it took 0.7 s to compile for the medium MLP).
+compiled interpreter for every model: a model's proof is data, not code to compile.
 """
 
 from __future__ import annotations
@@ -30,6 +29,9 @@ def _key32(bits):
     return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
+# extent32 and extent64 are one algorithm written twice: a version generic over the integer
+# width runs its keys in int64 (Numba widens int32 arithmetic), 12.5 against 8.8 µs over the
+# medium MLP's parameters.
 @njit(cache=True)
 def extent32(a):
     """(min, max) of a C-contiguous float32 array, as float64, read as integers (an integer
