@@ -224,7 +224,7 @@ IV_MIN = 13  # min(a, b)
 IV_HULL = 14  # a ∪ b: an array a statement updates, before and after
 # θ ← β·θ + α·op(A)op(B), a GEMM of ks[d] products a term: θ a, A b, B c, α e, β f.  Each
 # partial sum of the products is at most k·|A|·|B|, doubled for the rounding of up to 2²²
-# terms ((1 + 2⁻²⁴)^(2²²) < 1.3); more terms are not proven.
+# terms ((1 + 2⁻²⁴)^(2²²) < 1.3); more terms are not proven.  α·A and α·B are bounded too.
 IV_GEMM = 15
 
 
@@ -271,10 +271,14 @@ def run_bounds(program, consts, ext, ks, hyper, t, limit) -> bool:
             n = ks[program[k, 4]]
             if n > 4194304:
                 return False
-            s = 2.0 * n * mag((lo[b], hi[b])) * mag((lo[program[k, 3]], hi[program[k, 3]]))
-            first = mag((lo[program[k, 5]], hi[program[k, 5]])) * s
+            size_a, size_b = mag((lo[b], hi[b])), mag((lo[program[k, 3]], hi[program[k, 3]]))
+            s = 2.0 * n * size_a * size_b
+            scale = mag((lo[program[k, 5]], hi[program[k, 5]]))
+            first = scale * s
             second = mag((lo[program[k, 6]], hi[program[k, 6]])) * mag((lo[a], hi[a]))
-            if not (s <= limit and first <= limit and second <= limit):
+            # (a BLAS may scale an operand by α before the products: the reference one does)
+            if not (s <= limit and first <= limit and second <= limit and scale * size_a <= limit
+                    and scale * size_b <= limit):
                 return False
             v = (-(first + second), first + second)
         else:
