@@ -66,6 +66,7 @@ def test_each_rule_holds_what_the_kernel_computes(dtype, data):
                 assert inside(intervals.iv_pow(a, (float(n), float(n))), x ** dtype(n))
         if x >= 0:
             assert inside(intervals.iv_pow(a, (0.5, 0.5)), np.sqrt(x))
+            assert inside(intervals.iv_pow(a, intervals.iv_point(0.5)), np.sqrt(x))  # (a rounded literal's)
         small = (max(a[0], -80.0), min(a[1], 80.0))
         if small[0] <= small[1]:
             assert inside(intervals.iv_exp(small), np.exp(dtype(min(max(float(x), small[0]), small[1]))))
@@ -73,6 +74,24 @@ def test_each_rule_holds_what_the_kernel_computes(dtype, data):
             assert inside(intervals.iv_log(a), np.log(x))
         assert inside(intervals.iv_abs(a), abs(x))
         assert inside(intervals.iv_point(float(x)), x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lo=st.floats(1e-3, 1e3), width=st.floats(0, 1e3), neg=st.booleans())
+def test_ordinary_intervals_are_accepted(lo, width, neg):
+    """The rules refuse only what they must: on values of ordinary size every one accepts
+    (a rule that always answered NaN would pass the containment test above)."""
+    a = (-lo - width, -lo) if neg else (lo, lo + width)
+    b = (-1.0, 2.0)
+    limit = float(np.finfo(np.float32).max) / 16
+    for v in (intervals.iv_add(a, b), intervals.iv_mul(a, b), intervals.iv_inv(a), intervals.iv_abs(a),
+              intervals.iv_pow(a, (2.0, 2.0)), intervals.iv_pow(a, (-3.0, -3.0)), intervals.iv_point(lo),
+              intervals.iv_exp(intervals.iv_mul(a, (1e-2, 1e-2))), intervals.iv_max(a, b), intervals.iv_hull(a, b)):
+        assert intervals.fits(v, limit), v
+    pos = intervals.iv_abs(a)
+    for v in (intervals.iv_log(pos), intervals.iv_pow(pos, intervals.iv_point(0.5)),
+              intervals.iv_pow(pos, intervals.iv_point(-0.5))):
+        assert intervals.fits(v, limit), v
 
 
 @settings(max_examples=200, deadline=None)
@@ -101,6 +120,10 @@ def test_extent_is_min_and_max_and_refuses_nan(dtype):
     assert not intervals.fits(extent(np.zeros(0, dtype)), 1e300)
 
 
+# A custom rule with a quotient of two factors and a log (the printer forms the denominator's
+# product, d₁·d₂, which no node of the formula is), for the end-to-end test of the proof.
+FORMULA = {"formula": lambda: sb.FormulaOptimizer("theta - lr*m*log(s/((1 + abs(theta))*(2 + abs(m))))",
+                                                   state={"m": "beta*m + g"}, lr=0.1, beta=0.9, s=1e30)}
 OPTIMIZERS = {"sgd": lambda: sb.SGD(lr=0.1), "momentum": lambda: sb.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3),
               "adam": lambda: sb.Adam(lr=0.01)}
 
@@ -120,15 +143,26 @@ def test_the_proof_is_for_nets_whose_copy_costs_more(compiled):
     assert not hasattr(small._step.kernels, "update_bounded")
 
 
-@pytest.fixture(scope="module", params=list(OPTIMIZERS))
-def stepped(request, compiled):
-    """The float32 proven net after one train_on_batch with each optimizer: (model, optimizer, X, y)."""
+def _stepped(compiled, make_opt):
+    """The float32 proven net after one train_on_batch with ``make_opt()``: (model, optimizer, X, y)."""
     model = compiled(proven(), dtype="float32")
-    opt = OPTIMIZERS[request.param]()
+    opt = make_opt()
     rng = np.random.default_rng(1)
     X, y = rng.normal(size=(8, 256)), rng.integers(0, 3, 8)
     model.train_on_batch(X, y, opt)
     return model, opt, X, y
+
+
+@pytest.fixture(scope="module", params=list(OPTIMIZERS))
+def stepped(request, compiled):
+    """_stepped for each built-in optimizer."""
+    return _stepped(compiled, OPTIMIZERS[request.param])
+
+
+@pytest.fixture(scope="module", params=list(OPTIMIZERS) + list(FORMULA))
+def any_stepped(request, compiled):
+    """_stepped for each built-in optimizer and the custom rule."""
+    return _stepped(compiled, {**OPTIMIZERS, **FORMULA}[request.param])
 
 
 def test_an_ordinary_step_keeps_no_copy(stepped):
@@ -178,11 +212,11 @@ SCALE = st.one_of(st.integers(-10, 4), st.integers(30, 38))
 @given(scales=st.lists(SCALE, min_size=4, max_size=4), lr_exp=st.integers(-4, 30),
        t=st.integers(1, 10_000), seed=st.integers(0, 2**16))
 @example(scales=[0, 0, 36, 0], lr_exp=-2, t=1, seed=0)  # a state's new value overflows θ's update
-def test_what_the_proof_accepts_stays_finite(stepped, scales, lr_exp, t, seed):
+def test_what_the_proof_accepts_stays_finite(any_stepped, scales, lr_exp, t, seed):
     """Parameters, δ, layer inputs and gradient sums scaled by 10^k (k up to float32's overflow):
     whenever update_bounded says the update is finite, update_from_deltas leaves every
     parameter and optimizer state finite."""
-    model, opt, X, _ = stepped
+    model, opt, X, _ = any_stepped
     kernels = model._step.kernels
     rng = np.random.default_rng(seed)
     saved = {k: v.copy() for k, v in model.params.items()}
@@ -247,3 +281,37 @@ def test_a_formula_with_no_interval_rule_keeps_the_copy(compiled):
         model.train_on_batch(X, y, opt)
     for k, v in before.items():
         np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_a_product_of_denominators_is_bounded(compiled):
+    """A quotient s/(d₁·d₂) whose denominator's product overflows though each factor and the
+    quotient do not (|θ| = |m| = 1e20, s = 1e30): not proven, so the copy is made, and the step,
+    whose log(s/inf) is −inf, is undone (it once passed the proof and left θ infinite)."""
+    model, opt, X, y = _stepped(compiled, FORMULA["formula"])
+    for p in model._param_list() + model._state_list(opt):  # (θ and m: their product is 1e40)
+        p[...] = 1e20
+    before = {k: v.copy() for k, v in model.params.items()}
+    model._step.keep[...] = 7.0
+    with pytest.raises(FloatingPointError, match="it was undone"):
+        model.train_on_batch(np.zeros_like(X), y, opt)
+    assert not np.all(model._step.keep == 7.0)  # the proof said no: the copy was made
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+
+
+def conv():
+    """A convolutional net over PROOF_MIN_VALUES (78,067 parameters)."""
+    return sb.Network(inputs=(2, 12, 12), layers=[sb.Conv2D(64, 3, activation="relu"), sb.Flatten(),
+                                                  sb.Dense(12, activation="tanh"), sb.Dense(3)], l2=1e-3, name="bounds-conv")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_conv_nets_steps_are_fits_steps(compiled, name):
+    """SGD's fused step carries the conv weights' update on its per-sample GEMM (BLAS's
+    rounding), which the split step does not: no proof there (the copy), so the steps stay
+    fit's bit for bit; Adam's update is a loop either way, and is proven."""
+    a, b = compiled(conv(), dtype="float32"), compiled(conv(), dtype="float32")
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(8, 2, 12, 12)), rng.integers(0, 3, 8)
+    assert_steps_are_fits(a, b, OPTIMIZERS[name], X, y)
+    assert hasattr(a._step.kernels, "update_bounded") == (name == "adam")

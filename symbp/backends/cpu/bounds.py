@@ -109,19 +109,22 @@ class _Proof:
         if expr.is_number:
             if not expr.is_extended_real or not expr.is_finite:
                 raise Unbounded(f"the number {expr}")
-            return self.row("IV_EXACT" if expr.is_Integer else "IV_POINT", self.const(float(expr)), note=note)
+            exact = expr.is_Integer and abs(expr) <= 2**24  # (an integer float32 holds exactly)
+            return self.row("IV_EXACT" if exact else "IV_POINT", self.const(float(expr)), note=note)
         if isinstance(expr, (sp.Add, sp.Mul)):
             args = [self.of(a) for a in expr.args]
             add = isinstance(expr, sp.Add)
             if len(args) > 2:
                 # Every partial sum or product, in whatever order the kernel forms it, lies within
                 # Σ|aᵢ| or Π max(1, |aᵢ|): rows of those bound every order the printer may choose.
-                sizes = [self.row("IV_ABS", a, note="|·|") for a in args]
-                if not add:
-                    sizes = [self.row("IV_MAX", s_, self.of(sp.Integer(1)), note="max(1, |·|)") for s_ in sizes]
-                for s_ in sizes[1:]:
-                    sizes[0] = self.row("IV_ADD" if add else "IV_MUL", sizes[0], s_,
-                                        note="partial sums" if add else "partial products")
+                self.partial(args, add)
+            if not add:
+                # The printer writes a product with reciprocals as a quotient, num/(d₁·d₂·…): the
+                # denominator's product is formed too, and bounded here (each dᵢ by its own row).
+                den = [self.of(sp.Pow(a.base, -a.exp)) for a in expr.args
+                       if isinstance(a, sp.Pow) and a.exp.is_Rational and a.exp.is_negative]
+                if len(den) > 1:
+                    self.partial(den, add=False)
             value = args[0]
             for k, a in enumerate(args[1:], 2):
                 last = len(self.rows) + len(args) - k  # (the row of the whole expression)
@@ -130,6 +133,8 @@ class _Proof:
             return value
         if isinstance(expr, sp.Pow):
             base = self.of(expr.base)
+            if expr.exp.is_Rational and expr.exp.is_negative and expr.exp != -1:
+                self.of(sp.Pow(expr.base, -expr.exp))  # (1/xⁿ may be formed as 1/(xⁿ): xⁿ is bounded too)
             if expr.exp == -1:
                 return self.row("IV_INV", base, note=note)
             return self.row("IV_POW", base, self.of(expr.exp), note=note)
@@ -142,6 +147,15 @@ class _Proof:
         if expr.func in FUNCTIONS and len(expr.args) == 1:
             return self.row(FUNCTIONS[expr.func], self.of(expr.args[0]), note=note)
         raise Unbounded(f"no interval rule for {type(expr).__name__} ({expr})")
+
+    def partial(self, args: list[int], add: bool) -> None:
+        """Rows bounding Σ|aᵢ| (``add``) or Π max(1, |aᵢ|) over the rows ``args``."""
+        sizes = [self.row("IV_ABS", a, note="|·|") for a in args]
+        if not add:
+            sizes = [self.row("IV_MAX", s_, self.of(sp.Integer(1)), note="max(1, |·|)") for s_ in sizes]
+        for s_ in sizes[1:]:
+            sizes[0] = self.row("IV_ADD" if add else "IV_MUL", sizes[0], s_,
+                                note="partial sums" if add else "partial products")
 
     def assign(self, target, value: int) -> None:
         """A statement's target now holds ``value``'s interval (an array: as well as its old

@@ -384,9 +384,13 @@ class CpuModule(Plan):
         states = [f"{s_}_{name}" for name in B["P"] for s_ in opt.state_names]
         ft = self.float_type
         read_hyper = [f"h_{k} = {ft}(hyper[{i}])" for i, k in enumerate(opt.hyper)]
+        fused = self.backward_steps(opt)
+        pr = self.printer()
+        # the parameters whose fused update rides on a GEMM (BLAS's β·θ + α·Σ, rounded its way)
+        carried = sorted(pr.array(st.out) for st in fused if isinstance(st, Gemm) and pr.array(st.out) in B["P"])
         update = self.function(
             "backward_update", ["X"] + B["P"] + B["acts"] + B["deltas"] + B["grads"] + states + ["hyper", "t"],
-            self._prelude() + read_hyper + ["penalty = 0.0"], self.backward_steps(opt), ["return penalty"],
+            self._prelude() + read_hyper + ["penalty = 0.0"], fused, ["return penalty"],
             f"Backward pass with the {opt.name} update fused in (step t); returns the l2 penalty before the step.")
         # Data-parallel training (fit with comm=): each process's gradient sums, then, once
         # they are summed over processes, the update.  Numba compiles them on first call only.
@@ -422,7 +426,7 @@ class CpuModule(Plan):
         # slice_grads and update_pair alone -- no batch statistics, no Dropout masks, every update
         # read from the gradient buffers.
         halves = not self.has_modes and not self.needs_sync and not any(isinstance(st, Gemm) for st in pair)
-        exchange, table, proof = self._split_functions(opt, B, states, read_hyper)
+        exchange, table, proof = self._split_functions(opt, B, states, read_hyper, carried)
         rules = "\n".join(f"    {target} <- {expr}" for target, expr in opt.formulas())
         names = self._glue_names(B)
         names["STATES"] = ", ".join(states) + ("," if states else "")
@@ -477,7 +481,8 @@ class CpuModule(Plan):
                                f"{sorted(missing)}")
         return with_provenance(src, self.provenance)
 
-    def _split_functions(self, opt, B: dict, states: list[str], read_hyper: list[str]) -> tuple[str, tuple, dict | None]:
+    def _split_functions(self, opt, B: dict, states: list[str], read_hyper: list[str],
+                         carried: list[str]) -> tuple[str, tuple, dict | None]:
         """The kernels of the backward pass split from the update (every δ first, then every
         update: :meth:`~symbp.lower.plan.Plan.backward_exchange`), for two callers.
 
@@ -493,7 +498,9 @@ class CpuModule(Plan):
         them (None: train_batch keeps its copy on every call).
 
         Neither where the data-parallel step has kernels of its own (batch statistics); no
-        proof where training runs another forward pass (Dropout's masks, batch statistics)."""
+        proof where training runs another forward pass (Dropout's masks, batch statistics), nor
+        where the fused step carries an update on a GEMM the split one does not (``carried``: a
+        convolution's per-sample GEMM), so that train_on_batch stays fit's step bit for bit."""
         if self.needs_sync:
             return "", (), None
         steps, updates = self.backward_exchange(opt)
@@ -502,12 +509,13 @@ class CpuModule(Plan):
         shapes = dict(self.workspace)
         batch = {name for name, shape in shapes.items() if shape[0] == "batch"} | {"X"}
         if not all({d, x} <= batch for _, d, x in table) or len({d for _, d, _ in table}) < len(table):
-            return "", (), None  # (a δ or input a later step overwrites: no split)
+            return "", (), None  # (a δ or input not a batch buffer, or one δ read by two GEMMs: no split)
         ft = self.float_type
         limit = f"{0.0625 * float(np.finfo(self.dtype).max)!r}"  # (a sixteenth of the largest float: slack)
         # (printed before the updates: the printer merges their loops in place)
         values = sum(math.prod(shape) for shape in self.d.network.param_shapes().values()) * (1 + len(opt.state_names))
-        proof = None if self.has_modes or values < PROOF_MIN_VALUES else bound_function(
+        same = sorted(out for out, _, _ in table) == carried
+        proof = None if self.has_modes or values < PROOF_MIN_VALUES or not same else bound_function(
             "update_bounded", updates, pr, self.dtype, list(opt.hyper), limit, str(T_STEP))
         if not table and proof is None:
             return "", (), None
